@@ -1,0 +1,24 @@
+"""Start AGE Explorer: `python app.py` serves it on http://127.0.0.1:7860 with the embedded toy model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from explorer.app import Settings, build_app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="AGE Explorer web app")
+    parser.add_argument("--model", default=os.environ.get("AGE_EXPLORER_MODEL", "toy"),
+                        help="toy (default), a Hub id or a diffusers folder; env AGE_EXPLORER_MODEL")
+    parser.add_argument("--device", default=os.environ.get("AGE_EXPLORER_DEVICE", "auto"))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args()
+    demo = build_app(Settings(model=args.model, device=args.device))
+    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The ``age-explorer`` command: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toy",
+                   help="'toy' (embedded), a toy model folder, a diffusers SD 1.x/2.x folder or a Hub id")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 (GPU only)")
+    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
+
+
+def _load(args):
+    from .bundle import load_bundle
+
+    return load_bundle(args.model, device=args.device, dtype=args.dtype,
+                       local_files_only=True if args.offline else None)
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .imageio import save_pngs
+    from .sampling import generate, parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty: give a text such as 'a red circle'")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = _load(args)
+    bar = tqdm(total=len(seeds), desc="generate", unit="img")
+    images = generate(bundle, [args.prompt], seeds, steps=args.steps, guidance_scale=args.guidance,
+                      progress=lambda done, total: bar.update(done - bar.n))
+    bar.close()
+    paths = save_pngs(images, args.out, [f"seed{s:04d}" for s in seeds], view_size=args.size)
+    print(f"wrote {len(paths)} images to {args.out}")
+    return 0
+
+
+def cmd_toy_train(args) -> int:
+    import torch
+
+    from .paths import toy_model_dir
+    from .toyworld.train import ToyTrainConfig, train_toy_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyTrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    cfg = ToyTrainConfig(**overrides)
+    concepts = Path(args.concepts) if args.concepts else toy_model_dir() / "concepts.json"
+    start = time.time()
+    out = train_toy_model(args.out, concepts, cfg)
+    print(f"toy model written to {out} in {time.time() - start:.0f} s")
+    return 0
+
+
+def cmd_toy_bench(args) -> int:
+    import torch
+
+    from .bundle import load_bundle
+    from .toyworld import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    bundle = load_bundle(args.model, device="cpu")
+    load_seconds = time.perf_counter() - start
+    table, samples = evaluate.concept_accuracy(bundle, args.images_per_concept, seed=args.seed,
+                                               guidance_scale=args.guidance)
+    import pandas as pd
+
+    with pd.option_context("display.width", 120, "display.max_rows", 100):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nmean accuracy {table.accuracy.mean():.3f}   min {table.accuracy.min():.3f} "
+          f"({table.loc[table.accuracy.idxmin(), 'concept']})   "
+          f"shape right {table.shape_right.mean():.3f}   colour right {table.colour_right.mean():.3f}")
+    renders = evaluate.render_reference(bundle, args.images_per_concept)
+    print("\nimage statistics        renders   samples")
+    print(f"high-frequency energy   {evaluate.high_frequency_energy(renders):.5f}   "
+          f"{evaluate.high_frequency_energy(samples):.5f}")
+    print(f"background saturation   {evaluate.background_saturation(renders):.3f}     "
+          f"{evaluate.background_saturation(samples):.3f}")
+    if not args.skip_speed:
+        seconds = evaluate.timed_generation(bundle, 4)
+        print(f"\nspeed ({torch.get_num_threads()} threads)")
+        print(f"model load              {load_seconds:.2f} s")
+        print(f"4 images x 25 concepts  {seconds:.1f} s")
+    if args.grid_out:
+        from .imageio import grid, to_pil
+
+        n = args.images_per_concept
+        pick = torch.arange(25) * n  # first image of each concept
+        side = torch.cat([grid(renders[pick], 5), torch.ones(3, 160, 8), grid(samples[pick], 5)], dim=2)
+        to_pil(side).resize((side.shape[2] * 3, side.shape[1] * 3), 0).save(args.grid_out)
+        print(f"\nrender grid (left) and sample grid (right) written to {args.grid_out}")
+    ok = table.accuracy.mean() >= 0.9 and table.accuracy.min() >= 0.6
+    print(f"\ntarget mean >= 0.90 and every concept >= 0.60: {'met' if ok else 'NOT met'}")
+    return 0
+
+
+DEFAULT_PRESETS = {("toy", "age"): "toy", ("toy", "esd"): "toy-esd", ("toy", "uce"): "toy-uce",
+                   ("stable-diffusion", "age"): "imagenette", ("stable-diffusion", "esd"): "esd-x"}
+
+
+def erase_overrides(args) -> dict:
+    """Config fields the user set on the command line."""
+    pairs = {"target": args.target, "iterations": args.iterations, "lr": args.lr, "lam": args.lam,
+             "target_search": args.search, "vocab": args.vocab, "parameter_set": args.param_set,
+             "batch_size": args.batch_size, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+             "xt_source": args.xt_source, "loss_space": args.loss_space, "gumbel_lr": args.gumbel_lr,
+             "negative_guidance": args.eta, "precision": args.precision}
+    values = {k: v for k, v in pairs.items() if v is not None}
+    if args.synonym:
+        values["synonyms"] = args.synonym
+    if args.preserve:
+        values["preserve"] = args.preserve
+    if args.candidates:
+        values["candidates"] = [w.strip() for w in Path(args.candidates).read_text().splitlines() if w.strip()]
+    if args.allow_cpu:
+        values["requires_gpu"] = False
+    return values
+
+
+def cmd_erase(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .erasure import erase, make_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = _load(args)
+    preset = args.preset if args.preset != "none" else None
+    if preset is None and args.preset is None:
+        preset = DEFAULT_PRESETS.get((bundle.kind, args.method))
+    config = make_config(args.method, preset, concepts=args.concept, **erase_overrides(args))
+    bar = tqdm(total=getattr(config, "iterations", 1) * getattr(config, "pgd_num_steps", 1), desc=args.method)
+
+    def show(report):
+        bar.update(report.step - bar.n)
+        post = {k: f"{v:.4g}" for k, v in report.losses.items() if k != "total"}
+        if report.targets:
+            post["target"] = report.targets[report.concept][0][0]
+        bar.set_postfix(post, refresh=False)
+
+    result = erase(bundle, config, args.out, callbacks=[show], resume=args.resume)
+    bar.close()
+    m = result.manifest
+    print(f"{result.status}: {result.steps_done} steps in {m['seconds']:.1f} s -> {result.run_dir}")
+    for concept, targets in m.get("targets", {}).items():
+        print(f"  {concept}: targets " + ", ".join(f"{w} {p:.2f}" for w, p in targets))
+    if "neighbour_picks" in m:
+        n = m["neighbour_picks"]
+        print(f"  picks that are real neighbours: {n['share']:.2f} (last quarter {n['share_last_quarter']:.2f}, "
+              f"chance {n['chance']:.2f})")
+    return 0
+
+
+def cmd_toy_compare(args) -> int:
+    import pandas as pd
+    import torch
+
+    from .bundle import load_bundle
+    from .graph.capability import CapabilitySpec
+    from .toyworld.compare import compare, summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.model, device="cpu")
+    spec = CapabilitySpec(images_per_concept=args.images_per_concept, seed=args.seed)
+    results = compare(bundle, args.out, concepts=args.concept, variants=args.variant, spec=spec)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print("\nper concept")
+        print(results.drop(columns=["top_targets"], errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print("\nmean over erased concepts (Delta = G before - G after, top-1)")
+        print(summary(results).to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_bench_erase(args) -> int:
+    import torch
+
+    from .bundle import load_bundle
+    from .device import resolve_device
+    from .erasure.bench import engine_seconds, random_sd14_bundle, reference_style_seconds
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arch == "sd14":
+        bundle = random_sd14_bundle(device)
+        overrides = {}
+    else:
+        bundle = load_bundle("toy", device=device)
+        overrides = {"loss_space": "eps"}
+    n = args.iterations
+    print(f"AGE iteration cost, {args.arch} UNet on {device} ({torch.get_num_threads()} CPU threads), "
+          f"{n} timed iterations each, paper recipe (DDIM 50 'till t', batch 1)")
+    args.precision = args.precision or ["fp32", "bf16"]
+    ref = reference_style_seconds(bundle, n, candidates=args.candidates)
+    rows = [("reference-style loop (fp32, sequential)", ref, float("nan"))]
+    for precision in args.precision:
+        sec, info = engine_seconds(bundle, n, precision, candidates=args.candidates, **overrides)
+        rows.append((f"engine ({precision})", sec, info["peak_gib"]))
+    print(f"{'loop':42s} {'s/iter':>8s} {'2000 iters':>11s} {'speed-up':>9s} {'peak GiB':>9s}")
+    for name, sec, peak in rows:
+        print(f"{name:42s} {sec:8.3f} {sec * 2000 / 60:9.1f} m {ref / sec:8.2f}x {peak:9.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="age-explorer", description=(
+        "See and steer concept erasure in text-to-image diffusion models (AGE, ESD, UCE)."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate images with a model or an erased run")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 1,4,9")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (model default: toy 25, SD 50)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default: toy 3, SD 7.5)")
+    p.add_argument("--size", type=int, default=128, help="view size of small images; raw ones go to raw/")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("erase", help="erase concepts with AGE, ESD or UCE; writes a run folder")
+    _add_model_args(e)
+    e.add_argument("--concept", action="append", required=True, help="concept to erase (repeat for several)")
+    e.add_argument("--method", choices=["age", "esd", "uce"], default="age")
+    e.add_argument("--preset", default=None, help="recipe (default: toy / toy-esd / toy-uce on the toy model, "
+                   "imagenette / esd-x on SD; 'none' for the method defaults)")
+    e.add_argument("--target", default=None, help="ESD/UCE fixed target ('' = empty prompt)")
+    e.add_argument("--iterations", type=int, default=None, help="model steps")
+    e.add_argument("--lr", type=float, default=None)
+    e.add_argument("--lambda", dest="lam", type=float, default=None, help="AGE preservation weight")
+    e.add_argument("--eta", type=float, default=None, help="negative guidance")
+    e.add_argument("--search", choices=["gumbel", "damage"], default=None, help="AGE target search")
+    e.add_argument("--gumbel-lr", type=float, default=None)
+    e.add_argument("--vocab", default=None, help="AGE vocabulary: toy, imagenet, en3k or a file")
+    e.add_argument("--candidates", default=None, help="file of explicit AGE candidates, one per line")
+    e.add_argument("--synonym", action="append", default=None, help="candidate to exclude (repeat)")
+    e.add_argument("--preserve", action="append", default=None, help="UCE: concept to preserve (repeat)")
+    e.add_argument("--param-set", default=None, help="xattn, xattn_kv, noxattn, selfattn, full")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--xt-source", choices=["sample", "pool"], default=None)
+    e.add_argument("--loss-space", choices=["x0", "eps"], default=None)
+    e.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--checkpoint-every", type=int, default=None)
+    e.add_argument("--allow-cpu", action="store_true", help="run a GPU preset on CPU anyway")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
+    e.add_argument("--out", required=True, help="run folder")
+    e.set_defaults(func=cmd_erase)
+
+    toy = sub.add_parser("toyworld", help="the embedded toy world: train or benchmark its model")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    from .toyworld.train import ToyTrainConfig
+
+    t = toy_sub.add_parser("train", help="train the toy text-to-image model and its classifier")
+    t.add_argument("--out", required=True)
+    t.add_argument("--concepts", default=None, help="concepts.json (default: the shipped one)")
+    t.add_argument("--threads", type=int, default=None)
+    for f in dataclasses.fields(ToyTrainConfig):
+        t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
+                       help=f"{f.metadata.get('help', '')} (default {f.default})")
+    t.set_defaults(func=cmd_toy_train)
+
+    b = toy_sub.add_parser("bench", help="accuracy per concept, image statistics and speed of the toy model")
+    b.add_argument("--model", default="toy")
+    b.add_argument("--images-per-concept", type=int, default=16)
+    b.add_argument("--seed", type=int, default=1000)
+    b.add_argument("--guidance", type=float, default=None)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--skip-speed", action="store_true")
+    b.add_argument("--grid-out", default=None, help="write a render-vs-sample grid PNG here")
+    b.set_defaults(func=cmd_toy_bench)
+
+    c = toy_sub.add_parser("compare", help="AGE vs ESD-'' spillover on related concepts (the paper's claim)")
+    c.add_argument("--model", default="toy")
+    c.add_argument("--concept", action="append", default=None, help="erased concept (repeat; default: 5)")
+    c.add_argument("--variant", action="append", default=None, help="ESD '', AGE (paper search), AGE (damage search)")
+    c.add_argument("--images-per-concept", type=int, default=32)
+    c.add_argument("--seed", type=int, default=1000)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--out", required=True, help="folder for runs and results (resumes when re-run)")
+    c.set_defaults(func=cmd_toy_compare)
+
+    bench = sub.add_parser("bench", help="benchmarks that print tables")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    be = bench_sub.add_parser("erase", help="engine vs reference-style AGE loop on the same device")
+    be.add_argument("--arch", choices=["sd14", "toy"], default="sd14", help="sd14: random SD-1.4 UNet")
+    be.add_argument("--device", default="auto")
+    be.add_argument("--iterations", type=int, default=10)
+    be.add_argument("--candidates", type=int, default=100)
+    be.add_argument("--precision", action="append", default=None, help="fp32 and/or bf16 (default both)")
+    be.add_argument("--threads", type=int, default=None)
+    be.set_defaults(func=cmd_bench_erase)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        from .bundle import UnknownWordsWarning
+
+        warnings.filterwarnings("always", category=UnknownWordsWarning)
+        warnings.showwarning = lambda msg, cat, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Benchmark: the engine's AGE iteration against a reference-style loop, on the same device.
+
+The reference-style loop does what the reference code does per iteration: fp32, batch 1, the two
+"sample till t" trajectories one after the other with the model being trained, 3 frozen passes on a
+second UNet copy, 2 trainable passes and a backward pass on every iteration (pi steps included).
+The engine is :class:`core.erasure.age.AGERun` with the chosen precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..bundle import ModelBundle
+
+SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SD14_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+class _RandomStates(torch.nn.Module):
+    """Stands in for CLIP: a fixed random (77, 768) state per prompt (the text encoder is not timed)."""
+
+    def __init__(self, device, dtype):
+        super().__init__()
+        self.device_, self.dtype_ = device, dtype
+
+    def forward(self, ids):
+        out = []
+        for row in ids.tolist():
+            g = torch.Generator().manual_seed(zlib.crc32(str(row).encode()))
+            out.append(torch.randn(77, 768, generator=g))
+        return (torch.stack(out).to(self.device_, self.dtype_),)
+
+
+class _HashTokenizer:
+    model_max_length = 77
+    all_special_tokens: list[str] = []
+
+    def __call__(self, prompts, **_):
+        ids = torch.tensor([[zlib.crc32(p.encode()) % 49407] + [0] * 76 for p in prompts])
+        return type("Enc", (), {"input_ids": ids})()
+
+
+def random_sd14_bundle(device: torch.device) -> ModelBundle:
+    """SD-1.4's UNet architecture with random weights (nothing to download)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD14_UNET).to(device).eval()
+    return ModelBundle(kind="stable-diffusion", source="random SD-1.4 architecture", unet=unet,
+                       text_encoder=_RandomStates(device, torch.float32), tokenizer=_HashTokenizer(),
+                       scheduler_config=SD14_SCHEDULER, device=device, dtype=torch.float32)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: int = 100, seed: int = 0) -> float:
+    """Seconds per iteration of the reference-style loop (see module docstring)."""
+    device = bundle.device
+    unet = bundle.unet
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    params = [p for n, p in unet.named_parameters() if "attn2" in n]
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-5)
+    pi = torch.zeros(candidates, device=device, requires_grad=True)
+    pi_opt = torch.optim.Adam([pi], lr=1e-2)
+    table = torch.randn(candidates, 77, 768, device=device)
+    c_e = bundle.encode(["erased concept"])
+    uncond = bundle.encode([""])
+    sched = bundle.sampling_scheduler()
+    sched.set_timesteps(50, device=device)
+    alphas = bundle.train_scheduler().alphas_cumprod.to(device)
+    g = torch.Generator().manual_seed(seed)
+
+    def till(z, cond, n):
+        with torch.no_grad():
+            for t in sched.timesteps[:n]:
+                out = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                u, c = out.chunk(2)
+                z = sched.step(u + 3.0 * (c - u), t, z).prev_sample
+        return z
+
+    def x0(eps, z, t):
+        a = alphas[t]
+        return (z - (1 - a).sqrt() * eps) / a.sqrt()
+
+    times = []
+    for i in range(iterations + 2):  # two warm-up iterations
+        _sync(device)
+        start = time.perf_counter()
+        n = int(torch.randint(50, (1,), generator=g))
+        z_T = torch.randn(1, 4, 64, 64, generator=g).to(device)
+        y = F.softmax((pi + -torch.log(-torch.log(torch.rand(candidates, generator=g).to(device) + 1e-10) + 1e-10)) / 0.1, 0)
+        w = F.one_hot(y.argmax(), candidates).float() - y.detach() + y
+        e_t = torch.einsum("n,nld->ld", w, table)[None]
+        z_e = till(z_T, c_e, n)
+        z_t = till(z_T, e_t.detach(), n)
+        t = sched.timesteps[min(n, 49)]
+        with torch.no_grad():
+            f_et = frozen(z_e, t, encoder_hidden_states=e_t.detach()).sample
+            f_ee = frozen(z_e, t, encoder_hidden_states=c_e).sample
+            f_tt = frozen(z_t, t, encoder_hidden_states=e_t.detach()).sample
+        l_e = unet(z_e, t, encoder_hidden_states=c_e).sample
+        l_t = unet(z_t, t, encoder_hidden_states=e_t).sample
+        erase = F.mse_loss(x0(l_e, z_e, t), x0(f_et - (f_ee - f_et), z_e, t))
+        keep = F.mse_loss(x0(l_t, z_t, t), x0(f_tt, z_t, t))
+        opt.zero_grad()
+        pi_opt.zero_grad()
+        if i % 2 == 0:
+            (erase + keep).backward()
+            opt.step()
+        else:
+            (-(erase + keep)).backward()
+            pi_opt.step()
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    del frozen
+    return sum(times) / len(times)
+
+
+def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candidates: int = 100,
+                   work_dir: Path | None = None, **overrides) -> tuple[float, dict]:
+    """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise)."""
+    import tempfile
+
+    from .age import AGERun
+    from .config import make_config
+
+    words = [f"candidate {i}" for i in range(candidates)]
+    config = make_config("age", None, concepts=["erased concept"], candidates=words, iterations=iterations // 2 + 1,
+                         precision=precision, k_closest=candidates, num_centers=candidates,
+                         loss_space=overrides.pop("loss_space", "x0"), **overrides)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def clock(report):
+        _sync(bundle.device)
+        now = time.perf_counter()
+        if report.step > 2:  # warm-up
+            times.append(now - last[0])
+        last[0] = now
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        run = AGERun(bundle, config, tmp, callbacks=[clock])
+        if bundle.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(bundle.device)
+        last[0] = time.perf_counter()
+        try:
+            run.run()
+        finally:
+            run.predictor.restore()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
+    return sum(times) / len(times), {"peak_gib": peak}

@@ -1,0 +1,258 @@
+"""Typed, validated configurations of the erasure methods, and the paper's presets.
+
+Defaults of each config class are the reference code's defaults (``train_age.py`` / ``train-esd.py``);
+presets are the paper's per-experiment recipes plus scaled recipes for the toy world. A run records
+its preset and every field that differs from it (``deviations``) in its manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
+
+from .params import PARAMETER_SETS
+
+LOSS_SPACES = ("x0", "eps")
+XT_SOURCES = ("sample", "pool")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+def _list(text: str):
+    return field(default_factory=list, metadata={"help": text})
+
+
+@dataclass
+class EraseConfig:
+    """Fields every fine-tuning method shares."""
+
+    method: ClassVar[str] = ""
+
+    concepts: list[str] = _list("concepts to erase (several are erased at once)")
+    preset: str | None = _help("name of the preset this config started from", None)
+    prompt_template: str = _help("prompt of a concept during training, {c} = concept", "{c}")
+    parameter_set: str = _help("trainable UNet weights: " + ", ".join(PARAMETER_SETS), "xattn")
+    iterations: int = _help("model (theta) steps", 1000)
+    lr: float = _help("Adam learning rate of the model", 1e-5)
+    batch_size: int = _help("latents per step (the reference uses 1)", 1)
+    negative_guidance: float = _help("eta: how far the erased concept is pushed past the target", 1.0)
+    start_guidance: float = _help("CFG scale of the 'sample till t' latents", 3.0)
+    ddim_steps: int = _help("DDIM schedule of the 'sample till t' latents", 50)
+    loss_space: str = _help("x0 (paper) or eps; x0 weights steps by (1-a)/a", "x0")
+    xt_source: str = _help("sample: DDIM till t with the current model (paper); pool: frozen samples re-noised (fast)", "sample")
+    pool_size: int = _help("frozen samples per concept in pool mode", 16)
+    precision: str = _help("fp32, or bf16 autocast for the UNet passes", "fp32")
+    seed: int = _help("seed of every random draw of the run", 0)
+    checkpoint_every: int = _help("write a resumable checkpoint every N model steps (0: only at the end or on stop)", 0)
+    requires_gpu: bool = _help("the recipe is sized for a GPU; refuse to start on CPU", False)
+    deviations: list[str] = _list("how this config departs from the paper (recorded in the manifest)")
+
+    def __post_init__(self):
+        if isinstance(self.concepts, str):
+            self.concepts = [self.concepts]
+        self.concepts = [c.strip() for c in self.concepts]
+        if not self.concepts or any(not c for c in self.concepts):
+            raise ValueError("give at least one non-empty concept to erase")
+        if len(set(c.lower() for c in self.concepts)) != len(self.concepts):
+            raise ValueError(f"duplicate concepts in {self.concepts}")
+        if "{c}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain {{c}}, got {self.prompt_template!r}")
+        if self.parameter_set not in PARAMETER_SETS:
+            raise ValueError(f"unknown parameter set {self.parameter_set!r}; choose one of {', '.join(PARAMETER_SETS)}")
+        for name in ("iterations", "batch_size", "ddim_steps", "pool_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
+        _positive_finite("lr", self.lr)
+        for name in ("negative_guidance", "start_guidance"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        _choice("loss_space", self.loss_space, LOSS_SPACES)
+        _choice("xt_source", self.xt_source, XT_SOURCES)
+        _choice("precision", self.precision, PRECISIONS)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _positive_finite(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+
+
+@dataclass
+class ESDConfig(EraseConfig):
+    """ESD (Gandikota et al., ICCV'23): map the concept to a fixed target with negative guidance."""
+
+    method: ClassVar[str] = "esd"
+
+    target: str = _help("fixed target prompt ('' = the empty prompt, as ESD)", "")
+    preserve_weight: float = _help("weight of preserving the empty prompt (train-naive.py uses 0.1; ESD 0)", 0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0):
+            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        if self.target.strip().lower() in (c.lower() for c in self.concepts):
+            raise ValueError(f"the target {self.target!r} is the erased concept itself")
+
+
+@dataclass
+class AGEConfig(EraseConfig):
+    """Adaptive Guided Erasure: min over the model, max over a Gumbel-softmax target mixture."""
+
+    method: ClassVar[str] = "age"
+
+    lam: float = _help("lambda: weight of preserving the target", 1.0)
+    pgd_num_steps: int = _help("one model step every N loop iterations, the others are pi steps (2 = alternate)", 2)
+    gumbel_lr: float = _help("Adam learning rate of the mixture logits pi", 1e-3)
+    gumbel_temp: float = _help("Gumbel-softmax temperature tau", 2.0)
+    gumbel_hard: bool = _help("straight-through one-hot sample (True) or soft top-k mixture (False)", False)
+    gumbel_topk: int = _help("k of the soft top-k mixture", 5)
+    k_closest: int = _help("prefilter: keep the k candidates closest to the concept (L2 of prompt hidden states)", 1000)
+    num_centers: int = _help("1-D k-means on the distances picks this many candidates (skipped when k_closest <= it)", 100)
+    vocab: str = _help("candidate vocabulary: toy, imagenet, en3k, or a file with one candidate per line", "en3k")
+    candidates: list[str] = _list("explicit candidate list (overrides vocab)")
+    synonyms: list[str] = _list("candidates excluded as synonyms of an erased concept")
+    target_search: str = _help("gumbel: the paper's gradient search; damage: score every candidate's preservation damage", "gumbel")
+    damage_samples: int = _help("latents per damage measurement (damage search)", 2)
+    pi_l1: bool = _help("let the erasure term's gradient reach pi (the reference code detaches it)", False)
+    neighbour_groups: dict = _help("concept -> candidates that are its real neighbours, to log the search's hit rate", None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lambda must be a finite number >= 0, got {self.lam}")
+        _positive_finite("gumbel_lr", self.gumbel_lr)
+        _positive_finite("gumbel_temp", self.gumbel_temp)
+        for name in ("pgd_num_steps", "gumbel_topk", "k_closest", "num_centers", "damage_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _choice("target_search", self.target_search, ("gumbel", "damage"))
+        if self.pgd_num_steps < 2:
+            raise ValueError("pgd_num_steps must be >= 2 so that pi gets steps")
+
+
+@dataclass
+class UCEConfig:
+    """UCE (Gandikota et al., WACV'24): closed-form edit of cross-attention keys and values."""
+
+    method: ClassVar[str] = "uce"
+
+    concepts: list[str] = _list("concepts to erase")
+    preset: str | None = _help("name of the preset this config started from", None)
+    prompt_template: str = _help("prompt of a concept, {c} = concept", "{c}")
+    target: str = _help("what the erased concepts are mapped to ('' = the empty prompt)", "")
+    preserve: list[str] = _list("concepts whose keys and values are kept")
+    erase_scale: float = _help("weight of the erasure equations", 1.0)
+    preserve_scale: float = _help("weight of the preservation equations", 1.0)
+    lamb: float = _help("ridge weight that keeps the edit close to the original weights", 0.5)
+    seed: int = _help("unused by the closed form; recorded for symmetry", 0)
+    requires_gpu: bool = _help("refuse to start on CPU", False)
+    deviations: list[str] = _list("how this config departs from the paper")
+    parameter_set: ClassVar[str] = "xattn_kv"
+
+    def __post_init__(self):
+        if isinstance(self.concepts, str):
+            self.concepts = [self.concepts]
+        self.concepts = [c.strip() for c in self.concepts]
+        if not self.concepts or any(not c for c in self.concepts):
+            raise ValueError("give at least one non-empty concept to erase")
+        erased = {c.lower() for c in self.concepts}
+        if any(p.lower() in erased for p in self.preserve):
+            raise ValueError("a concept cannot be both erased and preserved")
+        for name in ("erase_scale", "preserve_scale", "lamb"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lamb == 0 and not self.preserve:
+            raise ValueError("lamb must be > 0 when nothing is preserved (the system would be singular)")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "parameter_set": self.parameter_set, **asdict(self)}
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+CONFIGS = {"age": AGEConfig, "esd": ESDConfig, "uce": UCEConfig}
+
+_TOY_DEVIATIONS = [
+    "loss in eps space: the toy model's cosine schedule makes the x0 weight (1-a)/a explode near t=T",
+    "200 model steps at lr 3e-4, batch 8, instead of 1000 at 1e-5, batch 1: a 1.7 M-parameter model",
+    "'sample till t' on a 10-step DDIM schedule instead of 50",
+]
+
+# name -> (method, field values, requires a GPU, deviations from the paper)
+PRESETS: dict[str, tuple[str, dict, list[str]]] = {
+    "imagenette": ("age", dict(parameter_set="xattn", iterations=1000, lr=1e-5, gumbel_lr=1e-2, gumbel_temp=0.1,
+                               gumbel_hard=True, gumbel_topk=2, k_closest=100, num_centers=100, vocab="imagenet",
+                               lam=1.0, start_guidance=3.0, negative_guidance=1.0, loss_space="x0",
+                               ddim_steps=50, requires_gpu=True), []),
+    "nudity": ("age", dict(parameter_set="noxattn", iterations=1000, lr=1e-5, gumbel_lr=1e-2, gumbel_temp=2.0,
+                           gumbel_hard=True, gumbel_topk=2, k_closest=100, num_centers=100, vocab="en3k",
+                           lam=1.0, start_guidance=3.0, negative_guidance=1.0, loss_space="x0",
+                           ddim_steps=50, requires_gpu=True), []),
+    "artist": ("age", dict(parameter_set="xattn", iterations=1000, lr=1e-5, gumbel_lr=1e-3, gumbel_temp=2.0,
+                           gumbel_hard=False, gumbel_topk=5, k_closest=1000, num_centers=100, vocab="en3k",
+                           lam=1.0, start_guidance=3.0, negative_guidance=1.0, loss_space="x0",
+                           ddim_steps=50, requires_gpu=True),
+               ["vocabulary en3k: the paper's 'artistic' concept dictionary is not published"]),
+    "esd-x": ("esd", dict(parameter_set="xattn", iterations=1000, lr=1e-5, negative_guidance=1.0,
+                          start_guidance=3.0, loss_space="eps", ddim_steps=50, requires_gpu=True), []),
+    "esd-u": ("esd", dict(parameter_set="noxattn", iterations=1000, lr=1e-5, negative_guidance=1.0,
+                          start_guidance=3.0, loss_space="eps", ddim_steps=50, requires_gpu=True), []),
+    "toy": ("age", dict(parameter_set="xattn", iterations=200, lr=3e-4, batch_size=8, gumbel_lr=5e-2,
+                        gumbel_temp=0.1, gumbel_hard=True, k_closest=100, num_centers=100, vocab="toy",
+                        lam=1.0, start_guidance=3.0, negative_guidance=1.0, loss_space="eps",
+                        prompt_template="a {c}", ddim_steps=10),
+            _TOY_DEVIATIONS + ["pi lr 5e-2 instead of 1e-2: 5x fewer pi steps"]),
+    "toy-esd": ("esd", dict(parameter_set="xattn", iterations=200, lr=3e-4, batch_size=8, negative_guidance=1.0,
+                            start_guidance=3.0, loss_space="eps", prompt_template="a {c}", ddim_steps=10),
+                _TOY_DEVIATIONS),
+    "toy-uce": ("uce", dict(prompt_template="a {c}"), []),
+}
+
+
+def make_config(method: str, preset: str | None = None, **overrides):
+    """A validated config: the preset's values, then ``overrides``; each override of a preset value
+    is recorded as a deviation."""
+    if method not in CONFIGS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CONFIGS)}")
+    cls = CONFIGS[method]
+    values: dict = {}
+    deviations: list[str] = []
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        preset_method, preset_values, preset_deviations = PRESETS[preset]
+        if preset_method != method:
+            raise ValueError(f"preset {preset!r} is for method {preset_method!r}, not {method!r}")
+        values.update(preset_values)
+        deviations += preset_deviations
+    known = {f.name for f in fields(cls)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown {method} option(s): {', '.join(sorted(unknown))}")
+    for key, value in overrides.items():
+        if preset is not None and key in values and values[key] != value:
+            deviations.append(f"{key}={value!r} instead of the preset's {values[key]!r}")
+        values[key] = value
+    values["preset"] = preset
+    values["deviations"] = deviations + list(values.get("deviations", []))
+    return cls(**values)

@@ -1,0 +1,1 @@
+"""The concept graph: generation capability G(c), spillover rows Delta(a -> b), and their analyses."""

@@ -1,0 +1,101 @@
+"""Run folders: an erased model is its base model plus a delta of changed UNet weights.
+
+A run folder holds ``delta.safetensors`` (only the changed parameters), ``manifest.json`` (config,
+preset, deviations, seeds, versions, base model and a fingerprint of the weights it changed) and
+``history.csv``. ``load_bundle(run_dir)`` loads the base and applies the delta, so "generate with the
+erased model", graph rows and export are the same operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+RUN_KIND = "age-explorer erasure run"
+DELTA = "delta.safetensors"
+MANIFEST = "manifest.json"
+
+
+class CorruptRunError(RuntimeError):
+    """A run folder's files are missing, truncated or do not match their manifest."""
+
+
+def is_run_dir(path: Path) -> bool:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("kind") == RUN_KIND
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and float32 bytes: identifies the base weights a delta was made on."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_delta(run_dir: Path, changed: dict[str, torch.Tensor]) -> dict:
+    """Write the delta atomically; returns the manifest fields describing it."""
+    tmp = run_dir / f".{DELTA}.tmp"
+    save_file(changed, str(tmp))
+    os.replace(tmp, run_dir / DELTA)
+    return {"delta_file": DELTA, "delta_sha256": file_sha256(run_dir / DELTA),
+            "changed_parameters": len(changed),
+            "changed_values": int(sum(t.numel() for t in changed.values()))}
+
+
+def read_manifest(run_dir: Path) -> dict:
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CorruptRunError(f"{run_dir / MANIFEST} is missing or not valid JSON: {err}") from err
+    if manifest.get("kind") != RUN_KIND:
+        raise CorruptRunError(f"{run_dir} is not an erasure run folder")
+    if manifest.get("status") != "done":
+        raise CorruptRunError(f"the run in {run_dir} did not finish (status {manifest.get('status')!r}); "
+                              f"resume it with `age-explorer erase ... --out {run_dir} --resume`")
+    return manifest
+
+
+def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
+    """Overwrite the base UNet's weights with the run's, after checking the delta and the base."""
+    path = run_dir / manifest.get("delta_file", DELTA)
+    if not path.is_file():
+        raise CorruptRunError(f"{path} is missing")
+    if file_sha256(path) != manifest.get("delta_sha256"):
+        raise CorruptRunError(f"{path} does not match the checksum in its manifest (truncated or modified)")
+    try:
+        delta = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise CorruptRunError(f"{path} cannot be read: {err}") from err
+    params = dict(bundle.unet.named_parameters())
+    unknown = [n for n in delta if n not in params or params[n].shape != delta[n].shape]
+    if unknown:
+        raise CorruptRunError(f"the delta in {run_dir} does not fit the base model {bundle.source!r} "
+                              f"({len(unknown)} parameter(s) missing or of another shape, e.g. {unknown[0]})")
+    base_print = fingerprint({n: params[n] for n in delta})
+    if manifest.get("base_fingerprint") not in (None, base_print):
+        raise CorruptRunError(f"the run in {run_dir} was made on other base weights than {bundle.source!r}")
+    with torch.no_grad():
+        for name, value in delta.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

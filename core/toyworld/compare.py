@@ -1,0 +1,95 @@
+"""The paper's claim on the toy world: AGE loses less on related concepts than ESD with the empty target.
+
+For each erased concept and each method variant: erase, then measure G on all 25 concepts with the
+same prompts and seeds as the original model, plus G of the erased concept under a paraphrased
+template. Spillover Delta = G_0 - G_after, averaged over the 4 same-shape, 4 same-colour and 16
+unrelated concepts. Results are appended to a CSV as they come, so a killed comparison resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ..bundle import ModelBundle, load_bundle
+from ..erasure import erase, make_config
+from ..graph.capability import CapabilitySpec, toy_capability
+
+DEFAULT_CONCEPTS = ["red circle", "blue square", "yellow triangle", "green cross", "purple ring"]
+VARIANTS = {
+    "ESD ''": ("esd", "toy-esd", {}),
+    "AGE (paper search)": ("age", "toy", {}),
+    "AGE (damage search)": ("age", "toy", {"target_search": "damage"}),
+}
+
+
+def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None = None,
+            variants: list[str] | None = None, spec: CapabilitySpec = CapabilitySpec(),
+            log=print) -> pd.DataFrame:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = bundle.world
+    concepts = concepts or DEFAULT_CONCEPTS
+    variants = variants or list(VARIANTS)
+    paraphrase = world.paraphrase_templates[0]
+    para_spec = CapabilitySpec(spec.images_per_concept, spec.seed + 10_000, paraphrase, spec.steps,
+                               spec.guidance_scale, spec.topk)
+    base_file = out / "baseline.csv"
+    if base_file.exists():
+        base = pd.read_csv(base_file)
+    else:
+        base = toy_capability(bundle, spec).merge(
+            toy_capability(bundle, para_spec, concepts).rename(columns=lambda c: c if c == "concept" else "para_" + c),
+            on="concept", how="left")
+        base.to_csv(base_file, index=False)
+    g0 = dict(zip(base.concept, base.G_top1))
+    p0 = dict(zip(base.concept, base.para_G_top1))
+    results_file = out / "comparison.csv"
+    done = pd.read_csv(results_file) if results_file.exists() else pd.DataFrame(columns=["variant", "concept"])
+    for concept in concepts:
+        for variant in variants:
+            if ((done.variant == variant) & (done.concept == concept)).any():
+                continue
+            method, preset, overrides = VARIANTS[variant]
+            run_dir = out / "runs" / f"{variant.split()[0].lower()}-{overrides.get('target_search', 'paper')}-{concept.replace(' ', '_')}"
+            start = time.time()
+            config = make_config(method, preset, concepts=[concept], **overrides)
+            result = erase(bundle, config, run_dir, resume=(run_dir / "checkpoint").exists())
+            erase_seconds = time.time() - start
+            erased = load_bundle(str(run_dir), device=bundle.device)
+            after = toy_capability(erased, spec)
+            para = toy_capability(erased, para_spec, [concept])
+            g = dict(zip(after.concept, after.G_top1))
+            delta = {c: g0[c] - g[c] for c in world.names}
+            row = {"variant": variant, "concept": concept,
+                   "G_before": g0[concept], "G_after": g[concept],
+                   "para_before": p0[concept], "para_after": float(para.G_top1.iloc[0]),
+                   "delta_same_shape": _mean(delta, world.same_shape(concept)),
+                   "delta_same_colour": _mean(delta, world.same_colour(concept)),
+                   "delta_unrelated": _mean(delta, world.unrelated(concept)),
+                   "erase_seconds": round(erase_seconds, 1)}
+            picks = result.manifest.get("neighbour_picks")
+            if picks:
+                row.update(neighbour_pick_share=picks["share"], neighbour_pick_chance=picks["chance"])
+            targets = result.manifest.get("targets", {}).get(concept)
+            if targets:
+                row["top_targets"] = "; ".join(f"{w} {p:.2f}" for w, p in targets[:3])
+            done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+            done.to_csv(results_file, index=False)
+            log(f"{variant:22s} {concept:16s} G {row['G_before']:.2f}->{row['G_after']:.2f} "
+                f"para {row['para_after']:.2f}  same shape {row['delta_same_shape']:.3f}  "
+                f"same colour {row['delta_same_colour']:.3f}  unrelated {row['delta_unrelated']:.3f}  "
+                f"({erase_seconds:.0f} s)")
+    return done
+
+
+def summary(results: pd.DataFrame) -> pd.DataFrame:
+    cols = ["G_after", "para_after", "delta_same_shape", "delta_same_colour", "delta_unrelated", "erase_seconds"]
+    extra = [c for c in ("neighbour_pick_share", "neighbour_pick_chance") if c in results]
+    return results.groupby("variant", sort=False)[cols + extra].mean()
+
+
+def _mean(delta: dict[str, float], names: list[str]) -> float:
+    return sum(delta[n] for n in names) / len(names)

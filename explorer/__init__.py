@@ -1,0 +1,1 @@
+"""The Gradio explorer. UI code only: every computation goes through ``core``."""

@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def toy_bundle():
+    from core.bundle import load_bundle
+
+    return load_bundle("toy", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    from tiny_sd import build_tiny_pipeline
+
+    work = tmp_path_factory.mktemp("tiny_sd")
+    pipe = build_tiny_pipeline(work)
+    pipe.save_pretrained(work / "pipeline")
+    return work / "pipeline"

@@ -1,0 +1,190 @@
+"""The erasure engine on a tiny random SD pipeline (mechanics) and on the toy model (behaviour)."""
+
+import math
+
+import pytest
+import torch
+
+from core.bundle import load_bundle
+from core.erasure import erase, make_config
+from core.erasure.age import gumbel_softmax
+from core.erasure.params import PARAMETER_SETS, select_parameters
+from core.runs import CorruptRunError
+from core.sampling import generate
+
+CANDIDATES = ["a dog", "a cat", "a car", "a red circle", "red", "circle", "a tree"]
+TINY = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd_dir):
+    return load_bundle(str(tiny_sd_dir), device="cpu")
+
+
+def _snapshot(bundle):
+    return {n: p.detach().clone() for n, p in bundle.unet.named_parameters()}
+
+
+@pytest.mark.parametrize("method, options, parameter_set", [
+    ("esd", dict(parameter_set="xattn"), "xattn"),
+    ("esd", dict(parameter_set="noxattn", preserve_weight=0.1), "noxattn"),
+    ("age", dict(parameter_set="xattn", candidates=CANDIDATES, lr=1e-3), "xattn"),
+    ("age", dict(parameter_set="selfattn", candidates=CANDIDATES, target_search="damage"), "selfattn"),
+    ("age", dict(parameter_set="full", candidates=CANDIDATES, gumbel_hard=True, pi_l1=True), "full"),
+    ("uce", dict(preserve=["a cat"]), "xattn_kv"),
+])
+def test_each_method_changes_only_its_parameter_set(sd, tmp_path, method, options, parameter_set):
+    before = _snapshot(sd)
+    opts = dict(options) if method == "uce" else {**TINY, **options}
+    config = make_config(method, None, concepts=["a red circle"], **opts)
+    result = erase(sd, config, tmp_path / "run")
+    assert result.status == "done"
+    # The bundle is left as it was.
+    assert all(torch.equal(p, before[n]) for n, p in sd.unet.named_parameters())
+    erased = load_bundle(str(tmp_path / "run"), device="cpu")
+    allowed = PARAMETER_SETS[parameter_set][0]
+    changed = [n for n, p in erased.unet.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, f"the method changed nothing: {result.manifest['changed_parameters']}"
+    assert all(allowed(n) for n in changed), [n for n in changed if not allowed(n)]
+    assert result.manifest["changed_parameters"] == len(changed)
+
+
+def test_save_load_reproduces_outputs_exactly(sd, tmp_path):
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, lr=1e-2, **TINY)
+    captured = {}
+
+    def keep_weights(report):
+        if report.step == config.iterations * config.pgd_num_steps:
+            captured.update({n: p.detach().clone() for n, p in sd.unet.named_parameters()})
+
+    erase(sd, config, tmp_path / "run", callbacks=[keep_weights])
+    loaded = load_bundle(str(tmp_path / "run"), device="cpu")
+    for name, p in loaded.unet.named_parameters():
+        assert torch.equal(p, captured[name]), name
+    a = generate(loaded, ["a red circle"], [0], steps=3)
+    b = generate(load_bundle(str(tmp_path / "run"), device="cpu"), ["a red circle"], [0], steps=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, generate(sd, ["a red circle"], [0], steps=3))
+
+
+def test_resume_continues_the_same_run(sd, tmp_path):
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, lr=1e-3,
+                         **{**TINY, "iterations": 4})
+    erase(sd, config, tmp_path / "whole")
+    stop_after = {"n": 0}
+
+    def stop():
+        return stop_after["n"] >= 3
+
+    def count(report):
+        stop_after["n"] = report.step
+
+    stopped = erase(sd, config, tmp_path / "split", callbacks=[count], stop=stop)
+    assert stopped.status == "stopped" and stopped.steps_done == 3
+    assert (tmp_path / "split" / "checkpoint" / "state.safetensors").is_file()
+    with pytest.raises(CorruptRunError, match="did not finish"):
+        load_bundle(str(tmp_path / "split"), device="cpu")
+    resumed = erase(sd, config, tmp_path / "split", resume=True)
+    assert resumed.status == "done" and resumed.steps_done == 8
+    whole = load_bundle(str(tmp_path / "whole"), device="cpu")
+    split = load_bundle(str(tmp_path / "split"), device="cpu")
+    for (name, p), (_, q) in zip(whole.unet.named_parameters(), split.unet.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_stop_ends_within_one_step_with_a_usable_checkpoint(sd, tmp_path):
+    config = make_config("esd", None, concepts=["a red circle"], **{**TINY, "iterations": 50})
+    seen = []
+    result = erase(sd, config, tmp_path / "run", callbacks=[lambda r: seen.append(r.step)],
+                   stop=lambda: len(seen) >= 2)
+    assert result.status == "stopped" and seen == [1, 2]
+    resumed = erase(sd, config, tmp_path / "run", resume=True,
+                    stop=lambda: len(seen) >= 4, callbacks=[lambda r: seen.append(r.step)])
+    assert resumed.status == "stopped" and seen == [1, 2, 3, 4]
+
+
+def test_pi_mixture_sums_to_one_and_excludes_the_concept(sd, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7)
+    for hard in (True, False):
+        w = gumbel_softmax(logits, 0.5, hard, 3, g)
+        assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-5)
+        assert (w >= -1e-6).all()
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES + ["A Red Circle"],
+                         synonyms=["a tree"], **TINY)
+    result = erase(sd, config, tmp_path / "run")
+    import pandas as pd
+
+    targets = pd.read_csv(tmp_path / "run" / "targets.csv")
+    names = set(targets.candidate)
+    assert "a red circle" not in names and "A Red Circle" not in names and "a tree" not in names
+    assert math.isclose(targets.pi.sum(), 1.0, rel_tol=1e-5)
+    assert set(result.manifest["excluded_candidates"]["a red circle"]) >= {"a red circle", "A Red Circle", "a tree"}
+
+
+def test_every_step_reports_what_the_ui_needs(sd, tmp_path):
+    reports = []
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, **TINY)
+    erase(sd, config, tmp_path / "run", callbacks=[reports.append])
+    assert [r.phase for r in reports] == ["theta", "pi"] * 3
+    theta, pi = reports[0], reports[1]
+    assert set(theta.losses) >= {"erase", "preserve", "total"} and "pi_objective" in pi.losses
+    assert len(theta.targets["a red circle"]) == 5 and theta.pick in CANDIDATES
+    assert reports[-1].eta == 0 and all(r.elapsed >= 0 for r in reports)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("age", dict(lam=-1.0), "lambda must be"),
+    ("age", dict(lr=float("nan")), "lr must be a positive finite"),
+    ("age", dict(parameter_set="attn9"), "unknown parameter set"),
+    ("esd", dict(concepts=[]), "at least one non-empty concept"),
+    ("age", dict(target_search="psychic"), "target_search must be"),
+    ("uce", dict(preserve=["a red circle"]), "both erased and preserved"),
+])
+def test_invalid_configs_raise_clear_errors(method, options, message):
+    values = {"concepts": ["a red circle"], **options}
+    with pytest.raises(ValueError, match=message):
+        make_config(method, None, **values)
+
+
+def test_empty_candidate_set_after_exclusion(sd, tmp_path):
+    config = make_config("age", None, concepts=["a red circle"], candidates=["a red circle", "a tree"],
+                         synonyms=["a tree"], **TINY)
+    with pytest.raises(ValueError, match="no candidate target left"):
+        erase(sd, config, tmp_path / "run")
+
+
+def test_gpu_preset_refuses_cpu(sd, tmp_path):
+    config = make_config("age", "imagenette", concepts=["a red circle"], candidates=CANDIDATES)
+    with pytest.raises(RuntimeError, match="GPU recipe"):
+        erase(sd, config, tmp_path / "run")
+
+
+def test_preset_overrides_are_recorded_as_deviations():
+    config = make_config("age", "imagenette", concepts=["x"], lam=0.5)
+    assert config.preset == "imagenette"
+    assert any("lam=0.5" in d for d in config.deviations)
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("age", "nudityy", concepts=["x"])
+    with pytest.raises(ValueError, match="is for method 'age'"):
+        make_config("esd", "imagenette", concepts=["x"])
+
+
+def test_unknown_toy_concept_is_rejected(toy_bundle, tmp_path):
+    config = make_config("esd", "toy-esd", concepts=["pink hexagon"])
+    with pytest.raises(ValueError, match="unknown concept 'pink hexagon'"):
+        erase(toy_bundle, config, tmp_path / "run")
+
+
+def test_corrupted_delta_is_detected(sd, tmp_path):
+    config = make_config("esd", None, concepts=["a red circle"], **TINY)
+    erase(sd, config, tmp_path / "run")
+    delta = tmp_path / "run" / "delta.safetensors"
+    delta.write_bytes(delta.read_bytes()[:-100])
+    with pytest.raises(CorruptRunError, match="checksum"):
+        load_bundle(str(tmp_path / "run"), device="cpu")
+
+
+def test_select_parameters_rejects_unknown_sets(sd):
+    with pytest.raises(ValueError, match="unknown parameter set"):
+        select_parameters(sd.unet, "nope")

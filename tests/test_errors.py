@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from core.bundle import load_bundle
+from core.device import resolve_device, resolve_dtype
+from core.sampling import generate, parse_seeds
+
+
+@pytest.mark.parametrize("text, seeds", [("0-3", [0, 1, 2, 3]), ("1,4,9", [1, 4, 9]), ("7", [7]),
+                                         ("0-1,5", [0, 1, 5]), (" 2 - 3 ", [2, 3])])
+def test_seed_parsing(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text, message", [("5-1", "end \\(1\\) is below the start \\(5\\)"),
+                                           ("abc", "bad seeds"), ("", "bad seeds"), ("1-", "bad seeds")])
+def test_bad_seeds_are_clear_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_seeds(text)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_bundle(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ValueError, match="is not a model"):
+        load_bundle(str(tmp_path), device="cpu")
+
+
+def test_empty_model_name():
+    with pytest.raises(ValueError, match="model is empty"):
+        load_bundle("  ", device="cpu")
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_a_clear_error(toy_bundle, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(toy_bundle, [prompt], [0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_not_a_silent_fallback():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_dtype_choices():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 is not supported on CPU"):
+        resolve_dtype("float16", cpu)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3", cpu)

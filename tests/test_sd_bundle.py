@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from core.bundle import ModelUnavailableError, load_bundle
+from core.sampling import generate
+
+
+def test_sd_folder_round_trips_through_the_loader(tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    bundle = load_bundle(str(tiny_sd_dir), device="cpu")
+    assert bundle.kind == "stable-diffusion"
+    assert bundle.latent_shape == (4, 8, 8)
+    reference = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None,
+                                                        requires_safety_checker=False)
+    for (name, p), (_, q) in zip(bundle.unet.named_parameters(), reference.unet.named_parameters()):
+        assert torch.equal(p, q), name
+
+    states = bundle.encode(["a red circle"])
+    assert states.shape == (1, bundle.max_tokens, 32)
+
+    # Our sampler gives the pipeline's own images for the same seed.
+    ours = generate(bundle, ["a red circle"], [5], steps=4, guidance_scale=7.5)
+    theirs = reference("a red circle", num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
+                       generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert ours.shape == theirs.shape == (1, 3, 16, 16)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_sd_latents_round_trip_through_the_vae(tiny_sd_dir):
+    bundle = load_bundle(str(tiny_sd_dir), device="cpu")
+    images = torch.rand(2, 3, 16, 16)
+    latents = bundle.encode_images(images)
+    assert latents.shape == (2, 4, 8, 8)
+    assert bundle.decode(latents).shape == (2, 3, 16, 16)
+
+
+def test_unknown_hub_id_offline_says_how_to_get_it():
+    with pytest.raises(ModelUnavailableError, match=r"hf download CompVis/stable-diffusion-v1-4"):
+        load_bundle("CompVis/stable-diffusion-v1-4", device="cpu", local_files_only=True)
+
+
+def test_sd_has_no_closed_vocabulary(tiny_sd_dir):
+    bundle = load_bundle(str(tiny_sd_dir), device="cpu")
+    assert bundle.vocabulary() is None and bundle.unknown_words("anything at all") == []
+    with pytest.raises(AttributeError, match="only the toy world"):
+        bundle.classifier

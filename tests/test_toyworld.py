@@ -1,0 +1,81 @@
+import torch
+import pytest
+
+from core.bundle import UnknownWordsWarning
+from core.sampling import generate
+from core.toyworld.concepts import ToyWorld
+from core.toyworld.model import images_to_latents, latents_to_images
+from core.toyworld.render import render
+from core.paths import toy_model_dir
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ToyWorld.from_json(toy_model_dir() / "concepts.json")
+
+
+def test_world_has_25_concepts_with_two_kinds_of_relatives(world):
+    assert len(world.concepts) == 25 and len(set(world.names)) == 25
+    assert world.same_shape("red circle") == ["green circle", "blue circle", "yellow circle", "purple circle"]
+    assert world.same_colour("red circle") == ["red square", "red triangle", "red cross", "red ring"]
+    assert len(world.unrelated("red circle")) == 16
+    assert "red circle" not in world.unrelated("red circle")
+    with pytest.raises(KeyError, match="unknown toy concept"):
+        world.concept("pink hexagon")
+
+
+def test_renderer_is_deterministic_and_in_range(world):
+    ids = torch.arange(25)
+    a = render(world, ids, torch.Generator().manual_seed(3))
+    b = render(world, ids, torch.Generator().manual_seed(3))
+    assert a.shape == (25, 3, 32, 32)
+    assert torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_latent_codec_keeps_renders(world):
+    images = render(world, torch.arange(25), torch.Generator().manual_seed(0))
+    latents = images_to_latents(images)
+    assert latents.shape == (25, 12, 16, 16)
+    # Decoding removes only the image-wide 2x2-periodic component, which renders barely have.
+    assert (latents_to_images(latents) - images).abs().mean() < 0.005
+
+
+def test_generation_is_deterministic_per_seed(toy_bundle):
+    a = generate(toy_bundle, ["a red circle"], [0, 1], steps=10)
+    b = generate(toy_bundle, ["a red circle"], [1], steps=10)
+    c = generate(toy_bundle, ["a red circle"], [0, 1], steps=10)
+    assert a.shape == (2, 3, 32, 32)
+    assert torch.equal(a, c)
+    # An image depends on its own seed, not on the other images in the batch.
+    assert torch.allclose(a[1], b[0], atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_generated_images_are_recognised(toy_bundle):
+    world = toy_bundle.world
+    prompts = [world.prompt(n) for n in world.names]
+    images = generate(toy_bundle, prompts, [7, 8])
+    predicted = toy_bundle.classifier.topk(images, 1)[:, 0]
+    truth = torch.arange(25).repeat_interleave(2)
+    accuracy = (predicted == truth).float().mean().item()
+    assert accuracy >= 0.8, f"toy model accuracy fell to {accuracy:.2f}"
+
+
+def test_classifier_recognises_renders(toy_bundle):
+    images = render(toy_bundle.world, torch.arange(25).repeat(4), torch.Generator().manual_seed(11))
+    predicted = toy_bundle.classifier.topk(images, 1)[:, 0]
+    assert (predicted == torch.arange(25).repeat(4)).float().mean() >= 0.98
+
+
+def test_unknown_words_warn_with_the_vocabulary(toy_bundle):
+    with pytest.warns(UnknownWordsWarning, match="zebra.*toy vocabulary is: .*circle"):
+        toy_bundle.encode(["a zebra"])
+    assert toy_bundle.unknown_words("a photo of a red circle") == []
+
+
+def test_toy_parameter_names_are_diffusers_names(toy_bundle):
+    names = toy_bundle.unet_parameter_names()
+    assert any(n.endswith("attn2.to_k.weight") for n in names)
+    assert any(n.startswith("time_embedding.") for n in names)
+    assert "conv_out.weight" in names
