@@ -219,6 +219,62 @@ def cmd_bench_erase(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    import json
+
+    from .jobs import JobStore, Worker
+
+    store = JobStore(args.data_dir)
+    if args.jobs_command == "list":
+        jobs = store.list(status=args.status)
+        print(f"{'id':12s}  {'kind':8s}  {'device':6s}  {'status':11s}  {'progress':>11s}  config")
+        for job in jobs:
+            cfg = job.config
+            what = ", ".join(cfg.get("options", {}).get("concepts", [])) or ", ".join(cfg.get("prompts", []))
+            print(f"{job.id:12s}  {job.kind:8s}  {job.device:6s}  {job.status:11s}  {job.step:>5d}/{job.total:<5d}  "
+                  f"{cfg.get('method', '')} {what}")
+    elif args.jobs_command == "show":
+        job = store.get(args.job_id)
+        print(json.dumps({k: v for k, v in job.__dict__.items()}, indent=2, default=str))
+    elif args.jobs_command == "cancel":
+        print(f"{args.job_id}: {store.cancel(args.job_id)}")
+    elif args.jobs_command == "resume":
+        store.resume(args.job_id)
+        print(f"{args.job_id}: queued again; a worker continues it from its last checkpoint")
+    elif args.jobs_command == "submit-erase":
+        options = {"concepts": args.concept, **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {})}
+        if args.iterations:
+            options["iterations"] = args.iterations
+        job_id = store.submit("erase", {"model": args.model, "method": args.method, "preset": args.preset,
+                                        "options": options}, device=args.device)
+        print(job_id)
+    elif args.jobs_command == "worker":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        worker = Worker(store, args.device)
+        if worker.recovered:
+            print(f"marked interrupted: {', '.join(worker.recovered)}", flush=True)
+        if args.once:
+            while worker.run_one() is not None:
+                pass
+        else:
+            worker.serve_forever()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run, push_to_hub
+
+    folder = export_run(args.run_dir, args.out, fmt=args.format, name=args.name, force=args.force)
+    print(f"exported {args.format} to {folder}")
+    if args.push_to_hub:
+        url = push_to_hub(folder, args.push_to_hub, token=args.token, private=not args.public)
+        print(f"pushed to {args.push_to_hub}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="age-explorer", description=(
         "See and steer concept erasure in text-to-image diffusion models (AGE, ESD, UCE)."))
@@ -308,6 +364,38 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--precision", action="append", default=None, help="fp32 and/or bf16 (default both)")
     be.add_argument("--threads", type=int, default=None)
     be.set_defaults(func=cmd_bench_erase)
+
+    j = sub.add_parser("jobs", help="the background job store: list, show, cancel, resume, run a worker")
+    j.add_argument("--data-dir", default=None, help="job store folder (env AGE_EXPLORER_DATA_DIR, default ./runs)")
+    j_sub = j.add_subparsers(dest="jobs_command", required=True)
+    jl = j_sub.add_parser("list")
+    jl.add_argument("--status", default=None)
+    for verb in ("show", "cancel", "resume"):
+        j_sub.add_parser(verb).add_argument("job_id")
+    js = j_sub.add_parser("submit-erase", help="queue an erasure job")
+    js.add_argument("--model", default="toy")
+    js.add_argument("--concept", action="append", required=True)
+    js.add_argument("--method", choices=["age", "esd", "uce"], default="age")
+    js.add_argument("--preset", default="toy")
+    js.add_argument("--iterations", type=int, default=None)
+    js.add_argument("--checkpoint-every", type=int, default=None)
+    js.add_argument("--device", default="cpu")
+    jw = j_sub.add_parser("worker", help="run the queued jobs of one device")
+    jw.add_argument("--device", default="cpu")
+    jw.add_argument("--threads", type=int, default=None)
+    jw.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    j.set_defaults(func=cmd_jobs)
+
+    x = sub.add_parser("export", help="export an erased run: delta (default) or diffusers folder, model card, Hub")
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=["delta", "diffusers"], default="delta")
+    x.add_argument("--out", default="exports")
+    x.add_argument("--name", default=None, help="export folder name (default: RUN-FORMAT)")
+    x.add_argument("--force", action="store_true", help="replace an existing export")
+    x.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    x.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN)")
+    x.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+    x.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Concept erasure: AGE (the paper), ESD and UCE baselines, on any :class:`~core.bundle.ModelBundle`.
 
-``erase(bundle, config, run_dir)`` runs a method, writes the run folder (delta, manifest, history)
-and leaves the bundle's weights as they were.
+``erase(bundle, config, run_dir)`` runs a method, writes the run folder (``delta.safetensors``,
+``manifest.json``, ``history.csv`` of loss terms and picks per step, ``pi_history.csv`` of the
+target distribution over steps, ``targets.csv`` of AGE's candidates) and leaves the bundle's
+weights as they were.
 """
 
 from __future__ import annotations
@@ -85,8 +87,13 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
         "versions": environment_versions(),
         **extra,
     }
-    if history:
-        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    steps = [row for row in history if row["phase"] != "pi_distribution"]
+    if steps:
+        pd.DataFrame(steps).to_csv(run_dir / "history.csv", index=False)
+    pi_rows = [{"step": row["step"], "concept": row["concept"], "candidate": name, "pi": p}
+               for row in history if row["phase"] == "pi_distribution" for name, p in row["pi"].items()]
+    if pi_rows:
+        pd.DataFrame(pi_rows).to_csv(run_dir / "pi_history.csv", index=False)
     if outcome["status"] == "done":
         manifest.update(write_delta(run_dir, changed))
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)

@@ -71,6 +71,7 @@ class AGERun(FineTuneRun):
         self.pi_optimizer = torch.optim.Adam(self.pi, lr=config.gumbel_lr)
         self.total_steps = config.iterations * config.pgd_num_steps
         self.neighbours = self._neighbours()
+        self.pi_log_every = max(1, self.total_steps // 400)
 
     def _neighbours(self) -> dict[str, set[str]] | None:
         if self.cfg.neighbour_groups:
@@ -126,6 +127,8 @@ class AGERun(FineTuneRun):
         else:
             losses = self._gumbel_pi_step(k, concept, c_e, e_t, e_bar, target_key)
             phase = "pi"
+        if phase == "pi" and (i + 1) % self.pi_log_every == 0:
+            self._log_pi(i + 1)
         name = self.candidates[k].names[pick]
         neighbours = self.neighbours.get(concept) if self.neighbours else None
         return StepReport(step=i + 1, total=self.total_steps, phase=phase, concept=concept, losses=losses,
@@ -195,6 +198,13 @@ class AGERun(FineTuneRun):
         (-objective).backward()
         self.pi_optimizer.step()
         return {"pi_objective": objective.item(), "max_damage": damage.max().item()}
+
+    def _log_pi(self, step: int) -> None:
+        """pi over training, for the 'target over time' view (kept in the checkpoint's history)."""
+        for cs, logits in zip(self.candidates, self.pi):
+            probs = F.softmax(logits.detach().float(), dim=0).tolist()
+            self.history.append({"step": step, "phase": "pi_distribution", "concept": cs.concept,
+                                 "pi": {n: round(p, 5) for n, p in zip(cs.names, probs)}})
 
     # ---- state and results -----------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:

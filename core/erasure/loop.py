@@ -242,7 +242,6 @@ class FineTuneRun:
             raise
         if status == "stopped":
             self.save_checkpoint(steps_done)
-        self.history_seconds = time.time() - started
         return {"status": status, "steps_done": steps_done}
 
     def is_model_step(self, i: int) -> bool:

@@ -1,0 +1,162 @@
+"""Export an erased run: the delta (default), a full diffusers folder, a model card, a Hub push.
+
+Exports are written to a temp folder next to the destination and renamed into place, so an
+interrupted export never leaves a folder that looks complete. The Hub token is only ever passed to
+``huggingface_hub``; it is never written to a log, manifest or card.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .manifest import environment_versions
+from .runs import DELTA, MANIFEST, read_manifest
+
+FORMATS = ("delta", "diffusers")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name or "") or ".." in name:
+        raise ValueError(f"invalid export name {name!r}: use letters, digits, '.', '_' and '-' "
+                         f"(no path separators, no '..', at most 96 characters)")
+    return name
+
+
+def validate_repo_id(repo_id: str) -> str:
+    if not _REPO_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected OWNER/NAME with letters, digits, '.', '_', '-'")
+    return repo_id
+
+
+def model_card(manifest: dict, run_dir: Path, fmt: str) -> str:
+    """README.md with YAML front matter for the Hub."""
+    toy = manifest.get("base_model_kind") == "toy"
+    base = manifest["base_model"]
+    tags = ["concept-erasure", "age-explorer", manifest["method"]] + (["toy-world"] if toy else
+                                                                        ["stable-diffusion", "text-to-image"])
+    front = ["---", f"license: {'apache-2.0' if toy else 'creativeml-openrail-m'}"]
+    if not toy:
+        front += [f"base_model: {base}", "library_name: diffusers", "pipeline_tag: text-to-image"]
+    front += ["tags:"] + [f"  - {t}" for t in tags] + ["---", ""]
+    concepts = ", ".join(f"\"{c}\"" for c in manifest["concepts"])
+    lines = [f"# {manifest['method'].upper()} erasure of {concepts}", "",
+             f"Base model: `{base}`{' (the AGE Explorer toy world)' if toy else ''}. "
+             f"Made with AGE Explorer: method **{manifest['method']}**, preset **{manifest.get('preset')}**, "
+             f"seed {manifest.get('seed')}, {manifest.get('steps_done')} steps on {manifest.get('device')}.", ""]
+    if fmt == "delta":
+        lines += [f"This export holds only the changed UNet weights (`{DELTA}`, "
+                  f"{manifest.get('changed_parameters')} tensors). Load them on top of the base model with "
+                  f"`age-explorer generate --model FOLDER` or `core.bundle.load_bundle(FOLDER)`.", ""]
+    else:
+        lines += ["This export is a complete pipeline folder." + (
+            "" if toy else " Load it with `diffusers.StableDiffusionPipeline.from_pretrained(folder)`."), ""]
+    if manifest.get("targets"):
+        lines += ["## Targets found by AGE", "", "| erased concept | top targets (pi) |", "|---|---|"]
+        for concept, targets in manifest["targets"].items():
+            lines.append(f"| {concept} | " + ", ".join(f"{w} ({p:.2f})" for w, p in targets) + " |")
+        lines.append("")
+    if manifest.get("deviations_from_paper"):
+        lines += ["## Deviations from the paper's recipe", ""] + [f"- {d}" for d in manifest["deviations_from_paper"]] + [""]
+    spill = run_dir / "spillover.csv"
+    if spill.is_file():
+        table = pd.read_csv(spill)
+        lines += ["## Measured spillover", "", "Delta = G before - G after (share of generated images the "
+                  "classifier recognises), same prompts and seeds.", "", _markdown(table), ""]
+    cfg = manifest.get("config", {})
+    lines += ["## Configuration", "", "```json", _json(cfg), "```", "",
+              "## Versions", "", "```json", _json(manifest.get("versions", environment_versions())), "```", ""]
+    return "\n".join(front + lines)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    rows += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", name: str | None = None,
+               force: bool = False) -> Path:
+    """Write ``out_dir/name`` (default name: the run folder's) and return it."""
+    run_dir = Path(run_dir)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    manifest = read_manifest(run_dir)
+    name = validate_name(name or f"{run_dir.name}-{fmt}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / name
+    if final.exists() and not force:
+        raise FileExistsError(f"{final} exists; pass --force to replace it")
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
+    try:
+        if fmt == "delta":
+            from .bundle import load_bundle
+
+            load_bundle(str(run_dir), device="cpu")  # verifies checksum and base before copying
+            shutil.copy2(run_dir / DELTA, tmp / DELTA)
+            shutil.copy2(run_dir / MANIFEST, tmp / MANIFEST)
+        else:
+            _export_diffusers(run_dir, manifest, tmp)
+        (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
+    from .bundle import load_bundle
+
+    erased = load_bundle(str(run_dir), device="cpu")
+    if erased.kind == "toy":
+        src = Path(erased.extras["path"])
+        for item in src.iterdir():
+            if item.name == "unet":
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+        erased.unet.save_pretrained(folder / "unet")
+        return
+    from diffusers import StableDiffusionPipeline
+
+    base = erased.extras["base_source"]
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    pipe.unet = erased.unet
+    pipe.save_pretrained(folder)
+
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = True) -> str:
+    """Upload an export folder; the token comes from the argument or ``HF_TOKEN``."""
+    from huggingface_hub import HfApi, constants
+
+    validate_repo_id(repo_id)
+    token = token or os.environ.get("HF_TOKEN")
+    if not token:
+        raise ValueError("no Hugging Face token: pass --token or set HF_TOKEN")
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to upload")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                             commit_message="Upload erased model from AGE Explorer")
+    return str(getattr(info, "commit_url", info))

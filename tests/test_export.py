@@ -1,0 +1,99 @@
+import os
+
+import pytest
+import torch
+
+from core.bundle import load_bundle
+from core.erasure import erase, make_config
+from core.export import export_run, push_to_hub, validate_name, validate_repo_id
+from core.sampling import generate
+from hub_standin import HubStandIn
+
+TINY = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def sd_run(tiny_sd_dir, tmp_path_factory):
+    bundle = load_bundle(str(tiny_sd_dir), device="cpu")
+    run_dir = tmp_path_factory.mktemp("runs") / "age-red-circle"
+    config = make_config("age", None, concepts=["a red circle"], candidates=["a dog", "a cat", "a car"], **TINY)
+    erase(bundle, config, run_dir)
+    return run_dir
+
+
+def test_delta_export_loads_on_the_base_with_identical_outputs(sd_run, tmp_path):
+    folder = export_run(sd_run, tmp_path, fmt="delta")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "delta.safetensors", "manifest.json"]
+    a = generate(load_bundle(str(folder), device="cpu"), ["a red circle"], [3], steps=3)
+    b = generate(load_bundle(str(sd_run), device="cpu"), ["a red circle"], [3], steps=3)
+    assert torch.equal(a, b)
+
+
+def test_diffusers_export_loads_in_plain_diffusers_and_reproduces_images(sd_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = export_run(sd_run, tmp_path, fmt="diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
+                  generator=torch.Generator().manual_seed(9), output_type="pt").images
+    ours = generate(load_bundle(str(sd_run), device="cpu"), ["a red circle"], [9], steps=4, guidance_scale=7.5)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_model_card_lists_what_it_should(sd_run, tmp_path):
+    card = (export_run(sd_run, tmp_path, fmt="delta") / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model:" in front and "license:" in front and "concept-erasure" in front
+    assert '"a red circle"' in card and "**age**" in card
+    assert "Targets found by AGE" in card and ("a dog" in card or "a cat" in card or "a car" in card)
+    assert "\"seed\": 0" in card and "versions" in card.lower()
+
+
+def test_toy_diffusers_export_is_loadable_by_the_project(toy_bundle, tmp_path):
+    config = make_config("uce", "toy-uce", concepts=["red circle"])
+    run = erase(toy_bundle, config, tmp_path / "run")
+    folder = export_run(run.run_dir, tmp_path / "exports", fmt="diffusers")
+    a = generate(load_bundle(str(folder), device="cpu"), ["a red circle"], [0], steps=5)
+    b = generate(load_bundle(str(run.run_dir), device="cpu"), ["a red circle"], [0], steps=5)
+    assert torch.equal(a, b)
+
+
+def test_export_refuses_to_overwrite_and_bad_names(sd_run, tmp_path):
+    export_run(sd_run, tmp_path, fmt="delta", name="mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        export_run(sd_run, tmp_path, fmt="delta", name="mine")
+    export_run(sd_run, tmp_path, fmt="delta", name="mine", force=True)
+    for bad in ["../evil", "a/b", "..", "", ".hidden"]:
+        with pytest.raises(ValueError, match="invalid export name"):
+            validate_name(bad)
+    for bad in ["noslash", "a/b/c", "../x", "a/..", "x/y.git"]:
+        with pytest.raises(ValueError, match="invalid Hub repo id"):
+            validate_repo_id(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_run(tmp_path / "missing", tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temp folder was left behind"
+
+
+def test_push_to_hub_sends_the_files_with_the_token_only_in_the_header(sd_run, tmp_path, monkeypatch):
+    folder = export_run(sd_run, tmp_path, fmt="delta")
+    token = "hf_test_secret_token"
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", token)
+        push_to_hub(folder, "someone/erased-red-circle")
+    assert hub.repos == ["someone/erased-red-circle"]
+    assert set(hub.files) == {"README.md", "delta.safetensors", "manifest.json"}
+    assert hub.files["delta.safetensors"] == (folder / "delta.safetensors").read_bytes()
+    authed = [r for r in hub.requests if r["method"] == "POST"]
+    assert authed and all(r["authorization"] == f"Bearer {token}" for r in authed)
+    assert all(token.encode() not in r["body"] for r in hub.requests)
+    assert all(token.encode() not in data for data in hub.files.values())
+
+
+def test_push_without_token_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        push_to_hub(tmp_path, "someone/x")

@@ -1,0 +1,141 @@
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.jobs import JobStore, UnknownJobError, Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _erase_config(model: str, iterations: int, checkpoint_every: int = 0) -> dict:
+    return {"model": model, "method": "age", "preset": None,
+            "options": {"concepts": ["a red circle"], "candidates": ["a dog", "a cat", "a car"], "iterations": iterations,
+                        "ddim_steps": 4, "batch_size": 1, "lr": 1e-3, "seed": 7,
+                        "checkpoint_every": checkpoint_every}}
+
+
+def _wait(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def one_thread():
+    # Bit-identical weights across processes need the same float reduction order: one thread everywhere.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tiny_sd_dir, tmp_path, one_thread):
+    store = JobStore(tmp_path / "data")
+    job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60, checkpoint_every=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen([sys.executable, "-m", "core.cli", "jobs", "--data-dir", str(tmp_path / "data"),
+                               "worker", "--device", "cpu", "--once"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run_dir = tmp_path / "data" / "jobs" / job_id / "run"
+        _wait(lambda: (run_dir / "checkpoint").exists() and store.get(job_id).step >= 12, 180, "a checkpoint")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    assert store.get(job_id).status == "running"  # nobody told the store
+    assert not (run_dir / "delta.safetensors").exists()
+
+    restarted = Worker(JobStore(tmp_path / "data"), "cpu")
+    assert restarted.recovered == [job_id]
+    assert store.get(job_id).status == "interrupted"
+    store.resume(job_id)
+    assert restarted.run_one().status == "done"
+
+    reference = JobStore(tmp_path / "reference")
+    ref_id = reference.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60))
+    assert Worker(reference, "cpu").run_one().status == "done"
+    resumed = load_file(str(run_dir / "delta.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "reference" / "jobs" / ref_id / "run" / "delta.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_twenty_concurrent_jobs_all_finish_in_order_per_device(tmp_path):
+    store = JobStore(tmp_path)
+    ran: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def record(ctx):
+        with lock:
+            ran.append((ctx.device, ctx.job.id))
+        time.sleep(0.01)
+        return {"n": ctx.job.config["n"]}
+
+    submitted: list[str] = []
+
+    def submit(i):
+        job_id = store.submit("record", {"n": i}, device="cpu" if i % 2 else "cuda:0")
+        with lock:
+            submitted.append(job_id)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
+    workers = [Worker(store, d, {"record": record}, poll_interval=0.02).start() for d in ("cpu", "cuda:0")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        _wait(lambda: all(j.status == "done" for j in store.list()) and len(store.list()) == 20, 60, "20 jobs")
+    finally:
+        for w in workers:
+            w.stop(5)
+    assert sorted(job_id for _, job_id in ran) == sorted(submitted)  # none lost, none run twice
+    for device in ("cpu", "cuda:0"):
+        order = [job_id for d, job_id in ran if d == device]
+        expected = [j.id for j in store.list(device=device)]  # submission (seq) order
+        assert order == expected
+
+
+def test_cancelling_a_running_job_frees_the_worker_within_one_step(tiny_sd_dir, tmp_path):
+    store = JobStore(tmp_path)
+    long_job = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=500))
+    next_job = store.submit("generate", {"model": str(tiny_sd_dir), "prompts": ["a cat"], "seeds": "0", "steps": 2})
+    worker = Worker(store, "cpu", poll_interval=0.05, progress_interval=0).start()  # exact step in the store
+    try:
+        _wait(lambda: store.get(long_job).step >= 3, 120, "the job to run")
+        assert store.cancel(long_job) == "cancelling"
+        at_cancel = store.get(long_job).step
+        _wait(lambda: store.get(long_job).status == "cancelled", 30, "the cancel")
+        _wait(lambda: store.get(next_job).status == "done", 60, "the next job")
+    finally:
+        worker.stop(10)
+    history = (tmp_path / "jobs" / long_job / "run" / "history.csv").read_text().splitlines()
+    assert len(history) - 1 <= at_cancel + 1  # the step in flight finishes, no more
+    assert (tmp_path / "jobs" / long_job / "run" / "checkpoint" / "state.safetensors").exists()
+    assert list((tmp_path / "jobs" / next_job / "images").glob("*.png"))
+
+
+def test_queued_cancel_unknown_ids_and_failures(tmp_path):
+    store = JobStore(tmp_path)
+    queued = store.submit("erase", {"method": "age", "options": {"concepts": []}})
+    assert store.cancel(queued) == "cancelled"
+    with pytest.raises(UnknownJobError, match="unknown job id 'nope'"):
+        store.get("nope")
+    with pytest.raises(UnknownJobError):
+        store.cancel("nope")
+    bad = store.submit("erase", {"method": "age", "options": {"concepts": []}})
+    job = Worker(store, "cpu").run_one()
+    assert job.id == bad and job.status == "failed" and "at least one non-empty concept" in job.error
+    with pytest.raises(ValueError, match="only interrupted or failed"):
+        store.resume(queued)
