@@ -1,4 +1,9 @@
-"""Start AGE Explorer: `python app.py` serves it on http://127.0.0.1:7860 with the embedded toy model."""
+"""Start AGE Explorer: `python app.py` serves it on http://127.0.0.1:7860 with the embedded toy model.
+
+Environment: AGE_EXPLORER_MODEL (model, default toy), AGE_EXPLORER_DEVICE (auto/cpu/cuda),
+AGE_EXPLORER_DATA_DIR (jobs, runs, exports; default ./runs, or /data on a Space with storage),
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, HF_TOKEN (Hub pushes).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("AGE_EXPLORER_MODEL", "toy"),
                         help="toy (default), a Hub id or a diffusers folder; env AGE_EXPLORER_MODEL")
     parser.add_argument("--device", default=os.environ.get("AGE_EXPLORER_DEVICE", "auto"))
+    parser.add_argument("--data-dir", default=os.environ.get("AGE_EXPLORER_DATA_DIR"))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args()
-    demo = build_app(Settings(model=args.model, device=args.device))
-    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port)
+    demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir))
+    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

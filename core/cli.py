@@ -275,6 +275,77 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _graph_recipe(args, bundle):
+    from .graph.sweep import RowRecipe
+
+    options = {}
+    if args.target is not None:
+        options["target"] = args.target
+    if args.search:
+        options["target_search"] = args.search
+    if args.iterations:
+        options["iterations"] = args.iterations
+    preset = args.preset or DEFAULT_PRESETS.get((bundle.kind, args.method))
+    return RowRecipe(args.method, preset, options)
+
+
+def cmd_graph(args) -> int:
+    import torch
+
+    from .graph.analysis import similarity_measures, summary
+    from .graph.capability import CapabilitySpec
+    from .graph.concept_sets import load_concept_set
+    from .graph.sweep import build_graph
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = _load(args)
+    world = bundle.world if bundle.kind == "toy" else None
+    concept_set = load_concept_set(args.concepts, world, args.template)
+    if args.subset:
+        concept_set = concept_set.subset(args.subset)
+    spec = CapabilitySpec(images_per_concept=args.images_per_concept, seed=args.seed, steps=args.steps)
+    start = time.time()
+    store = build_graph(bundle, concept_set, args.out, _graph_recipe(args, bundle), spec, args.evaluator,
+                        backend=args.backend, ray_address=args.ray_address)
+    meta = store.meta()
+    seconds = meta.get("row_seconds", {})
+    print(f"\n{len(store.rows_done())} rows in {args.out}; this run {time.time() - start:.0f} s; "
+          f"G_0 {meta.get('baseline_seconds', 0):.0f} s")
+    if seconds:
+        print("seconds per row: " + ", ".join(f"{c} {s:.0f}" for c, s in seconds.items()))
+        print(f"mean {sum(seconds.values()) / len(seconds):.1f} s per row")
+    print(summary(store, concept_set, similarity_measures(bundle, concept_set)))
+    return 0
+
+
+def cmd_analyse(args) -> int:
+    from .bundle import load_bundle
+    from .graph.analysis import abnormal_nodes, asymmetry, locality, similarity_measures, similarity_vs_delta, summary
+    from .graph.concept_sets import ConceptSet
+    from .graph.store import GraphStore
+
+    store = GraphStore(args.graph_dir)
+    meta = store.meta()
+    cs = meta["concept_set"]
+    concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"], cs.get("imagenet_index", {}))
+    similarity = None
+    if not args.no_similarity:
+        bundle = load_bundle(meta["model"], device=args.device, local_files_only=True if args.offline else None)
+        similarity = similarity_measures(bundle, concept_set)
+    print(summary(store, concept_set, similarity))
+    if args.tables:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
+            print("\nlocality per row\n" + locality(store, concept_set).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            print("\nmost asymmetric pairs\n" + asymmetry(store).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            print("\nnodes\n" + abnormal_nodes(store).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            if similarity is not None:
+                print("\nsimilarity vs Delta\n" + similarity_vs_delta(store, similarity).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="age-explorer", description=(
         "See and steer concept erasure in text-to-image diffusion models (AGE, ESD, UCE)."))
@@ -396,6 +467,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN)")
     x.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
     x.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("graph", help="build (or complete) a concept graph of spillover Delta(a -> b)")
+    _add_model_args(g)
+    g.add_argument("--concepts", default="toy", help="toy, netfive, imagenette or a CSV (concept[,group][,imagenet_index])")
+    g.add_argument("--subset", action="append", default=None, help="only these concepts (repeat)")
+    g.add_argument("--template", default=None, help="prompt template with {concept}")
+    g.add_argument("--method", choices=["age", "esd", "uce"], default="esd")
+    g.add_argument("--preset", default=None)
+    g.add_argument("--target", default=None, help="ESD/UCE target ('' = empty prompt)")
+    g.add_argument("--search", choices=["gumbel", "damage"], default=None, help="AGE target search")
+    g.add_argument("--iterations", type=int, default=None)
+    g.add_argument("--evaluator", default=None, help="toy, hf:<hub id>, clip:<hub id>, torchvision-resnet50")
+    g.add_argument("--images-per-concept", type=int, default=32)
+    g.add_argument("--steps", type=int, default=None, help="DDIM steps of the generated images")
+    g.add_argument("--seed", type=int, default=1000)
+    g.add_argument("--backend", choices=["local", "ray"], default="local")
+    g.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=cmd_graph)
+
+    a = sub.add_parser("analyse", help="the Section 3 findings of a graph folder, with numbers")
+    a.add_argument("graph_dir")
+    a.add_argument("--tables", action="store_true", help="also print the full tables")
+    a.add_argument("--no-similarity", action="store_true", help="skip the similarity measures (no model load)")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--offline", action="store_true")
+    a.set_defaults(func=cmd_analyse)
     return parser
 
 

@@ -326,11 +326,16 @@ def run_erase_job(ctx: JobContext) -> dict:
     run_dir = ctx.work_dir / "run"
     resume = ctx.job.resume and (run_dir / "checkpoint").exists()
 
+    preview_every = int(cfg.get("preview_every", 50 if bundle.kind == "toy" else 0))
+    preview = {}
+
     def on_step(report):
+        if preview_every and report.step % preview_every == 0:
+            preview["path"] = str(_write_preview(bundle, config, ctx.work_dir, report.step))
         ctx.report(report.step, report.total, {
             "phase": report.phase, "concept": report.concept, "losses": report.losses,
             "elapsed": report.elapsed, "eta": report.eta, "targets": report.targets,
-            "pick": report.pick, "pick_is_neighbour": report.pick_is_neighbour})
+            "pick": report.pick, "pick_is_neighbour": report.pick_is_neighbour, "preview": preview.get("path")})
 
     if not resume and run_dir.exists():
         # A run killed before its first checkpoint left nothing to continue from: start it over.
@@ -341,6 +346,18 @@ def run_erase_job(ctx: JobContext) -> dict:
     if result.status == "stopped":
         raise JobCancelled()
     return {"run_dir": str(run_dir)}
+
+
+def _write_preview(bundle, config, work_dir: Path, step: int) -> Path:
+    """An image of the first erased concept with the weights as they are now (fixed seed)."""
+    from .imageio import to_pil
+    from .sampling import generate
+
+    prompt = config.prompt_template.format(c=config.concepts[0])
+    image = generate(bundle, [prompt], [0])[0]
+    path = work_dir / f"preview-{step:06d}.png"
+    to_pil(image, 160).save(path)
+    return path
 
 
 def run_generate_job(ctx: JobContext) -> dict:

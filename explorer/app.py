@@ -2,57 +2,315 @@
 
 from __future__ import annotations
 
-import threading
+import json
+import time
 import warnings
-from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
-from core.bundle import ModelBundle, UnknownWordsWarning, load_bundle
-from core.imageio import to_pil
+from core.bundle import UnknownWordsWarning
+from core.erasure.config import PRESETS
+from core.graph.capability import CapabilitySpec, ToyEvaluator, load_evaluator
+from core.graph.store import GraphStore
+from core.graph.sweep import base_nodes, measure_row
+from core.imageio import grid, to_pil
+from core.runs import read_manifest
 from core.sampling import generate, parse_seeds
 
-MAX_IMAGES = 16
+from . import plots
+from .components import concept_graph
+from .service import Explorer, Settings, before_after_rows, prompt_for
+
+__all__ = ["build_app", "Settings"]
+
+MAX_SEEDS = 8
+EMPTY_FIG = "{}"
 
 
-@dataclass
-class Settings:
-    model: str = "toy"
-    device: str = "auto"
-    dtype: str = "float32"
-
-
-class BundleCache:
-    """Loads the model once, on first use, and shares it between sessions."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._bundle: ModelBundle | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> ModelBundle:
-        with self._lock:
-            if self._bundle is None:
-                s = self.settings
-                self._bundle = load_bundle(s.model, device=s.device, dtype=s.dtype)
-            return self._bundle
+def _progress_html(job) -> str:
+    if job is None:
+        return "<div id='job_progress'></div>"
+    share = job.step / job.total if job.total else 0.0
+    eta = job.progress.get("eta")
+    eta_text = f", about {eta:.0f} s left" if eta and job.status == "running" else ""
+    return (f"<div id='job_progress' data-status='{job.status}' style='border:1px solid #ccc;border-radius:4px;height:22px'>"
+            f"<div style='width:{share * 100:.1f}%;height:100%;background:#3d6fd9'></div></div>"
+            f"<div id='job_text'>{job.status}: step {job.step}/{job.total}{eta_text}</div>")
 
 
 def build_app(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings()
-    models = BundleCache(settings)
+    ex = Explorer(settings)
+    graphs = ex.graph_dirs()
+    graph_names = list(graphs)
+    first = GraphStore(graphs[graph_names[0]]) if graph_names else None
+    concepts = list(first.nodes().concept) if first else (ex.bundle().world.names if ex.is_toy else [])
+    groupings = [c[len("group_"):] for c in first.nodes().columns if c.startswith("group_")] if first else []
 
-    def run_generate(prompt: str, seeds: str, progress=gr.Progress()):
+    def graph_outputs(name, threshold, grouping, selected):
+        if not name:
+            return EMPTY_FIG, None, "No graph yet: compute one with `age-explorer graph`.", None
+        store = GraphStore(graphs[name])
+        nodes, edges = store.nodes(), store.edges()
+        col = f"group_{grouping}" if grouping else None
+        fig = plots.network_figure(nodes, edges, threshold, col, selected)
+        heat = plots.heatmap_figure(store.matrix(), nodes, col, f"Δ (rows = erased): {name}")
+        details, bar = _details(store, selected)
+        return fig.to_json(), heat, details, bar
+
+    def _details(store, selected):
+        meta = store.meta()
+        text = (f"**{meta['method'].upper()}** (preset {meta.get('preset')}, target {meta.get('target')!r}), "
+                f"{len(store.rows_done())} rows, {meta['images_per_concept']} images per concept, "
+                f"classifier {meta['evaluator']}.")
+        if not selected:
+            return text + " Click a node or pick a concept.", None
+        nodes = store.nodes().set_index("concept")
+        text += f"\n\n**{selected}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
+        edges = store.edges()
+        row = edges[edges.erased == selected]
+        if len(row):
+            worst = row[row.affected != selected].nlargest(3, "delta_top1")
+            text += " Erasing it hurts most: " + ", ".join(f"{r.affected} (Δ {r.delta_top1:.2f})" for r in worst.itertuples())
+            return text, plots.spillover_bar_figure(row, selected)
+        return text + " (no row for it in this graph)", None
+
+    def on_node_click(evt: gr.SelectData):
+        return evt.value
+
+    def difference(name_a, name_b, grouping):
+        if not name_a or not name_b or name_b == "(none)":
+            return None
+        a, b = GraphStore(graphs[name_a]), GraphStore(graphs[name_b])
+        col = f"group_{grouping}" if grouping else None
+        return plots.difference_figure(a.matrix(), b.matrix(), a.nodes(), col, f"Δ {name_a} − Δ {name_b}")
+
+    def umap_view(name, selected, progress=gr.Progress()):
+        if not name:
+            return None
+        progress(0.1, desc="embedding prompts")
+        store = GraphStore(graphs[name])
+        nodes = store.nodes()
+        coords = _umap_coords(tuple(nodes.concept))
+        edges = store.edges()
+        row = edges[edges.erased == selected].set_index("affected").delta_top1 if selected else None
+        return plots.umap_figure(coords, nodes, row, "UMAP of prompt embeddings" + (f", coloured by Δ of erasing {selected}" if selected else ""))
+
+    _umap_cache: dict = {}
+
+    def _umap_coords(names: tuple[str, ...]):
+        if names not in _umap_cache:
+            import umap
+
+            bundle = ex.bundle()
+            states = bundle.encode([prompt_for(ex, c) for c in names]).float().flatten(1).cpu().numpy()
+            _umap_cache[names] = umap.UMAP(n_neighbors=min(8, len(names) - 1), random_state=0).fit_transform(states)
+        return _umap_cache[names]
+
+    _similarity_cache: dict = {}
+
+    def scatter_view(name, measure, progress=gr.Progress()):
+        if not name:
+            return None
+        from core.graph.analysis import similarity_measures
+        from core.graph.concept_sets import ConceptSet
+
+        store = GraphStore(graphs[name])
+        meta = store.meta()
+        if name not in _similarity_cache:
+            progress(0.2, desc="similarity measures")
+            cs = meta["concept_set"]
+            concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"], cs.get("imagenet_index", {}))
+            _similarity_cache[name] = similarity_measures(ex.bundle(), concept_set)
+        pairs = store.edges().rename(columns={"erased": "a", "affected": "b"}).merge(_similarity_cache[name], on=["a", "b"])
+        return plots.scatter_figure(pairs, measure)
+
+    # ---- erase ---------------------------------------------------------------------------------
+    def start_erase(chosen, free_text, method, preset, iterations, lam, search, target):
+        names = list(chosen or []) + [c.strip() for c in (free_text or "").split(",") if c.strip()]
+        if not names:
+            raise gr.Error("pick at least one concept to erase")
+        if ex.is_toy:
+            unknown = [c for c in names if c not in ex.bundle().world.names]
+            if unknown:
+                raise gr.Error(f"the toy model knows only its 25 concepts; unknown: {', '.join(unknown)}")
+        options = {}
+        if iterations:
+            options["iterations"] = int(iterations)
+        if method == "age":
+            if lam is not None:
+                options["lam"] = float(lam)
+            options["target_search"] = search
+        elif target is not None:
+            options["target"] = target
+        options["checkpoint_every"] = 25
+        preset = preset if preset and PRESETS.get(preset, ("",))[0] == method else None
         try:
-            seed_list = parse_seeds(seeds)
+            from core.erasure import make_config
+
+            make_config(method, preset, concepts=names, **options)  # validate now, with a readable message
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        if len(seed_list) > MAX_IMAGES:
-            raise gr.Error(f"at most {MAX_IMAGES} images at a time; you asked for {len(seed_list)}")
+        job_id = ex.submit_erase(names, method, preset, options)
+        return job_id, job_id, gr.Timer(active=True), [], _queue_text(job_id)
+
+    def _queue_text(job_id):
+        ahead = ex.store.queue_position(job_id) if job_id else 0
+        running = [j for j in ex.store.list(status="running")]
+        return (f"Job `{job_id}` queued" + (f", {ahead} job(s) ahead" if ahead else "") +
+                (f"; running now: {', '.join(j.id for j in running)}" if running else ""))
+
+    def tick(job_id, history):
+        if not job_id:
+            return gr.Timer(active=False), _progress_html(None), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history
+        try:
+            job = ex.store.get(job_id)
+        except KeyError:
+            return gr.Timer(active=False), _progress_html(None), "unknown job", gr.skip(), gr.skip(), gr.skip(), history
+        progress = job.progress
+        if progress.get("losses") and (not history or history[-1]["step"] != job.step):
+            history = history + [{"step": job.step, **progress["losses"]}]
+        status = f"**{job.status}**" + (f": {job.error.splitlines()[0]}" if job.error else "")
+        if progress.get("targets"):
+            status += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
+                                                     for c, t in progress["targets"].items())
+        if progress.get("pick") is not None and progress.get("pick_is_neighbour") is not None:
+            status += f"  \nLast target used: {progress['pick']} ({'a neighbour' if progress['pick_is_neighbour'] else 'not a neighbour'})"
+        preview = progress.get("preview")
+        active = job.status in ("queued", "running")
+        return (gr.Timer(active=active), _progress_html(job), status, plots.loss_figure(history),
+                plots.targets_figure(progress["targets"]) if progress.get("targets") else gr.skip(),
+                preview if preview else gr.skip(), history)
+
+    def job_status_json(job_id):
+        try:
+            return json.dumps(ex.store.get(job_id).__dict__, default=str)
+        except KeyError as err:
+            raise gr.Error(str(err)) from None
+
+    def cancel(job_id):
+        if not job_id:
+            raise gr.Error("no job to cancel")
+        return f"Job `{job_id}`: {ex.store.cancel(job_id)}"
+
+    def reattach(saved_job):
+        if saved_job:
+            try:
+                job = ex.store.get(saved_job)
+            except KeyError:
+                return "", gr.Timer(active=False)
+            return saved_job, gr.Timer(active=job.status in ("queued", "running"))
+        return "", gr.Timer(active=False)
+
+    # ---- before / after --------------------------------------------------------------------------
+    def refresh_runs():
+        runs = list(ex.finished_runs())
+        return gr.Dropdown(choices=runs, value=runs[0] if runs else None), gr.Dropdown(choices=runs, value=runs[0] if runs else None)
+
+    def show_before_after(run_label, seeds_text, progress=gr.Progress()):
+        if not run_label:
+            raise gr.Error("no finished run yet: erase a concept first")
+        try:
+            seeds = parse_seeds(seeds_text)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if len(seeds) > MAX_SEEDS:
+            raise gr.Error(f"at most {MAX_SEEDS} seeds")
+        run_dir = ex.finished_runs()[run_label]
+        manifest = read_manifest(Path(run_dir))
+        rows = before_after_rows(ex, manifest)
+        base, erased = ex.bundle(), ex.erased_bundle(run_dir)
+        prompts = [prompt_for(ex, c) for _, c in rows]
+        progress(0.1, desc="original model")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnknownWordsWarning)
+            before = generate(base, prompts, seeds)
+            progress(0.55, desc="erased model")
+            after = generate(erased, prompts, seeds)
+        n = len(seeds)
+        items = []
+        for i, (label, concept) in enumerate(rows):
+            size = 96 * n if base.kind == "toy" else None
+            items.append((to_pil(grid(before[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, original"))
+            items.append((to_pil(grid(after[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, erased"))
+        pair = (to_pil(before[0], 256), to_pil(after[0], 256))
+        return items, pair
+
+    def spillover_row(run_label, progress=gr.Progress()):
+        if not run_label:
+            raise gr.Error("no finished run yet: erase a concept first")
+        run_dir = ex.finished_runs()[run_label]
+        manifest = read_manifest(Path(run_dir))
+        concept_set = ex.concept_set()
+        erased_name = manifest["concepts"][0]
+        if erased_name not in concept_set.concepts:
+            raise gr.Error(f"{erased_name!r} is not in the concept set, so it has no row")
+        spec = CapabilitySpec(images_per_concept=settings.spillover_images, seed=1000)
+        bundle = ex.bundle()
+        evaluator = ToyEvaluator(bundle, concept_set) if ex.is_toy else load_evaluator(
+            "hf:microsoft/resnet-50", bundle, concept_set)
+        store = ex.user_graph(manifest["method"])
+        store.open({"model": ex.settings.model, "model_kind": bundle.kind, "method": manifest["method"],
+                    "preset": manifest.get("preset"), "target": manifest["config"].get("target"),
+                    "evaluator": "toy" if ex.is_toy else "hf:microsoft/resnet-50",
+                    "concept_set": concept_set.to_dict(), "template": concept_set.template,
+                    "capability": spec.to_dict(), "seeds": spec.seeds(), "images_per_concept": spec.images_per_concept})
+        nodes = store.nodes()
+        if nodes is None:
+            progress(0.05, desc="G₀ of the original model")
+            nodes = base_nodes(bundle, concept_set, evaluator, spec)
+            store.write_nodes(nodes)
+        progress(0.5, desc="G of the erased model")
+        start = time.time()
+        row = measure_row(bundle, ex.erased_bundle(run_dir), concept_set, evaluator, spec, erased_name, nodes)
+        store.add_row(erased_name, row, time.time() - start)
+        row.to_csv(Path(run_dir) / "spillover.csv", index=False)
+        graphs.update(ex.graph_dirs())
+        return plots.spillover_bar_figure(row, erased_name), (
+            f"Row added to the graph **{store.folder.name}** ({settings.spillover_images} images per concept). "
+            f"Erased concept: G {row[row.affected == erased_name].G_before_top1.iloc[0]:.2f} → "
+            f"{row[row.affected == erased_name].G_after_top1.iloc[0]:.2f}."), gr.Dropdown(choices=list(graphs))
+
+    # ---- export --------------------------------------------------------------------------------
+    def do_export(run_label, fmt):
+        from core.export import export_run
+
+        if not run_label:
+            raise gr.Error("no finished run to export")
+        run_dir = ex.finished_runs()[run_label]
+        try:
+            folder = export_run(run_dir, ex.data_dir / "exports", fmt=fmt, force=True)
+        except (ValueError, FileExistsError, RuntimeError) as err:
+            raise gr.Error(str(err)) from None
+        if fmt == "delta":
+            return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], str(folder)
+        return [str(ex.export_zip(folder))], str(folder)
+
+    def do_push(folder, repo_id, token):
+        from core.export import push_to_hub
+
+        if not folder:
+            raise gr.Error("export first, then push")
+        try:
+            url = push_to_hub(folder, repo_id.strip(), token=token or None)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise gr.Error(str(err)) from None
+        return f"Pushed to `{repo_id}`: {url}"
+
+    # ---- generate ------------------------------------------------------------------------------
+    def run_generate(prompt: str, seeds_text: str, model_choice: str, progress=gr.Progress()):
+        try:
+            seed_list = parse_seeds(seeds_text)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if len(seed_list) > 16:
+            raise gr.Error(f"at most 16 images at a time; you asked for {len(seed_list)}")
         if not prompt or not prompt.strip():
             raise gr.Error("the prompt is empty: type something such as 'a red circle'")
         progress(0, desc="loading model")
-        bundle = models.get()
+        runs = ex.finished_runs()
+        bundle = ex.erased_bundle(runs[model_choice]) if model_choice in runs else ex.bundle()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownWordsWarning)
             images = generate(bundle, [prompt], seed_list,
@@ -62,17 +320,109 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 gr.Warning(str(w.message))
         return [(to_pil(img, 128), f"seed {s}") for img, s in zip(images, seed_list)]
 
+    # ---- layout --------------------------------------------------------------------------------
     with gr.Blocks(title="AGE Explorer") as demo:
-        gr.Markdown(
-            "# AGE Explorer\n"
-            "See and steer concept erasure in text-to-image diffusion models. "
-            f"Model: **{settings.model}**"
-            + (" (the embedded toy world: 5 shapes x 5 colours)" if settings.model == "toy" else "")
-        )
-        with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value="a red circle", elem_id="prompt")
-            seeds = gr.Textbox(label="Seeds", value="0-3", elem_id="seeds")
-        button = gr.Button("Generate", variant="primary", elem_id="generate_btn")
-        gallery = gr.Gallery(label="Samples", columns=8, height=220, elem_id="gallery")
-        button.click(run_generate, [prompt, seeds], gallery, api_name="generate")
+        gr.Markdown("# AGE Explorer\nSee and steer concept erasure in text-to-image diffusion models. "
+                    + ex.status_line())
+        saved_job = gr.BrowserState("", storage_key="age_explorer_job")
+        job_id = gr.State("")
+        history = gr.State([])
+        with gr.Tabs():
+            with gr.Tab("Concept graph", id="graph"):
+                with gr.Row():
+                    graph_dd = gr.Dropdown(graph_names, value=graph_names[0] if graph_names else None, label="Graph", elem_id="graph_dd")
+                    group_radio = gr.Radio(groupings, value=groupings[0] if groupings else None, label="Group by")
+                    threshold = gr.Slider(0, 1, 0.3, step=0.05, label="Show edges with Δ ≥", elem_id="threshold")
+                    concept_dd = gr.Dropdown(concepts, value=None, label="Concept", elem_id="concept_dd")
+                init = graph_outputs(graph_names[0] if graph_names else None, 0.3, groupings[0] if groupings else None, None)
+                graph_view = concept_graph(init[0])
+                details = gr.Markdown(init[2], elem_id="graph_details")
+                row_plot = gr.Plot(label="Spillover of the selected concept")
+                heatmap = gr.Plot(init[1], label="Δ heatmap")
+                with gr.Row():
+                    other_dd = gr.Dropdown(["(none)"] + graph_names, value="(none)", label="Compare with")
+                diff_plot = gr.Plot(label="Difference")
+                with gr.Row():
+                    umap_btn = gr.Button("UMAP of the concepts")
+                    measure = gr.Radio(["text_l2", "text_cosine", "output_distance"], value="text_l2", label="Similarity measure")
+                    scatter_btn = gr.Button("Similarity vs Δ")
+                umap_plot = gr.Plot()
+                scatter_plot = gr.Plot()
+            with gr.Tab("Erase", id="erase"):
+                with gr.Row():
+                    erase_choice = gr.Dropdown(concepts if ex.is_toy else [], multiselect=True, label="Concepts to erase", elem_id="erase_concepts")
+                    free_text = gr.Textbox(label="or type concepts (comma-separated)", visible=not ex.is_toy)
+                with gr.Row():
+                    method = gr.Radio(["age", "esd", "uce"], value="age", label="Method", elem_id="method")
+                    preset = gr.Dropdown([p for p in PRESETS], value="toy" if ex.is_toy else "imagenette", label="Preset", elem_id="preset")
+                    iterations = gr.Number(value=None, label="Model steps (blank: preset)", precision=0, elem_id="iterations")
+                    lam = gr.Number(value=1.0, label="λ (AGE)")
+                    search = gr.Radio(["gumbel", "damage"], value="gumbel", label="AGE target search")
+                    target = gr.Textbox(value="", label="ESD/UCE target")
+                with gr.Row():
+                    start_btn = gr.Button("Erase", variant="primary", elem_id="start_btn")
+                    cancel_btn = gr.Button("Cancel", elem_id="cancel_btn")
+                queue_md = gr.Markdown()
+                progress_html = gr.HTML(_progress_html(None), js_on_load=None)
+                status_md = gr.Markdown(elem_id="job_status")
+                with gr.Row():
+                    loss_plot = gr.Plot()
+                    targets_plot = gr.Plot()
+                    preview = gr.Image(label="preview", height=160)
+                timer = gr.Timer(1.0, active=False)
+            with gr.Tab("Before / after", id="compare"):
+                with gr.Row():
+                    run_dd = gr.Dropdown(list(ex.finished_runs()), label="Finished run", elem_id="run_dd")
+                    refresh_btn = gr.Button("Refresh runs")
+                    seeds = gr.Textbox("0-3", label="Seeds")
+                    show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
+                gallery = gr.Gallery(columns=2, label="original | erased, same seeds", elem_id="before_after")
+                slider = gr.ImageSlider(label="one pair", type="pil", elem_id="slider")
+                spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
+                spill_plot = gr.Plot()
+                spill_md = gr.Markdown()
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    prompt = gr.Textbox(label="Prompt", value="a red circle", elem_id="prompt")
+                    gen_seeds = gr.Textbox(label="Seeds", value="0-3", elem_id="seeds")
+                    gen_model = gr.Dropdown(["original"] + list(ex.finished_runs()), value="original", label="Model")
+                gen_btn = gr.Button("Generate", variant="primary", elem_id="generate_btn")
+                gen_gallery = gr.Gallery(label="Samples", columns=8, height=220, elem_id="gallery")
+            with gr.Tab("Export", id="export"):
+                with gr.Row():
+                    export_run_dd = gr.Dropdown(list(ex.finished_runs()), label="Finished run")
+                    fmt = gr.Radio(["delta", "diffusers"], value="delta", label="Format")
+                    export_btn = gr.Button("Export", variant="primary")
+                files = gr.File(label="Download", file_count="multiple")
+                export_folder = gr.Textbox(label="Export folder", interactive=False)
+                with gr.Row():
+                    repo = gr.Textbox(label="Hub repo id (owner/name)")
+                    token = gr.Textbox(label="Hub token (or set HF_TOKEN)", type="password")
+                    push_btn = gr.Button("Push to the Hub")
+                push_md = gr.Markdown()
+
+        graph_inputs = [graph_dd, threshold, group_radio, concept_dd]
+        graph_outs = [graph_view, heatmap, details, row_plot]
+        for trigger in (graph_dd.change, threshold.release, group_radio.change):
+            trigger(graph_outputs, graph_inputs, graph_outs, api_visibility="private")
+        concept_dd.change(graph_outputs, graph_inputs, graph_outs, api_name="select_concept")
+        graph_view.select(on_node_click, None, concept_dd, api_visibility="private")
+        other_dd.change(difference, [graph_dd, other_dd, group_radio], diff_plot, api_visibility="private")
+        umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap")
+        scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity")
+        start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target],
+                        [job_id, saved_job, timer, history, queue_md], api_name="start_erase")
+        timer.tick(tick, [job_id, history], [timer, progress_html, status_md, loss_plot, targets_plot, preview, history],
+                   show_progress="hidden", api_visibility="private")
+        job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
+        job_box.submit(job_status_json, job_box, job_json, api_name="job_status")
+        cancel_btn.click(cancel, job_id, queue_md, api_name="cancel")
+        demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
+        refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs")
+        show_btn.click(show_before_after, [run_dd, seeds], [gallery, slider], api_name="before_after")
+        spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover")
+        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate")
+        export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export")
+        push_btn.click(do_push, [export_folder, repo, token], push_md, api_name="push")
+    demo.explorer = ex
     return demo

@@ -1,0 +1,163 @@
+"""Section 3 analyses of a concept graph; each returns a table the explorer can plot.
+
+- locality: mean Delta inside vs outside the erased concept's group(s), per row and overall;
+- asymmetry: Delta(a->b) - Delta(b->a) and the most asymmetric pairs;
+- abnormal nodes: low G_0, or hurt by most erasures;
+- similarity measures between concepts (text-embedding L2 and cosine on flattened prompt hidden
+  states; output-space distance of the frozen model's noise predictions over fixed latents and
+  timesteps) and their Spearman correlation with Delta.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from ..bundle import ModelBundle
+from .concept_sets import ConceptSet
+from .store import GraphStore
+
+HURT = 0.2  # a concept counts as hurt by an erasure when it loses at least this much G
+
+
+def _off_diagonal(edges: pd.DataFrame) -> pd.DataFrame:
+    return edges[edges.erased != edges.affected]
+
+
+def locality(store: GraphStore, concept_set: ConceptSet, kind: str = "delta_top1") -> pd.DataFrame:
+    """Per row: mean Delta in each grouping's group, outside it, and on concepts related by no grouping."""
+    edges = _off_diagonal(store.edges())
+    rows = []
+    for erased, block in edges.groupby("erased", sort=False):
+        delta = dict(zip(block.affected, block[kind]))
+        row = {"erased": erased, "self": float(store.edges().query("erased == affected and erased == @erased")[kind].mean())}
+        related_any: set[str] = set()
+        for grouping in concept_set.groups:
+            inside = set(concept_set.related(erased, grouping))
+            related_any |= inside
+            row[f"in_{grouping}"] = _mean([delta[c] for c in inside if c in delta])
+            row[f"out_{grouping}"] = _mean([delta[c] for c in delta if c not in inside])
+        row["unrelated"] = _mean([delta[c] for c in delta if c not in related_any])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        overall = table.drop(columns="erased").mean().to_dict()
+        table = pd.concat([table, pd.DataFrame([{"erased": "(mean)", **overall}])], ignore_index=True)
+    return table
+
+
+def asymmetry(store: GraphStore, kind: str = "delta_top1", top: int = 10) -> pd.DataFrame:
+    m = store.matrix(kind)
+    rows = []
+    names = list(m.index)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if b in m.columns and a in m.columns:
+                ab, ba = m.loc[a, b], m.loc[b, a]
+                if pd.notna(ab) and pd.notna(ba):
+                    rows.append({"a": a, "b": b, "delta_ab": ab, "delta_ba": ba, "difference": ab - ba})
+    table = pd.DataFrame(rows, columns=["a", "b", "delta_ab", "delta_ba", "difference"])
+    return table.reindex(table.difference.abs().sort_values(ascending=False).index).head(top).reset_index(drop=True)
+
+
+def asymmetry_score(store: GraphStore, kind: str = "delta_top1") -> float:
+    """||Delta - Delta^T|| / ||Delta|| over the rows present in both directions (0: symmetric)."""
+    m = store.matrix(kind)
+    common = [c for c in m.index if c in m.columns]
+    sub = m.loc[common, common].to_numpy(dtype=float)
+    np.fill_diagonal(sub, 0)
+    return float(np.linalg.norm(sub - sub.T) / max(np.linalg.norm(sub), 1e-12))
+
+
+def abnormal_nodes(store: GraphStore, kind: str = "delta_top1", hurt: float = HURT) -> pd.DataFrame:
+    nodes = store.nodes()
+    edges = _off_diagonal(store.edges())
+    rows = edges.erased.nunique()
+    hurt_by = edges[edges[kind] >= hurt].groupby("affected").size()
+    table = nodes[["concept", "G0_top1"]].copy()
+    table["hurt_by"] = table.concept.map(hurt_by).fillna(0).astype(int)
+    table["hurt_share"] = table.hurt_by / max(1, rows - 1)
+    table["mean_delta_received"] = table.concept.map(edges.groupby("affected")[kind].mean())
+    table["abnormal"] = nodes.low_G0 | (table.hurt_share > 0.5)
+    return table.sort_values(["abnormal", "hurt_share", "G0_top1"], ascending=[False, False, True]).reset_index(drop=True)
+
+
+@torch.no_grad()
+def similarity_measures(bundle: ModelBundle, concept_set: ConceptSet, latents: int = 4,
+                        timesteps: tuple[int, ...] = (250, 500, 750), seed: int = 0) -> pd.DataFrame:
+    """Pairwise text L2, text cosine similarity and output-space distance between the set's prompts."""
+    prompts = [concept_set.prompt(c) for c in concept_set.concepts]
+    states = bundle.encode(prompts).float().flatten(1)
+    l2 = torch.cdist(states, states)
+    unit = torch.nn.functional.normalize(states, dim=1)
+    cosine = unit @ unit.T
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((latents, *bundle.latent_shape), generator=gen).to(bundle.device, bundle.dtype)
+    alphas = bundle.train_scheduler().alphas_cumprod.to(bundle.device)
+    outputs = []
+    for prompt_states in bundle.encode(prompts):
+        per_prompt = []
+        for t in timesteps:
+            a = alphas[t]
+            noise = torch.randn(x0.shape, generator=gen.manual_seed(seed + t)).to(bundle.device, bundle.dtype)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            tt = torch.full((latents,), t, device=bundle.device)
+            per_prompt.append(bundle.unet(xt, tt, encoder_hidden_states=prompt_states[None].expand(latents, -1, -1)).sample.float().flatten())
+        outputs.append(torch.cat(per_prompt))
+    out = torch.stack(outputs)
+    output_dist = torch.cdist(out, out) / out.shape[1] ** 0.5
+    rows = []
+    for i, a in enumerate(concept_set.concepts):
+        for j, b in enumerate(concept_set.concepts):
+            if i != j:
+                rows.append({"a": a, "b": b, "text_l2": float(l2[i, j]), "text_cosine": float(cosine[i, j]),
+                             "output_distance": float(output_dist[i, j])})
+    return pd.DataFrame(rows)
+
+
+def similarity_vs_delta(store: GraphStore, similarity: pd.DataFrame, kind: str = "delta_top1") -> pd.DataFrame:
+    """Spearman correlation of each measure with Delta(a->b). Distances should correlate negatively."""
+    edges = _off_diagonal(store.edges()).rename(columns={"erased": "a", "affected": "b"})
+    merged = edges.merge(similarity, on=["a", "b"])
+    rows = []
+    for measure, sign in (("text_l2", -1), ("text_cosine", 1), ("output_distance", -1)):
+        rho, p = spearmanr(merged[measure], merged[kind])
+        rows.append({"measure": measure, "spearman": float(rho), "p_value": float(p),
+                     "predictive_strength": float(sign * rho), "pairs": len(merged)})
+    return pd.DataFrame(rows).sort_values("predictive_strength", ascending=False).reset_index(drop=True)
+
+
+def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame | None = None) -> str:
+    """The paper's Section 3 findings, stated with this graph's numbers."""
+    meta = store.meta()
+    lines = [f"graph: {meta['model']} / {meta['method']} (preset {meta['preset']}, target {meta.get('target')!r}), "
+             f"{len(store.rows_done())} rows x {len(store.nodes())} concepts, N={meta['images_per_concept']} images, "
+             f"evaluator {meta['evaluator']}"]
+    loc = locality(store, concept_set)
+    mean = loc[loc.erased == "(mean)"].iloc[0]
+    lines.append("1. locality (mean Delta top-1):")
+    for grouping in concept_set.groups:
+        lines.append(f"   {grouping} groups: inside {mean[f'in_{grouping}']:.3f}, outside {mean[f'out_{grouping}']:.3f}"
+                     f" (ratio {mean[f'in_{grouping}'] / max(abs(mean[f'out_{grouping}']), 1e-3):.1f}x)")
+    lines.append(f"   related by no group: {mean['unrelated']:.3f}; the erased concept itself: {mean['self']:.3f}")
+    asym = asymmetry(store, top=3)
+    lines.append(f"2. asymmetry: ||D - D^T|| / ||D|| = {asymmetry_score(store):.2f}; most asymmetric pairs: " +
+                 "; ".join(f"{r.a} -> {r.b} {r.delta_ab:.2f} vs {r.delta_ba:.2f}" for r in asym.itertuples()))
+    ab = abnormal_nodes(store)
+    flagged = ab[ab.abnormal]
+    lines.append("3. abnormal nodes: " + (", ".join(f"{r.concept} (G0 {r.G0_top1:.2f}, hurt by {r.hurt_by} erasures)"
+                                                    for r in flagged.itertuples()) or "none") +
+                 f"; lowest G0: {ab.sort_values('G0_top1').iloc[0].concept} ({ab.G0_top1.min():.2f})")
+    if similarity is not None:
+        corr = similarity_vs_delta(store, similarity)
+        best = corr.iloc[0]
+        lines.append("4. which similarity predicts Delta (Spearman rho): " +
+                     ", ".join(f"{r.measure} {r.spearman:+.2f}" for r in corr.itertuples()) +
+                     f"; best: {best.measure}")
+    return "\n".join(lines)
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")

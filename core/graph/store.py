@@ -1,0 +1,115 @@
+"""A concept graph on disk, as plain files a data scientist opens with pandas.
+
+- ``nodes.csv``: concept, its group(s), G_0 top-1 / top-k, flags;
+- ``edges.csv``: erased, affected, G before, G after, Delta top-1, Delta top-k (one block per row);
+- ``graph.json``: model, method, preset, classifier, prompt template, seeds, N, versions, timings.
+Each file is replaced atomically (temp + rename), so a killed sweep loses at most the row in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import networkx as nx
+import pandas as pd
+
+from ..manifest import write_json_atomic
+
+NODES, EDGES, META = "nodes.csv", "edges.csv", "graph.json"
+EDGE_COLUMNS = ["erased", "affected", "G_before_top1", "G_after_top1", "delta_top1",
+                "G_before_topk", "G_after_topk", "delta_topk"]
+
+
+class GraphMismatchError(ValueError):
+    """A graph folder was made with another model, method or measurement."""
+
+
+def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class GraphStore:
+    """Identity fields of ``graph.json`` must match for rows to be added to an existing folder."""
+
+    IDENTITY = ("model", "method", "preset", "target", "evaluator", "concept_set", "template", "capability")
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def exists(self) -> bool:
+        return (self.folder / META).is_file()
+
+    def meta(self) -> dict:
+        if not self.exists:
+            raise FileNotFoundError(f"{self.folder} holds no graph ({META} is missing)")
+        return json.loads((self.folder / META).read_text())
+
+    def open(self, meta: dict) -> None:
+        """Create the folder, or check that an existing graph was made the same way."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.exists:
+            old = self.meta()
+            diffs = [k for k in self.IDENTITY if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True)]
+            if diffs:
+                details = "; ".join(f"{k}: {old.get(k)!r} here, {meta.get(k)!r} asked" for k in diffs)
+                raise GraphMismatchError(f"{self.folder} holds a graph made differently ({details}); "
+                                         f"use another folder")
+            return
+        write_json_atomic(self.folder / META, {**meta, "row_seconds": {}})
+
+    def update_meta(self, **fields) -> None:
+        meta = self.meta()
+        meta.update(fields)
+        write_json_atomic(self.folder / META, meta)
+
+    def nodes(self) -> pd.DataFrame | None:
+        path = self.folder / NODES
+        return pd.read_csv(path) if path.is_file() else None
+
+    def write_nodes(self, nodes: pd.DataFrame) -> None:
+        _write_csv_atomic(nodes, self.folder / NODES)
+
+    def edges(self) -> pd.DataFrame:
+        path = self.folder / EDGES
+        return pd.read_csv(path, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=EDGE_COLUMNS)
+
+    def rows_done(self) -> list[str]:
+        return list(dict.fromkeys(self.edges().erased))
+
+    def add_row(self, erased: str, row: pd.DataFrame, seconds: float | None = None) -> None:
+        """Add (or replace) the row of one erased concept."""
+        edges = self.edges()
+        edges = edges[edges.erased != erased]
+        edges = pd.concat([edges, row[EDGE_COLUMNS]], ignore_index=True) if len(edges) else row[EDGE_COLUMNS]
+        _write_csv_atomic(edges, self.folder / EDGES)
+        if seconds is not None:
+            meta = self.meta()
+            meta.setdefault("row_seconds", {})[erased] = round(seconds, 1)
+            write_json_atomic(self.folder / META, meta)
+
+    def matrix(self, kind: str = "delta_top1") -> pd.DataFrame:
+        """Delta as a matrix: rows = erased, columns = affected, ordered as the nodes."""
+        order = list(self.nodes().concept)
+        return self.edges().pivot(index="erased", columns="affected", values=kind).reindex(
+            index=[c for c in order if c in set(self.edges().erased)], columns=order)
+
+    def to_networkx(self) -> nx.DiGraph:
+        graph = nx.DiGraph(**{k: v for k, v in self.meta().items() if isinstance(v, (str, int, float))})
+        for node in self.nodes().to_dict("records"):
+            graph.add_node(node["concept"], **{k: v for k, v in node.items() if k != "concept"})
+        for edge in self.edges().to_dict("records"):
+            if edge["erased"] != edge["affected"]:
+                graph.add_edge(edge["erased"], edge["affected"], weight=edge["delta_top1"],
+                               **{k: v for k, v in edge.items() if k not in ("erased", "affected")})
+        return graph

@@ -1,0 +1,137 @@
+"""Plotly figure builders: pure functions of core's tables (no model, no state)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+PALETTE = ["#e4572e", "#29a36a", "#3d6fd9", "#d9a400", "#9b4fcf", "#17a2b8", "#6c757d", "#fd7e14", "#20c997", "#e83e8c"]
+
+
+def group_colours(labels: list[str]) -> dict[str, str]:
+    return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(dict.fromkeys(labels))}
+
+
+def circle_layout(nodes: pd.DataFrame, group_col: str | None) -> dict[str, tuple[float, float]]:
+    """Concepts on a circle, group by group, so that groups sit together."""
+    order = list(nodes.sort_values(group_col, kind="stable").concept) if group_col else list(nodes.concept)
+    n = len(order)
+    return {c: (math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i, c in enumerate(order)}
+
+
+def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 0.2,
+                   group_col: str | None = None, selected: str | None = None, kind: str = "delta_top1") -> go.Figure:
+    """Directed spillover graph: colour = group, size = G_0, arrows = Delta above ``threshold``."""
+    pos = circle_layout(nodes, group_col)
+    labels = list(nodes[group_col]) if group_col else ["concept"] * len(nodes)
+    colours = group_colours(labels)
+    fig = go.Figure()
+    shown = edges[(edges.erased != edges.affected) & (edges[kind] >= threshold)]
+    mid_x, mid_y, mid_text = [], [], []
+    for e in shown.itertuples():
+        (x0, y0), (x1, y1) = pos[e.erased], pos[e.affected]
+        focus = selected in (e.erased, e.affected)
+        weight = getattr(e, kind)
+        fig.add_annotation(x=x1 * 0.93 + x0 * 0.07, y=y1 * 0.93 + y0 * 0.07, ax=x0, ay=y0, xref="x", yref="y",
+                           axref="x", ayref="y", showarrow=True, arrowhead=2, arrowsize=0.8,
+                           arrowwidth=0.5 + 4 * weight, opacity=0.9 if focus or not selected else 0.15,
+                           arrowcolor="#c0392b" if focus else "#888")
+        mid_x.append((x0 + x1) / 2)
+        mid_y.append((y0 + y1) / 2)
+        mid_text.append(f"{e.erased} → {e.affected}: Δ = {weight:.2f}")
+    fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", marker=dict(size=6, opacity=0),
+                             hovertext=mid_text, hoverinfo="text", name="edges", showlegend=False))
+    for group, colour in colours.items():
+        members = nodes[[lbl == group for lbl in labels]]
+        g0 = members.G0_top1.fillna(0.5)
+        fig.add_trace(go.Scatter(
+            x=[pos[c][0] for c in members.concept], y=[pos[c][1] for c in members.concept], mode="markers+text",
+            text=list(members.concept), textposition="top center", customdata=list(members.concept),
+            marker=dict(size=list(12 + 22 * g0), color=colour,
+                        line=dict(width=[4 if c == selected else 1 for c in members.concept],
+                                  color=["#111" if c == selected else "#fff" for c in members.concept])),
+            hovertext=[f"{c}<br>G₀ {g:.2f}" for c, g in zip(members.concept, g0)], hoverinfo="text",
+            name=str(group)))
+    fig.update_layout(xaxis=dict(visible=False, range=[-1.35, 1.35]), yaxis=dict(visible=False, range=[-1.3, 1.3], scaleanchor="x"),
+                      margin=dict(l=10, r=10, t=30, b=10), height=560, uirevision="graph", legend_title_text=group_col or "",
+                      title=f"Δ ≥ {threshold:.2f}: {len(shown)} edges", clickmode="event")
+    return fig
+
+
+def heatmap_figure(matrix: pd.DataFrame, nodes: pd.DataFrame, group_col: str | None, title: str) -> go.Figure:
+    """Delta matrix (rows = erased, columns = affected) ordered by group, with group boundaries."""
+    order = list(nodes.sort_values(group_col, kind="stable").concept) if group_col else list(nodes.concept)
+    m = matrix.reindex(index=[c for c in order if c in matrix.index], columns=order)
+    fig = go.Figure(go.Heatmap(z=m.values, x=list(m.columns), y=list(m.index), colorscale="Reds", zmin=0, zmax=1,
+                               colorbar=dict(title="Δ"), hovertemplate="erase %{y}<br>%{x}: Δ %{z:.2f}<extra></extra>"))
+    if group_col:
+        groups = nodes.set_index("concept")[group_col]
+        boundaries = [i - 0.5 for i in range(1, len(order)) if groups[order[i]] != groups[order[i - 1]]]
+        for b in boundaries:
+            fig.add_shape(type="line", x0=b, x1=b, y0=-0.5, y1=len(m.index) - 0.5, line=dict(color="#333", width=1))
+            fig.add_shape(type="line", y0=b, y1=b, x0=-0.5, x1=len(order) - 0.5, line=dict(color="#333", width=1))
+    fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40, b=10),
+                      yaxis=dict(autorange="reversed", title="erased"), xaxis=dict(title="affected"))
+    return fig
+
+
+def difference_figure(a: pd.DataFrame, b: pd.DataFrame, nodes: pd.DataFrame, group_col: str | None, title: str) -> go.Figure:
+    """Delta_a - Delta_b, e.g. ESD-'' minus AGE: red where AGE spills over less."""
+    diff = a.subtract(b.reindex(index=a.index, columns=a.columns))
+    fig = heatmap_figure(diff, nodes, group_col, title)
+    fig.update_traces(colorscale="RdBu_r", zmin=-1, zmax=1, zmid=0, colorbar=dict(title="ΔΔ"))
+    return fig
+
+
+def umap_figure(coords: np.ndarray, nodes: pd.DataFrame, colour_values: pd.Series | None, title: str) -> go.Figure:
+    values = colour_values.reindex(nodes.concept).fillna(0).values if colour_values is not None else None
+    fig = go.Figure(go.Scatter(
+        x=coords[:, 0], y=coords[:, 1], mode="markers+text", text=list(nodes.concept), textposition="top center",
+        marker=dict(size=14, color=values if values is not None else "#3d6fd9", colorscale="Reds", cmin=0, cmax=1,
+                    showscale=values is not None, colorbar=dict(title="Δ")),
+        hovertemplate="%{text}<extra></extra>"))
+    fig.update_layout(title=title, height=480, margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(title="UMAP 1"), yaxis=dict(title="UMAP 2"))
+    return fig
+
+
+def scatter_figure(pairs: pd.DataFrame, measure: str, kind: str = "delta_top1") -> go.Figure:
+    fig = go.Figure(go.Scatter(x=pairs[measure], y=pairs[kind], mode="markers",
+                               text=[f"{a} → {b}" for a, b in zip(pairs.a, pairs.b)],
+                               hovertemplate="%{text}<br>%{x:.3f}, Δ %{y:.2f}<extra></extra>", marker=dict(size=7, opacity=0.7)))
+    fig.update_layout(title=f"{measure} vs Δ (each dot: erased → affected)", height=420,
+                      xaxis_title=measure, yaxis_title="Δ (top-1)", margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def loss_figure(history: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    frame = pd.DataFrame(history)
+    if len(frame):
+        for column in ("erase", "preserve", "pi_objective"):
+            if column in frame:
+                part = frame.dropna(subset=[column])
+                fig.add_trace(go.Scatter(x=part.step, y=part[column], mode="lines", name=column))
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="loss terms", yaxis_type="log",
+                      legend=dict(orientation="h"))
+    return fig
+
+
+def targets_figure(targets: dict[str, list]) -> go.Figure:
+    fig = go.Figure()
+    for concept, top in targets.items():
+        fig.add_trace(go.Bar(x=[p for _, p in top], y=[w for w, _ in top], orientation="h", name=concept))
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="π: current top targets",
+                      yaxis=dict(autorange="reversed"), xaxis=dict(range=[0, 1]))
+    return fig
+
+
+def spillover_bar_figure(row: pd.DataFrame, erased: str) -> go.Figure:
+    row = row[row.affected != erased].sort_values("delta_top1", ascending=False)
+    fig = go.Figure(go.Bar(x=list(row.affected), y=list(row.delta_top1), marker_color="#c0392b"))
+    fig.update_layout(title=f"spillover of erasing {erased}: Δ per concept", height=320,
+                      margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(title="Δ top-1", range=[-0.2, 1]))
+    return fig

@@ -1,0 +1,151 @@
+"""What the explorer's callbacks call: graphs on disk, the job store and worker, before/after images.
+
+No training maths here: everything is delegated to ``core``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from core.bundle import ModelBundle, load_bundle
+from core.device import resolve_device
+from core.graph.concept_sets import ConceptSet, load_concept_set
+from core.graph.store import GraphStore
+from core.jobs import JobStore, Worker, default_data_dir
+from core.paths import assets_dir
+
+
+@dataclass
+class Settings:
+    model: str = "toy"
+    device: str = "auto"
+    dtype: str = "float32"
+    data_dir: str | None = None
+    start_worker: bool = True
+    spillover_images: int = 8  # images per concept when a spillover row is computed from the page
+    extra: dict = field(default_factory=dict)
+
+
+class Explorer:
+    """State shared by all sessions of one app: the model, the graphs, the job store and its worker."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+        self.store = JobStore(self.data_dir)
+        self.device = str(resolve_device(settings.device))
+        self.worker = Worker(self.store, self.device) if settings.start_worker else None
+        if self.worker:
+            self.worker.start()
+        self._bundle: ModelBundle | None = None
+        self._bundle_error: str | None = None
+        self._lock = threading.Lock()
+        self._erased: dict[str, ModelBundle] = {}
+
+    # ---- the model ---------------------------------------------------------------------------------
+    def bundle(self) -> ModelBundle:
+        with self._lock:
+            if self._bundle is None:
+                self._bundle = load_bundle(self.settings.model, device=self.device, dtype=self.settings.dtype)
+            return self._bundle
+
+    def erased_bundle(self, run_dir: str) -> ModelBundle:
+        with self._lock:
+            if run_dir not in self._erased:
+                if len(self._erased) >= 4:
+                    self._erased.pop(next(iter(self._erased)))
+                self._erased[run_dir] = load_bundle(run_dir, device=self.device, dtype=self.settings.dtype)
+            return self._erased[run_dir]
+
+    @property
+    def is_toy(self) -> bool:
+        return self.settings.model == "toy"
+
+    def status_line(self) -> str:
+        gpu = "a CUDA GPU" if self.device.startswith("cuda") else "the CPU (no GPU found)"
+        if self.is_toy:
+            return f"Model: the embedded toy world (5 shapes × 5 colours) on {gpu}."
+        try:
+            self.bundle()
+        except Exception as err:  # shown on the page, the rest of the app still works
+            self._bundle_error = str(err)
+            return (f"**Model {self.settings.model!r} could not be loaded**: {err}\n\n"
+                    "Shipped graphs stay browsable; erasing and generating need the weights.")
+        return f"Model: `{self.settings.model}` on {gpu}."
+
+    def concept_set(self) -> ConceptSet:
+        return load_concept_set("toy", self.bundle().world) if self.is_toy else load_concept_set("netfive")
+
+    # ---- graphs ----------------------------------------------------------------------------------
+    def graph_dirs(self) -> dict[str, Path]:
+        """Shipped graphs of this model (assets/graphs) and graphs computed here (data dir)."""
+        found = {}
+        for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
+            if root.is_dir():
+                for folder in sorted(root.iterdir()):
+                    store = GraphStore(folder)
+                    if store.exists and store.nodes() is not None and store.meta().get("model") == self.settings.model:
+                        found[f"{folder.name} ({tag})"] = folder
+        return found
+
+    def user_graph(self, method: str) -> GraphStore:
+        """Rows computed from the page go into one graph per method, next to the jobs."""
+        return GraphStore(self.data_dir / "graphs" / f"page-{method}")
+
+    # ---- jobs ------------------------------------------------------------------------------------
+    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict) -> str:
+        return self.store.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
+                                           "options": {"concepts": concepts, **options}}, device=self.device)
+
+    def finished_runs(self) -> dict[str, str]:
+        runs = {}
+        for job in reversed(self.store.list(status="done")):
+            if job.kind == "erase" and "run_dir" in job.artifacts:
+                cfg = job.config
+                label = f"{cfg['method'].upper()}: {', '.join(cfg['options']['concepts'])} ({job.id})"
+                runs[label] = job.artifacts["run_dir"]
+        return runs
+
+    def export_zip(self, folder: Path) -> Path:
+        archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
+        return Path(archive)
+
+
+def before_after_rows(explorer: Explorer, manifest: dict) -> list[tuple[str, str]]:
+    """(label, concept) rows: erased concepts, AGE's top target, neighbours, unrelated concepts."""
+    concepts = list(manifest["concepts"])
+    rows = [("erased", c) for c in concepts]
+    for concept, targets in (manifest.get("targets") or {}).items():
+        if targets:
+            rows.append((f"AGE target of {concept}", targets[0][0]))
+    if explorer.is_toy:
+        world = explorer.bundle().world
+        first = concepts[0]
+        if first in world.names:
+            rows += [("same shape", c) for c in world.same_shape(first)[:2]]
+            rows += [("same colour", c) for c in world.same_colour(first)[:2]]
+            rows += [("unrelated", c) for c in world.unrelated(first)[:2]]
+    seen, unique = set(), []
+    for label, concept in rows:
+        if concept not in seen:
+            seen.add(concept)
+            unique.append((label, concept))
+    return unique
+
+
+def prompt_for(explorer: Explorer, concept: str) -> str:
+    if explorer.is_toy:
+        world = explorer.bundle().world
+        return world.prompt(concept) if concept in world.names else f"a photo of a {concept}"
+    return f"a photo of {concept}"
+
+
+def nodes_for(explorer: Explorer) -> pd.DataFrame | None:
+    for folder in explorer.graph_dirs().values():
+        return GraphStore(folder).nodes()
+    return None

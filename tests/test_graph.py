@@ -1,0 +1,130 @@
+import json
+
+import networkx as nx
+import pandas as pd
+import pytest
+import torch
+
+from core.graph import sweep
+from core.graph.analysis import abnormal_nodes, asymmetry, locality, similarity_measures, similarity_vs_delta, summary
+from core.graph.capability import CapabilitySpec
+from core.graph.concept_sets import load_concept_set, read_csv
+from core.graph.store import GraphMismatchError, GraphStore
+from core.graph.sweep import RowRecipe, build_graph
+
+SUBSET = ["red circle", "blue circle", "red square"]
+TINY_SPEC = CapabilitySpec(images_per_concept=4, seed=5, steps=5)
+TINY_RECIPE = RowRecipe("esd", "toy-esd", {"iterations": 4, "ddim_steps": 4, "batch_size": 2})
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_subset(toy_bundle):
+    return load_concept_set("toy", toy_bundle.world).subset(SUBSET)
+
+
+def test_sweep_on_a_subset_writes_correct_files(toy_bundle, toy_subset, tmp_path):
+    store = build_graph(toy_bundle, toy_subset, tmp_path / "g", TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)
+    nodes, edges, meta = store.nodes(), store.edges(), store.meta()
+    assert list(nodes.concept) == SUBSET
+    assert set(nodes.columns) >= {"group_shape", "group_colour", "G0_top1", "G0_topk", "low_G0"}
+    assert len(edges) == 9 and sorted(set(edges.erased)) == sorted(SUBSET)
+    assert ((edges.delta_top1 - (edges.G_before_top1 - edges.G_after_top1)).abs() < 1e-9).all()
+    assert meta["method"] == "esd" and meta["images_per_concept"] == 4 and meta["seeds"] == [5, 6, 7, 8]
+    assert meta["template"] == "a photo of a {concept}" and meta["evaluator"] == "toy"
+    assert set(meta["row_seconds"]) == set(SUBSET)
+    graph = store.to_networkx()
+    assert isinstance(graph, nx.DiGraph) and graph.number_of_nodes() == 3 and graph.number_of_edges() == 6
+    # Pandas reads the files as they are.
+    assert pd.read_csv(tmp_path / "g" / "edges.csv").shape == (9, 8)
+    loc = locality(store, toy_subset)
+    assert {"in_shape", "out_shape", "in_colour", "out_colour", "unrelated"} <= set(loc.columns)
+    assert len(asymmetry(store)) == 3
+    assert set(abnormal_nodes(store).concept) == set(SUBSET)
+    sim = similarity_measures(toy_bundle, toy_subset)
+    assert len(sim) == 6 and (sim.text_l2 > 0).all()
+    corr = similarity_vs_delta(store, sim)
+    assert set(corr.measure) == {"text_l2", "text_cosine", "output_distance"}
+    text = summary(store, toy_subset, sim)
+    assert "locality" in text and "asymmetry" in text and "abnormal" in text and "predicts" in text
+
+
+def test_killed_sweep_resumes_without_redoing_rows(toy_bundle, toy_subset, tmp_path, monkeypatch):
+    calls = []
+    real = sweep.compute_row
+
+    def counting(*args, **kwargs):
+        calls.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "compute_row", counting)
+
+    def die_after_first_row(message):
+        if message.startswith("row "):
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_graph(toy_bundle, toy_subset, tmp_path / "g", TINY_RECIPE, TINY_SPEC, progress=False,
+                    log=die_after_first_row)
+    assert GraphStore(tmp_path / "g").rows_done() == ["red circle"]
+    first = GraphStore(tmp_path / "g").edges()
+    store = build_graph(toy_bundle, toy_subset, tmp_path / "g", TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)
+    assert calls == ["red circle", "blue circle", "red square"]  # red circle ran once
+    edges = store.edges()
+    assert len(edges) == 9 and not edges.duplicated(["erased", "affected"]).any()
+    pd.testing.assert_frame_equal(edges[edges.erased == "red circle"].reset_index(drop=True), first)
+
+
+def test_ray_backend_gives_the_same_rows_as_local(toy_bundle, toy_subset, tmp_path, one_thread):
+    pytest.importorskip("ray")
+    local = build_graph(toy_bundle, toy_subset, tmp_path / "local", TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)
+    remote = build_graph(toy_bundle, toy_subset, tmp_path / "ray", TINY_RECIPE, TINY_SPEC, backend="ray",
+                         progress=False, log=lambda m: None)
+    key = ["erased", "affected"]
+    a = local.edges().sort_values(key).reset_index(drop=True)
+    b = remote.edges().sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name,group\nred circle,circle\n", "no 'concept' column"),
+    ("concept\nred circle\nRed Circle\n", "lists 'Red Circle' twice"),
+    ("", "no concepts"),
+    ("concept\n", "no concepts"),
+    ("concept,imagenet_index\nchurch,church\n", "must be an integer in 0..999"),
+])
+def test_malformed_concept_csvs_are_rejected(tmp_path, content, message):
+    path = tmp_path / "set.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_csv(path, "user")
+
+
+def test_user_csv_and_builtin_sets(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("concept,group\nchurch,buildings\nchapel,buildings\ndog,animals\n")
+    cs = load_concept_set(str(path))
+    assert cs.concepts == ["church", "chapel", "dog"] and cs.related("church", "group") == ["chapel"]
+    netfive = load_concept_set("netfive")
+    assert len(netfive.concepts) == 25 and netfive.imagenet_index["Saxophone"] == 776
+    assert netfive.imagenet_index["Clumber Spaniel"] == 216 and netfive.imagenet_index["Bassoon"] == 432
+    assert len(load_concept_set("imagenette").concepts) == 10
+    with pytest.raises(FileNotFoundError, match="nor an existing CSV"):
+        load_concept_set(str(tmp_path / "missing.csv"))
+
+
+def test_graph_folder_from_another_model_is_rejected(toy_bundle, toy_subset, tmp_path):
+    folder = tmp_path / "g"
+    build_graph(toy_bundle, toy_subset, folder, TINY_RECIPE, TINY_SPEC, rows=["red circle"], progress=False, log=lambda m: None)
+    meta = json.loads((folder / "graph.json").read_text())
+    meta["model"] = "CompVis/stable-diffusion-v1-4"
+    (folder / "graph.json").write_text(json.dumps(meta))
+    with pytest.raises(GraphMismatchError, match="made differently.*model"):
+        build_graph(toy_bundle, toy_subset, folder, TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)
