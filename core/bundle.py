@@ -48,6 +48,7 @@ class ModelBundle:
     revision: str | None = None
     default_steps: int = 50
     default_guidance: float = 7.5
+    default_eta: float = 0.0  # DDIM eta of generate(); 0 = deterministic DDIM
     extras: dict = field(default_factory=dict)  # toy: world, classifier, manifest
 
     # ---- text ---------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def _load_toy(path: Path, device: torch.device, dtype: torch.dtype, source: str)
         raise ModelUnavailableError(f"toy model folder {path} is incomplete: missing {', '.join(missing)}. "
                                     f"Re-create it with `age-explorer toyworld train --out {path}`.")
     manifest = json.loads((path / "manifest.json").read_text())
-    unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device, dtype).eval()
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype).to(device).eval()
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder").to(device).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     scheduler_config = dict(DDPMScheduler.from_pretrained(path / "scheduler").config)
@@ -220,6 +221,7 @@ def _load_toy(path: Path, device: torch.device, dtype: torch.dtype, source: str)
         scheduler_config=scheduler_config, device=device, dtype=dtype,
         revision=manifest.get("revision"),
         default_steps=int(defaults.get("steps", 25)), default_guidance=float(defaults.get("guidance_scale", 3.0)),
+        default_eta=float(defaults.get("eta", 0.0)),
         extras={"world": ToyWorld.from_json(path / "concepts.json"),
                 "classifier": ToyClassifier.load(path / "classifier.safetensors"),
                 "manifest": manifest, "path": str(path)},

@@ -208,7 +208,7 @@ def cmd_bench_erase(args) -> int:
     print(f"AGE iteration cost, {args.arch} UNet on {device} ({torch.get_num_threads()} CPU threads), "
           f"{n} timed iterations each, paper recipe (DDIM 50 'till t', batch 1)")
     args.precision = args.precision or ["fp32", "bf16"]
-    ref = reference_style_seconds(bundle, n, candidates=args.candidates)
+    ref = reference_style_seconds(bundle, n, candidates=args.candidates, loss_space=overrides.get("loss_space", "x0"))
     rows = [("reference-style loop (fp32, sequential)", ref, float("nan"))]
     for precision in args.precision:
         sec, info = engine_seconds(bundle, n, precision, candidates=args.candidates, **overrides)

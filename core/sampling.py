@@ -48,17 +48,30 @@ def guided_noise(bundle: ModelBundle, unet, latents: torch.Tensor, t, cond: torc
 
 @torch.no_grad()
 def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tensor, steps: int,
-                   guidance_scale: float, unet=None, callback: Callable[[int, int], None] | None = None
-                   ) -> torch.Tensor:
-    """Run DDIM (eta 0) from ``latents`` conditioned on hidden states ``cond``."""
+                   guidance_scale: float, unet=None, callback: Callable[[int, int], None] | None = None,
+                   eta: float = 0.0, seeds: list[int] | None = None) -> torch.Tensor:
+    """Run DDIM from ``latents`` conditioned on hidden states ``cond``.
+
+    With ``eta`` > 0 the step noise comes from one generator per seed (offset from the one of the
+    initial noise), so an image still depends only on its own seed.
+    """
     unet = unet or bundle.unet
     scheduler = bundle.sampling_scheduler()
     scheduler.set_timesteps(steps, device=bundle.device)
     uncond = bundle.encode([""]).expand(len(cond), -1, -1)
     latents = latents * scheduler.init_noise_sigma
+    generators = None
+    if eta > 0:
+        if seeds is None or len(seeds) != len(latents):
+            raise ValueError("eta > 0 needs one seed per image")
+        generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     for i, t in enumerate(scheduler.timesteps):
         eps = guided_noise(bundle, unet, latents, t, cond, uncond, guidance_scale)
-        latents = scheduler.step(eps, t, latents).prev_sample
+        if generators:
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+            latents = scheduler.step(eps, t, latents, eta=eta, variance_noise=noise.to(latents)).prev_sample
+        else:
+            latents = scheduler.step(eps, t, latents).prev_sample
         if callback:
             callback(i + 1, steps)
     return latents
@@ -66,7 +79,7 @@ def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tenso
 
 def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | str,
              steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 100,
-             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+             progress: Callable[[int, int], None] | None = None, eta: float | None = None) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for every (prompt, seed) pair, prompt-major.
 
     A single prompt with several seeds, or one seed per prompt when the lists have equal length
@@ -82,6 +95,7 @@ def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | s
     seeds = parse_seeds(seeds)
     steps = steps or bundle.default_steps
     guidance_scale = bundle.default_guidance if guidance_scale is None else guidance_scale
+    eta = bundle.default_eta if eta is None else eta
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -90,7 +104,9 @@ def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | s
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         cond = torch.cat([states[p] for p, _ in chunk])
-        latents = sample_latents(bundle, cond, initial_latents(bundle, [s for _, s in chunk]), steps, guidance_scale)
+        chunk_seeds = [s for _, s in chunk]
+        latents = sample_latents(bundle, cond, initial_latents(bundle, chunk_seeds), steps, guidance_scale,
+                                 eta=eta, seeds=chunk_seeds)
         images.append(bundle.decode(latents).cpu())
         if progress:
             progress(min(start + batch_size, len(pairs)), len(pairs))

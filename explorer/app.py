@@ -67,6 +67,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not selected:
             return text + " Click a node or pick a concept.", None
         nodes = store.nodes().set_index("concept")
+        if selected not in nodes.index:
+            return text + f"\n\n{selected!r} is not in this graph.", None
         text += f"\n\n**{selected}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
         edges = store.edges()
         row = edges[edges.erased == selected]

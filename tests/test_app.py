@@ -1,4 +1,8 @@
+"""The explorer driven as a person uses it: a real server on 127.0.0.1 and gradio_client."""
+
+import json
 import socket
+import time
 
 import pytest
 from gradio_client import Client
@@ -12,24 +16,87 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_graph(data_dir, bundle):
+    """A 3-concept ESD graph computed into the data dir, as the explorer's "computed" graphs are."""
+    from core.graph.capability import CapabilitySpec
+    from core.graph.concept_sets import load_concept_set
+    from core.graph.sweep import RowRecipe, build_graph
+
+    subset = load_concept_set("toy", bundle.world).subset(["red circle", "blue circle", "red square"])
+    build_graph(bundle, subset, data_dir / "graphs" / "test-esd", RowRecipe("esd", "toy-esd", {"iterations": 4, "batch_size": 2}),
+                CapabilitySpec(images_per_concept=2, steps=5), progress=False, log=lambda m: None)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path_factory.mktemp("data"))))
+def server(tmp_path_factory, toy_bundle):
+    data = tmp_path_factory.mktemp("data")
+    tiny_graph(data, toy_bundle)
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data), spillover_images=2))
     port = _free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    yield {"url": f"http://127.0.0.1:{port}/", "graphs": list(demo.explorer.graph_dirs())}
     demo.close()
-    demo.explorer.worker.stop(5)
+    demo.explorer.worker.stop(10)
 
 
-def test_app_generates_through_the_server(server):
-    client = Client(server, verbose=False)
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server["url"], verbose=False)
+
+
+def test_generate_through_the_server(client):
     result = client.predict("a green triangle", "0-2", "original", api_name="/generate")
-    assert len(result) == 3
     assert [item["caption"] for item in result] == ["seed 0", "seed 1", "seed 2"]
-
-
-def test_app_reports_bad_seeds(server):
-    client = Client(server, verbose=False)
     with pytest.raises(Exception, match="below the start"):
         client.predict("a green triangle", "5-1", "original", api_name="/generate")
+
+
+def test_selecting_a_concept_shows_its_row(client, server):
+    name = next(g for g in server["graphs"] if g.startswith("test-esd"))
+    graph, heatmap, details, bar = client.predict(name, 0.0, "shape", "red circle",
+                                                  api_name="/select_concept")
+    graph = json.loads(graph)
+    assert any(trace.get("name") == "circle" for trace in graph["data"])
+    assert "red circle" in details and "G₀" in details and "Erasing it hurts most" in details
+    assert bar is not None and heatmap is not None
+
+
+def test_whole_erase_flow(client):
+    job_id, *_ = client.predict(["red circle"], "", "age", "toy", 6, 1.0, "damage", "", api_name="/start_erase")
+    assert job_id
+    deadline, status = time.time() + 300, None
+    seen_steps = set()
+    while time.time() < deadline:
+        status = json.loads(client.predict(job_id, api_name="/job_status"))
+        seen_steps.add(status["step"])
+        if status["status"] in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    assert status["status"] == "done", status.get("error")
+    assert status["step"] == status["total"] == 12 and status["progress"]["targets"]["red circle"]
+    assert "erase" in status["progress"]["losses"] or "pi_objective" in status["progress"]["losses"]
+
+    runs, _ = client.predict(api_name="/runs")
+    label = runs["value"]
+    assert "red circle" in label
+    gallery, pair = client.predict(label, "0-1", api_name="/before_after")
+    captions = [item["caption"] for item in gallery]
+    assert captions[0] == "erased: red circle, original" and captions[1] == "erased: red circle, erased"
+    assert any("same shape" in c for c in captions) and any("unrelated" in c for c in captions)
+    assert len(pair) == 2
+
+    bar, message, graphs = client.predict(label, api_name="/spillover")
+    assert "Row added to the graph" in message and "page-age" in " ".join(str(g) for g in graphs["choices"])
+
+    files, folder = client.predict(label, "delta", api_name="/export")
+    names = sorted(str(f).rsplit("/", 1)[-1] for f in files)
+    assert names == ["README.md", "delta.safetensors", "manifest.json"]
+
+
+def test_bad_inputs_get_messages(client):
+    with pytest.raises(Exception, match="pick at least one concept"):
+        client.predict([], "", "age", "toy", 5, 1.0, "gumbel", "", api_name="/start_erase")
+    with pytest.raises(Exception, match="lambda must be"):
+        client.predict(["red circle"], "", "age", "toy", 5, -1.0, "gumbel", "", api_name="/start_erase")
+    with pytest.raises(Exception, match="unknown job id"):
+        client.predict("nope", api_name="/job_status")

@@ -66,7 +66,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: int = 100, seed: int = 0) -> float:
+def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: int = 100, seed: int = 0,
+                            loss_space: str = "x0") -> float:
     """Seconds per iteration of the reference-style loop (see module docstring)."""
     device = bundle.device
     unet = bundle.unet
@@ -79,9 +80,9 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
     opt = torch.optim.Adam(params, lr=1e-5)
     pi = torch.zeros(candidates, device=device, requires_grad=True)
     pi_opt = torch.optim.Adam([pi], lr=1e-2)
-    table = torch.randn(candidates, 77, 768, device=device)
     c_e = bundle.encode(["erased concept"])
     uncond = bundle.encode([""])
+    table = torch.randn(candidates, *c_e.shape[1:], device=device)
     sched = bundle.sampling_scheduler()
     sched.set_timesteps(50, device=device)
     alphas = bundle.train_scheduler().alphas_cumprod.to(device)
@@ -96,6 +97,8 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
         return z
 
     def x0(eps, z, t):
+        if loss_space == "eps":
+            return eps
         a = alphas[t]
         return (z - (1 - a).sqrt() * eps) / a.sqrt()
 
@@ -104,7 +107,7 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
         _sync(device)
         start = time.perf_counter()
         n = int(torch.randint(50, (1,), generator=g))
-        z_T = torch.randn(1, 4, 64, 64, generator=g).to(device)
+        z_T = torch.randn(1, *bundle.latent_shape, generator=g).to(device)
         y = F.softmax((pi + -torch.log(-torch.log(torch.rand(candidates, generator=g).to(device) + 1e-10) + 1e-10)) / 0.1, 0)
         w = F.one_hot(y.argmax(), candidates).float() - y.detach() + y
         e_t = torch.einsum("n,nld->ld", w, table)[None]
@@ -142,8 +145,14 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     from .age import AGERun
     from .config import make_config
 
-    words = [f"candidate {i}" for i in range(candidates)]
-    config = make_config("age", None, concepts=["erased concept"], candidates=words, iterations=iterations // 2 + 1,
+    if bundle.kind == "toy":
+        from .vocab import load_vocabulary
+
+        concept, words = "red circle", load_vocabulary("toy", bundle)
+    else:
+        concept, words = "erased concept", [f"candidate {i}" for i in range(candidates)]
+    candidates = len(words)
+    config = make_config("age", None, concepts=[concept], candidates=words, iterations=iterations // 2 + 1,
                          precision=precision, k_closest=candidates, num_centers=candidates,
                          loss_space=overrides.pop("loss_space", "x0"), **overrides)
     times: list[float] = []

@@ -193,8 +193,8 @@ class UCEConfig:
 CONFIGS = {"age": AGEConfig, "esd": ESDConfig, "uce": UCEConfig}
 
 _TOY_DEVIATIONS = [
-    "loss in eps space: the toy model's cosine schedule makes the x0 weight (1-a)/a explode near t=T",
-    "200 model steps at lr 3e-4, batch 8, instead of 1000 at 1e-5, batch 1: a 1.7 M-parameter model",
+    "loss in eps space, the space the toy recipe was tuned in (x0 space weights steps by (1-a)/a, up to 212 at t=999)",
+    "200 model steps at lr 3e-4, batch 4, instead of 1000 at 1e-5, batch 1: a 1.7 M-parameter model",
     "'sample till t' on a 10-step DDIM schedule instead of 50",
 ]
 
@@ -217,12 +217,18 @@ PRESETS: dict[str, tuple[str, dict, list[str]]] = {
                           start_guidance=3.0, loss_space="eps", ddim_steps=50, requires_gpu=True), []),
     "esd-u": ("esd", dict(parameter_set="noxattn", iterations=1000, lr=1e-5, negative_guidance=1.0,
                           start_guidance=3.0, loss_space="eps", ddim_steps=50, requires_gpu=True), []),
-    "toy": ("age", dict(parameter_set="xattn", iterations=200, lr=3e-4, batch_size=8, gumbel_lr=5e-2,
+    "toy": ("age", dict(parameter_set="xattn", iterations=200, lr=3e-4, batch_size=4, gumbel_lr=5e-2,
                         gumbel_temp=0.1, gumbel_hard=True, k_closest=100, num_centers=100, vocab="toy",
                         lam=1.0, start_guidance=3.0, negative_guidance=1.0, loss_space="eps",
                         prompt_template="a {c}", ddim_steps=10),
             _TOY_DEVIATIONS + ["pi lr 5e-2 instead of 1e-2: 5x fewer pi steps"]),
-    "toy-esd": ("esd", dict(parameter_set="xattn", iterations=200, lr=3e-4, batch_size=8, negative_guidance=1.0,
+    "toy-fast": ("age", dict(parameter_set="xattn", iterations=100, lr=6e-4, batch_size=4, gumbel_lr=1e-1,
+                             gumbel_temp=0.1, gumbel_hard=True, k_closest=100, num_centers=100, vocab="toy",
+                             lam=1.0, start_guidance=3.0, negative_guidance=1.0, loss_space="eps",
+                             prompt_template="a {c}", ddim_steps=10, xt_source="pool", pool_size=16),
+                 _TOY_DEVIATIONS + ["fast setting: 100 model steps at lr 6e-4, pi lr 1e-1",
+                                    "x_t from a pool of frozen-model samples re-noised at random t, not 'sample till t'"]),
+    "toy-esd": ("esd", dict(parameter_set="xattn", iterations=200, lr=3e-4, batch_size=4, negative_guidance=1.0,
                             start_guidance=3.0, loss_space="eps", prompt_template="a {c}", ddim_steps=10),
                 _TOY_DEVIATIONS),
     "toy-uce": ("uce", dict(prompt_template="a {c}"), []),

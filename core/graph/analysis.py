@@ -66,7 +66,7 @@ def asymmetry_score(store: GraphStore, kind: str = "delta_top1") -> float:
     """||Delta - Delta^T|| / ||Delta|| over the rows present in both directions (0: symmetric)."""
     m = store.matrix(kind)
     common = [c for c in m.index if c in m.columns]
-    sub = m.loc[common, common].to_numpy(dtype=float)
+    sub = m.loc[common, common].to_numpy(dtype=float, copy=True)
     np.fill_diagonal(sub, 0)
     return float(np.linalg.norm(sub - sub.T) / max(np.linalg.norm(sub), 1e-12))
 

@@ -22,7 +22,10 @@ VARIANTS = {
     "ESD ''": ("esd", "toy-esd", {}),
     "AGE (paper search)": ("age", "toy", {}),
     "AGE (damage search)": ("age", "toy", {"target_search": "damage"}),
+    "AGE fast (paper search)": ("age", "toy-fast", {}),
+    "AGE fast (damage search)": ("age", "toy-fast", {"target_search": "damage"}),
 }
+DEFAULT_VARIANTS = ["ESD ''", "AGE (paper search)", "AGE (damage search)"]
 
 
 def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None = None,
@@ -32,7 +35,10 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
     out.mkdir(parents=True, exist_ok=True)
     world = bundle.world
     concepts = concepts or DEFAULT_CONCEPTS
-    variants = variants or list(VARIANTS)
+    variants = variants or DEFAULT_VARIANTS
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     paraphrase = world.paraphrase_templates[0]
     para_spec = CapabilitySpec(spec.images_per_concept, spec.seed + 10_000, paraphrase, spec.steps,
                                spec.guidance_scale, spec.topk)
@@ -53,7 +59,8 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
             if ((done.variant == variant) & (done.concept == concept)).any():
                 continue
             method, preset, overrides = VARIANTS[variant]
-            run_dir = out / "runs" / f"{variant.split()[0].lower()}-{overrides.get('target_search', 'paper')}-{concept.replace(' ', '_')}"
+            slug = "".join(ch if ch.isalnum() else "-" for ch in variant.lower()).strip("-")
+            run_dir = out / "runs" / f"{slug}-{concept.replace(' ', '_')}"
             start = time.time()
             config = make_config(method, preset, concepts=[concept], **overrides)
             result = erase(bundle, config, run_dir, resume=(run_dir / "checkpoint").exists())

@@ -74,6 +74,11 @@ def build_unet(cross_attention_dim: int = 64) -> UNet2DConditionModel:
 
 
 def build_scheduler() -> DDPMScheduler:
-    # Epsilon prediction as in SD-1.4, so ESD/AGE algebra carries over unchanged.
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=True)
+    """SD-1.4's noise schedule and epsilon prediction, so ESD/AGE algebra carries over unchanged.
+
+    A cosine schedule was tried first: its terminal SNR is ~0, where an epsilon model cannot
+    estimate an image's overall brightness, and its samples came out too bright and tinted.
+    """
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=True,
+                         steps_offset=1)

@@ -44,6 +44,7 @@ class ToyTrainConfig:
     classifier_lr: float = field(default=3e-3, metadata={"help": "classifier OneCycle peak learning rate"})
     snapshot_every: int = field(default=1000, metadata={"help": "write the EMA model to the output folder every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of rendering, initialisation and batches"})
+    init_from: str = field(default="", metadata={"help": "continue from this toy model folder (its weights and classifier)"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "pool_size", "snapshot_every"):
@@ -145,12 +146,23 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
     torch.manual_seed(cfg.seed)
     started = time.time()
 
-    classifier = train_classifier(world, cfg, progress)
-
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     tokenizer = build_tokenizer(world.vocabulary())
-    text_encoder = build_text_encoder(tokenizer)
-    unet = build_unet(cross_attention_dim=text_encoder.config.hidden_size)
+    if cfg.init_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        source = Path(cfg.init_from)
+        classifier = ToyClassifier.load(source / "classifier.safetensors")
+        text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(source / "unet")
+        previous = json.loads((source / "manifest.json").read_text())
+        gen.manual_seed(cfg.seed + 2 + int(previous.get("trained_steps", 0)))
+    else:
+        classifier = train_classifier(world, cfg, progress)
+        text_encoder = build_text_encoder(tokenizer)
+        unet = build_unet(cross_attention_dim=text_encoder.config.hidden_size)
+        previous = None
     scheduler = build_scheduler()
     captions, index = _caption_table(world, tokenizer)
     caption_ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
@@ -173,12 +185,19 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
                        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
                        "classifier": sum(p.numel() for p in classifier.parameters())},
         "latent": "pixel_unshuffle(2) of 32x32 RGB in [-1, 1] -> 16x16x12",
-        "sampling_defaults": {"scheduler": "DDIM", "steps": 25, "guidance_scale": 3.0},
+        "sampling_defaults": {"scheduler": "DDIM", "steps": 25, "guidance_scale": 3.0, "eta": 1.0},
         "versions": environment_versions(),
     }
 
+    if previous:
+        manifest["continued_from"] = {"folder": str(cfg.init_from), "trained_steps": previous.get("trained_steps"),
+                                      "recipe": previous.get("recipe"), "train_seconds": previous.get("train_seconds")}
+    earlier_steps = int(previous.get("trained_steps", 0)) if previous else 0
+    earlier_seconds = float(previous.get("train_seconds", 0)) if previous else 0.0
+
     def snapshot(step: int) -> None:
-        manifest.update(trained_steps=step, train_seconds=round(time.time() - started, 1))
+        manifest.update(trained_steps=earlier_steps + step,
+                        train_seconds=round(earlier_seconds + time.time() - started, 1))
         save_model_folder(out, ema_unet, ema_text, tokenizer, scheduler, classifier, Path(concepts_json), manifest)
 
     unet.train()

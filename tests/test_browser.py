@@ -1,0 +1,88 @@
+"""The explorer in a real headless Chromium: graph drawn, a node click selects a concept, an
+erasure runs to completion and the before/after images appear. Screenshots go to
+$AGE_EXPLORER_SCREENSHOTS (default: the test's temp folder)."""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from explorer.app import Settings, build_app
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory, toy_bundle):
+    from test_app import tiny_graph
+
+    data = tmp_path_factory.mktemp("data")
+    tiny_graph(data, toy_bundle)
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data), spillover_images=2))
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    demo.explorer.worker.stop(10)
+
+
+def test_explorer_in_chromium(page_url, tmp_path):
+    shots = Path(os.environ.get("AGE_EXPLORER_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(page_url)
+        page.wait_for_selector("#concept_graph[data-ready='1'] .scatterlayer .point", timeout=60_000)
+        page.screenshot(path=str(shots / "01-graph.png"), full_page=True)
+
+        # Click the node of "blue circle" (its trace and index come from the figure itself).
+        box = page.evaluate("""() => {
+            const div = document.querySelector('#concept_graph .cg-plot');
+            const traces = div.querySelectorAll('.scatterlayer .trace');
+            for (let t = 0; t < div.data.length; t++) {
+                const idx = (div.data[t].customdata || []).indexOf('blue circle');
+                if (idx >= 0) {
+                    const r = traces[t].querySelectorAll('.point')[idx].getBoundingClientRect();
+                    return {x: r.x + r.width / 2, y: r.y + r.height / 2};
+                }
+            }
+            return null;
+        }""")
+        assert box, "the node is not drawn"
+        page.mouse.move(box["x"], box["y"])
+        page.mouse.click(box["x"], box["y"])
+        playwright.expect(page.locator("#concept_dd input")).to_have_value("blue circle", timeout=20_000)
+        playwright.expect(page.locator("#graph_details")).to_contain_text("blue circle", timeout=20_000)
+        page.screenshot(path=str(shots / "02-node-clicked.png"), full_page=True)
+
+        # Erase "red circle" with a tiny run.
+        page.get_by_role("tab", name="Erase").click()
+        page.locator("#erase_concepts input").click()
+        page.get_by_role("option", name="red circle", exact=True).click()
+        page.keyboard.press("Escape")
+        page.locator("#iterations input").fill("6")
+        page.locator("#start_btn").click()
+        playwright.expect(page.locator("#job_text")).to_contain_text("done", timeout=240_000)
+        page.screenshot(path=str(shots / "03-erase-done.png"), full_page=True)
+
+        page.get_by_role("tab", name="Before / after").click()
+        page.get_by_role("button", name="Refresh runs").click()
+        page.wait_for_timeout(1000)
+        page.locator("#show_btn").click()
+        page.wait_for_selector("#before_after img", timeout=120_000)
+        playwright.expect(page.locator("#slider img").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(shots / "04-before-after.png"), full_page=True)
+        browser.close()
