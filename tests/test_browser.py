@@ -45,19 +45,16 @@ def test_explorer_in_chromium(page_url, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(page_url)
-        page.wait_for_selector("#concept_graph[data-ready='1'] .scatterlayer .point", timeout=60_000)
+        page.wait_for_selector("#concept_graph [data-ready='1'] .scatterlayer .point", timeout=60_000)
         page.screenshot(path=str(shots / "01-graph.png"), full_page=True)
 
         # Click the node of "blue circle" (its trace and index come from the figure itself).
         box = page.evaluate("""() => {
             const div = document.querySelector('#concept_graph .cg-plot');
-            const traces = div.querySelectorAll('.scatterlayer .trace');
-            for (let t = 0; t < div.data.length; t++) {
-                const idx = (div.data[t].customdata || []).indexOf('blue circle');
-                if (idx >= 0) {
-                    const r = traces[t].querySelectorAll('.point')[idx].getBoundingClientRect();
-                    return {x: r.x + r.width / 2, y: r.y + r.height / 2};
-                }
+            const xa = div._fullLayout.xaxis, ya = div._fullLayout.yaxis, r = div.getBoundingClientRect();
+            for (const trace of div.data) {
+                const idx = (trace.customdata || []).indexOf('blue circle');
+                if (idx >= 0) return {x: r.left + xa._offset + xa.l2p(trace.x[idx]), y: r.top + ya._offset + ya.l2p(trace.y[idx])};
             }
             return null;
         }""")
