@@ -145,9 +145,12 @@ def cmd_erase(args) -> int:
     if preset is None and args.preset is None:
         preset = DEFAULT_PRESETS.get((bundle.kind, args.method))
     config = make_config(args.method, preset, concepts=args.concept, **erase_overrides(args))
-    bar = tqdm(total=getattr(config, "iterations", 1) * getattr(config, "pgd_num_steps", 1), desc=args.method)
+    bars = []  # the bar appears with the first step, so that set-up errors print alone
 
     def show(report):
+        if not bars:
+            bars.append(tqdm(total=report.total, initial=report.step - 1, desc=args.method))
+        bar = bars[0]
         bar.update(report.step - bar.n)
         post = {k: f"{v:.4g}" for k, v in report.losses.items() if k != "total"}
         if report.targets:
@@ -155,7 +158,8 @@ def cmd_erase(args) -> int:
         bar.set_postfix(post, refresh=False)
 
     result = erase(bundle, config, args.out, callbacks=[show], resume=args.resume)
-    bar.close()
+    for bar in bars:
+        bar.close()
     m = result.manifest
     print(f"{result.status}: {result.steps_done} steps in {m['seconds']:.1f} s -> {result.run_dir}")
     for concept, targets in m.get("targets", {}).items():

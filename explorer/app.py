@@ -378,7 +378,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     refresh_btn = gr.Button("Refresh runs")
                     seeds = gr.Textbox("0-3", label="Seeds")
                     show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
-                gallery = gr.Gallery(columns=2, label="original | erased, same seeds", elem_id="before_after")
+                gallery = gr.Gallery(columns=2, label="original | erased, same seeds", elem_id="before_after",
+                                     object_fit="contain", height="auto")
                 slider = gr.ImageSlider(label="one pair", type="pil", elem_id="slider")
                 spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
                 spill_plot = gr.Plot()

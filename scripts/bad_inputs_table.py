@@ -25,14 +25,19 @@ def run(argv: list[str]) -> tuple[int, str]:
             code = main(argv)
         except SystemExit as exit_:
             code = exit_.code
-    lines = [line for line in err.getvalue().splitlines() if line.startswith(("error", "warning", "age-explorer: error"))]
+    text = err.getvalue().replace("\r", "\n")
+    lines = []
+    for line in text.splitlines():
+        starts = [line.find(tag) for tag in ("error:", "warning:") if tag in line]
+        if starts and "torch_dtype" not in line:
+            lines.append(line[min(starts):])
     return code, " / ".join(lines) or err.getvalue().strip().splitlines()[-1]
 
 
 def main_table(work: Path) -> None:
     run_dir = work / "run"
     if not (run_dir / "delta.safetensors").exists():
-        main(["erase", "--concept", "red circle", "--method", "uce", "--out", str(run_dir)])
+        run(["erase", "--concept", "red circle", "--method", "uce", "--out", str(run_dir)])
     other = work / "other-base"
     other.mkdir(exist_ok=True)
     import json
