@@ -8,6 +8,7 @@ unrelated concepts. Results are appended to a CSV as they come, so a killed comp
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +17,11 @@ import pandas as pd
 from ..bundle import ModelBundle, load_bundle
 from ..erasure import erase, make_config
 from ..graph.capability import CapabilitySpec, toy_capability
+from ..runs import is_run_dir
+
+
+def read_manifest_status(run_dir: Path) -> str | None:
+    return json.loads((run_dir / "manifest.json").read_text()).get("status")
 
 DEFAULT_CONCEPTS = ["red circle", "blue square", "yellow triangle", "green cross", "purple ring"]
 VARIANTS = {
@@ -63,8 +69,13 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
             run_dir = out / "runs" / f"{slug}-{concept.replace(' ', '_')}"
             start = time.time()
             config = make_config(method, preset, concepts=[concept], **overrides)
-            result = erase(bundle, config, run_dir, resume=(run_dir / "checkpoint").exists())
-            erase_seconds = time.time() - start
+            if is_run_dir(run_dir) and read_manifest_status(run_dir) == "done":
+                # Killed after the erasure, before its evaluation: reuse the finished run.
+                manifest = json.loads((run_dir / "manifest.json").read_text())
+                erase_seconds = manifest["seconds"]
+            else:
+                manifest = erase(bundle, config, run_dir, resume=(run_dir / "checkpoint").exists()).manifest
+                erase_seconds = time.time() - start
             erased = load_bundle(str(run_dir), device=bundle.device)
             after = toy_capability(erased, spec)
             para = toy_capability(erased, para_spec, [concept])
@@ -77,10 +88,10 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
                    "delta_same_colour": _mean(delta, world.same_colour(concept)),
                    "delta_unrelated": _mean(delta, world.unrelated(concept)),
                    "erase_seconds": round(erase_seconds, 1)}
-            picks = result.manifest.get("neighbour_picks")
+            picks = manifest.get("neighbour_picks")
             if picks:
                 row.update(neighbour_pick_share=picks["share"], neighbour_pick_chance=picks["chance"])
-            targets = result.manifest.get("targets", {}).get(concept)
+            targets = manifest.get("targets", {}).get(concept)
             if targets:
                 row["top_targets"] = "; ".join(f"{w} {p:.2f}" for w, p in targets[:3])
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
