@@ -1,19 +1,13 @@
 """The explorer driven as a person uses it: a real server on 127.0.0.1 and gradio_client."""
 
 import json
-import socket
 import time
 
 import pytest
 from gradio_client import Client
 
+from conftest import free_port
 from explorer.app import Settings, build_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_graph(data_dir, bundle):
@@ -32,7 +26,7 @@ def server(tmp_path_factory, toy_bundle):
     data = tmp_path_factory.mktemp("data")
     tiny_graph(data, toy_bundle)
     demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data), spillover_images=2))
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield {"url": f"http://127.0.0.1:{port}/", "graphs": list(demo.explorer.graph_dirs())}
     demo.close()

@@ -4,11 +4,11 @@ $AGE_EXPLORER_SCREENSHOTS (default: the test's temp folder)."""
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from explorer.app import Settings, build_app
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -18,12 +18,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory, toy_bundle):
     from test_app import tiny_graph
@@ -31,7 +25,7 @@ def page_url(tmp_path_factory, toy_bundle):
     data = tmp_path_factory.mktemp("data")
     tiny_graph(data, toy_bundle)
     demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data), spillover_images=2))
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()

@@ -3,7 +3,6 @@ import json
 import networkx as nx
 import pandas as pd
 import pytest
-import torch
 
 from core.graph import sweep
 from core.graph.analysis import abnormal_nodes, asymmetry, locality, similarity_measures, similarity_vs_delta, summary
@@ -17,12 +16,6 @@ TINY_SPEC = CapabilitySpec(images_per_concept=4, seed=5, steps=5)
 TINY_RECIPE = RowRecipe("esd", "toy-esd", {"iterations": 4, "ddim_steps": 4, "batch_size": 2})
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

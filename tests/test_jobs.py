@@ -31,13 +31,6 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def one_thread():
-    # Bit-identical weights across processes need the same float reduction order: one thread everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tiny_sd_dir, tmp_path, one_thread):
