@@ -1,5 +1,6 @@
 """The explorer driven as a person uses it: a real server on 127.0.0.1 and gradio_client."""
 
+import contextlib
 import json
 import time
 
@@ -21,16 +22,24 @@ def tiny_graph(data_dir, bundle):
                 CapabilitySpec(images_per_concept=2, steps=5), progress=False, log=lambda m: None)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, toy_bundle):
-    data = tmp_path_factory.mktemp("data")
-    tiny_graph(data, toy_bundle)
-    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data), spillover_images=2))
+@contextlib.contextmanager
+def running_explorer(data_dir, bundle):
+    """The explorer on the toy model, with a tiny computed graph, served on a free local port."""
+    tiny_graph(data_dir, bundle)
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data_dir), spillover_images=2))
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}/", "graphs": list(demo.explorer.graph_dirs())}
-    demo.close()
-    demo.explorer.worker.stop(10)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        demo.explorer.worker.stop(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, toy_bundle):
+    with running_explorer(tmp_path_factory.mktemp("data"), toy_bundle) as (demo, url):
+        yield {"url": url, "graphs": list(demo.explorer.graph_dirs())}
 
 
 @pytest.fixture(scope="module")

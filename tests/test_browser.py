@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from explorer.app import Settings, build_app
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -20,16 +18,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory, toy_bundle):
-    from test_app import tiny_graph
+    from test_app import running_explorer
 
-    data = tmp_path_factory.mktemp("data")
-    tiny_graph(data, toy_bundle)
-    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data), spillover_images=2))
-    port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    demo.explorer.worker.stop(10)
+    with running_explorer(tmp_path_factory.mktemp("data"), toy_bundle) as (_, url):
+        yield url
 
 
 def test_explorer_in_chromium(page_url, tmp_path):
