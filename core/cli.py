@@ -505,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once when redirected to a log
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         from .bundle import UnknownWordsWarning

@@ -22,6 +22,12 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temp file onto ``path``, readable by all like any ordinary file (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: str | Path, data) -> None:
     """Write JSON to a temp file in the same folder and rename it, so readers never see half a file."""
     path = Path(path)
@@ -30,7 +36,7 @@ def write_json_atomic(path: str | Path, data) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -11,7 +11,7 @@ Spillover of erasing a on b is Delta(a -> b) = G_0(b) - G_a(b), same prompts and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
@@ -32,6 +32,7 @@ class CapabilitySpec:
     steps: int | None = None  # None: the model's default
     guidance_scale: float | None = None
     topk: int = 5
+    eta: float | None = None
 
     def __post_init__(self):
         if self.images_per_concept < 1 or self.topk < 1:
@@ -42,6 +43,12 @@ class CapabilitySpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, bundle: ModelBundle) -> "CapabilitySpec":
+        """The model's sampling defaults written in, so a graph records what it was measured with."""
+        return replace(self, steps=self.steps or bundle.default_steps,
+                       guidance_scale=bundle.default_guidance if self.guidance_scale is None else self.guidance_scale,
+                       eta=bundle.default_eta if self.eta is None else self.eta)
 
 
 class ToyEvaluator:
@@ -159,7 +166,7 @@ def capability(bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: Ca
     template = spec.template or concept_set.template
     prompts = [template.format(concept=n) for n in names]
     images = generate(bundle, prompts, spec.seeds(), steps=spec.steps, guidance_scale=spec.guidance_scale,
-                      progress=progress)
+                      progress=progress, eta=spec.eta)
     top = evaluator.topk(images, spec.topk).view(len(names), spec.images_per_concept, -1)
     rows = []
     for i, name in enumerate(names):
@@ -177,5 +184,5 @@ def toy_capability(bundle: ModelBundle, spec: CapabilitySpec, concepts: list[str
     cs = toy_set(bundle.world)
     if spec.template:
         spec = CapabilitySpec(spec.images_per_concept, spec.seed, spec.template.replace("{c}", "{concept}"),
-                              spec.steps, spec.guidance_scale, spec.topk)
+                              spec.steps, spec.guidance_scale, spec.topk, spec.eta)
     return capability(bundle, cs, ToyEvaluator(bundle, cs), spec, concepts, progress)

@@ -16,7 +16,7 @@ from pathlib import Path
 import networkx as nx
 import pandas as pd
 
-from ..manifest import write_json_atomic
+from ..manifest import publish, write_json_atomic
 
 NODES, EDGES, META = "nodes.csv", "edges.csv", "graph.json"
 EDGE_COLUMNS = ["erased", "affected", "G_before_top1", "G_after_top1", "delta_top1",
@@ -32,7 +32,7 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     os.close(fd)
     try:
         frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

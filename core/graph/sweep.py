@@ -84,6 +84,7 @@ def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Pat
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown backend {backend!r}; use local or ray")
     evaluator_name = evaluator_name or default_evaluator_name(bundle, concept_set)
+    spec = spec.resolved(bundle)
     base_source = bundle.extras.get("base_source", bundle.source)
     store = GraphStore(out_dir)
     store.open({"model": base_source, "model_kind": bundle.kind, "method": recipe.method, "preset": recipe.preset,

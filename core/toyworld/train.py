@@ -185,7 +185,7 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
                        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
                        "classifier": sum(p.numel() for p in classifier.parameters())},
         "latent": "pixel_unshuffle(2) of 32x32 RGB in [-1, 1] -> 16x16x12",
-        "sampling_defaults": {"scheduler": "DDIM", "steps": 25, "guidance_scale": 3.0, "eta": 1.0},
+        "sampling_defaults": {"scheduler": "DDIM", "steps": 10, "guidance_scale": 3.0, "eta": 1.0},
         "versions": environment_versions(),
     }
 
