@@ -2,12 +2,14 @@
 
 Environment: AGE_EXPLORER_MODEL (model, default toy), AGE_EXPLORER_DEVICE (auto/cpu/cuda),
 AGE_EXPLORER_DATA_DIR (jobs, runs, exports; default ./runs, or /data on a Space with storage),
+AGE_EXPLORER_MCP=1 (serve the read-only graph queries as MCP tools; needs `pip install "gradio[mcp]"`),
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, HF_TOKEN (Hub pushes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 
 from explorer.app import Settings, build_app
@@ -21,9 +23,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("AGE_EXPLORER_DATA_DIR"))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--mcp", action="store_true", default=os.environ.get("AGE_EXPLORER_MCP") == "1",
+                        help="also serve list_graphs, list_concepts, concept_spillover and nearest_concepts "
+                             "as MCP tools (needs gradio[mcp]); env AGE_EXPLORER_MCP=1")
     args = parser.parse_args()
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        parser.error('--mcp needs the MCP extra of gradio: pip install "gradio[mcp]"')
     demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir))
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port)
+    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
+                                                   mcp_server=args.mcp)
 
 
 if __name__ == "__main__":

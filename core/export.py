@@ -145,8 +145,10 @@ def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = True) -> str:
-    """Upload an export folder; the token comes from the argument or ``HF_TOKEN``."""
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = True,
+                repo_type: str = "model") -> str:
+    """Upload an export folder (or a Space folder, ``repo_type="space"``); the token comes from the
+    argument or ``HF_TOKEN``."""
     from huggingface_hub import HfApi, constants
 
     validate_repo_id(repo_id)
@@ -156,7 +158,10 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
     if constants.HF_HUB_OFFLINE:
         raise RuntimeError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to upload")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                             commit_message="Upload erased model from AGE Explorer")
+    if repo_type not in ("model", "space"):
+        raise ValueError(f"repo_type must be model or space, not {repo_type!r}")
+    space = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                             commit_message=f"Upload {'AGE Explorer Space' if space else 'erased model'} from AGE Explorer")
     return str(getattr(info, "commit_url", info))

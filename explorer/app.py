@@ -18,9 +18,10 @@ from core.imageio import grid, to_pil
 from core.runs import read_manifest
 from core.sampling import generate, parse_seeds
 
-from . import plots
+from . import plots, tools
 from .components import concept_graph
 from .service import Explorer, Settings, before_after_rows, prompt_for
+from .space import gpu
 
 __all__ = ["build_app", "Settings"]
 
@@ -210,6 +211,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         runs = list(ex.finished_runs())
         return gr.Dropdown(choices=runs, value=runs[0] if runs else None), gr.Dropdown(choices=runs, value=runs[0] if runs else None)
 
+    @gpu
     def show_before_after(run_label, seeds_text, progress=gr.Progress()):
         if not run_label:
             raise gr.Error("no finished run yet: erase a concept first")
@@ -239,6 +241,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         pair = (to_pil(before[0], 256), to_pil(after[0], 256))
         return items, pair
 
+    @gpu
     def spillover_row(run_label, progress=gr.Progress()):
         if not run_label:
             raise gr.Error("no finished run yet: erase a concept first")
@@ -248,8 +251,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         erased_name = manifest["concepts"][0]
         if erased_name not in concept_set.concepts:
             raise gr.Error(f"{erased_name!r} is not in the concept set, so it has no row")
-        spec = CapabilitySpec(images_per_concept=settings.spillover_images, seed=1000)
         bundle = ex.bundle()
+        spec = CapabilitySpec(images_per_concept=settings.spillover_images, seed=1000).resolved(bundle)
         evaluator = ToyEvaluator(bundle, concept_set) if ex.is_toy else load_evaluator(
             "hf:microsoft/resnet-50", bundle, concept_set)
         store = ex.user_graph(manifest["method"])
@@ -301,6 +304,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         return f"Pushed to `{repo_id}`: {url}"
 
     # ---- generate ------------------------------------------------------------------------------
+    @gpu
     def run_generate(prompt: str, seeds_text: str, model_choice: str, progress=gr.Progress()):
         try:
             seed_list = parse_seeds(seeds_text)
@@ -321,6 +325,44 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             if issubclass(w.category, UnknownWordsWarning):
                 gr.Warning(str(w.message))
         return [(to_pil(img, 128), f"seed {s}") for img, s in zip(images, seed_list)]
+
+    # ---- read-only queries (API endpoints; MCP tools when launched with mcp_server=True) -----------
+    def _answer(query, *args):
+        try:
+            return query(ex, *args)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+
+    def list_graphs() -> list[dict]:
+        """List the concept graphs: name, erasure method, preset, target, rows measured, images per concept."""
+        return _answer(tools.list_graphs)
+
+    def list_concepts(graph: str = "") -> list[dict]:
+        """List the concepts of a graph (default: the first) with their groups and baseline capability G0.
+
+        Args:
+            graph: a graph name from list_graphs, or empty for the first graph.
+        """
+        return _answer(tools.list_concepts, graph)
+
+    def concept_spillover(concept: str, graph: str = "") -> dict:
+        """How much erasing a concept lowered every other concept's capability (Δ = G0 − G after), largest first.
+
+        Args:
+            concept: the erased concept, e.g. "red circle".
+            graph: a graph name from list_graphs, or empty for the first graph.
+        """
+        return _answer(tools.concept_spillover, concept, graph)
+
+    def nearest_concepts(concept: str, k: int = 5, graph: str = "") -> list[dict]:
+        """The k concepts nearest to a concept in the spillover graph (largest mean Δ in both directions).
+
+        Args:
+            concept: a concept of the graph, e.g. "red circle".
+            k: how many neighbours to return.
+            graph: a graph name from list_graphs, or empty for the first graph.
+        """
+        return _answer(tools.nearest_concepts, concept, int(k), graph)
 
     # ---- layout --------------------------------------------------------------------------------
     with gr.Blocks(title="AGE Explorer") as demo:
@@ -427,5 +469,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate")
         export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export")
         push_btn.click(do_push, [export_folder, repo, token], push_md, api_name="push")
+        for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):
+            gr.api(query, api_name=query.__name__)
     demo.explorer = ex
     return demo

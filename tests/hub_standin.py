@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -53,7 +54,7 @@ class HubStandIn:
                         if item.get("key") == "file":
                             value = item["value"]
                             owner.files[value["path"]] = base64.b64decode(value["content"])
-                    repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                    repo = re.split(r"/api/(?:models|spaces)/", self.path)[1].split("/commit/")[0]
                     return self._reply(200, {"commitUrl": f"{owner.url}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40,
                                              "success": True})
                 return self._reply(404, {"error": f"unexpected POST {self.path}"})
@@ -61,7 +62,7 @@ class HubStandIn:
             def do_GET(self):
                 owner.requests.append({"method": "GET", "path": self.path,
                                        "authorization": self.headers.get("Authorization"), "body": b""})
-                if "/revision/" in self.path or self.path.startswith("/api/models/"):
+                if "/revision/" in self.path or self.path.startswith(("/api/models/", "/api/spaces/")):
                     return self._reply(200, {"id": "x", "sha": "1" * 40, "siblings": []})
                 return self._reply(404, {"error": f"unexpected GET {self.path}"})
 

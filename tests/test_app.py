@@ -38,8 +38,9 @@ def running_explorer(data_dir, bundle):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, toy_bundle):
-    with running_explorer(tmp_path_factory.mktemp("data"), toy_bundle) as (demo, url):
-        yield {"url": url, "graphs": list(demo.explorer.graph_dirs())}
+    data_dir = tmp_path_factory.mktemp("data")
+    with running_explorer(data_dir, toy_bundle) as (demo, url):
+        yield {"url": url, "graphs": list(demo.explorer.graph_dirs()), "data_dir": data_dir}
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,32 @@ def test_bad_inputs_get_messages(client):
         client.predict(["red circle"], "", "age", "toy", 5, -1.0, "gumbel", "", api_name="/start_erase")
     with pytest.raises(Exception, match="unknown job id"):
         client.predict("nope", api_name="/job_status")
+
+
+def test_read_only_graph_queries(client, server):
+    import pandas as pd
+
+    name = next(g for g in server["graphs"] if g.startswith("test-esd"))
+    graphs = {g["graph"]: g for g in client.predict(api_name="/list_graphs")}
+    assert graphs[name]["method"] == "esd" and graphs[name]["rows"] == 3 and graphs[name]["concepts"] == 3
+    concepts = client.predict(name, api_name="/list_concepts")
+    assert [c["concept"] for c in concepts] == ["red circle", "blue circle", "red square"]
+    assert concepts[0]["shape"] == "circle" and concepts[0]["colour"] == "red" and 0 <= concepts[0]["G0"] <= 1
+
+    edges = pd.read_csv(server["data_dir"] / "graphs" / "test-esd" / "edges.csv")
+    row = edges[(edges.erased == "red circle") & (edges.affected != "red circle")]
+    spill = client.predict("red circle", name, api_name="/concept_spillover")
+    assert {s["concept"]: s["delta"] for s in spill["spillover"]} == pytest.approx(
+        dict(zip(row.affected, row.delta_top1)), abs=1e-4)
+    deltas = [s["delta"] for s in spill["spillover"]]
+    assert deltas == sorted(deltas, reverse=True)
+
+    nearest = client.predict("red circle", 1, name, api_name="/nearest_concepts")
+    both = {c: (row.set_index("affected").delta_top1[c]
+                + edges[(edges.erased == c) & (edges.affected == "red circle")].delta_top1.iloc[0]) / 2
+            for c in row.affected}
+    assert len(nearest) == 1 and nearest[0]["concept"] == max(both, key=both.get)
+    with pytest.raises(Exception, match="no row for 'green ring'|not a concept"):
+        client.predict("green ring", name, api_name="/concept_spillover")
+    with pytest.raises(Exception, match="unknown graph"):
+        client.predict("nope", api_name="/list_concepts")
