@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra of gradio: pip install "gradio[mcp]"')
-    demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir))
+    demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp))
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    mcp_server=args.mcp)
 

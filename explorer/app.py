@@ -43,6 +43,9 @@ def _progress_html(job) -> str:
 def build_app(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings()
     ex = Explorer(settings)
+    # With MCP on, only the read-only graph queries are public, so only they become MCP tools; the
+    # page's own endpoints stay callable by clients ("undocumented").
+    ui_api = "undocumented" if settings.mcp else "public"
     graphs = ex.graph_dirs()
     graph_names = list(graphs)
     first = GraphStore(graphs[graph_names[0]]) if graph_names else None
@@ -450,25 +453,25 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         graph_outs = [graph_view, heatmap, details, row_plot]
         for trigger in (graph_dd.change, threshold.release, group_radio.change):
             trigger(graph_outputs, graph_inputs, graph_outs, api_visibility="private")
-        concept_dd.change(graph_outputs, graph_inputs, graph_outs, api_name="select_concept")
+        concept_dd.change(graph_outputs, graph_inputs, graph_outs, api_name="select_concept", api_visibility=ui_api)
         graph_view.select(on_node_click, None, concept_dd, api_visibility="private")
         other_dd.change(difference, [graph_dd, other_dd, group_radio], diff_plot, api_visibility="private")
-        umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap")
-        scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity")
+        umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap", api_visibility=ui_api)
+        scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity", api_visibility=ui_api)
         start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target],
-                        [job_id, saved_job, timer, history, queue_md], api_name="start_erase")
+                        [job_id, saved_job, timer, history, queue_md], api_name="start_erase", api_visibility=ui_api)
         timer.tick(tick, [job_id, history], [timer, progress_html, status_md, loss_plot, targets_plot, preview, history],
                    show_progress="hidden", api_visibility="private")
         job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
-        job_box.submit(job_status_json, job_box, job_json, api_name="job_status")
-        cancel_btn.click(cancel, job_id, queue_md, api_name="cancel")
+        job_box.submit(job_status_json, job_box, job_json, api_name="job_status", api_visibility=ui_api)
+        cancel_btn.click(cancel, job_id, queue_md, api_name="cancel", api_visibility=ui_api)
         demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
-        refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs")
-        show_btn.click(show_before_after, [run_dd, seeds], [gallery, slider], api_name="before_after")
-        spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover")
-        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate")
-        export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export")
-        push_btn.click(do_push, [export_folder, repo, token], push_md, api_name="push")
+        refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
+        show_btn.click(show_before_after, [run_dd, seeds], [gallery, slider], api_name="before_after", api_visibility=ui_api)
+        spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api)
+        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate", api_visibility=ui_api)
+        export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export", api_visibility=ui_api)
+        push_btn.click(do_push, [export_folder, repo, token], push_md, api_name="push", api_visibility=ui_api)
         for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):
             gr.api(query, api_name=query.__name__)
     demo.explorer = ex

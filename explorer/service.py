@@ -27,6 +27,7 @@ class Settings:
     dtype: str = "float32"
     data_dir: str | None = None
     start_worker: bool = True
+    mcp: bool = False  # launched with mcp_server=True: only the read-only queries are public API
     # images per concept of a spillover row computed from the page; as the shipped graphs, since at 16
     # differences under ~0.05 are noise
     spillover_images: int = 32

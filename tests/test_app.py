@@ -133,3 +133,38 @@ def test_read_only_graph_queries(client, server):
         client.predict("green ring", name, api_name="/concept_spillover")
     with pytest.raises(Exception, match="unknown graph"):
         client.predict("nope", api_name="/list_concepts")
+
+
+def test_mcp_serves_only_the_read_only_queries(tmp_path, toy_bundle):
+    import asyncio
+
+    import requests
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    tiny_graph(tmp_path, toy_bundle)
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False, mcp=True))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        mcp_server=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        schema = requests.get(f"{url}/gradio_api/mcp/schema", timeout=30).json()
+        assert sorted(t["name"] for t in schema) == ["concept_spillover", "list_concepts", "list_graphs",
+                                                     "nearest_concepts"]
+        assert all(t["description"] for t in schema)
+        name = next(g for g in demo.explorer.graph_dirs() if g.startswith("test-esd"))
+
+        async def call():
+            async with streamablehttp_client(f"{url}/gradio_api/mcp/") as (read, write, _):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    return await session.call_tool("concept_spillover", {"concept": "red circle", "graph": name})
+
+        result = asyncio.run(call())
+        assert not result.isError
+        assert "blue circle" in result.content[0].text and "red square" in result.content[0].text
+        # the page's endpoints are still callable by clients, just not advertised as tools
+        assert Client(url + "/", verbose=False).predict(api_name="/runs") is not None
+    finally:
+        demo.close()
