@@ -1,0 +1,124 @@
+"""Load test of the explorer: simulated users browse graphs and generate images while one erasure runs.
+
+Starts the app on a free local port (toy model, a fresh data dir), runs the same erasure twice
+through the page's API, first alone and then while ``--users`` gradio_client threads keep
+selecting concepts, reading spillover rows and generating images, and prints a table: requests
+served, errors, latency percentiles per endpoint, the erasure's time alone and under load, and
+whether both runs produced the same weights (same checksum of the delta).
+
+    python scripts/load_test.py --users 10 --iterations 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from gradio_client import Client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from core.runs import read_manifest  # noqa: E402
+from explorer.app import Settings, build_app  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def erase_and_wait(client: Client, concept: str, iterations: int) -> tuple[dict, float]:
+    start = time.time()
+    job_id, *_ = client.predict([concept], "", "age", "toy", iterations, 1.0, "gumbel", "", api_name="/start_erase")
+    while True:
+        status = json.loads(client.predict(job_id, api_name="/job_status"))
+        if status["status"] in ("done", "failed", "cancelled", "interrupted"):
+            return status, time.time() - start
+        time.sleep(0.5)
+
+
+def user(url: str, graph: str, concepts: list[str], stop: threading.Event, seed: int,
+         latencies: dict, errors: list, lock: threading.Lock) -> None:
+    rng = random.Random(seed)
+    client = Client(url, verbose=False)
+    actions = [
+        ("select_concept", lambda c: client.predict(graph, 0.3, "shape", c, api_name="/select_concept")),
+        ("concept_spillover", lambda c: client.predict(c, graph, api_name="/concept_spillover")),
+        ("generate", lambda c: client.predict(f"a {c}", f"{rng.randrange(100)}-{rng.randrange(100, 102)}",
+                                              "original", api_name="/generate")),
+    ]
+    while not stop.is_set():
+        name, action = rng.choice(actions)
+        start = time.time()
+        try:
+            action(rng.choice(concepts))
+            with lock:
+                latencies[name].append(time.time() - start)
+        except Exception as err:  # recorded and reported: the point is to count them
+            with lock:
+                errors.append(f"{name}: {err}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=40, help="model steps of the erasure (toy preset)")
+    parser.add_argument("--concept", default="red circle")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        demo = build_app(Settings(model="toy", device="cpu", data_dir=data_dir))
+        port = free_port()
+        demo.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
+                                                       prevent_thread_lock=True, quiet=True)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            graphs = list(demo.explorer.graph_dirs())
+            if not graphs:
+                print("no graph to browse: assets/graphs is empty", file=sys.stderr)
+                return 2
+            graph = graphs[0]
+            concepts = demo.explorer.bundle().world.names
+            client = Client(url, verbose=False)
+
+            alone, alone_s = erase_and_wait(client, args.concept, args.iterations)
+            latencies, errors, lock, stop = defaultdict(list), [], threading.Lock(), threading.Event()
+            threads = [threading.Thread(target=user, args=(url, graph, concepts, stop, i, latencies, errors, lock))
+                       for i in range(args.users)]
+            for t in threads:
+                t.start()
+            loaded, loaded_s = erase_and_wait(client, args.concept, args.iterations)
+            stop.set()
+            for t in threads:
+                t.join()
+        finally:
+            demo.close()
+            demo.explorer.worker.stop(10)
+
+        sums = [read_manifest(Path(s["artifacts"]["run_dir"]))["delta_sha256"] if s["status"] == "done" else None
+                for s in (alone, loaded)]
+    print(f"{args.users} users for {loaded_s:.0f} s against graph {graph!r}")
+    print(f"{'endpoint':<20}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
+    for name, values in sorted(latencies.items()):
+        v = np.array(values)
+        print(f"{name:<20}{len(v):>9}{np.percentile(v, 50):>8.2f}{np.percentile(v, 95):>8.2f}{v.max():>8.2f}")
+    print(f"errors: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:10]))
+    print(f"erasure alone: {alone['status']} in {alone_s:.0f} s; under load: {loaded['status']} in {loaded_s:.0f} s")
+    same = sums[0] is not None and sums[0] == sums[1]
+    print(f"same weights alone and under load: {same} ({sums[0]} / {sums[1]})")
+    ok = not errors and alone["status"] == loaded["status"] == "done" and same
+    print("result:", "all requests served, erasure unaffected" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
