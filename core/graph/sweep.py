@@ -76,23 +76,29 @@ def base_nodes(bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: Ca
     return nodes
 
 
-def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Path, recipe: RowRecipe,
-                spec: CapabilitySpec = CapabilitySpec(), evaluator_name: str | None = None,
-                rows: list[str] | None = None, backend: str = "local", ray_address: str | None = None,
-                progress: bool = True, log=print) -> GraphStore:
-    """Compute the missing rows of the graph in ``out_dir`` (all concepts by default)."""
-    if backend not in ("local", "ray"):
-        raise ValueError(f"unknown backend {backend!r}; use local or ray")
+def open_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Path, recipe: RowRecipe,
+               spec: CapabilitySpec = CapabilitySpec(), evaluator_name: str | None = None,
+               log=print, nodes: pd.DataFrame | None = None) -> tuple[GraphStore, CapabilitySpec, object, pd.DataFrame]:
+    """Open (or create) the graph folder of ``recipe`` and make sure G_0 is in it.
+
+    ``nodes``: G_0 already measured with the same model and spec (another graph's), written
+    instead of measured again.
+
+    Returns the store, the spec with the model's sampling settings written in, the evaluator and
+    the nodes. A folder made another way is refused (:class:`GraphMismatchError`).
+    """
     evaluator_name = evaluator_name or default_evaluator_name(bundle, concept_set)
     spec = spec.resolved(bundle)
-    base_source = bundle.extras.get("base_source", bundle.source)
     store = GraphStore(out_dir)
-    store.open({"model": base_source, "model_kind": bundle.kind, "method": recipe.method, "preset": recipe.preset,
+    store.open({"model": bundle.extras.get("base_source", bundle.source), "model_kind": bundle.kind,
+                "method": recipe.method, "preset": recipe.preset,
                 "target": recipe.options.get("target"), "options": recipe.options, "evaluator": evaluator_name,
                 "concept_set": concept_set.to_dict(), "template": spec.template or concept_set.template,
                 "capability": spec.to_dict(), "seeds": spec.seeds(), "images_per_concept": spec.images_per_concept,
                 "versions": environment_versions()})
     evaluator = load_evaluator(evaluator_name, bundle, concept_set)
+    if store.nodes() is None and nodes is not None:
+        store.write_nodes(nodes)
     nodes = store.nodes()
     if nodes is None:
         start = time.time()
@@ -100,6 +106,17 @@ def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Pat
         store.write_nodes(nodes)
         store.update_meta(baseline_seconds=round(time.time() - start, 1))
         log(f"G_0 of {len(nodes)} concepts in {time.time() - start:.0f} s")
+    return store, spec, evaluator, nodes
+
+
+def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Path, recipe: RowRecipe,
+                spec: CapabilitySpec = CapabilitySpec(), evaluator_name: str | None = None,
+                rows: list[str] | None = None, backend: str = "local", ray_address: str | None = None,
+                progress: bool = True, log=print) -> GraphStore:
+    """Compute the missing rows of the graph in ``out_dir`` (all concepts by default)."""
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown backend {backend!r}; use local or ray")
+    store, spec, evaluator, nodes = open_graph(bundle, concept_set, out_dir, recipe, spec, evaluator_name, log)
     wanted = rows or concept_set.concepts
     unknown = [c for c in wanted if c not in concept_set.concepts]
     if unknown:
@@ -114,8 +131,8 @@ def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Pat
             store.add_row(concept, row, seconds)
             log(f"row {concept}: {seconds:.1f} s")
     else:
-        _ray_rows(store, base_source, bundle, concept_set, evaluator_name, spec, recipe, todo, nodes,
-                  ray_address, progress, log)
+        _ray_rows(store, bundle.extras.get("base_source", bundle.source), bundle, concept_set, evaluator.name,
+                  spec, recipe, todo, nodes, ray_address, progress, log)
     return store
 
 

@@ -3,7 +3,12 @@
 For each erased concept and each method variant: erase, then measure G on all 25 concepts with the
 same prompts and seeds as the original model, plus G of the erased concept under a paraphrased
 template. Spillover Delta = G_0 - G_after, averaged over the 4 same-shape, 4 same-colour and 16
-unrelated concepts. Results are appended to a CSV as they come, so a killed comparison resumes.
+unrelated concepts.
+
+Each variant's measurements are rows of a concept graph (``OUT/graphs/<variant>``, the same files
+and settings as ``age-explorer graph``), so a comparison and a graph share their rows: the compare
+reuses rows already measured, and ``age-explorer graph`` completes a compare's graph. Results are
+appended to a CSV as they come, so a killed comparison resumes.
 """
 
 from __future__ import annotations
@@ -15,46 +20,65 @@ from pathlib import Path
 import pandas as pd
 
 from ..bundle import ModelBundle, load_bundle
-from ..erasure import erase, make_config
-from ..graph.capability import CapabilitySpec, toy_capability
+from ..erasure import erase
+from ..graph.capability import CapabilitySpec, capability
+from ..graph.concept_sets import load_concept_set
+from ..graph.sweep import RowRecipe, measure_row, open_graph
 from ..runs import is_run_dir
 
 
 def read_manifest_status(run_dir: Path) -> str | None:
     return json.loads((run_dir / "manifest.json").read_text()).get("status")
 
+
 DEFAULT_CONCEPTS = ["red circle", "blue square", "yellow triangle", "green cross", "purple ring"]
+# The same recipes as `age-explorer graph --method esd --target ""` and `--method age [--search damage]`.
 VARIANTS = {
-    "ESD ''": ("esd", "toy-esd", {}),
-    "AGE (paper search)": ("age", "toy", {}),
-    "AGE (damage search)": ("age", "toy", {"target_search": "damage"}),
-    "AGE fast (paper search)": ("age", "toy-fast", {}),
-    "AGE fast (damage search)": ("age", "toy-fast", {"target_search": "damage"}),
+    "ESD ''": RowRecipe("esd", "toy-esd", {"target": ""}),
+    "AGE (paper search)": RowRecipe("age", "toy", {}),
+    "AGE (damage search)": RowRecipe("age", "toy", {"target_search": "damage"}),
+    "AGE fast (paper search)": RowRecipe("age", "toy-fast", {}),
+    "AGE fast (damage search)": RowRecipe("age", "toy-fast", {"target_search": "damage"}),
 }
 DEFAULT_VARIANTS = ["ESD ''", "AGE (paper search)", "AGE (damage search)"]
 
 
+def variant_slug(variant: str) -> str:
+    return "-".join("".join(ch if ch.isalnum() else " " for ch in variant.lower()).split())
+
+
 def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None = None,
             variants: list[str] | None = None, spec: CapabilitySpec = CapabilitySpec(),
-            log=print) -> pd.DataFrame:
+            overrides: dict | None = None, log=print) -> pd.DataFrame:
+    """``overrides``: config changes applied to every variant (e.g. fewer iterations for a quick check);
+    they are part of each graph's recipe, so such graphs are kept apart from the full ones."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = bundle.world
+    concept_set = load_concept_set("toy", world)
     concepts = concepts or DEFAULT_CONCEPTS
     variants = variants or DEFAULT_VARIANTS
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    paraphrase = world.paraphrase_templates[0]
+    recipes = {v: RowRecipe(VARIANTS[v].method, VARIANTS[v].preset, {**VARIANTS[v].options, **(overrides or {})})
+               for v in variants}
+    graphs = {}
+    for v in variants:  # G_0 is measured once and shared: same model, prompts and seeds
+        known = next(iter(graphs.values()))[3] if graphs else None
+        graphs[v] = open_graph(bundle, concept_set, out / "graphs" / variant_slug(v), recipes[v], spec, "toy",
+                               log, nodes=known)
+    _, spec, evaluator, nodes = graphs[variants[0]]
+    paraphrase = world.paraphrase_templates[0].replace("{c}", "{concept}")
     para_spec = CapabilitySpec(spec.images_per_concept, spec.seed + 10_000, paraphrase, spec.steps,
-                               spec.guidance_scale, spec.topk)
+                               spec.guidance_scale, spec.topk, spec.eta)
     base_file = out / "baseline.csv"
     if base_file.exists():
         base = pd.read_csv(base_file)
     else:
-        base = toy_capability(bundle, spec).merge(
-            toy_capability(bundle, para_spec, concepts).rename(columns=lambda c: c if c == "concept" else "para_" + c),
-            on="concept", how="left")
+        base = nodes[["concept", "G0_top1"]].rename(columns={"G0_top1": "G_top1"}).merge(
+            capability(bundle, concept_set, evaluator, para_spec, concepts)[["concept", "G_top1"]]
+            .rename(columns={"G_top1": "para_G_top1"}), on="concept", how="left")
         base.to_csv(base_file, index=False)
     g0 = dict(zip(base.concept, base.G_top1))
     p0 = dict(zip(base.concept, base.para_G_top1))
@@ -64,22 +88,25 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
         for variant in variants:
             if ((done.variant == variant) & (done.concept == concept)).any():
                 continue
-            method, preset, overrides = VARIANTS[variant]
-            slug = "".join(ch if ch.isalnum() else "-" for ch in variant.lower()).strip("-")
-            run_dir = out / "runs" / f"{slug}-{concept.replace(' ', '_')}"
+            store, _, _, nodes = graphs[variant]
+            run_dir = out / "runs" / f"{variant_slug(variant)}-{concept.replace(' ', '_')}"
             start = time.time()
-            config = make_config(method, preset, concepts=[concept], **overrides)
             if is_run_dir(run_dir) and read_manifest_status(run_dir) == "done":
                 # Killed after the erasure, before its evaluation: reuse the finished run.
                 manifest = json.loads((run_dir / "manifest.json").read_text())
                 erase_seconds = manifest["seconds"]
             else:
-                manifest = erase(bundle, config, run_dir, resume=(run_dir / "checkpoint").exists()).manifest
+                manifest = erase(bundle, recipes[variant].config(concept), run_dir,
+                                 resume=(run_dir / "checkpoint").exists()).manifest
                 erase_seconds = time.time() - start
             erased = load_bundle(str(run_dir), device=bundle.device)
-            after = toy_capability(erased, spec)
-            para = toy_capability(erased, para_spec, [concept])
-            g = dict(zip(after.concept, after.G_top1))
+            if concept in store.rows_done():
+                measured = store.edges()[lambda e: e.erased == concept]
+            else:
+                measured = measure_row(bundle, erased, concept_set, evaluator, spec, concept, nodes)
+                store.add_row(concept, measured, time.time() - start)
+            para = capability(erased, concept_set, evaluator, para_spec, [concept])
+            g = dict(zip(measured.affected, measured.G_after_top1))
             delta = {c: g0[c] - g[c] for c in world.names}
             row = {"variant": variant, "concept": concept,
                    "G_before": g0[concept], "G_after": g[concept],
