@@ -26,6 +26,7 @@ from .space import gpu
 __all__ = ["build_app", "Settings"]
 
 MAX_SEEDS = 8
+PRESET_VOCAB = "(preset)"
 EMPTY_FIG = "{}"
 
 
@@ -133,7 +134,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         return plots.scatter_figure(pairs, measure)
 
     # ---- erase ---------------------------------------------------------------------------------
-    def start_erase(chosen, free_text, method, preset, iterations, lam, search, target):
+    def start_erase(chosen, free_text, method, preset, iterations, lam, search, target, vocab=PRESET_VOCAB,
+                    own_candidates=""):
         names = list(chosen or []) + [c.strip() for c in (free_text or "").split(",") if c.strip()]
         if not names:
             raise gr.Error("pick at least one concept to erase")
@@ -148,6 +150,17 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             if lam is not None:
                 options["lam"] = float(lam)
             options["target_search"] = search
+            candidates = [c.strip() for c in (own_candidates or "").split(",") if c.strip()]
+            if candidates:
+                unknown = sorted({w for c in candidates for w in ex.bundle().unknown_words(c)}) if ex.is_toy else []
+                if unknown:
+                    raise gr.Error(f"the toy model does not know {', '.join(unknown)}; "
+                                   f"its words: {', '.join(ex.bundle().vocabulary())}")
+                options["candidates"] = candidates
+            elif vocab and vocab != PRESET_VOCAB:
+                if ex.is_toy and vocab != "toy":
+                    raise gr.Error(f"the toy model knows only its own words: use the 'toy' vocabulary, not {vocab!r}")
+                options["vocab"] = vocab
         elif target is not None:
             options["target"] = target
         options["checkpoint_every"] = 25
@@ -228,21 +241,25 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         manifest = read_manifest(Path(run_dir))
         rows = before_after_rows(ex, manifest)
         base, erased = ex.bundle(), ex.erased_bundle(run_dir)
+        esd_dir = ex.esd_counterpart(run_dir, manifest)
+        models = [("original", base), ("erased", erased)]
+        if esd_dir:
+            models.append(("ESD " + repr(read_manifest(Path(esd_dir))["config"].get("target", "")), ex.erased_bundle(esd_dir)))
         prompts = [prompt_for(ex, c) for _, c in rows]
-        progress(0.1, desc="original model")
+        images = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnknownWordsWarning)
-            before = generate(base, prompts, seeds)
-            progress(0.55, desc="erased model")
-            after = generate(erased, prompts, seeds)
+            for i, (name, bundle) in enumerate(models):
+                progress(i / len(models), desc=f"{name} model")
+                images.append(generate(bundle, prompts, seeds))
         n = len(seeds)
+        size = 96 * n if base.kind == "toy" else None
         items = []
         for i, (label, concept) in enumerate(rows):
-            size = 96 * n if base.kind == "toy" else None
-            items.append((to_pil(grid(before[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, original"))
-            items.append((to_pil(grid(after[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, erased"))
-        pair = (to_pil(before[0], 256), to_pil(after[0], 256))
-        return items, pair
+            for (name, _), batch in zip(models, images):
+                items.append((to_pil(grid(batch[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, {name}"))
+        pair = (to_pil(images[0][0], 256), to_pil(images[1][0], 256))
+        return gr.Gallery(value=items, columns=len(models)), pair
 
     @gpu
     def spillover_row(run_label, progress=gr.Progress()):
@@ -387,14 +404,14 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 row_plot = gr.Plot(label="Spillover of the selected concept")
                 heatmap = gr.Plot(init[1], label="Δ heatmap")
                 with gr.Row():
-                    other_dd = gr.Dropdown(["(none)"] + graph_names, value="(none)", label="Compare with")
-                diff_plot = gr.Plot(label="Difference")
+                    other_dd = gr.Dropdown(["(none)"] + graph_names, value="(none)", label="Compare with", elem_id="compare_dd")
+                diff_plot = gr.Plot(label="Difference", elem_id="diff_plot")
                 with gr.Row():
-                    umap_btn = gr.Button("UMAP of the concepts")
+                    umap_btn = gr.Button("UMAP of the concepts", elem_id="umap_btn")
                     measure = gr.Radio(["text_l2", "text_cosine", "output_distance"], value="text_l2", label="Similarity measure")
-                    scatter_btn = gr.Button("Similarity vs Δ")
-                umap_plot = gr.Plot()
-                scatter_plot = gr.Plot()
+                    scatter_btn = gr.Button("Similarity vs Δ", elem_id="scatter_btn")
+                umap_plot = gr.Plot(elem_id="umap_plot")
+                scatter_plot = gr.Plot(elem_id="scatter_plot")
             with gr.Tab("Erase", id="erase"):
                 with gr.Row():
                     erase_choice = gr.Dropdown(concepts if ex.is_toy else [], multiselect=True, label="Concepts to erase", elem_id="erase_concepts")
@@ -406,6 +423,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     lam = gr.Number(value=1.0, label="λ (AGE)")
                     search = gr.Radio(["gumbel", "damage"], value="gumbel", label="AGE target search")
                     target = gr.Textbox(value="", label="ESD/UCE target")
+                with gr.Row():
+                    vocab = gr.Dropdown([PRESET_VOCAB, "toy"] if ex.is_toy else [PRESET_VOCAB, "imagenet", "en3k"],
+                                        value=PRESET_VOCAB, label="AGE candidate vocabulary")
+                    own_candidates = gr.Textbox(label="or your own candidates (comma-separated)")
                 with gr.Row():
                     start_btn = gr.Button("Erase", variant="primary", elem_id="start_btn")
                     cancel_btn = gr.Button("Cancel", elem_id="cancel_btn")
@@ -423,7 +444,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     refresh_btn = gr.Button("Refresh runs")
                     seeds = gr.Textbox("0-3", label="Seeds")
                     show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
-                gallery = gr.Gallery(columns=2, label="original | erased, same seeds", elem_id="before_after",
+                gallery = gr.Gallery(columns=2, label="original | erased (| ESD of the same concepts, when run), same seeds",
+                                     elem_id="before_after",
                                      object_fit="contain", height="auto")
                 slider = gr.ImageSlider(label="one pair", type="pil", elem_id="slider")
                 spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
@@ -440,8 +462,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 with gr.Row():
                     export_run_dd = gr.Dropdown(list(ex.finished_runs()), label="Finished run")
                     fmt = gr.Radio(["delta", "diffusers"], value="delta", label="Format")
-                    export_btn = gr.Button("Export", variant="primary")
-                files = gr.File(label="Download", file_count="multiple")
+                    export_btn = gr.Button("Export", variant="primary", elem_id="export_btn")
+                files = gr.File(label="Download", file_count="multiple", elem_id="export_files")
                 export_folder = gr.Textbox(label="Export folder", interactive=False)
                 with gr.Row():
                     repo = gr.Textbox(label="Hub repo id (owner/name)")
@@ -458,7 +480,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         other_dd.change(difference, [graph_dd, other_dd, group_radio], diff_plot, api_visibility="private")
         umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap", api_visibility=ui_api)
         scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity", api_visibility=ui_api)
-        start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target],
+        start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target,
+                                      vocab, own_candidates],
                         [job_id, saved_job, timer, history, queue_md], api_name="start_erase", api_visibility=ui_api)
         timer.tick(tick, [job_id, history], [timer, progress_html, status_md, loss_plot, targets_plot, preview, history],
                    show_progress="hidden", api_visibility="private")

@@ -114,6 +114,19 @@ class Explorer:
                 runs[label] = job.artifacts["run_dir"]
         return runs
 
+    def esd_counterpart(self, run_dir: str, manifest: dict) -> str | None:
+        """The newest finished ESD run of the same concepts, to show beside an AGE run."""
+        if manifest.get("method") != "age":
+            return None
+        from core.runs import read_manifest
+
+        for other in self.finished_runs().values():
+            if other != run_dir:
+                theirs = read_manifest(Path(other))
+                if theirs.get("method") == "esd" and list(theirs["concepts"]) == list(manifest["concepts"]):
+                    return other
+        return None
+
     def export_zip(self, folder: Path) -> Path:
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
         return Path(archive)

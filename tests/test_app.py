@@ -96,12 +96,25 @@ def test_whole_erase_flow(client):
     names = sorted(str(f).rsplit("/", 1)[-1] for f in files)
     assert names == ["README.md", "delta.safetensors", "manifest.json"]
 
+    # once an ESD run of the same concept exists, the AGE before/after shows it in a third column
+    esd_id, *_ = client.predict(["red circle"], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", api_name="/start_erase")
+    while json.loads(client.predict(esd_id, api_name="/job_status"))["status"] not in ("done", "failed", "cancelled"):
+        time.sleep(0.5)
+    gallery, _ = client.predict(label, "0", api_name="/before_after")
+    captions = [item["caption"] for item in gallery]
+    assert captions[:3] == ["erased: red circle, original", "erased: red circle, erased", "erased: red circle, ESD ''"]
+
 
 def test_bad_inputs_get_messages(client):
     with pytest.raises(Exception, match="pick at least one concept"):
         client.predict([], "", "age", "toy", 5, 1.0, "gumbel", "", api_name="/start_erase")
     with pytest.raises(Exception, match="lambda must be"):
         client.predict(["red circle"], "", "age", "toy", 5, -1.0, "gumbel", "", api_name="/start_erase")
+    with pytest.raises(Exception, match="does not know spaceship"):
+        client.predict(["red circle"], "", "age", "toy", 5, 1.0, "gumbel", "", "(preset)", "blue circle, spaceship",
+                       api_name="/start_erase")
+    with pytest.raises(Exception, match="en3k"):  # not offered on the toy model
+        client.predict(["red circle"], "", "age", "toy", 5, 1.0, "gumbel", "", "en3k", "", api_name="/start_erase")
     with pytest.raises(Exception, match="unknown job id"):
         client.predict("nope", api_name="/job_status")
 
