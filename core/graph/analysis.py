@@ -138,10 +138,15 @@ def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame
     loc = locality(store, concept_set)
     mean = loc[loc.erased == "(mean)"].iloc[0]
     lines.append("1. locality (mean Delta top-1):")
+    unrelated = mean["unrelated"]
     for grouping in concept_set.groups:
-        lines.append(f"   {grouping} groups: inside {mean[f'in_{grouping}']:.3f}, outside {mean[f'out_{grouping}']:.3f}"
-                     f" (ratio {mean[f'in_{grouping}'] / max(abs(mean[f'out_{grouping}']), 1e-3):.1f}x)")
-    lines.append(f"   related by no group: {mean['unrelated']:.3f}; the erased concept itself: {mean['self']:.3f}")
+        inside, outside = mean[f"in_{grouping}"], mean[f"out_{grouping}"]
+        line = (f"   {grouping} groups: inside {inside:.3f}, outside {outside:.3f} "
+                f"(ratio {inside / max(abs(outside), 1e-3):.1f}x)")
+        if len(concept_set.groups) > 1:  # "outside" one grouping still holds the neighbours of the others
+            line += f"; vs related by no group {unrelated:.3f} ({inside / max(abs(unrelated), 1e-3):.1f}x)"
+        lines.append(line)
+    lines.append(f"   related by no group: {unrelated:.3f}; the erased concept itself: {mean['self']:.3f}")
     asym = asymmetry(store, top=3)
     lines.append(f"2. asymmetry: ||D - D^T|| / ||D|| = {asymmetry_score(store):.2f}; most asymmetric pairs: " +
                  "; ".join(f"{r.a} -> {r.b} {r.delta_ab:.2f} vs {r.delta_ba:.2f}" for r in asym.itertuples()))
