@@ -38,7 +38,7 @@ def free_port() -> int:
 
 def erase_and_wait(client: Client, concept: str, iterations: int) -> tuple[dict, float]:
     start = time.time()
-    job_id, *_ = client.predict([concept], "", "age", "toy", iterations, 1.0, "gumbel", "", api_name="/start_erase")
+    job_id, *_ = client.predict([concept], "", "age", "toy", iterations, 1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
     while True:
         status = json.loads(client.predict(job_id, api_name="/job_status"))
         if status["status"] in ("done", "failed", "cancelled", "interrupted"):

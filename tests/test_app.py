@@ -66,7 +66,7 @@ def test_selecting_a_concept_shows_its_row(client, server):
 
 
 def test_whole_erase_flow(client):
-    job_id, *_ = client.predict(["red circle"], "", "age", "toy", 6, 1.0, "damage", "", api_name="/start_erase")
+    job_id, *_ = client.predict(["red circle"], "", "age", "toy", 6, 1.0, "damage", "", "(preset)", "", api_name="/start_erase")
     assert job_id
     deadline, status = time.time() + 300, None
     seen_steps = set()
@@ -84,7 +84,8 @@ def test_whole_erase_flow(client):
     label = runs["value"]
     assert "red circle" in label
     gallery, pair = client.predict(label, "0-1", api_name="/before_after")
-    captions = [item["caption"] for item in gallery]
+    assert gallery["columns"] == 2  # original | erased
+    captions = [item["caption"] for item in gallery["value"]]
     assert captions[0] == "erased: red circle, original" and captions[1] == "erased: red circle, erased"
     assert any("same shape" in c for c in captions) and any("unrelated" in c for c in captions)
     assert len(pair) == 2
@@ -97,19 +98,20 @@ def test_whole_erase_flow(client):
     assert names == ["README.md", "delta.safetensors", "manifest.json"]
 
     # once an ESD run of the same concept exists, the AGE before/after shows it in a third column
-    esd_id, *_ = client.predict(["red circle"], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", api_name="/start_erase")
+    esd_id, *_ = client.predict(["red circle"], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
     while json.loads(client.predict(esd_id, api_name="/job_status"))["status"] not in ("done", "failed", "cancelled"):
         time.sleep(0.5)
     gallery, _ = client.predict(label, "0", api_name="/before_after")
-    captions = [item["caption"] for item in gallery]
+    assert gallery["columns"] == 3
+    captions = [item["caption"] for item in gallery["value"]]
     assert captions[:3] == ["erased: red circle, original", "erased: red circle, erased", "erased: red circle, ESD ''"]
 
 
 def test_bad_inputs_get_messages(client):
     with pytest.raises(Exception, match="pick at least one concept"):
-        client.predict([], "", "age", "toy", 5, 1.0, "gumbel", "", api_name="/start_erase")
+        client.predict([], "", "age", "toy", 5, 1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
     with pytest.raises(Exception, match="lambda must be"):
-        client.predict(["red circle"], "", "age", "toy", 5, -1.0, "gumbel", "", api_name="/start_erase")
+        client.predict(["red circle"], "", "age", "toy", 5, -1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
     with pytest.raises(Exception, match="does not know spaceship"):
         client.predict(["red circle"], "", "age", "toy", 5, 1.0, "gumbel", "", "(preset)", "blue circle, spaceship",
                        api_name="/start_erase")
