@@ -90,10 +90,12 @@ class Explorer:
         found = {}
         for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
             if root.is_dir():
-                for folder in sorted(root.iterdir()):
-                    store = GraphStore(folder)
-                    if store.exists and store.nodes() is not None and store.meta().get("model") == self.settings.model:
-                        found[f"{folder.name} ({tag})"] = folder
+                stores = [GraphStore(folder) for folder in sorted(root.iterdir())]
+                stores = [s for s in stores if s.exists and s.nodes() is not None
+                          and s.meta().get("model") == self.settings.model]
+                # the most complete graph first: it is the one drawn on first paint
+                for store in sorted(stores, key=lambda s: -len(s.rows_done())):
+                    found[f"{store.folder.name} ({tag})"] = store.folder
         return found
 
     def user_graph(self, method: str) -> GraphStore:

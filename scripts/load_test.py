@@ -50,11 +50,11 @@ def user(url: str, graph: str, concepts: list[str], stop: threading.Event, seed:
          latencies: dict, errors: list, lock: threading.Lock) -> None:
     rng = random.Random(seed)
     client = Client(url, verbose=False)
+    first = rng.randrange(1000)
     actions = [
         ("select_concept", lambda c: client.predict(graph, 0.3, "shape", c, api_name="/select_concept")),
         ("concept_spillover", lambda c: client.predict(c, graph, api_name="/concept_spillover")),
-        ("generate", lambda c: client.predict(f"a {c}", f"{rng.randrange(100)}-{rng.randrange(100, 102)}",
-                                              "original", api_name="/generate")),
+        ("generate", lambda c: client.predict(f"a {c}", f"{first}-{first + 1}", "original", api_name="/generate")),
     ]
     while not stop.is_set():
         name, action = rng.choice(actions)
