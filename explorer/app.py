@@ -259,7 +259,9 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             for (name, _), batch in zip(models, images):
                 items.append((to_pil(grid(batch[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, {name}"))
         pair = (to_pil(images[0][0], 256), to_pil(images[1][0], 256))
-        return gr.Gallery(value=items, columns=len(models)), pair
+        # the layout props are repeated: an update that names only some would leave the rest to defaults
+        return gr.Gallery(value=items, columns=len(models), object_fit="contain", height="auto",
+                          preview=False), pair
 
     @gpu
     def spillover_row(run_label, progress=gr.Progress()):
@@ -445,8 +447,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     seeds = gr.Textbox("0-3", label="Seeds")
                     show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
                 gallery = gr.Gallery(columns=2, label="original | erased (| ESD of the same concepts, when run), same seeds",
-                                     elem_id="before_after",
-                                     object_fit="contain", height="auto")
+                                     elem_id="before_after", object_fit="contain", height="auto", preview=False)
                 slider = gr.ImageSlider(label="one pair", type="pil", elem_id="slider")
                 spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
                 spill_plot = gr.Plot()

