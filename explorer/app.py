@@ -458,7 +458,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     gen_seeds = gr.Textbox(label="Seeds", value="0-3", elem_id="seeds")
                     gen_model = gr.Dropdown(["original"] + list(ex.finished_runs()), value="original", label="Model")
                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate_btn")
-                gen_gallery = gr.Gallery(label="Samples", columns=8, height=220, elem_id="gallery")
+                gen_gallery = gr.Gallery(label="Samples", columns=8, height=220, object_fit="contain", elem_id="gallery")
             with gr.Tab("Export", id="export"):
                 with gr.Row():
                     export_run_dd = gr.Dropdown(list(ex.finished_runs()), label="Finished run")
