@@ -18,6 +18,7 @@ from core.graph.concept_sets import ConceptSet, load_concept_set
 from core.graph.store import GraphStore
 from core.jobs import JobStore, Worker, default_data_dir
 from core.paths import assets_dir
+from core.runs import read_manifest
 
 
 @dataclass
@@ -120,8 +121,6 @@ class Explorer:
         """The newest finished ESD run of the same concepts, to show beside an AGE run."""
         if manifest.get("method") != "age":
             return None
-        from core.runs import read_manifest
-
         for other in self.finished_runs().values():
             if other != run_dir:
                 theirs = read_manifest(Path(other))

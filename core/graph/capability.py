@@ -183,6 +183,5 @@ def toy_capability(bundle: ModelBundle, spec: CapabilitySpec, concepts: list[str
 
     cs = toy_set(bundle.world)
     if spec.template:
-        spec = CapabilitySpec(spec.images_per_concept, spec.seed, spec.template.replace("{c}", "{concept}"),
-                              spec.steps, spec.guidance_scale, spec.topk, spec.eta)
+        spec = replace(spec, template=spec.template.replace("{c}", "{concept}"))
     return capability(bundle, cs, ToyEvaluator(bundle, cs), spec, concepts, progress)

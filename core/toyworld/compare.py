@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -70,8 +71,7 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
                                log, nodes=known)
     _, spec, evaluator, nodes = graphs[variants[0]]
     paraphrase = world.paraphrase_templates[0].replace("{c}", "{concept}")
-    para_spec = CapabilitySpec(spec.images_per_concept, spec.seed + 10_000, paraphrase, spec.steps,
-                               spec.guidance_scale, spec.topk, spec.eta)
+    para_spec = replace(spec, seed=spec.seed + 10_000, template=paraphrase)
     base_file = out / "baseline.csv"
     if base_file.exists():
         base = pd.read_csv(base_file)
