@@ -9,11 +9,13 @@ from PIL import Image
 
 
 def to_pil(image: torch.Tensor, size: int | None = None) -> Image.Image:
-    """(3, H, W) in [0, 1] -> PIL; small images are enlarged with nearest-neighbour to ``size``."""
+    """(3, H, W) in [0, 1] -> PIL; small images are enlarged with nearest-neighbour so that their
+    longer side is ``size``, keeping their aspect ratio."""
     array = (image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
     pil = Image.fromarray(array)
-    if size and pil.width < size:
-        pil = pil.resize((size, size), Image.NEAREST)
+    longer = max(pil.width, pil.height)
+    if size and longer < size:
+        pil = pil.resize((round(pil.width * size / longer), round(pil.height * size / longer)), Image.NEAREST)
     return pil
 
 
@@ -34,10 +36,12 @@ def save_pngs(images: torch.Tensor, out_dir: str | Path, names: list[str], view_
     return paths
 
 
-def grid(images: torch.Tensor, rows: int) -> torch.Tensor:
-    """Tile (N, 3, H, W) into one (3, rows*H, cols*W) image, row-major."""
+def grid(images: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
+    """Tile (N, 3, H, W) into one (3, rows*H, cols*W) image, row-major, padding with white."""
     n, c, h, w = images.shape
-    cols = -(-n // rows)
+    cols = cols or -(-n // rows)
+    if rows * cols < n:
+        raise ValueError(f"{n} images do not fit a {rows}x{cols} grid")
     padded = torch.ones(rows * cols, c, h, w)
     padded[:n] = images
     return padded.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)

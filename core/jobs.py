@@ -19,10 +19,12 @@ import threading
 import time
 import traceback
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .cpu_share import CpuShare
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
@@ -235,12 +237,15 @@ class JobContext:
     work_dir: Path
     device: str
     progress_interval: float = 0.5
+    cpu_share: CpuShare | None = None
 
     def __post_init__(self):
         self._last_write = 0.0
         self._cancel = False
 
     def report(self, step: int, total: int, progress: dict, force: bool = False) -> None:
+        if self.cpu_share:
+            self.cpu_share.adjust_job()
         now = time.monotonic()
         if force or now - self._last_write >= self.progress_interval or step >= total:
             self._cancel = self.store.report(self.job.id, step, total, progress)
@@ -253,11 +258,15 @@ class JobContext:
 
 
 class Worker:
-    """Runs the queued jobs of one device, in order, one at a time."""
+    """Runs the queued jobs of one device, in order, one at a time.
+
+    ``cpu_share``, on a CPU device, splits the cores between the running job and the requests of
+    the same process (see ``core.cpu_share``).
+    """
 
     def __init__(self, store: JobStore, device: str, runners: dict[str, Runner] | None = None,
-                 poll_interval: float = 0.2, progress_interval: float = 0.5):
-        self.store, self.device = store, device
+                 poll_interval: float = 0.2, progress_interval: float = 0.5, cpu_share: CpuShare | None = None):
+        self.store, self.device, self.cpu_share = store, device, cpu_share
         self.progress_interval = progress_interval
         self.runners = runners if runners is not None else default_runners()
         self.poll_interval = poll_interval
@@ -271,12 +280,13 @@ class Worker:
             return None
         work_dir = self.store.data_dir / "jobs" / job.id
         work_dir.mkdir(parents=True, exist_ok=True)
-        ctx = JobContext(job, self.store, work_dir, self.device, self.progress_interval)
+        ctx = JobContext(job, self.store, work_dir, self.device, self.progress_interval, self.cpu_share)
         try:
             runner = self.runners.get(job.kind)
             if runner is None:
                 raise ValueError(f"unknown job kind {job.kind!r}")
-            artifacts = runner(ctx)
+            with self.cpu_share.job() if self.cpu_share else nullcontext():
+                artifacts = runner(ctx)
         except JobCancelled:
             self.store.finish(job.id, "cancelled")
         except Exception as err:  # a failed job must never take the worker down

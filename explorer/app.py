@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,9 @@ __all__ = ["build_app", "Settings"]
 MAX_SEEDS = 8
 PRESET_VOCAB = "(preset)"
 EMPTY_FIG = "{}"
+# Model work from the page (generation, spillover, similarity) runs one request at a time, beside the
+# background job: on a CPU, parallel requests would split the cores until none makes progress.
+COMPUTE_SLOT = {"concurrency_limit": 1, "concurrency_id": "compute"}
 
 
 def _progress_html(job) -> str:
@@ -129,7 +133,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             progress(0.2, desc="similarity measures")
             cs = meta["concept_set"]
             concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"], cs.get("imagenet_index", {}))
-            _similarity_cache[name] = similarity_measures(ex.bundle(), concept_set)
+            with ex.compute():
+                _similarity_cache[name] = similarity_measures(ex.bundle(), concept_set)
         pairs = store.edges().rename(columns={"erased": "a", "affected": "b"}).merge(_similarity_cache[name], on=["a", "b"])
         return plots.scatter_figure(pairs, measure)
 
@@ -247,17 +252,19 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             models.append(("ESD " + repr(read_manifest(Path(esd_dir))["config"].get("target", "")), ex.erased_bundle(esd_dir)))
         prompts = [prompt_for(ex, c) for _, c in rows]
         images = []
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ex.compute():
             warnings.simplefilter("ignore", UnknownWordsWarning)
             for i, (name, bundle) in enumerate(models):
                 progress(i / len(models), desc=f"{name} model")
                 images.append(generate(bundle, prompts, seeds))
         n = len(seeds)
-        size = 96 * n if base.kind == "toy" else None
+        # Square tiles: the gallery draws every item in a square cell, so a 1×n strip would be stretched.
+        side = math.ceil(math.sqrt(n))
+        size = 96 * side if base.kind == "toy" else None
         items = []
         for i, (label, concept) in enumerate(rows):
             for (name, _), batch in zip(models, images):
-                items.append((to_pil(grid(batch[i * n:(i + 1) * n], 1), size), f"{label}: {concept}, {name}"))
+                items.append((to_pil(grid(batch[i * n:(i + 1) * n], side, side), size), f"{label}: {concept}, {name}"))
         pair = (to_pil(images[0][0], 256), to_pil(images[1][0], 256))
         # the layout props are repeated: an update that names only some would leave the rest to defaults
         return gr.Gallery(value=items, columns=len(models), object_fit="contain", height="auto",
@@ -284,13 +291,14 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     "concept_set": concept_set.to_dict(), "template": concept_set.template,
                     "capability": spec.to_dict(), "seeds": spec.seeds(), "images_per_concept": spec.images_per_concept})
         nodes = store.nodes()
-        if nodes is None:
-            progress(0.05, desc="G₀ of the original model")
-            nodes = base_nodes(bundle, concept_set, evaluator, spec)
-            store.write_nodes(nodes)
-        progress(0.5, desc="G of the erased model")
-        start = time.time()
-        row = measure_row(bundle, ex.erased_bundle(run_dir), concept_set, evaluator, spec, erased_name, nodes)
+        with ex.compute():
+            if nodes is None:
+                progress(0.05, desc="G₀ of the original model")
+                nodes = base_nodes(bundle, concept_set, evaluator, spec)
+                store.write_nodes(nodes)
+            progress(0.5, desc="G of the erased model")
+            start = time.time()
+            row = measure_row(bundle, ex.erased_bundle(run_dir), concept_set, evaluator, spec, erased_name, nodes)
         store.add_row(erased_name, row, time.time() - start)
         row.to_csv(Path(run_dir) / "spillover.csv", index=False)
         graphs.update(ex.graph_dirs())
@@ -339,7 +347,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         progress(0, desc="loading model")
         runs = ex.finished_runs()
         bundle = ex.erased_bundle(runs[model_choice]) if model_choice in runs else ex.bundle()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, ex.compute():
             warnings.simplefilter("always", UnknownWordsWarning)
             images = generate(bundle, [prompt], seed_list,
                               progress=lambda done, total: progress(done / total, desc="generating"))
@@ -480,7 +488,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         graph_view.select(on_node_click, None, concept_dd, api_visibility="private")
         other_dd.change(difference, [graph_dd, other_dd, group_radio], diff_plot, api_visibility="private")
         umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap", api_visibility=ui_api)
-        scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity", api_visibility=ui_api)
+        scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity", api_visibility=ui_api, **COMPUTE_SLOT)
         start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target,
                                       vocab, own_candidates],
                         [job_id, saved_job, timer, history, queue_md], api_name="start_erase", api_visibility=ui_api)
@@ -491,9 +499,9 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         cancel_btn.click(cancel, job_id, queue_md, api_name="cancel", api_visibility=ui_api)
         demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
         refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
-        show_btn.click(show_before_after, [run_dd, seeds], [gallery, slider], api_name="before_after", api_visibility=ui_api)
-        spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api)
-        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate", api_visibility=ui_api)
+        show_btn.click(show_before_after, [run_dd, seeds], [gallery, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)
+        spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api, **COMPUTE_SLOT)
+        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate", api_visibility=ui_api, **COMPUTE_SLOT)
         export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export", api_visibility=ui_api)
         push_btn.click(do_push, [export_folder, repo, token], push_md, api_name="push", api_visibility=ui_api)
         for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):

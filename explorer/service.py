@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import shutil
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from core.bundle import ModelBundle, load_bundle
+from core.cpu_share import CpuShare
 from core.device import resolve_device
 from core.graph.concept_sets import ConceptSet, load_concept_set
 from core.graph.store import GraphStore
@@ -43,13 +45,20 @@ class Explorer:
         self.data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
         self.store = JobStore(self.data_dir)
         self.device = str(resolve_device(settings.device))
-        self.worker = Worker(self.store, self.device) if settings.start_worker else None
+        # On the CPU, the worker's erasure and the page's generations share the cores; requests enter
+        # through ``compute()`` so that neither starves the other.
+        self.cpu_share = CpuShare() if self.device == "cpu" else None
+        self.worker = Worker(self.store, self.device, cpu_share=self.cpu_share) if settings.start_worker else None
         if self.worker:
             self.worker.start()
         self._bundle: ModelBundle | None = None
         self._bundle_error: str | None = None
         self._lock = threading.Lock()
         self._erased: dict[str, ModelBundle] = {}
+
+    def compute(self):
+        """Context for a request's model work (generation, spillover): its share of the CPU cores."""
+        return self.cpu_share.request() if self.cpu_share else nullcontext()
 
     # ---- the model ---------------------------------------------------------------------------------
     def bundle(self) -> ModelBundle:

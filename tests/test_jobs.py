@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.cpu_share import CpuShare
 from core.jobs import JobStore, UnknownJobError, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +133,41 @@ def test_queued_cancel_unknown_ids_and_failures(tmp_path):
     assert job.id == bad and job.status == "failed" and "at least one non-empty concept" in job.error
     with pytest.raises(ValueError, match="only interrupted or failed"):
         store.resume(queued)
+
+
+def test_cpu_share_splits_the_cores_between_the_job_and_a_request(tmp_path):
+    share = CpuShare(cores=2)
+    seen, job_started, request_open, job_adjusted, request_closed = {}, *(threading.Event() for _ in range(4))
+
+    def runner(ctx):
+        seen["job alone"] = torch.get_num_threads()
+        job_started.set()
+        request_open.wait(10)
+        ctx.report(1, 3, {})
+        seen["job beside a request"] = torch.get_num_threads()
+        job_adjusted.set()
+        request_closed.wait(10)
+        ctx.report(2, 3, {})
+        seen["job after the request"] = torch.get_num_threads()
+        return {}
+
+    store = JobStore(tmp_path)
+    job_id = store.submit("share", {})
+    worker = Worker(store, "cpu", runners={"share": runner}, cpu_share=share)
+    thread = threading.Thread(target=worker.run_one)
+    thread.start()
+    assert job_started.wait(10)
+    threads_before = torch.get_num_threads()
+    with share.request():
+        seen["request beside the job"] = torch.get_num_threads()
+        request_open.set()
+        assert job_adjusted.wait(10)
+    assert torch.get_num_threads() == threads_before  # the request thread gets its own setting back
+    request_closed.set()
+    thread.join(10)
+    assert store.get(job_id).status == "done"
+    assert seen == {"job alone": 2, "request beside the job": 1, "job beside a request": 1, "job after the request": 2}
+    with share.request():
+        assert torch.get_num_threads() == 2  # no job: a request takes all the cores
+    with pytest.raises(ValueError, match="cores must be >= 1"):
+        CpuShare(cores=-1)

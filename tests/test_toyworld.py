@@ -79,3 +79,25 @@ def test_toy_parameter_names_are_diffusers_names(toy_bundle):
     assert any(n.endswith("attn2.to_k.weight") for n in names)
     assert any(n.startswith("time_embedding.") for n in names)
     assert "conv_out.weight" in names
+
+
+@pytest.mark.parametrize("n, rows, cols, size, expected", [
+    (4, 1, None, 384, (384, 96)),   # a strip keeps its 4:1 shape when enlarged
+    (4, 2, 2, 192, (192, 192)),
+    (3, 2, 2, 192, (192, 192)),     # padded with white to the full square
+    (1, 1, None, 96, (96, 96)),
+])
+def test_tiles_keep_their_aspect_when_enlarged(n, rows, cols, size, expected):
+    from core.imageio import grid, to_pil
+
+    tile = to_pil(grid(torch.zeros(n, 3, 32, 32), rows, cols), size)
+    assert tile.size == expected
+    if n < rows * (cols or n):
+        assert tile.getpixel((size - 1, size - 1)) == (255, 255, 255)
+
+
+def test_a_grid_too_small_for_its_images_is_refused():
+    from core.imageio import grid
+
+    with pytest.raises(ValueError, match="5 images do not fit a 2x2 grid"):
+        grid(torch.zeros(5, 3, 8, 8), 2, 2)
