@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ from core.erasure.config import PRESETS
 from core.graph.capability import CapabilitySpec, ToyEvaluator, load_evaluator
 from core.graph.store import GraphStore
 from core.graph.sweep import base_nodes, measure_row
-from core.imageio import grid, to_pil
+from core.imageio import contact_sheet, to_pil
 from core.runs import read_manifest
 from core.sampling import generate, parse_seeds
 
@@ -258,17 +257,14 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 progress(i / len(models), desc=f"{name} model")
                 images.append(generate(bundle, prompts, seeds))
         n = len(seeds)
-        # Square tiles: the gallery draws every item in a square cell, so a 1×n strip would be stretched.
-        side = math.ceil(math.sqrt(n))
-        size = 96 * side if base.kind == "toy" else None
-        items = []
-        for i, (label, concept) in enumerate(rows):
-            for (name, _), batch in zip(models, images):
-                items.append((to_pil(grid(batch[i * n:(i + 1) * n], side, side), size), f"{label}: {concept}, {name}"))
+        strips = [[batch[i * n:(i + 1) * n] for batch in images] for i in range(len(rows))]
+        row_labels = [f"{label}: {concept}" for label, concept in rows]
+        column_labels = [name for name, _ in models]
+        sheet = contact_sheet(strips, row_labels, column_labels, image_px=64 if base.kind == "toy" else 128)
         pair = (to_pil(images[0][0], 256), to_pil(images[1][0], 256))
-        # the layout props are repeated: an update that names only some would leave the rest to defaults
-        return gr.Gallery(value=items, columns=len(models), object_fit="contain", height="auto",
-                          preview=False), pair
+        legend = (f"Seeds {seeds_text.strip()}, left to right in each strip. Columns: {', '.join(column_labels)}. "
+                  f"Rows: {'; '.join(row_labels)}.")
+        return sheet, legend, pair
 
     @gpu
     def spillover_row(run_label, progress=gr.Progress()):
@@ -454,8 +450,9 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     refresh_btn = gr.Button("Refresh runs")
                     seeds = gr.Textbox("0-3", label="Seeds")
                     show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
-                gallery = gr.Gallery(columns=2, label="original | erased (| ESD of the same concepts, when run), same seeds",
-                                     elem_id="before_after", object_fit="contain", height="auto", preview=False)
+                sheet = gr.Image(label="original | erased (| ESD of the same concepts, when run), same seeds",
+                                 type="pil", elem_id="before_after", show_label=True, interactive=False)
+                legend = gr.Markdown(elem_id="before_after_legend")
                 slider = gr.ImageSlider(label="one pair", type="pil", elem_id="slider")
                 spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
                 spill_plot = gr.Plot()
@@ -499,7 +496,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         cancel_btn.click(cancel, job_id, queue_md, api_name="cancel", api_visibility=ui_api)
         demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
         refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
-        show_btn.click(show_before_after, [run_dd, seeds], [gallery, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)
+        show_btn.click(show_before_after, [run_dd, seeds], [sheet, legend, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)
         spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api, **COMPUTE_SLOT)
         gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate", api_visibility=ui_api, **COMPUTE_SLOT)
         export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export", api_visibility=ui_api)

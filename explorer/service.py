@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import shutil
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from core.bundle import ModelBundle, load_bundle
-from core.cpu_share import CpuShare
+from core.cpu_split import CpuSplit
 from core.device import resolve_device
 from core.graph.concept_sets import ConceptSet, load_concept_set
 from core.graph.store import GraphStore
-from core.jobs import JobStore, Worker, default_data_dir
+from core.jobs import JobStore, WorkerProcess, default_data_dir
 from core.paths import assets_dir
 from core.runs import read_manifest
 
@@ -45,10 +46,11 @@ class Explorer:
         self.data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
         self.store = JobStore(self.data_dir)
         self.device = str(resolve_device(settings.device))
-        # On the CPU, the worker's erasure and the page's generations share the cores; requests enter
-        # through ``compute()`` so that neither starves the other.
-        self.cpu_share = CpuShare() if self.device == "cpu" else None
-        self.worker = Worker(self.store, self.device, cpu_share=self.cpu_share) if settings.start_worker else None
+        # Jobs run in a worker process, beside the server's request threads. On the CPU, the job and
+        # the page's model work split the cores; requests enter through ``compute()``.
+        self.cpu_split = CpuSplit.of() if self.device == "cpu" else None
+        self.worker = WorkerProcess(self.data_dir, self.device, self.cpu_split.job_threads if self.cpu_split else None
+                                    ) if settings.start_worker else None
         if self.worker:
             self.worker.start()
         self._bundle: ModelBundle | None = None
@@ -56,9 +58,18 @@ class Explorer:
         self._lock = threading.Lock()
         self._erased: dict[str, ModelBundle] = {}
 
+    @contextmanager
     def compute(self):
         """Context for a request's model work (generation, spillover): its share of the CPU cores."""
-        return self.cpu_share.request() if self.cpu_share else nullcontext()
+        if self.cpu_split is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.cpu_split.request_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # ---- the model ---------------------------------------------------------------------------------
     def bundle(self) -> ModelBundle:

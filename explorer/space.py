@@ -71,7 +71,7 @@ def space_card(hardware: str | None) -> SpaceCard:
         "Variables: `AGE_EXPLORER_MODEL`, `AGE_EXPLORER_DEVICE` (auto/cpu/cuda), `AGE_EXPLORER_DATA_DIR` "
         "(default: `/data/age-explorer` when persistent storage is attached), `AGE_EXPLORER_MCP=1` "
         "(read-only MCP tools), secret `HF_TOKEN` (pushing exports to the Hub).\n\n"
-        "Erasure jobs run in a background worker thread, which needs dedicated GPU hardware (or the CPU): "
+        "Erasure jobs run in a background worker process, which needs dedicated GPU hardware (or the CPU): "
         "ZeroGPU attaches a GPU only inside a request, so there it serves generation, not erasure.\n"
     )
     return SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

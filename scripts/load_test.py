@@ -1,7 +1,8 @@
 """Load test of the explorer: simulated users browse graphs and generate images while one erasure runs.
 
-Starts the app on a free local port (toy model, a fresh data dir), runs the same erasure twice
-through the page's API, first alone and then while ``--users`` gradio_client threads keep
+Starts ``python app.py`` on a free local port (toy model on the CPU, a fresh data dir) as its own
+process, as a deployment runs it, runs the same erasure twice through the page's API, first alone
+and then while ``--users`` gradio_client threads (in this process, like browsers elsewhere) keep
 selecting concepts, reading spillover rows and generating images, and prints a table: requests
 served, errors, latency percentiles per endpoint, the erasure's time alone and under load, and
 whether both runs produced the same weights (same checksum of the delta).
@@ -15,6 +16,7 @@ import argparse
 import json
 import random
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,15 +27,27 @@ from pathlib import Path
 import numpy as np
 from gradio_client import Client
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from core.runs import read_manifest  # noqa: E402
-from explorer.app import Settings, build_app  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def connect(url: str, server: subprocess.Popen, log_path: Path, timeout: float = 180) -> Client:
+    end = time.time() + timeout
+    while time.time() < end:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with code {server.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            return Client(url, verbose=False)
+        except Exception:  # not listening yet
+            time.sleep(1)
+    raise TimeoutError(f"the app did not answer on {url} within {timeout:.0f} s")
 
 
 def erase_and_wait(client: Client, concept: str, iterations: int) -> tuple[dict, float]:
@@ -76,19 +90,20 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as data_dir:
-        demo = build_app(Settings(model="toy", device="cpu", data_dir=data_dir))
         port = free_port()
-        demo.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
-                                                       prevent_thread_lock=True, quiet=True)
         url = f"http://127.0.0.1:{port}/"
+        log_path = Path(data_dir) / "server.log"
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--device", "cpu", "--data-dir", data_dir,
+                                       "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            graphs = list(demo.explorer.graph_dirs())
+            client = connect(url, server, log_path)
+            graphs = [g["graph"] for g in client.predict(api_name="/list_graphs")]
             if not graphs:
                 print("no graph to browse: assets/graphs is empty", file=sys.stderr)
                 return 2
             graph = graphs[0]
-            concepts = demo.explorer.bundle().world.names
-            client = Client(url, verbose=False)
+            concepts = [c["concept"] for c in client.predict(graph, api_name="/list_concepts")]
 
             alone, alone_s = erase_and_wait(client, args.concept, args.iterations)
             latencies, errors, lock, stop = defaultdict(list), [], threading.Lock(), threading.Event()
@@ -101,8 +116,8 @@ def main() -> int:
             for t in threads:
                 t.join()
         finally:
-            demo.close()
-            demo.explorer.worker.stop(10)
+            server.terminate()
+            server.wait(30)
 
         sums = [read_manifest(Path(s["artifacts"]["run_dir"]))["delta_sha256"] if s["status"] == "done" else None
                 for s in (alone, loaded)]
@@ -112,7 +127,8 @@ def main() -> int:
         v = np.array(values)
         print(f"{name:<20}{len(v):>9}{np.percentile(v, 50):>8.2f}{np.percentile(v, 95):>8.2f}{v.max():>8.2f}")
     print(f"errors: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:10]))
-    print(f"erasure alone: {alone['status']} in {alone_s:.0f} s; under load: {loaded['status']} in {loaded_s:.0f} s")
+    print(f"erasure alone: {alone['status']} in {alone_s:.0f} s; under load: {loaded['status']} in {loaded_s:.0f} s "
+          f"({loaded_s / alone_s:.2f}x)")
     same = sums[0] is not None and sums[0] == sums[1]
     print(f"same weights alone and under load: {same} ({sums[0]} / {sums[1]})")
     ok = not errors and alone["status"] == loaded["status"] == "done" and same

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 from conftest import free_port
 from explorer.app import Settings, build_app
@@ -83,11 +84,14 @@ def test_whole_erase_flow(client):
     runs, _ = client.predict(api_name="/runs")
     label = runs["value"]
     assert "red circle" in label
-    gallery, pair = client.predict(label, "0-1", api_name="/before_after")
-    assert gallery["columns"] == 2  # original | erased
-    captions = [item["caption"] for item in gallery["value"]]
-    assert captions[0] == "erased: red circle, original" and captions[1] == "erased: red circle, erased"
-    assert any("same shape" in c for c in captions) and any("unrelated" in c for c in captions)
+    sheet, legend, pair = client.predict(label, "0-1", api_name="/before_after")
+    assert "Columns: original, erased." in legend
+    rows = legend.split("Rows: ")[1].rstrip(".").split("; ")
+    assert rows[0] == "erased: red circle" and any(r.startswith("AGE target of red circle: ") for r in rows)
+    assert any(r.startswith("same shape") for r in rows) and any(r.startswith("unrelated") for r in rows)
+    with Image.open(sheet) as picture:  # one 64 px strip of 2 seeds per row and column, under a header
+        assert picture.height == 24 + len(rows) * (64 + 8)
+        two_columns = picture.width
     assert len(pair) == 2
 
     bar, message, graphs = client.predict(label, api_name="/spillover")
@@ -101,10 +105,10 @@ def test_whole_erase_flow(client):
     esd_id, *_ = client.predict(["red circle"], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
     while json.loads(client.predict(esd_id, api_name="/job_status"))["status"] not in ("done", "failed", "cancelled"):
         time.sleep(0.5)
-    gallery, _ = client.predict(label, "0", api_name="/before_after")
-    assert gallery["columns"] == 3
-    captions = [item["caption"] for item in gallery["value"]]
-    assert captions[:3] == ["erased: red circle, original", "erased: red circle, erased", "erased: red circle, ESD ''"]
+    sheet, legend, _ = client.predict(label, "0-1", api_name="/before_after")
+    assert "Columns: original, erased, ESD ''." in legend
+    with Image.open(sheet) as picture:
+        assert picture.width == two_columns + 2 * 64 + 8
 
 
 def test_bad_inputs_get_messages(client):

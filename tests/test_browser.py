@@ -66,6 +66,7 @@ def test_explorer_in_chromium(page_url, tmp_path):
         page.wait_for_timeout(1000)
         page.locator("#show_btn").click()
         page.wait_for_selector("#before_after img", timeout=120_000)
+        playwright.expect(page.locator("#before_after_legend")).to_contain_text("Rows: erased: red circle")
         playwright.expect(page.locator("#slider img").first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(shots / "04-before-after.png"), full_page=True)
         browser.close()

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.cpu_share import CpuShare
-from core.jobs import JobStore, UnknownJobError, Worker
+from core.cpu_split import CpuSplit
+from core.jobs import JobStore, UnknownJobError, Worker, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,39 +136,30 @@ def test_queued_cancel_unknown_ids_and_failures(tmp_path):
         store.resume(queued)
 
 
-def test_cpu_share_splits_the_cores_between_the_job_and_a_request(tmp_path):
-    share = CpuShare(cores=2)
-    seen, job_started, request_open, job_adjusted, request_closed = {}, *(threading.Event() for _ in range(4))
 
-    def runner(ctx):
-        seen["job alone"] = torch.get_num_threads()
-        job_started.set()
-        request_open.wait(10)
-        ctx.report(1, 3, {})
-        seen["job beside a request"] = torch.get_num_threads()
-        job_adjusted.set()
-        request_closed.wait(10)
-        ctx.report(2, 3, {})
-        seen["job after the request"] = torch.get_num_threads()
-        return {}
+@pytest.mark.parametrize("cores, job, requests", [(1, 1, 1), (2, 1, 1), (4, 3, 1), (16, 12, 4)])
+def test_cpu_split_leaves_the_job_and_the_requests_cores_of_their_own(cores, job, requests):
+    assert CpuSplit.of(cores) == CpuSplit(job_threads=job, request_threads=requests)
 
-    store = JobStore(tmp_path)
-    job_id = store.submit("share", {})
-    worker = Worker(store, "cpu", runners={"share": runner}, cpu_share=share)
-    thread = threading.Thread(target=worker.run_one)
-    thread.start()
-    assert job_started.wait(10)
-    threads_before = torch.get_num_threads()
-    with share.request():
-        seen["request beside the job"] = torch.get_num_threads()
-        request_open.set()
-        assert job_adjusted.wait(10)
-    assert torch.get_num_threads() == threads_before  # the request thread gets its own setting back
-    request_closed.set()
-    thread.join(10)
-    assert store.get(job_id).status == "done"
-    assert seen == {"job alone": 2, "request beside the job": 1, "job beside a request": 1, "job after the request": 2}
-    with share.request():
-        assert torch.get_num_threads() == 2  # no job: a request takes all the cores
+
+def test_cpu_split_refuses_a_negative_core_count():
     with pytest.raises(ValueError, match="cores must be >= 1"):
-        CpuShare(cores=-1)
+        CpuSplit.of(-1)
+
+
+def test_worker_process_runs_jobs_in_its_own_process_with_its_threads(tiny_sd_dir, tmp_path):
+    store = JobStore(tmp_path)
+    worker = WorkerProcess(tmp_path, "cpu", threads=1, poll_interval=0.05).start()
+    try:
+        long_job = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=500))
+        _wait(lambda: store.get(long_job).step >= 2, 120, "the job to make progress in the worker process")
+        assert worker.process.pid != os.getpid() and worker.process.is_alive()
+        assert store.cancel(long_job) == "cancelling"
+        _wait(lambda: store.get(long_job).status == "cancelled", 60, "the cancel to reach the worker process")
+        short_job = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=2))
+        _wait(lambda: store.get(short_job).status == "done", 60, "a second job in the same worker process")
+    finally:
+        worker.stop(10)
+    assert not worker.process.is_alive()
+    manifest = json.loads((Path(store.get(short_job).artifacts["run_dir"]) / "manifest.json").read_text())
+    assert manifest["cpu_threads"] == 1  # set in the child, whatever the test process uses

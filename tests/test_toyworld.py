@@ -81,23 +81,31 @@ def test_toy_parameter_names_are_diffusers_names(toy_bundle):
     assert "conv_out.weight" in names
 
 
-@pytest.mark.parametrize("n, rows, cols, size, expected", [
-    (4, 1, None, 384, (384, 96)),   # a strip keeps its 4:1 shape when enlarged
-    (4, 2, 2, 192, (192, 192)),
-    (3, 2, 2, 192, (192, 192)),     # padded with white to the full square
-    (1, 1, None, 96, (96, 96)),
+
+@pytest.mark.parametrize("n, rows, size, expected", [
+    (4, 1, 384, (384, 96)),   # a strip keeps its 4:1 shape when enlarged
+    (4, 2, 192, (192, 192)),
+    (3, 2, 192, (192, 192)),  # padded with white to the full grid
+    (1, 1, 96, (96, 96)),
 ])
-def test_tiles_keep_their_aspect_when_enlarged(n, rows, cols, size, expected):
+def test_grids_keep_their_aspect_when_enlarged(n, rows, size, expected):
     from core.imageio import grid, to_pil
 
-    tile = to_pil(grid(torch.zeros(n, 3, 32, 32), rows, cols), size)
+    tile = to_pil(grid(torch.zeros(n, 3, 32, 32), rows), size)
     assert tile.size == expected
-    if n < rows * (cols or n):
+    if n == 3:
         assert tile.getpixel((size - 1, size - 1)) == (255, 255, 255)
 
 
-def test_a_grid_too_small_for_its_images_is_refused():
-    from core.imageio import grid
+def test_contact_sheet_lays_out_labelled_rows_and_columns():
+    from core.imageio import contact_sheet
 
-    with pytest.raises(ValueError, match="5 images do not fit a 2x2 grid"):
-        grid(torch.zeros(5, 3, 8, 8), 2, 2)
+    strips = [[torch.zeros(4, 3, 32, 32), torch.full((4, 3, 32, 32), 0.5)] for _ in range(3)]
+    sheet = contact_sheet(strips, ["erased: red circle", "same shape: blue circle", "unrelated: green cross"],
+                          ["original", "erased"], image_px=64, gap=8)
+    assert sheet.height == 24 + 3 * (64 + 8)
+    strip_left = sheet.width - 2 * (4 * 64 + 8)
+    assert sheet.getpixel((strip_left + 10, 24 + 10)) == (0, 0, 0)            # original strip of row 1
+    assert sheet.getpixel((strip_left + 4 * 64 + 8 + 10, 24 + 10)) == (128, 128, 128)  # erased strip
+    with pytest.raises(ValueError, match="one strip per row label and column label"):
+        contact_sheet(strips, ["only one label"], ["original", "erased"])

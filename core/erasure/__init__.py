@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import torch
 
 from ..bundle import ModelBundle
 from ..manifest import environment_versions, write_json_atomic
@@ -82,6 +83,8 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
         "base_fingerprint": base_print,
         "device": str(bundle.device),
         "dtype": str(bundle.dtype).replace("torch.", ""),
+        # the CPU thread count changes the order of float sums, so it is part of what reproduces a run
+        "cpu_threads": torch.get_num_threads() if bundle.device.type == "cpu" else None,
         "loss_space": getattr(config, "loss_space", None),
         "seconds": round(time.time() - started, 2),
         "versions": environment_versions(),
