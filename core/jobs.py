@@ -324,6 +324,14 @@ class WorkerProcess:
         self.process.start()
         return self
 
+    def ensure_alive(self) -> bool:
+        """Start a new child if the last one died (killed, out of memory): True when it did. The new
+        worker marks the job the dead one was running as interrupted, ready to resume."""
+        if self._stop.is_set() or (self.process is not None and self.process.is_alive()):
+            return False
+        self.start()
+        return True
+
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
         if self.process is not None:

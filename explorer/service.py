@@ -114,8 +114,9 @@ class Explorer:
                 stores = [GraphStore(folder) for folder in sorted(root.iterdir())]
                 stores = [s for s in stores if s.exists and s.nodes() is not None
                           and s.meta().get("model") == self.settings.model]
-                # the most complete graph first: it is the one drawn on first paint
-                for store in sorted(stores, key=lambda s: -len(s.rows_done())):
+                # the most complete graph first: it is the one drawn on first paint; on a tie the ESD
+                # graph, the paper's Section 3 baseline that the others are compared with
+                for store in sorted(stores, key=lambda s: (-len(s.rows_done()), s.meta().get("method") != "esd")):
                     found[f"{store.folder.name} ({tag})"] = store.folder
         return found
 
@@ -125,6 +126,8 @@ class Explorer:
 
     # ---- jobs ------------------------------------------------------------------------------------
     def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict) -> str:
+        if self.worker:
+            self.worker.ensure_alive()
         return self.store.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
                                            "options": {"concepts": concepts, **options}}, device=self.device)
 

@@ -158,6 +158,12 @@ def test_worker_process_runs_jobs_in_its_own_process_with_its_threads(tiny_sd_di
         _wait(lambda: store.get(long_job).status == "cancelled", 60, "the cancel to reach the worker process")
         short_job = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=2))
         _wait(lambda: store.get(short_job).status == "done", 60, "a second job in the same worker process")
+        assert not worker.ensure_alive()
+        worker.process.kill()  # e.g. the out-of-memory killer
+        worker.process.join(10)
+        assert worker.ensure_alive()
+        after_crash = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=2))
+        _wait(lambda: store.get(after_crash).status == "done", 120, "a job in the restarted worker process")
     finally:
         worker.stop(10)
     assert not worker.process.is_alive()
