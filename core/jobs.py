@@ -314,7 +314,9 @@ class WorkerProcess:
     def __init__(self, data_dir: str | Path, device: str, threads: int | None = None, poll_interval: float = 0.2):
         self.data_dir, self.device, self.threads, self.poll_interval = Path(data_dir), device, threads, poll_interval
         self._ctx = multiprocessing.get_context("spawn")  # fork would copy a server's threads and CUDA state
-        self._stop = self._ctx.Event()
+        # A lock-free flag, not an Event: a child killed inside Event.wait leaves its condition locked,
+        # and the next set() would wait forever.
+        self._stop = self._ctx.RawValue("b", 0)
         self.process: multiprocessing.process.BaseProcess | None = None
 
     def start(self) -> "WorkerProcess":
@@ -327,13 +329,13 @@ class WorkerProcess:
     def ensure_alive(self) -> bool:
         """Start a new child if the last one died (killed, out of memory): True when it did. The new
         worker marks the job the dead one was running as interrupted, ready to resume."""
-        if self._stop.is_set() or (self.process is not None and self.process.is_alive()):
+        if self._stop.value or (self.process is not None and self.process.is_alive()):
             return False
         self.start()
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        self._stop.set()
+        self._stop.value = 1
         if self.process is not None:
             self.process.join(timeout)
             if self.process.is_alive():
@@ -347,9 +349,11 @@ def _serve_in_process(data_dir: str, device: str, threads: int | None, poll_inte
     if threads:
         torch.set_num_threads(threads)
     worker = Worker(JobStore(data_dir), device, poll_interval=poll_interval)
-    while not stop.is_set():
+    parent = multiprocessing.parent_process()
+    # a server killed without cleanup (SIGKILL, a crash) must not leave its worker behind
+    while not stop.value and parent.is_alive():
         if worker.run_one() is None:
-            stop.wait(poll_interval)
+            time.sleep(poll_interval)
 
 
 # ---- job kinds ---------------------------------------------------------------------------------------
