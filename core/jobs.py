@@ -286,8 +286,8 @@ class Worker:
             self.store.finish(job.id, "done", artifacts=artifacts)
         return self.store.get(job.id)
 
-    def serve_forever(self) -> None:
-        while not self._stop.is_set():
+    def serve_forever(self, keep_going: Callable[[], bool] | None = None) -> None:
+        while not self._stop.is_set() and (keep_going is None or keep_going()):
             if self.run_one() is None:
                 self._stop.wait(self.poll_interval)
 
@@ -351,9 +351,7 @@ def _serve_in_process(data_dir: str, device: str, threads: int | None, poll_inte
     worker = Worker(JobStore(data_dir), device, poll_interval=poll_interval)
     parent = multiprocessing.parent_process()
     # a server killed without cleanup (SIGKILL, a crash) must not leave its worker behind
-    while not stop.value and parent.is_alive():
-        if worker.run_one() is None:
-            time.sleep(poll_interval)
+    worker.serve_forever(lambda: not stop.value and parent.is_alive())
 
 
 # ---- job kinds ---------------------------------------------------------------------------------------
