@@ -177,6 +177,10 @@ def load_bundle(model: str | os.PathLike = TOY, device: str | torch.device | Non
             manifest = read_manifest(path)
             bundle = load_bundle(manifest["base_model"], device=dev, dtype=dt,
                                  local_files_only=local_files_only, revision=manifest.get("base_revision"))
+            if manifest.get("base_revision") and bundle.revision and manifest["base_revision"] != bundle.revision:
+                raise ValueError(f"run {source} was made on revision {manifest['base_revision']} of "
+                                 f"{manifest['base_model']}, but revision {bundle.revision} is installed; "
+                                 f"its changed weights only apply to the model they were trained from")
             apply_delta(bundle, path, manifest)
             bundle.extras["run_manifest"] = manifest
             bundle.extras["base_source"] = bundle.source
@@ -197,6 +201,15 @@ def load_bundle(model: str | os.PathLike = TOY, device: str | torch.device | Non
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     return _load_stable_diffusion(source, dev, dt, local_files_only=local_files_only, revision=revision)
+
+
+def toy_revision(model: str) -> str | None:
+    """The weights revision of a toy model, read without loading it; None for any other model."""
+    path = toy_model_dir() if model == TOY else Path(model)
+    manifest = path / "manifest.json"
+    if (path / "concepts.json").is_file() and manifest.is_file():
+        return json.loads(manifest.read_text()).get("revision")
+    return None
 
 
 def _load_toy(path: Path, device: torch.device, dtype: torch.dtype, source: str) -> ModelBundle:

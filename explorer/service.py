@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from core.bundle import ModelBundle, load_bundle
+from core.bundle import ModelBundle, load_bundle, toy_revision
 from core.cpu_split import CpuSplit
 from core.device import resolve_device
 from core.graph.concept_sets import ConceptSet, load_concept_set
@@ -109,11 +109,14 @@ class Explorer:
     def graph_dirs(self) -> dict[str, Path]:
         """Shipped graphs of this model (assets/graphs) and graphs computed here (data dir)."""
         found = {}
+        revision = toy_revision(self.settings.model)
         for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
             if root.is_dir():
                 stores = [GraphStore(folder) for folder in sorted(root.iterdir())]
+                # a graph of another model, or of an earlier training of the toy model, is not this one's
                 stores = [s for s in stores if s.exists and s.nodes() is not None
-                          and s.meta().get("model") == self.settings.model]
+                          and s.meta().get("model") == self.settings.model
+                          and (revision is None or s.meta().get("model_revision") == revision)]
                 # the most complete graph first: it is the one drawn on first paint; on a tie the ESD
                 # graph, the paper's Section 3 baseline that the others are compared with
                 for store in sorted(stores, key=lambda s: (-len(s.rows_done()), s.meta().get("method") != "esd")):

@@ -187,3 +187,18 @@ def test_mcp_serves_only_the_read_only_queries(tmp_path, toy_bundle):
         assert Client(url + "/", verbose=False).predict(api_name="/runs") is not None
     finally:
         demo.close()
+
+
+def test_graphs_of_an_earlier_toy_model_are_not_listed(tmp_path):
+    from core.bundle import toy_revision
+    from explorer.service import Explorer
+
+    for name, revision in (("current", toy_revision("toy")), ("earlier", "toy-000000000000")):
+        folder = tmp_path / "graphs" / name
+        folder.mkdir(parents=True)
+        (folder / "graph.json").write_text(json.dumps({"model": "toy", "model_revision": revision, "method": "esd"}))
+        (folder / "nodes.csv").write_text("concept,G0_top1\nred circle,1.0\n")
+    explorer = Explorer(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False))
+    names = list(explorer.graph_dirs())
+    assert "current (computed)" in names
+    assert not any(name.startswith("earlier") for name in names)

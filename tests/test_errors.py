@@ -55,3 +55,18 @@ def test_dtype_choices():
         resolve_dtype("float16", cpu)
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3", cpu)
+
+
+def test_run_of_an_earlier_toy_model_is_refused(toy_bundle, tmp_path):
+    import json
+
+    from core.erasure import erase, make_config
+
+    run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "run")
+    manifest_path = run.run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["base_revision"] == toy_bundle.revision
+    manifest["base_revision"] = "toy-000000000000"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="only apply to the model they were trained from"):
+        load_bundle(str(run.run_dir), device="cpu")

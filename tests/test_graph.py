@@ -113,11 +113,16 @@ def test_user_csv_and_builtin_sets(tmp_path):
         load_concept_set(str(tmp_path / "missing.csv"))
 
 
-def test_graph_folder_from_another_model_is_rejected(toy_bundle, toy_subset, tmp_path):
+@pytest.mark.parametrize("field, other", [
+    ("model", "CompVis/stable-diffusion-v1-4"),
+    ("model_revision", "toy-000000000000"),  # an earlier training of the toy model
+])
+def test_graph_folder_from_another_model_is_rejected(toy_bundle, toy_subset, tmp_path, field, other):
     folder = tmp_path / "g"
     build_graph(toy_bundle, toy_subset, folder, TINY_RECIPE, TINY_SPEC, rows=["red circle"], progress=False, log=lambda m: None)
     meta = json.loads((folder / "graph.json").read_text())
-    meta["model"] = "CompVis/stable-diffusion-v1-4"
+    assert meta["model_revision"] == toy_bundle.revision
+    meta[field] = other
     (folder / "graph.json").write_text(json.dumps(meta))
-    with pytest.raises(GraphMismatchError, match="made differently.*model"):
+    with pytest.raises(GraphMismatchError, match=f"made differently.*{field}"):
         build_graph(toy_bundle, toy_subset, folder, TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)

@@ -109,3 +109,35 @@ def test_contact_sheet_lays_out_labelled_rows_and_columns():
     assert sheet.getpixel((strip_left + 4 * 64 + 8 + 10, 24 + 10)) == (128, 128, 128)  # erased strip
     with pytest.raises(ValueError, match="one strip per row label and column label"):
         contact_sheet(strips, ["only one label"], ["original", "erased"])
+
+
+def test_shipped_model_records_the_revision_of_its_weights(toy_bundle):
+    from core.toyworld.train import weights_revision
+
+    assert toy_bundle.revision == weights_revision(toy_bundle.unet, toy_bundle.text_encoder)
+
+
+def test_training_recipe_writes_a_loadable_model(tmp_path):
+    from core.bundle import load_bundle
+    from core.toyworld.train import ToyTrainConfig, train_toy_model, weights_revision
+
+    cfg = ToyTrainConfig(steps=3, batch_size=8, classifier_steps=3, pool_size=64, warmup_steps=1)
+    folder = train_toy_model(tmp_path / "toy", toy_model_dir() / "concepts.json", cfg, progress=False)
+    bundle = load_bundle(str(folder), device="cpu")
+    assert bundle.prediction_type == "v_prediction"
+    assert bundle.extras["manifest"]["recipe"]["steps"] == 3
+    assert bundle.revision == weights_revision(bundle.unet, bundle.text_encoder)
+    assert generate(bundle, ["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps must be positive"),
+    ("lr", float("nan"), "lr must be a positive finite number"),
+    ("ema_decay", 1.0, "ema_decay must be in"),
+    ("prediction_type", "sample", "prediction_type must be"),
+])
+def test_training_config_rejects_bad_values(field, value, message):
+    from core.toyworld.train import ToyTrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        ToyTrainConfig(**{field: value})

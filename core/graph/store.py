@@ -41,7 +41,7 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
 class GraphStore:
     """Identity fields of ``graph.json`` must match for rows to be added to an existing folder."""
 
-    IDENTITY = ("model", "method", "preset", "target", "options", "evaluator", "concept_set", "template", "capability")
+    IDENTITY = ("model", "model_revision", "method", "preset", "target", "options", "evaluator", "concept_set", "template", "capability")
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

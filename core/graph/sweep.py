@@ -90,7 +90,8 @@ def open_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Path
     evaluator_name = evaluator_name or default_evaluator_name(bundle, concept_set)
     spec = spec.resolved(bundle)
     store = GraphStore(out_dir)
-    store.open({"model": bundle.extras.get("base_source", bundle.source), "model_kind": bundle.kind,
+    store.open({"model": bundle.extras.get("base_source", bundle.source), "model_revision": bundle.revision,
+                "model_kind": bundle.kind,
                 "method": recipe.method, "preset": recipe.preset,
                 "target": recipe.options.get("target"), "options": recipe.options, "evaluator": evaluator_name,
                 "concept_set": concept_set.to_dict(), "template": spec.template or concept_set.template,

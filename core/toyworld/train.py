@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import shutil
@@ -31,7 +32,7 @@ from .render import render
 class ToyTrainConfig:
     """Hyper-parameters of the toy model recipe (defaults are the shipped model's)."""
 
-    steps: int = field(default=4500, metadata={"help": "UNet/text-encoder optimisation steps"})
+    steps: int = field(default=4200, metadata={"help": "UNet/text-encoder optimisation steps"})
     batch_size: int = field(default=64, metadata={"help": "images per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the UNet"})
     text_lr: float = field(default=4e-3, metadata={"help": "peak learning rate of the text encoder (faster: conditioning is learned late)"})
@@ -42,6 +43,7 @@ class ToyTrainConfig:
     pool_size: int = field(default=40000, metadata={"help": "pre-rendered training images"})
     classifier_steps: int = field(default=2500, metadata={"help": "classifier optimisation steps"})
     classifier_lr: float = field(default=3e-3, metadata={"help": "classifier OneCycle peak learning rate"})
+    prediction_type: str = field(default="v_prediction", metadata={"help": "what the UNet predicts: v_prediction (as SD 2.x) or epsilon (as SD 1.x; its samples carry a per-seed colour cast, see docs/toyworld.md)"})
     snapshot_every: int = field(default=1000, metadata={"help": "write the EMA model to the output folder every N steps"})
     seed: int = field(default=0, metadata={"help": "seed of rendering, initialisation and batches"})
     init_from: str = field(default="", metadata={"help": "continue from this toy model folder (its weights and classifier)"})
@@ -54,8 +56,20 @@ class ToyTrainConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
+        if self.prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {self.prediction_type!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def weights_revision(*modules: torch.nn.Module) -> str:
+    """A short content hash of the weights: graphs record it, so a retrained model does not reuse them."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "toy-" + digest.hexdigest()[:12]
 
 
 def _lr_lambda(cfg: ToyTrainConfig) -> Callable[[int], float]:
@@ -163,7 +177,7 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
         text_encoder = build_text_encoder(tokenizer)
         unet = build_unet(cross_attention_dim=text_encoder.config.hidden_size)
         previous = None
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(cfg.prediction_type)
     captions, index = _caption_table(world, tokenizer)
     caption_ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
 
@@ -196,7 +210,7 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
     earlier_seconds = float(previous.get("train_seconds", 0)) if previous else 0.0
 
     def snapshot(step: int) -> None:
-        manifest.update(trained_steps=earlier_steps + step,
+        manifest.update(revision=weights_revision(ema_unet, ema_text), trained_steps=earlier_steps + step,
                         train_seconds=round(earlier_seconds + time.time() - started, 1))
         save_model_folder(out, ema_unet, ema_text, tokenizer, scheduler, classifier, Path(concepts_json), manifest)
 
@@ -215,7 +229,8 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=states).sample, noise)
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=states).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
