@@ -76,10 +76,10 @@ def build_unet(cross_attention_dim: int = 64) -> UNet2DConditionModel:
 def build_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
     """SD-1.4's noise schedule; the prediction type of SD 2.x by default.
 
-    This UNet's group norms hide an input's mean colour from it, so it cannot tell how much of
-    that mean is noise. An epsilon model turns that blind spot into a colour cast amplified by
-    1/sqrt(alpha_bar) at high noise; a v model takes its image estimate mostly from its own output
-    there, and the cast goes away. ESD/AGE guidance combines outputs linearly, so it works unchanged.
+    The epsilon model trained first barely followed an input's mean colour, and its image estimate
+    divides that miss by sqrt(alpha_bar): at high noise every seed's mean colour became a cast. A v
+    model's image estimate weighs its input's mean by sqrt(alpha_bar) instead, and the cast is gone
+    (docs/toyworld.md). ESD/AGE guidance combines outputs linearly, so it works unchanged.
     """
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=True,
