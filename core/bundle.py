@@ -132,6 +132,11 @@ class ModelBundle:
         """UNet parameter names in diffusers naming (``down_blocks.1.attentions.0...attn2.to_k.weight``)."""
         return [name for name, _ in self.unet.named_parameters()]
 
+    def graph_identity(self) -> dict:
+        """Which model a measurement was made with: a graph records these and refuses rows of another."""
+        return {"model": self.extras.get("base_source", self.source), "model_revision": self.revision,
+                "model_kind": self.kind}
+
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "revision": self.revision,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),

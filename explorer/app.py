@@ -281,8 +281,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         evaluator = ToyEvaluator(bundle, concept_set) if ex.is_toy else load_evaluator(
             "hf:microsoft/resnet-50", bundle, concept_set)
         store = ex.user_graph(manifest["method"])
-        store.open({"model": ex.settings.model, "model_revision": bundle.revision, "model_kind": bundle.kind,
-                    "method": manifest["method"],
+        # named as the page names its model, which is how graph_dirs finds the page's graphs
+        store.open({**bundle.graph_identity(), "model": ex.settings.model, "method": manifest["method"],
                     "preset": manifest.get("preset"), "target": manifest["config"].get("target"),
                     "evaluator": "toy" if ex.is_toy else "hf:microsoft/resnet-50",
                     "concept_set": concept_set.to_dict(), "template": concept_set.template,

@@ -90,9 +90,7 @@ def open_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Path
     evaluator_name = evaluator_name or default_evaluator_name(bundle, concept_set)
     spec = spec.resolved(bundle)
     store = GraphStore(out_dir)
-    store.open({"model": bundle.extras.get("base_source", bundle.source), "model_revision": bundle.revision,
-                "model_kind": bundle.kind,
-                "method": recipe.method, "preset": recipe.preset,
+    store.open({**bundle.graph_identity(), "method": recipe.method, "preset": recipe.preset,
                 "target": recipe.options.get("target"), "options": recipe.options, "evaluator": evaluator_name,
                 "concept_set": concept_set.to_dict(), "template": spec.template or concept_set.template,
                 "capability": spec.to_dict(), "seeds": spec.seeds(), "images_per_concept": spec.images_per_concept,
