@@ -67,9 +67,11 @@ def test_save_load_reproduces_outputs_exactly(sd, tmp_path):
     assert not torch.equal(a, generate(sd, ["a red circle"], [0], steps=3))
 
 
-def test_resume_continues_the_same_run(sd, tmp_path):
-    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, lr=1e-3,
-                         **{**TINY, "iterations": 4})
+@pytest.mark.parametrize("options", [{}, dict(share_draws=True, concepts=["a red circle", "a dog"])])
+def test_resume_continues_the_same_run(sd, tmp_path, options):
+    # Stopping after step 3 (a model step) leaves a pi step next: with share_draws it needs the saved draws.
+    config = make_config("age", None, **{"concepts": ["a red circle"], "candidates": CANDIDATES, "lr": 1e-3,
+                                         **TINY, "iterations": 4, **options})
     erase(sd, config, tmp_path / "whole")
     stop_after = {"n": 0}
 
@@ -131,6 +133,23 @@ def test_every_step_reports_what_the_ui_needs(sd, tmp_path):
     assert set(theta.losses) >= {"erase", "preserve", "total"} and "pi_objective" in pi.losses
     assert len(theta.targets["a red circle"]) == 5 and theta.pick in CANDIDATES
     assert reports[-1].eta == 0 and all(r.elapsed >= 0 for r in reports)
+
+
+def test_shared_draws_pair_each_pi_step_with_its_model_step(sd, tmp_path, monkeypatch):
+    from core.erasure.loop import FineTuneRun
+
+    calls = []
+    original = FineTuneRun.sample_till
+    monkeypatch.setattr(FineTuneRun, "sample_till", lambda self, *a: calls.append(1) or original(self, *a))
+    config = make_config("age", None, concepts=["a red circle", "a dog"], candidates=CANDIDATES,
+                         share_draws=True, seed=2, **{**TINY, "iterations": 6})
+    reports = []
+    erase(sd, config, tmp_path / "run", callbacks=[reports.append])
+    assert len(calls) == 6  # one "sample till t" per model/pi pair
+    for theta, pi in zip(reports[0::2], reports[1::2]):
+        assert (theta.phase, pi.phase) == ("theta", "pi")
+        assert (pi.concept, pi.pick) == (theta.concept, theta.pick)
+    assert {r.concept for r in reports} == {"a red circle", "a dog"}
 
 
 @pytest.mark.parametrize("method, options, message", [

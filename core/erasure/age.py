@@ -7,6 +7,9 @@
 - T_C: prompt hidden states of the candidates (prefiltered by L2 distance, see ``vocab.py``);
   GS: Gumbel-softmax, straight-through one-hot (hard) or soft top-k.
 - One loop iteration in ``pgd_num_steps`` is a model step; the others are pi steps.
+- ``share_draws`` (beyond the paper, for speed): a pi step reuses the preceding model step's draws
+  (erased concept, Gumbel sample, "sample till t" latents and timestep) instead of sampling afresh
+  as the reference does every iteration; this halves the sampling, the larger part of a CPU step.
 
 Target search (``target_search``):
 - ``gumbel`` (paper, default): pi ascends lambda L2 through the straight-through gradient. As in the
@@ -35,9 +38,11 @@ TOP_TARGETS = 5
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, topk: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The reference's Gumbel-softmax: straight-through one-hot, or the renormalised top-k of the sample."""
-    u = torch.rand(logits.shape, generator=generator).to(logits.device)
+                   generator: torch.Generator, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's Gumbel-softmax: straight-through one-hot, or the renormalised top-k of the sample.
+    ``uniform`` replays a sample's U(0, 1) draws instead of drawing new ones."""
+    u = torch.rand(logits.shape, generator=generator) if uniform is None else uniform
+    u = u.to(logits.device)
     gumbel = -torch.log(-torch.log(u + 1e-10) + 1e-10)
     y = F.softmax((logits + gumbel) / temperature, dim=-1)
     if hard:
@@ -72,6 +77,8 @@ class AGERun(FineTuneRun):
         self.total_steps = config.iterations * config.pgd_num_steps
         self.neighbours = self._neighbours()
         self.pi_log_every = max(1, self.total_steps // 400)
+        # share_draws: the model step's draws, kept for the pi step that follows it
+        self.shared: dict | None = None
 
     def _neighbours(self) -> dict[str, set[str]] | None:
         if self.cfg.neighbour_groups:
@@ -88,12 +95,18 @@ class AGERun(FineTuneRun):
         return math.ceil(n / self.cfg.pgd_num_steps)
 
     # ---- the target mixture ----------------------------------------------------------------------
-    def mixture(self, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def mixture(self, k: int, uniform: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """A Gumbel-softmax sample of concept k's target: weights, embedding, top pick, and the
+        sample's uniform draws (to replay it)."""
         cfg = self.cfg
-        weights = gumbel_softmax(self.pi[k], cfg.gumbel_temp, cfg.gumbel_hard, cfg.gumbel_topk, self.generator)
+        if uniform is None:
+            uniform = torch.rand(self.pi[k].shape, generator=self.generator)
+        weights = gumbel_softmax(self.pi[k], cfg.gumbel_temp, cfg.gumbel_hard, cfg.gumbel_topk, self.generator,
+                                 uniform=uniform)
         states = self.candidates[k].states
         e_t = torch.einsum("n,nld->ld", weights.to(states.dtype), states)[None].to(self.bundle.dtype)
-        return weights, e_t, int(weights.detach().argmax())
+        return weights, e_t, int(weights.detach().argmax()), uniform
 
     def top_targets(self) -> dict[str, list[tuple[str, float]]]:
         out = {}
@@ -112,20 +125,24 @@ class AGERun(FineTuneRun):
 
     # ---- one iteration ---------------------------------------------------------------------------
     def step(self, i: int) -> StepReport:
-        cfg, pred = self.cfg, self.predictor
-        k = self.randint(len(cfg.concepts))
+        cfg = self.cfg
+        model_step = self.is_model_step(i)
+        shared, self.shared = (None if model_step else self.shared), None
+        k = self.randint(len(cfg.concepts)) if shared is None else shared["k"]
         concept, c_e = cfg.concepts[k], self.erased_states[k:k + 1]
-        weights, e_t, pick = self.mixture(k)
+        weights, e_t, pick, uniform = self.mixture(k, None if shared is None else shared["uniform"])
         e_bar = e_t.detach()
-        target_key = self._pool_key(k, weights) if cfg.xt_source == "pool" else ("mixture", e_bar)
-        if self.is_model_step(i):
-            losses = self._model_step(concept, c_e, e_bar, target_key)
+        target_key = self._pool_key(k, weights) if cfg.xt_source == "pool" and shared is None else ("mixture", e_bar)
+        if model_step:
+            losses, latents, t = self._model_step(concept, c_e, e_bar, target_key)
+            if cfg.share_draws:
+                self.shared = {"k": k, "uniform": uniform, "z_e": latents[0], "z_t": latents[1], "t": t}
             phase = "theta"
         elif cfg.target_search == "damage":
-            losses = self._damage_pi_step(k, concept, c_e)
+            losses = self._damage_pi_step(k, concept, c_e, shared)
             phase = "pi"
         else:
-            losses = self._gumbel_pi_step(k, concept, c_e, e_t, e_bar, target_key)
+            losses = self._gumbel_pi_step(k, concept, c_e, e_t, e_bar, target_key, shared)
             phase = "pi"
         if phase == "pi" and (i + 1) % self.pi_log_every == 0:
             self._log_pi(i + 1)
@@ -135,7 +152,7 @@ class AGERun(FineTuneRun):
                           elapsed=0.0, eta=0.0, targets=self.top_targets(), pick=name,
                           pick_is_neighbour=(name in neighbours) if neighbours is not None else None)
 
-    def _model_step(self, concept, c_e, e_bar, target_key) -> dict[str, float]:
+    def _model_step(self, concept, c_e, e_bar, target_key):
         cfg, pred = self.cfg, self.predictor
         (z_e, z_t), t = self.draw_latents([(concept, c_e), target_key])
         b = len(z_e)
@@ -151,12 +168,15 @@ class AGERun(FineTuneRun):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"erase": erase.item(), "preserve": preserve.item(), "total": loss.item()}
+        return {"erase": erase.item(), "preserve": preserve.item(), "total": loss.item()}, (z_e, z_t), t
 
-    def _gumbel_pi_step(self, k, concept, c_e, e_t, e_bar, target_key) -> dict[str, float]:
+    def _gumbel_pi_step(self, k, concept, c_e, e_t, e_bar, target_key, shared) -> dict[str, float]:
         cfg, pred = self.cfg, self.predictor
-        keys = [target_key, (concept, c_e)] if cfg.pi_l1 else [target_key]
-        latents, t = self.draw_latents(keys)
+        if shared is None:
+            keys = [target_key, (concept, c_e)] if cfg.pi_l1 else [target_key]
+            latents, t = self.draw_latents(keys)
+        else:
+            latents, t = [shared["z_t"], shared["z_e"]], shared["t"]
         z_t, b = latents[0], len(latents[0])
         with pred.weights_frozen():
             live = pred.trainable(z_t, t, e_t.expand(b, -1, -1))
@@ -180,9 +200,9 @@ class AGERun(FineTuneRun):
         losses["pi_objective"] = objective.item()
         return losses
 
-    def _damage_pi_step(self, k, concept, c_e) -> dict[str, float]:
+    def _damage_pi_step(self, k, concept, c_e, shared) -> dict[str, float]:
         cfg, pred = self.cfg, self.predictor
-        (z_e,), t = self.draw_latents([(concept, c_e)])
+        (z_e,), t = self.draw_latents([(concept, c_e)]) if shared is None else ([shared["z_e"]], shared["t"])
         m = min(cfg.damage_samples, len(z_e))
         states = self.candidates[k].states.to(self.bundle.dtype)
         n = len(states)
@@ -210,6 +230,9 @@ class AGERun(FineTuneRun):
     def extra_state(self) -> dict[str, torch.Tensor]:
         tensors = {f"pi/{k}": p.detach() for k, p in enumerate(self.pi)}
         tensors.update(optimizer_tensors(self.pi_optimizer, "piopt"))
+        if self.shared is not None:
+            tensors["shared/k"] = torch.tensor([self.shared["k"]])
+            tensors.update({f"shared/{name}": self.shared[name] for name in ("uniform", "z_e", "z_t", "t")})
         return tensors
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -217,6 +240,12 @@ class AGERun(FineTuneRun):
             for k, p in enumerate(self.pi):
                 p.copy_(tensors[f"pi/{k}"].to(p.device))
         load_optimizer_tensors(self.pi_optimizer, tensors, "piopt")
+        if "shared/k" in tensors:
+            device = self.bundle.device
+            self.shared = {"k": int(tensors["shared/k"]), "uniform": tensors["shared/uniform"],
+                           "z_e": tensors["shared/z_e"].to(device, self.bundle.dtype),
+                           "z_t": tensors["shared/z_t"].to(device, self.bundle.dtype),
+                           "t": tensors["shared/t"].to(device)}
 
     def extra_results(self, run_dir: Path) -> dict:
         import pandas as pd

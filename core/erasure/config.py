@@ -130,6 +130,8 @@ class AGEConfig(EraseConfig):
     synonyms: list[str] = _list("candidates excluded as synonyms of an erased concept")
     target_search: str = _help("gumbel: the paper's gradient search; damage: score every candidate's preservation damage", "gumbel")
     damage_samples: int = _help("latents per damage measurement (damage search)", 2)
+    share_draws: bool = _help("a pi step reuses the preceding model step's concept, Gumbel sample and latents "
+                              "(half the sampling; the reference draws afresh every iteration)", False)
     pi_l1: bool = _help("let the erasure term's gradient reach pi (the reference code detaches it)", False)
     neighbour_groups: dict = _help("concept -> candidates that are its real neighbours, to log the search's hit rate", None)
 
