@@ -129,6 +129,8 @@ def erase_overrides(args) -> dict:
         values["candidates"] = [w.strip() for w in Path(args.candidates).read_text().splitlines() if w.strip()]
     if args.allow_cpu:
         values["requires_gpu"] = False
+    if args.share_draws:
+        values["share_draws"] = True
     return values
 
 
@@ -220,6 +222,32 @@ def cmd_bench_erase(args) -> int:
     print(f"{'loop':42s} {'s/iter':>8s} {'2000 iters':>11s} {'speed-up':>9s} {'peak GiB':>9s}")
     for name, sec, peak in rows:
         print(f"{name:42s} {sec:8.3f} {sec * 2000 / 60:9.1f} m {ref / sec:8.2f}x {peak:9.2f}")
+    return 0
+
+
+def cmd_bench_presets(args) -> int:
+    import tempfile
+
+    import torch
+
+    from .bundle import load_bundle
+    from .erasure.bench import preset_seconds
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.model, device=args.device)
+    overrides = {"iterations": args.iterations} if args.iterations else {}
+    print(f"whole erasures on {bundle.device} ({torch.get_num_threads()} CPU threads), model {args.model}")
+    print(f"{'preset':10s} {'concept':16s} {'loop steps':>10s} {'seconds':>8s} {'peak RSS GiB':>13s}")
+    means = {}
+    for preset in args.preset:
+        for concept in args.concept:
+            with tempfile.TemporaryDirectory() as tmp:
+                row = preset_seconds(bundle, preset, concept, Path(tmp) / "run", **overrides)
+            means.setdefault(preset, []).append(row["seconds"])
+            print(f"{preset:10s} {concept:16s} {row['steps']:10d} {row['seconds']:8.1f} {row['peak_rss_gib']:13.2f}")
+    for preset, seconds in means.items():
+        print(f"{preset:10s} {'mean':16s} {'':10s} {sum(seconds) / len(seconds):8.1f}")
     return 0
 
 
@@ -386,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--param-set", default=None, help="xattn, xattn_kv, noxattn, selfattn, full")
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--xt-source", choices=["sample", "pool"], default=None)
+    e.add_argument("--share-draws", action="store_true",
+                   help="AGE: a pi step reuses its model step's latents (half the sampling)")
     e.add_argument("--loss-space", choices=["x0", "eps"], default=None)
     e.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     e.add_argument("--seed", type=int, default=None)
@@ -439,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--precision", action="append", default=None, help="fp32 and/or bf16 (default both)")
     be.add_argument("--threads", type=int, default=None)
     be.set_defaults(func=cmd_bench_erase)
+    bp = bench_sub.add_parser("presets", help="seconds of whole erasures with presets (e.g. toy against toy-fast)")
+    bp.add_argument("--model", default="toy")
+    bp.add_argument("--device", default="auto")
+    bp.add_argument("--preset", action="append", required=True, help="preset to time (repeat)")
+    bp.add_argument("--concept", action="append", required=True, help="concept to erase (repeat)")
+    bp.add_argument("--iterations", type=int, default=None, help="override the presets' model steps (smoke runs)")
+    bp.add_argument("--threads", type=int, default=None)
+    bp.set_defaults(func=cmd_bench_presets)
 
     j = sub.add_parser("jobs", help="the background job store: list, show, cancel, resume, run a worker")
     j.add_argument("--data-dir", default=None, help="job store folder (env AGE_EXPLORER_DATA_DIR, default ./runs)")

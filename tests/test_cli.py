@@ -33,3 +33,14 @@ def test_unknown_words_warn_on_the_cli(tmp_path, capsys):
     assert main(["generate", "--prompt", "a zebra", "--seeds", "0", "--steps", "2", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "zebra" in err and "toy vocabulary is" in err
+
+
+def test_bench_presets_prints_a_row_per_run_and_a_mean(capsys):
+    assert main(["bench", "presets", "--preset", "toy-fast", "--preset", "toy-esd", "--concept", "red circle",
+                 "--iterations", "2", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith(("toy-fast", "toy-esd"))]
+    assert [r[:3] for r in rows[:2]] == [["toy-fast", "red", "circle"], ["toy-esd", "red", "circle"]]
+    assert [r[:2] for r in rows[2:]] == [["toy-fast", "mean"], ["toy-esd", "mean"]]
+    assert rows[0][3] == "4" and rows[1][3] == "2"  # AGE: model + pi steps; ESD: model steps
+    assert float(rows[0][4]) > 0 and float(rows[2][2]) == float(rows[0][4])

@@ -177,3 +177,16 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
             run.predictor.restore()
     peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
     return sum(times) / len(times), {"peak_gib": peak}
+
+
+def preset_seconds(bundle: ModelBundle, preset: str, concept: str, run_dir: Path, **overrides) -> dict:
+    """Wall-clock seconds of one whole erasure with a preset (the run is written to ``run_dir``)."""
+    import resource
+
+    from . import PRESETS, erase, make_config
+
+    config = make_config(PRESETS[preset][0], preset, concepts=[concept], **overrides)
+    started = time.perf_counter()
+    result = erase(bundle, config, run_dir)
+    return {"seconds": time.perf_counter() - started, "steps": result.steps_done,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
