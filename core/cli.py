@@ -352,29 +352,45 @@ def cmd_graph(args) -> int:
 
 
 def cmd_analyse(args) -> int:
+    import pandas as pd
+
     from .bundle import load_bundle
-    from .graph.analysis import abnormal_nodes, asymmetry, locality, similarity_measures, similarity_vs_delta, summary
+    from .graph.analysis import (abnormal_nodes, asymmetry, compare_graphs, compare_summary, locality,
+                                 similarity_measures, similarity_vs_delta, summary)
     from .graph.concept_sets import ConceptSet
     from .graph.store import GraphStore
 
-    store = GraphStore(args.graph_dir)
+    stores = {Path(d).name: GraphStore(d) for d in args.graph_dir}
+    if len(stores) < len(args.graph_dir):
+        raise ValueError("give graph folders with different names, so that the table can tell them apart")
+    store = next(iter(stores.values()))
     meta = store.meta()
     cs = meta["concept_set"]
     concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"], cs.get("imagenet_index", {}))
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    if len(stores) > 1:
+        others = [name for name, s in stores.items() if s.meta()["concept_set"]["concepts"] != cs["concepts"]]
+        if others:
+            raise ValueError(f"{', '.join(others)} measured another concept set than {next(iter(stores))}")
+        table = compare_graphs(stores, concept_set)
+        print("mean Delta top-1 on the rows all graphs have; *_lower: rows below the first graph")
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
+            print(compare_summary(table).to_string(index=False, float_format=fmt))
+            if args.tables:
+                print("\nper row\n" + table.to_string(index=False, float_format=fmt))
+        return 0
     similarity = None
     if not args.no_similarity:
         bundle = load_bundle(meta["model"], device=args.device, local_files_only=True if args.offline else None)
         similarity = similarity_measures(bundle, concept_set)
     print(summary(store, concept_set, similarity))
     if args.tables:
-        import pandas as pd
-
         with pd.option_context("display.width", 200, "display.max_columns", 30):
-            print("\nlocality per row\n" + locality(store, concept_set).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-            print("\nmost asymmetric pairs\n" + asymmetry(store).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-            print("\nnodes\n" + abnormal_nodes(store).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            print("\nlocality per row\n" + locality(store, concept_set).to_string(index=False, float_format=fmt))
+            print("\nmost asymmetric pairs\n" + asymmetry(store).to_string(index=False, float_format=fmt))
+            print("\nnodes\n" + abnormal_nodes(store).to_string(index=False, float_format=fmt))
             if similarity is not None:
-                print("\nsimilarity vs Delta\n" + similarity_vs_delta(store, similarity).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+                print("\nsimilarity vs Delta\n" + similarity_vs_delta(store, similarity).to_string(index=False, float_format=fmt))
     return 0
 
 
@@ -530,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_graph)
 
-    a = sub.add_parser("analyse", help="the Section 3 findings of a graph folder, with numbers")
-    a.add_argument("graph_dir")
+    a = sub.add_parser("analyse", help="the Section 3 findings of a graph folder, with numbers; "
+                                       "several folders: their spillover compared on the same rows")
+    a.add_argument("graph_dir", nargs="+")
     a.add_argument("--tables", action="store_true", help="also print the full tables")
     a.add_argument("--no-similarity", action="store_true", help="skip the similarity measures (no model load)")
     a.add_argument("--device", default="auto")

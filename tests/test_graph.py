@@ -126,3 +126,23 @@ def test_graph_folder_from_another_model_is_rejected(toy_bundle, toy_subset, tmp
     (folder / "graph.json").write_text(json.dumps(meta))
     with pytest.raises(GraphMismatchError, match=f"made differently.*{field}"):
         build_graph(toy_bundle, toy_subset, folder, TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)
+
+
+def test_compare_graphs_on_the_rows_both_have():
+    from core.graph.analysis import compare_graphs, compare_summary
+    from core.graph.concept_sets import ConceptSet
+    from core.paths import assets_dir
+
+    stores = {name: GraphStore(assets_dir() / "graphs" / name) for name in ("toy-esd", "toy-age")}
+    cs = stores["toy-esd"].meta()["concept_set"]
+    concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"])
+    table = compare_graphs(stores, concept_set)
+    shared = set(stores["toy-esd"].rows_done()) & set(stores["toy-age"].rows_done())
+    assert len(table) == 2 * len(shared) and set(table.erased) == shared
+    age = locality(stores["toy-age"], concept_set).set_index("erased")
+    rows = table[table.graph == "toy-age"].set_index("erased")
+    assert (rows.in_shape - age.loc[rows.index].in_shape).abs().max() < 1e-12
+    summary_table = compare_summary(table).set_index("graph")
+    esd_rows = table[table.graph == "toy-esd"].set_index("erased").loc[rows.index]
+    assert summary_table.loc["toy-age", "in_colour_lower"] == int((rows.in_colour < esd_rows.in_colour - 1e-9).sum())
+    assert summary_table.loc["toy-esd", "rows"] == len(shared)

@@ -3,6 +3,7 @@
 - locality: mean Delta inside vs outside the erased concept's group(s), per row and overall;
 - asymmetry: Delta(a->b) - Delta(b->a) and the most asymmetric pairs;
 - abnormal nodes: low G_0, or hurt by most erasures;
+- comparison of graphs (e.g. ESD against AGE): each graph's locality on the rows they all have;
 - similarity measures between concepts (text-embedding L2 and cosine on flattened prompt hidden
   states; output-space distance of the frozen model's noise predictions over fixed latents and
   timesteps) and their Spearman correlation with Delta.
@@ -127,6 +128,37 @@ def similarity_vs_delta(store: GraphStore, similarity: pd.DataFrame, kind: str =
         rows.append({"measure": measure, "spearman": float(rho), "p_value": float(p),
                      "predictive_strength": float(sign * rho), "pairs": len(merged)})
     return pd.DataFrame(rows).sort_values("predictive_strength", ascending=False).reset_index(drop=True)
+
+
+def compare_graphs(stores: dict[str, GraphStore], concept_set: ConceptSet, kind: str = "delta_top1") -> pd.DataFrame:
+    """Locality per erased concept of each graph (long format, column ``graph``), on the rows that
+    every graph has, so that methods are compared on the same erasures."""
+    tables = {name: locality(store, concept_set, kind) for name, store in stores.items()}
+    tables = {name: t[t.erased != "(mean)"] for name, t in tables.items()}
+    shared = set.intersection(*(set(t.erased) for t in tables.values()))
+    if not shared:
+        raise ValueError(f"the graphs {', '.join(stores)} have no erased concept in common")
+    order = [c for c in concept_set.concepts if c in shared]
+    table = pd.concat([t.set_index("erased").loc[order].reset_index().assign(graph=name)
+                       for name, t in tables.items()], ignore_index=True)
+    return table[["graph"] + [c for c in table.columns if c != "graph"]]
+
+
+def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per graph: mean of each locality column, and on how many rows it is below the first graph's."""
+    columns = [c for c in table.columns if c.startswith("in_")] + ["unrelated", "self"]
+    graphs = list(dict.fromkeys(table.graph))
+    first = table[table.graph == graphs[0]].set_index("erased")[columns]
+    rows = []
+    for name in graphs:
+        block = table[table.graph == name].set_index("erased")[columns].loc[first.index]
+        row = {"graph": name, "rows": len(block), **block.mean().to_dict()}
+        if name != graphs[0]:
+            row.update({f"{c}_lower": int((block[c] < first[c] - 1e-9).sum()) for c in columns})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    lower = [c for c in out.columns if c.endswith("_lower")]
+    return out.astype({c: "Int64" for c in lower})
 
 
 def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame | None = None) -> str:
