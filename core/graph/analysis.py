@@ -164,7 +164,8 @@ def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
 def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame | None = None) -> str:
     """The paper's Section 3 findings, stated with this graph's numbers."""
     meta = store.meta()
-    lines = [f"graph: {meta['model']} / {meta['method']} (preset {meta['preset']}, target {meta.get('target')!r}), "
+    options = "".join(f", {k} {v!r}" for k, v in sorted((meta.get("options") or {}).items()) if k != "target")
+    lines = [f"graph: {meta['model']} / {meta['method']} (preset {meta['preset']}, target {meta.get('target')!r}{options}), "
              f"{len(store.rows_done())} rows x {len(store.nodes())} concepts, N={meta['images_per_concept']} images, "
              f"evaluator {meta['evaluator']}"]
     loc = locality(store, concept_set)
