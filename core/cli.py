@@ -365,11 +365,10 @@ def cmd_analyse(args) -> int:
         raise ValueError("give graph folders with different names, so that the table can tell them apart")
     store = next(iter(stores.values()))
     meta = store.meta()
-    cs = meta["concept_set"]
-    concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"], cs.get("imagenet_index", {}))
+    concept_set = ConceptSet.from_dict(meta["concept_set"])
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     if len(stores) > 1:
-        others = [name for name, s in stores.items() if s.meta()["concept_set"]["concepts"] != cs["concepts"]]
+        others = [name for name, s in stores.items() if s.meta()["concept_set"]["concepts"] != concept_set.concepts]
         if others:
             raise ValueError(f"{', '.join(others)} measured another concept set than {next(iter(stores))}")
         table = compare_graphs(stores, concept_set)

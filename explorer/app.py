@@ -130,10 +130,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         meta = store.meta()
         if name not in _similarity_cache:
             progress(0.2, desc="similarity measures")
-            cs = meta["concept_set"]
-            concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"], cs.get("imagenet_index", {}))
             with ex.compute():
-                _similarity_cache[name] = similarity_measures(ex.bundle(), concept_set)
+                _similarity_cache[name] = similarity_measures(ex.bundle(), ConceptSet.from_dict(meta["concept_set"]))
         pairs = store.edges().rename(columns={"erased": "a", "affected": "b"}).merge(_similarity_cache[name], on=["a", "b"])
         return plots.scatter_figure(pairs, measure)
 

@@ -134,8 +134,7 @@ def test_compare_graphs_on_the_rows_both_have():
     from core.paths import assets_dir
 
     stores = {name: GraphStore(assets_dir() / "graphs" / name) for name in ("toy-esd", "toy-age")}
-    cs = stores["toy-esd"].meta()["concept_set"]
-    concept_set = ConceptSet(cs["name"], cs["concepts"], cs["groups"], cs["template"])
+    concept_set = ConceptSet.from_dict(stores["toy-esd"].meta()["concept_set"])
     table = compare_graphs(stores, concept_set)
     shared = set(stores["toy-esd"].rows_done()) & set(stores["toy-age"].rows_done())
     assert len(table) == 2 * len(shared) and set(table.erased) == shared

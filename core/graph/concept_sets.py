@@ -60,6 +60,11 @@ class ConceptSet:
         return {"name": self.name, "concepts": self.concepts, "groups": self.groups, "template": self.template,
                 "imagenet_index": self.imagenet_index}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConceptSet":
+        """The set a graph recorded (``graph.json``'s ``concept_set``)."""
+        return cls(data["name"], data["concepts"], data["groups"], data["template"], data.get("imagenet_index", {}))
+
 
 def toy_set(world) -> ConceptSet:
     """The toy world; the prompt template is the model's default ("a photo of a {c}")."""
