@@ -38,11 +38,10 @@ TOP_TARGETS = 5
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, topk: int,
-                   generator: torch.Generator, uniform: torch.Tensor | None = None) -> torch.Tensor:
+                   uniform: torch.Tensor) -> torch.Tensor:
     """The reference's Gumbel-softmax: straight-through one-hot, or the renormalised top-k of the sample.
-    ``uniform`` replays a sample's U(0, 1) draws instead of drawing new ones."""
-    u = torch.rand(logits.shape, generator=generator) if uniform is None else uniform
-    u = u.to(logits.device)
+    ``uniform``: the sample's U(0, 1) draws, one per logit (kept by the caller, so a sample can be replayed)."""
+    u = uniform.to(logits.device)
     gumbel = -torch.log(-torch.log(u + 1e-10) + 1e-10)
     y = F.softmax((logits + gumbel) / temperature, dim=-1)
     if hard:
@@ -102,8 +101,7 @@ class AGERun(FineTuneRun):
         cfg = self.cfg
         if uniform is None:
             uniform = torch.rand(self.pi[k].shape, generator=self.generator)
-        weights = gumbel_softmax(self.pi[k], cfg.gumbel_temp, cfg.gumbel_hard, cfg.gumbel_topk, self.generator,
-                                 uniform=uniform)
+        weights = gumbel_softmax(self.pi[k], cfg.gumbel_temp, cfg.gumbel_hard, cfg.gumbel_topk, uniform)
         states = self.candidates[k].states
         e_t = torch.einsum("n,nld->ld", weights.to(states.dtype), states)[None].to(self.bundle.dtype)
         return weights, e_t, int(weights.detach().argmax()), uniform
