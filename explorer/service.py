@@ -112,14 +112,14 @@ class Explorer:
         revision = toy_revision(self.settings.model)
         for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
             if root.is_dir():
-                stores = [GraphStore(folder) for folder in sorted(root.iterdir())]
+                stores = [s for s in map(GraphStore, sorted(root.iterdir())) if s.exists and s.nodes() is not None]
+                metas = [(s, s.meta()) for s in stores]
                 # a graph of another model, or of an earlier training of the toy model, is not this one's
-                stores = [s for s in stores if s.exists and s.nodes() is not None
-                          and s.meta().get("model") == self.settings.model
-                          and (revision is None or s.meta().get("model_revision") == revision)]
+                metas = [(s, m) for s, m in metas if m.get("model") == self.settings.model
+                         and (revision is None or m.get("model_revision") == revision)]
                 # the most complete graph first: it is the one drawn on first paint; on a tie the ESD
                 # graph, the paper's Section 3 baseline that the others are compared with
-                for store in sorted(stores, key=lambda s: (-len(s.rows_done()), s.meta().get("method") != "esd")):
+                for store, _ in sorted(metas, key=lambda sm: (-len(sm[0].rows_done()), sm[1].get("method") != "esd")):
                     found[f"{store.folder.name} ({tag})"] = store.folder
         return found
 
