@@ -3,7 +3,8 @@
 Environment: AGE_EXPLORER_MODEL (model, default toy), AGE_EXPLORER_DEVICE (auto/cpu/cuda),
 AGE_EXPLORER_DATA_DIR (jobs, runs, exports; default ./runs, or /data on a Space with storage),
 AGE_EXPLORER_MCP=1 (serve the read-only graph queries as MCP tools; needs `pip install "gradio[mcp]"`),
-GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, HF_TOKEN (Hub pushes).
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, HF_TOKEN with AGE_EXPLORER_ALLOW_SERVER_TOKEN=1 (Hub pushes
+with the server's token when the token field is left empty; off by default).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ def main() -> None:
     parser.add_argument("--mcp", action="store_true", default=os.environ.get("AGE_EXPLORER_MCP") == "1",
                         help="also serve list_graphs, list_concepts, concept_spillover and nearest_concepts "
                              "as MCP tools (needs gradio[mcp]); env AGE_EXPLORER_MCP=1")
+    parser.add_argument("--allow-server-token", action="store_true",
+                        default=os.environ.get("AGE_EXPLORER_ALLOW_SERVER_TOKEN") == "1",
+                        help="let 'Push to the Hub' use the server's HF_TOKEN when the token field is empty; "
+                             "only for a server that you alone use; env AGE_EXPLORER_ALLOW_SERVER_TOKEN=1")
     args = parser.parse_args()
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra of gradio: pip install "gradio[mcp]"')
-    demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp))
+    demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
+                                allow_server_token=args.allow_server_token))
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    mcp_server=args.mcp)
 

@@ -146,22 +146,46 @@ def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
 
 
 def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = True,
-                repo_type: str = "model") -> str:
-    """Upload an export folder (or a Space folder, ``repo_type="space"``); the token comes from the
-    argument or ``HF_TOKEN``."""
+                repo_type: str = "model", env_token: bool = True) -> str:
+    """Upload an export folder (or a Space folder, ``repo_type="space"``).
+
+    The token is the argument, else ``HF_TOKEN`` when ``env_token`` is true. A server passes
+    ``env_token=False`` so that its visitors never borrow the operator's token.
+    """
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
 
     validate_repo_id(repo_id)
-    token = token or os.environ.get("HF_TOKEN")
+    if repo_type not in ("model", "space"):
+        raise ValueError(f"repo_type must be model or space, not {repo_type!r}")
+    token = token or (os.environ.get("HF_TOKEN") if env_token else None)
     if not token:
-        raise ValueError("no Hugging Face token: pass --token or set HF_TOKEN")
+        raise ValueError("no Hugging Face token: pass --token or set HF_TOKEN" if env_token else
+                         "no Hugging Face token: paste a token with write access to push")
     if constants.HF_HUB_OFFLINE:
         raise RuntimeError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to upload")
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
-    if repo_type not in ("model", "space"):
-        raise ValueError(f"repo_type must be model or space, not {repo_type!r}")
     space = {"space_sdk": "gradio"} if repo_type == "space" else {}
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
-                             commit_message=f"Upload {'AGE Explorer Space' if space else 'erased model'} from AGE Explorer")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                                 commit_message=f"Upload {'AGE Explorer Space' if space else 'erased model'} from AGE Explorer")
+    except HfHubHTTPError as err:
+        raise RuntimeError(f"the Hub refused the push to {repo_id}: {_first_line(err)}") from None
+    except Exception as err:  # httpx / requests / socket errors: the Hub could not be reached
+        if not _is_network_error(err):
+            raise
+        raise RuntimeError(f"could not reach the Hub to push to {repo_id}: {_first_line(err)}") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_network_error(err: Exception) -> bool:
+    roots = {cls.__module__.split(".")[0] for cls in type(err).__mro__}
+    # huggingface_hub has moved between requests, httpx and httpx2: match the families, not one name
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        root.startswith(("httpx", "httpcore", "requests", "urllib3")) for root in roots)

@@ -303,30 +303,34 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             f"{row[row.affected == erased_name].G_after_top1.iloc[0]:.2f}."), gr.Dropdown(choices=list(graphs))
 
     # ---- export --------------------------------------------------------------------------------
-    def do_export(run_label, fmt):
-        from core.export import export_run
-
+    def do_export(run_label, fmt, exported):
         if not run_label:
             raise gr.Error("no finished run to export")
         run_dir = ex.finished_runs()[run_label]
         try:
-            folder = export_run(run_dir, ex.data_dir / "exports", fmt=fmt, force=True)
-        except (ValueError, FileExistsError, RuntimeError) as err:
+            folder = ex.export(run_dir, fmt)
+        except (ValueError, FileExistsError, RuntimeError, OSError) as err:
             raise gr.Error(str(err)) from None
+        # the session remembers what it exported: a push takes nothing else, never a client's path
+        exported = list(exported or []) + [str(folder)]
         if fmt == "delta":
-            return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], str(folder)
-        return [str(ex.export_zip(folder))], str(folder)
+            return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], str(folder), exported
+        return [str(ex.export_zip(folder))], str(folder), exported
 
-    def do_push(folder, repo_id, token):
+    def do_push(exported, repo_id, token):
         from core.export import push_to_hub
 
-        if not folder:
-            raise gr.Error("export first, then push")
+        if not exported:
+            raise gr.Error("export a run on this page first, then push it")
+        if not (token or "").strip() and not settings.allow_server_token:
+            raise gr.Error("paste a Hugging Face token with write access: this server does not lend its own token")
         try:
-            url = push_to_hub(folder, repo_id.strip(), token=token or None)
+            folder = ex.owned_export(exported[-1])
+            url = push_to_hub(folder, (repo_id or "").strip(), token=(token or "").strip() or None,
+                              env_token=settings.allow_server_token)
         except (ValueError, RuntimeError, OSError) as err:
             raise gr.Error(str(err)) from None
-        return f"Pushed to `{repo_id}`: {url}"
+        return f"Pushed `{folder.name}` to `{repo_id.strip()}`: {url}"
 
     # ---- generate ------------------------------------------------------------------------------
     @gpu
@@ -396,6 +400,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         saved_job = gr.BrowserState("", storage_key="age_explorer_job")
         job_id = gr.State("")
         history = gr.State([])
+        exported = gr.State([])  # export folders this session made, newest last
         with gr.Tabs():
             with gr.Tab("Concept graph", id="graph"):
                 with gr.Row():
@@ -472,7 +477,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 export_folder = gr.Textbox(label="Export folder", interactive=False)
                 with gr.Row():
                     repo = gr.Textbox(label="Hub repo id (owner/name)")
-                    token = gr.Textbox(label="Hub token (or set HF_TOKEN)", type="password")
+                    token = gr.Textbox(label="Hub token (write access)" + (
+                        "; empty: the server's HF_TOKEN" if settings.allow_server_token else ""), type="password")
                     push_btn = gr.Button("Push to the Hub")
                 push_md = gr.Markdown()
 
@@ -498,8 +504,9 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         show_btn.click(show_before_after, [run_dd, seeds], [sheet, legend, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)
         spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api, **COMPUTE_SLOT)
         gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate", api_visibility=ui_api, **COMPUTE_SLOT)
-        export_btn.click(do_export, [export_run_dd, fmt], [files, export_folder], api_name="export", api_visibility=ui_api)
-        push_btn.click(do_push, [export_folder, repo, token], push_md, api_name="push", api_visibility=ui_api)
+        export_btn.click(do_export, [export_run_dd, fmt, exported], [files, export_folder, exported], api_name="export",
+                         api_visibility=ui_api)
+        push_btn.click(do_push, [exported, repo, token], push_md, api_name="push", api_visibility=ui_api)
         for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):
             gr.api(query, api_name=query.__name__)
     demo.explorer = ex

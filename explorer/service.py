@@ -35,6 +35,9 @@ class Settings:
     # images per concept of a spillover row computed from the page; as the shipped graphs, since at 16
     # differences under ~0.05 are noise
     spillover_images: int = 32
+    # "Push to the Hub" with an empty token field uses the server's HF_TOKEN only when the operator
+    # opts in (a private Space of one user); otherwise any visitor could write with the owner's token.
+    allow_server_token: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -57,6 +60,7 @@ class Explorer:
         self._bundle_error: str | None = None
         self._lock = threading.Lock()
         self._erased: dict[str, ModelBundle] = {}
+        self._export_lock = threading.Lock()
 
     @contextmanager
     def compute(self):
@@ -153,6 +157,35 @@ class Explorer:
                 if theirs.get("method") == "esd" and list(theirs["concepts"]) == list(manifest["concepts"]):
                     return other
         return None
+
+    # ---- exports -------------------------------------------------------------------------------
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    def export(self, run_dir: str, fmt: str) -> Path:
+        """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another."""
+        from core.export import export_run
+
+        run = Path(run_dir)
+        base = f"{run.parent.name if run.name == 'run' else run.name}-{fmt}"
+        with self._export_lock:
+            name, n = base, 1
+            while (self.exports_dir / name).exists():
+                n += 1
+                name = f"{base}-{n}"
+            return export_run(run, self.exports_dir, fmt=fmt, name=name)
+
+    def owned_export(self, folder: str) -> Path:
+        """``folder`` if it is an export this server wrote: a real folder directly in the exports folder
+        with no symbolic link in it. Callers pass only folders that their own session exported."""
+        root = self.exports_dir.resolve()
+        path = Path(folder)
+        if path.is_symlink() or not path.is_dir() or path.resolve().parent != root or path.name.startswith("."):
+            raise ValueError("only an export made on this page can be pushed: export the run first")
+        if any(item.is_symlink() for item in path.rglob("*")):
+            raise ValueError(f"export {path.name} holds a symbolic link, so it is not pushed")
+        return path
 
     def export_zip(self, folder: Path) -> Path:
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder)

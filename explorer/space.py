@@ -70,7 +70,8 @@ def space_card(hardware: str | None) -> SpaceCard:
         "set the variable `AGE_EXPLORER_MODEL` to a Stable Diffusion 1.x/2.x Hub id on GPU hardware.\n\n"
         "Variables: `AGE_EXPLORER_MODEL`, `AGE_EXPLORER_DEVICE` (auto/cpu/cuda), `AGE_EXPLORER_DATA_DIR` "
         "(default: `/data/age-explorer` when persistent storage is attached), `AGE_EXPLORER_MCP=1` "
-        "(read-only MCP tools), secret `HF_TOKEN` (pushing exports to the Hub).\n\n"
+        "(read-only MCP tools). Visitors push exports with their own token; on a private Space, the secret "
+        "`HF_TOKEN` with the variable `AGE_EXPLORER_ALLOW_SERVER_TOKEN=1` lets an empty token field use yours.\n\n"
         "Erasure jobs run in a background worker process, which needs dedicated GPU hardware (or the CPU): "
         "ZeroGPU attaches a GPU only inside a request, so there it serves generation, not erasure.\n"
     )

@@ -202,3 +202,62 @@ def test_graphs_of_an_earlier_toy_model_are_not_listed(tmp_path):
     names = list(explorer.graph_dirs())
     assert "current (computed)" in names
     assert not any(name.startswith("earlier") for name in names)
+
+
+def _finished_esd_run(client) -> str:
+    job_id, *_ = client.predict(["blue circle"], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", "(preset)", "",
+                                api_name="/start_erase")
+    while json.loads(client.predict(job_id, api_name="/job_status"))["status"] not in ("done", "failed", "cancelled"):
+        time.sleep(0.3)
+    runs, _ = client.predict(api_name="/runs")
+    return next(label for label, _ in runs["choices"] if job_id in label)
+
+
+def test_push_sends_only_this_sessions_export_with_the_callers_token(server, monkeypatch):
+    import huggingface_hub.constants
+
+    from hub_standin import HubStandIn
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
+    owner, visitor = Client(server["url"], verbose=False), Client(server["url"], verbose=False)
+    label = _finished_esd_run(owner)
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_server_secret")
+        # another session: nothing exported there, so nothing to push, whatever it sends
+        with pytest.raises(Exception, match="export a run on this page first"):
+            visitor.predict("attacker/loot", "hf_visitor", api_name="/push")
+        _, folder = owner.predict(label, "delta", api_name="/export")
+        # the server's token is not lent to a caller with an empty token field
+        with pytest.raises(Exception, match="paste a Hugging Face token"):
+            owner.predict("owner/model", "", api_name="/push")
+        assert hub.requests == []
+        message = owner.predict("someone/erased-blue-circle", "hf_owner_token", api_name="/push")
+    assert "Pushed" in message and folder.rsplit("/", 1)[-1] in message
+    assert hub.repos == ["someone/erased-blue-circle"]
+    assert set(hub.files) == {"README.md", "delta.safetensors", "manifest.json"}
+    posts = [r for r in hub.requests if r["method"] == "POST"]
+    assert posts and all(r["authorization"] == "Bearer hf_owner_token" for r in posts)
+    # a second export of the same run gets its own folder instead of replacing the first
+    _, again = owner.predict(label, "delta", api_name="/export")
+    assert again != folder and again.startswith(folder)
+
+
+def test_push_refuses_folders_that_are_not_this_servers_exports(tmp_path):
+    from explorer.service import Explorer
+
+    explorer = Explorer(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False))
+    exports = explorer.exports_dir
+    (exports / "good").mkdir(parents=True)
+    (exports / "good" / "delta.safetensors").write_bytes(b"x")
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("private key")
+    (exports / "link-to-outside").symlink_to(secret)
+    (exports / "holds-a-link").mkdir()
+    (exports / "holds-a-link" / "id_rsa").symlink_to(secret / "id_rsa")
+    assert explorer.owned_export(str(exports / "good")) == exports / "good"
+    for folder in (secret, exports / "link-to-outside", exports / "holds-a-link", exports / "good" / ".." / "..",
+                   "/etc", str(exports / "missing")):
+        with pytest.raises(ValueError):
+            explorer.owned_export(str(folder))

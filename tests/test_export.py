@@ -97,3 +97,22 @@ def test_push_without_token_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(ValueError, match="no Hugging Face token"):
         push_to_hub(tmp_path, "someone/x")
+
+
+def test_push_to_an_unreachable_hub_is_one_clear_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from conftest import free_port
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(RuntimeError, match="^could not reach the Hub to push to someone/x: ") as err:
+        push_to_hub(tmp_path, "someone/x", token="hf_x")
+    assert "\n" not in str(err.value)
+
+
+def test_push_with_env_token_off_ignores_hf_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_server_secret")
+    with pytest.raises(ValueError, match="paste a token"):
+        push_to_hub(tmp_path, "someone/x", env_token=False)
