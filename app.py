@@ -13,7 +13,7 @@ import argparse
 import importlib.util
 import os
 
-from explorer.app import Settings, build_app
+from age_explorer.explorer.app import Settings, build_app
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def model_card(manifest: dict, run_dir: Path, fmt: str) -> str:
     if fmt == "delta":
         lines += [f"This export holds only the changed UNet weights (`{DELTA}`, "
                   f"{manifest.get('changed_parameters')} tensors). Load them on top of the base model with "
-                  f"`age-explorer generate --model FOLDER` or `core.bundle.load_bundle(FOLDER)`.", ""]
+                  f"`age-explorer generate --model FOLDER` or `age_explorer.core.bundle.load_bundle(FOLDER)`.", ""]
     else:
         lines += ["This export is a complete pipeline folder." + (
             "" if toy else " Load it with `diffusers.StableDiffusionPipeline.from_pretrained(folder)`."), ""]

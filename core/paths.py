@@ -1,12 +1,14 @@
 """Where the shipped data lives.
 
-The embedded model and concept data sit in ``assets/`` at the project root. ``AGE_EXPLORER_ASSETS``
-points elsewhere (for example a copy outside the source tree).
+The embedded model and concept data are the package data ``age_explorer.assets`` (the folder ``assets/``
+of the source tree), found with ``importlib.resources`` in a wheel and in an editable install alike.
+``AGE_EXPLORER_ASSETS`` points elsewhere (for example a copy outside the package).
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 ASSETS_ENV = "AGE_EXPLORER_ASSETS"
@@ -14,11 +16,12 @@ ASSETS_ENV = "AGE_EXPLORER_ASSETS"
 
 def assets_dir() -> Path:
     override = os.environ.get(ASSETS_ENV)
-    path = Path(override) if override else Path(__file__).resolve().parent.parent / "assets"
+    # the shipped assets are plain files on disk (never zipped), so the resource path is a real folder
+    path = Path(override) if override else Path(str(resources.files("age_explorer.assets")))
     if not path.is_dir():
         raise FileNotFoundError(
-            f"assets folder not found at {path}. Install the project from its source tree "
-            f"(`pip install -e .`) or set {ASSETS_ENV} to a folder holding the shipped assets."
+            f"assets folder not found at {path}. Reinstall age-explorer, "
+            f"or set {ASSETS_ENV} to a folder holding the shipped assets."
         )
     return path
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.bundle import UnknownWordsWarning
-from core.erasure.config import PRESETS
-from core.graph.capability import CapabilitySpec, ToyEvaluator, load_evaluator
-from core.graph.store import GraphStore
-from core.graph.sweep import base_nodes, measure_row
-from core.imageio import contact_sheet, to_pil
-from core.runs import read_manifest
-from core.sampling import generate, parse_seeds
+from age_explorer.core.bundle import UnknownWordsWarning
+from age_explorer.core.erasure.config import PRESETS
+from age_explorer.core.graph.capability import CapabilitySpec, ToyEvaluator, load_evaluator
+from age_explorer.core.graph.store import GraphStore
+from age_explorer.core.graph.sweep import base_nodes, measure_row
+from age_explorer.core.imageio import contact_sheet, to_pil
+from age_explorer.core.runs import read_manifest
+from age_explorer.core.sampling import generate, parse_seeds
 
 from . import plots, tools
 from .components import concept_graph
@@ -123,8 +123,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
     def scatter_view(name, measure, progress=gr.Progress()):
         if not name:
             return None
-        from core.graph.analysis import similarity_measures
-        from core.graph.concept_sets import ConceptSet
+        from age_explorer.core.graph.analysis import similarity_measures
+        from age_explorer.core.graph.concept_sets import ConceptSet
 
         store = GraphStore(graphs[name])
         meta = store.meta()
@@ -168,7 +168,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         options["checkpoint_every"] = 25
         preset = preset if preset and PRESETS.get(preset, ("",))[0] == method else None
         try:
-            from core.erasure import make_config
+            from age_explorer.core.erasure import make_config
 
             make_config(method, preset, concepts=names, **options)  # validate now, with a readable message
         except ValueError as err:
@@ -318,7 +318,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         return [str(ex.export_zip(folder))], str(folder), exported
 
     def do_push(exported, repo_id, token):
-        from core.export import push_to_hub
+        from age_explorer.core.export import push_to_hub
 
         if not exported:
             raise gr.Error("export a run on this page first, then push it")

@@ -14,14 +14,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from core.bundle import ModelBundle, load_bundle, toy_revision
-from core.cpu_split import CpuSplit
-from core.device import resolve_device
-from core.graph.concept_sets import ConceptSet, load_concept_set
-from core.graph.store import GraphStore
-from core.jobs import JobStore, WorkerProcess, default_data_dir
-from core.paths import assets_dir
-from core.runs import read_manifest
+from age_explorer.core.bundle import ModelBundle, load_bundle, toy_revision
+from age_explorer.core.cpu_split import CpuSplit
+from age_explorer.core.device import resolve_device
+from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
+from age_explorer.core.graph.store import GraphStore
+from age_explorer.core.jobs import JobStore, WorkerProcess, default_data_dir
+from age_explorer.core.paths import assets_dir
+from age_explorer.core.runs import read_manifest
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Explorer:
 
     def export(self, run_dir: str, fmt: str) -> Path:
         """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another."""
-        from core.export import export_run
+        from age_explorer.core.export import export_run
 
         run = Path(run_dir)
         base = f"{run.parent.name if run.name == 'run' else run.name}-{fmt}"

@@ -3,8 +3,8 @@
 The project README must open with its two commands, so the Space's README (whose YAML front
 matter configures the Space) is written by this builder rather than kept in the source tree::
 
-    python -m explorer.space build --out space/            # folder ready for `git push` or upload
-    python -m explorer.space push OWNER/NAME [--hardware t4-small]   # build and upload (HF_TOKEN)
+    python -m age_explorer.explorer.space build --out space/            # folder ready for `git push` or upload
+    python -m age_explorer.explorer.space push OWNER/NAME [--hardware t4-small]   # build and upload (HF_TOKEN)
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from pathlib import Path
 from huggingface_hub import SpaceCard, SpaceCardData
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ("app.py", "pyproject.toml", "core", "explorer", "assets")
+# source path -> path in the Space folder: the code in its installed layout (the age_explorer package),
+# so that the Space runs app.py from its folder without installing the project
+SHIPPED = {"app.py": "app.py", "core": "age_explorer/core", "explorer": "age_explorer/explorer",
+           "assets": "age_explorer/assets"}
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store", "static")
 # Spaces take these from the hardware they run on, or install gradio from sdk_version themselves.
 NOT_REQUIRED = {"gradio"}
@@ -87,12 +90,12 @@ def build_space(out: str | Path, hardware: str | None = None, force: bool = Fals
     card = space_card(hardware)
     staging = Path(tempfile.mkdtemp(prefix=".space-", dir=out.parent if out.parent.is_dir() else None))
     try:
-        for name in SHIPPED:
+        for name, target in SHIPPED.items():
             source = ROOT / name
             if source.is_dir():
-                shutil.copytree(source, staging / name, ignore=IGNORED)
+                shutil.copytree(source, staging / target, ignore=IGNORED)
             else:
-                shutil.copy2(source, staging / name)
+                shutil.copy2(source, staging / target)
         (staging / "requirements.txt").write_text("\n".join(requirements) + "\n")
         card.save(staging / "README.md")
         if out.exists():
@@ -105,7 +108,7 @@ def build_space(out: str | Path, hardware: str | None = None, force: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m explorer.space", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m age_explorer.explorer.space", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write a Space folder")
     build.add_argument("--out", required=True)
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             print(build_space(args.out, args.hardware, args.force))
         else:
-            from core.export import push_to_hub
+            from age_explorer.core.export import push_to_hub
 
             with tempfile.TemporaryDirectory() as tmp:
                 folder = build_space(Path(tmp) / "space", args.hardware)

@@ -5,7 +5,7 @@ They read the graph files only: no model is loaded, so they answer at once on an
 
 from __future__ import annotations
 
-from core.graph.store import GraphStore
+from age_explorer.core.graph.store import GraphStore
 
 from .service import Explorer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from core.cli import main  # noqa: E402
+from age_explorer.core.cli import main  # noqa: E402
 
 
 def run(argv: list[str]) -> tuple[int, str]:
@@ -80,7 +80,7 @@ def main_table(work: Path) -> None:
     (work / "cands.txt").write_text("blue square\n")
     run(["export", str(run_dir), "--out", str(work / "exp"), "--name", "same", "--force"])
     os.environ.pop("HF_TOKEN", None)
-    from core.jobs import JobStore
+    from age_explorer.core.jobs import JobStore
 
     job = JobStore(work / "jobs").submit("erase", {"method": "age", "options": {"concepts": ["red circle"]}})
     print("| bad input | command | exit | message |")

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from gradio_client import Client
 
+from age_explorer.core.runs import read_manifest
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from core.runs import read_manifest  # noqa: E402
 
 
 def free_port() -> int:

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from explorer.app import Settings, build_app  # noqa: E402
+from age_explorer.explorer.app import Settings, build_app
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def toy_bundle():
-    from core.bundle import load_bundle
+    from age_explorer.core.bundle import load_bundle
 
     return load_bundle("toy", device="cpu")
 

@@ -9,14 +9,14 @@ from gradio_client import Client
 from PIL import Image
 
 from conftest import free_port
-from explorer.app import Settings, build_app
+from age_explorer.explorer.app import Settings, build_app
 
 
 def tiny_graph(data_dir, bundle):
     """A 3-concept ESD graph computed into the data dir, as the explorer's "computed" graphs are."""
-    from core.graph.capability import CapabilitySpec
-    from core.graph.concept_sets import load_concept_set
-    from core.graph.sweep import RowRecipe, build_graph
+    from age_explorer.core.graph.capability import CapabilitySpec
+    from age_explorer.core.graph.concept_sets import load_concept_set
+    from age_explorer.core.graph.sweep import RowRecipe, build_graph
 
     subset = load_concept_set("toy", bundle.world).subset(["red circle", "blue circle", "red square"])
     build_graph(bundle, subset, data_dir / "graphs" / "test-esd", RowRecipe("esd", "toy-esd", {"iterations": 4, "batch_size": 2}),
@@ -190,8 +190,8 @@ def test_mcp_serves_only_the_read_only_queries(tmp_path, toy_bundle):
 
 
 def test_graphs_of_an_earlier_toy_model_are_not_listed(tmp_path):
-    from core.bundle import toy_revision
-    from explorer.service import Explorer
+    from age_explorer.core.bundle import toy_revision
+    from age_explorer.explorer.service import Explorer
 
     for name, revision in (("current", toy_revision("toy")), ("earlier", "toy-000000000000")):
         folder = tmp_path / "graphs" / name
@@ -244,7 +244,7 @@ def test_push_sends_only_this_sessions_export_with_the_callers_token(server, mon
 
 
 def test_push_refuses_folders_that_are_not_this_servers_exports(tmp_path):
-    from explorer.service import Explorer
+    from age_explorer.explorer.service import Explorer
 
     explorer = Explorer(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False))
     exports = explorer.exports_dir

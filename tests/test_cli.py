@@ -1,6 +1,6 @@
 from PIL import Image
 
-from core.cli import main
+from age_explorer.core.cli import main
 
 
 def test_generate_writes_view_and_raw_pngs(tmp_path, capsys):

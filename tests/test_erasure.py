@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from core.bundle import load_bundle
-from core.erasure import erase, make_config
-from core.erasure.age import gumbel_softmax
-from core.erasure.params import PARAMETER_SETS, select_parameters
-from core.runs import CorruptRunError
-from core.sampling import generate
+from age_explorer.core.bundle import load_bundle
+from age_explorer.core.erasure import erase, make_config
+from age_explorer.core.erasure.age import gumbel_softmax
+from age_explorer.core.erasure.params import PARAMETER_SETS, select_parameters
+from age_explorer.core.runs import CorruptRunError
+from age_explorer.core.sampling import generate
 
 CANDIDATES = ["a dog", "a cat", "a car", "a red circle", "red", "circle", "a tree"]
 TINY = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False)
@@ -136,7 +136,7 @@ def test_every_step_reports_what_the_ui_needs(sd, tmp_path):
 
 
 def test_shared_draws_pair_each_pi_step_with_its_model_step(sd, tmp_path, monkeypatch):
-    from core.erasure.loop import FineTuneRun
+    from age_explorer.core.erasure.loop import FineTuneRun
 
     calls = []
     original = FineTuneRun.sample_till

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from core.bundle import load_bundle
-from core.device import resolve_device, resolve_dtype
-from core.sampling import generate, parse_seeds
+from age_explorer.core.bundle import load_bundle
+from age_explorer.core.device import resolve_device, resolve_dtype
+from age_explorer.core.sampling import generate, parse_seeds
 
 
 @pytest.mark.parametrize("text, seeds", [("0-3", [0, 1, 2, 3]), ("1,4,9", [1, 4, 9]), ("7", [7]),
@@ -60,7 +60,7 @@ def test_dtype_choices():
 def test_run_of_an_earlier_toy_model_is_refused(toy_bundle, tmp_path):
     import json
 
-    from core.erasure import erase, make_config
+    from age_explorer.core.erasure import erase, make_config
 
     run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "run")
     manifest_path = run.run_dir / "manifest.json"

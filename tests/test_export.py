@@ -3,10 +3,10 @@ import os
 import pytest
 import torch
 
-from core.bundle import load_bundle
-from core.erasure import erase, make_config
-from core.export import export_run, push_to_hub, validate_name, validate_repo_id
-from core.sampling import generate
+from age_explorer.core.bundle import load_bundle
+from age_explorer.core.erasure import erase, make_config
+from age_explorer.core.export import export_run, push_to_hub, validate_name, validate_repo_id
+from age_explorer.core.sampling import generate
 from hub_standin import HubStandIn
 
 TINY = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False, lr=1e-2)

@@ -4,12 +4,12 @@ import networkx as nx
 import pandas as pd
 import pytest
 
-from core.graph import sweep
-from core.graph.analysis import abnormal_nodes, asymmetry, locality, similarity_measures, similarity_vs_delta, summary
-from core.graph.capability import CapabilitySpec
-from core.graph.concept_sets import load_concept_set, read_csv
-from core.graph.store import GraphMismatchError, GraphStore
-from core.graph.sweep import RowRecipe, build_graph
+from age_explorer.core.graph import sweep
+from age_explorer.core.graph.analysis import abnormal_nodes, asymmetry, locality, similarity_measures, similarity_vs_delta, summary
+from age_explorer.core.graph.capability import CapabilitySpec
+from age_explorer.core.graph.concept_sets import load_concept_set, read_csv
+from age_explorer.core.graph.store import GraphMismatchError, GraphStore
+from age_explorer.core.graph.sweep import RowRecipe, build_graph
 
 SUBSET = ["red circle", "blue circle", "red square"]
 TINY_SPEC = CapabilitySpec(images_per_concept=4, seed=5, steps=5)
@@ -129,9 +129,9 @@ def test_graph_folder_from_another_model_is_rejected(toy_bundle, toy_subset, tmp
 
 
 def test_compare_graphs_on_the_rows_both_have():
-    from core.graph.analysis import compare_graphs, compare_summary
-    from core.graph.concept_sets import ConceptSet
-    from core.paths import assets_dir
+    from age_explorer.core.graph.analysis import compare_graphs, compare_summary
+    from age_explorer.core.graph.concept_sets import ConceptSet
+    from age_explorer.core.paths import assets_dir
 
     stores = {name: GraphStore(assets_dir() / "graphs" / name) for name in ("toy-esd", "toy-age")}
     concept_set = ConceptSet.from_dict(stores["toy-esd"].meta()["concept_set"])

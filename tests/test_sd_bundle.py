@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from core.bundle import ModelUnavailableError, load_bundle
-from core.sampling import generate
+from age_explorer.core.bundle import ModelUnavailableError, load_bundle
+from age_explorer.core.sampling import generate
 
 
 def test_sd_folder_round_trips_through_the_loader(tiny_sd_dir):

@@ -9,7 +9,7 @@ import gradio
 import pytest
 from huggingface_hub import SpaceCard
 
-from explorer.space import build_space, gpu, main
+from age_explorer.explorer.space import build_space, gpu, main
 from hub_standin import HubStandIn
 
 
@@ -27,14 +27,16 @@ def test_space_folder_has_front_matter_requirements_and_the_code(space):
     names = {r.split(">")[0].split("<")[0].split("=")[0] for r in requirements}
     assert {"torch", "diffusers", "transformers", "plotly", "umap-learn"} <= names
     assert "gradio" not in names and "pytest" not in names and "ray" not in names
-    for path in ("app.py", "core/bundle.py", "explorer/app.py", "assets/toyworld/manifest.json"):
+    for path in ("app.py", "age_explorer/core/bundle.py", "age_explorer/explorer/app.py",
+                 "age_explorer/assets/toyworld/manifest.json"):
         assert (space / path).is_file(), path
     assert not list(space.rglob("__pycache__"))
 
 
 def test_space_app_builds_from_its_own_copy(space, tmp_path):
     """The Space runs `app.py` from its folder: it must import its own code and find its assets."""
-    code = ("import explorer.app as a, core.paths as p; d = a.build_app(a.Settings(start_worker=False)); "
+    code = ("import age_explorer.explorer.app as a, age_explorer.core.paths as p; "
+            "d = a.build_app(a.Settings(start_worker=False)); "
             "print(a.__file__); print(p.assets_dir()); print(len(d.explorer.graph_dirs()))")
     env = {k: v for k, v in os.environ.items() if k not in ("AGE_EXPLORER_ASSETS", "PYTHONPATH")}
     env["AGE_EXPLORER_DATA_DIR"] = str(tmp_path)
@@ -42,8 +44,8 @@ def test_space_app_builds_from_its_own_copy(space, tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     module, assets, graphs = out.stdout.split("\n")[-4:-1]
-    assert module.startswith(str(space)) and assets == str(space / "assets")
-    assert int(graphs) == len(list((space / "assets" / "graphs").glob("*/graph.json")))
+    assert module.startswith(str(space)) and assets == str(space / "age_explorer" / "assets")
+    assert int(graphs) == len(list((space / "age_explorer" / "assets" / "graphs").glob("*/graph.json")))
 
 
 def test_build_refuses_a_non_empty_folder_and_says_why(tmp_path, capsys):
@@ -55,7 +57,7 @@ def test_build_refuses_a_non_empty_folder_and_says_why(tmp_path, capsys):
 def test_push_uploads_the_space(space, monkeypatch):
     import huggingface_hub.constants
 
-    from core.export import push_to_hub
+    from age_explorer.core.export import push_to_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
     with HubStandIn() as hub:
@@ -65,7 +67,7 @@ def test_push_uploads_the_space(space, monkeypatch):
     assert b'"type": "space"' in created[0]["body"] or b'"type":"space"' in created[0]["body"]
     assert b"gradio" in created[0]["body"]
     assert hub.files["README.md"] == (space / "README.md").read_bytes()
-    assert hub.files["assets/toyworld/manifest.json"] == (space / "assets/toyworld/manifest.json").read_bytes()
+    assert hub.files["age_explorer/assets/toyworld/manifest.json"] == (space / "age_explorer/assets/toyworld/manifest.json").read_bytes()
 
 
 @pytest.mark.parametrize("has_spaces", [False, True])

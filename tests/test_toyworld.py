@@ -1,12 +1,12 @@
 import torch
 import pytest
 
-from core.bundle import UnknownWordsWarning
-from core.sampling import generate
-from core.toyworld.concepts import ToyWorld
-from core.toyworld.model import images_to_latents, latents_to_images
-from core.toyworld.render import render
-from core.paths import toy_model_dir
+from age_explorer.core.bundle import UnknownWordsWarning
+from age_explorer.core.sampling import generate
+from age_explorer.core.toyworld.concepts import ToyWorld
+from age_explorer.core.toyworld.model import images_to_latents, latents_to_images
+from age_explorer.core.toyworld.render import render
+from age_explorer.core.paths import toy_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_toy_parameter_names_are_diffusers_names(toy_bundle):
     (1, 1, 96, (96, 96)),
 ])
 def test_grids_keep_their_aspect_when_enlarged(n, rows, size, expected):
-    from core.imageio import grid, to_pil
+    from age_explorer.core.imageio import grid, to_pil
 
     tile = to_pil(grid(torch.zeros(n, 3, 32, 32), rows), size)
     assert tile.size == expected
@@ -98,7 +98,7 @@ def test_grids_keep_their_aspect_when_enlarged(n, rows, size, expected):
 
 
 def test_contact_sheet_lays_out_labelled_rows_and_columns():
-    from core.imageio import contact_sheet
+    from age_explorer.core.imageio import contact_sheet
 
     strips = [[torch.zeros(4, 3, 32, 32), torch.full((4, 3, 32, 32), 0.5)] for _ in range(3)]
     sheet = contact_sheet(strips, ["erased: red circle", "same shape: blue circle", "unrelated: green cross"],
@@ -112,14 +112,14 @@ def test_contact_sheet_lays_out_labelled_rows_and_columns():
 
 
 def test_shipped_model_records_the_revision_of_its_weights(toy_bundle):
-    from core.toyworld.train import weights_revision
+    from age_explorer.core.toyworld.train import weights_revision
 
     assert toy_bundle.revision == weights_revision(toy_bundle.unet, toy_bundle.text_encoder)
 
 
 def test_training_recipe_writes_a_loadable_model(tmp_path):
-    from core.bundle import load_bundle
-    from core.toyworld.train import ToyTrainConfig, train_toy_model, weights_revision
+    from age_explorer.core.bundle import load_bundle
+    from age_explorer.core.toyworld.train import ToyTrainConfig, train_toy_model, weights_revision
 
     cfg = ToyTrainConfig(steps=3, batch_size=8, classifier_steps=3, pool_size=64, warmup_steps=1)
     folder = train_toy_model(tmp_path / "toy", toy_model_dir() / "concepts.json", cfg, progress=False)
@@ -137,7 +137,7 @@ def test_training_recipe_writes_a_loadable_model(tmp_path):
     ("prediction_type", "sample", "prediction_type must be"),
 ])
 def test_training_config_rejects_bad_values(field, value, message):
-    from core.toyworld.train import ToyTrainConfig
+    from age_explorer.core.toyworld.train import ToyTrainConfig
 
     with pytest.raises(ValueError, match=message):
         ToyTrainConfig(**{field: value})
