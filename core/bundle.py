@@ -1,4 +1,4 @@
-"""One interface to every text-to-image backend: the embedded toy world and Stable Diffusion 1.x/2.x.
+"""One interface to every text-to-image model, whatever its backend (the embedded toy world, Stable Diffusion).
 
 Everything above the loader (sampling, erasure, graphs, the explorer) talks to a :class:`ModelBundle`:
 prompts -> hidden states, a ``diffusers.UNet2DConditionModel`` with diffusers parameter names, the
@@ -7,20 +7,18 @@ noise-scheduler config, and latents <-> images.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
+from .backends import Backend, backend_for, backends
 from .device import resolve_device, resolve_dtype
-from .paths import toy_model_dir
 
-TOY = "toy"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -29,15 +27,19 @@ class ModelUnavailableError(RuntimeError):
 
 
 class UnknownWordsWarning(UserWarning):
-    """A prompt uses words the model's vocabulary does not have (the toy model only)."""
+    """A prompt uses words the model's closed vocabulary does not have."""
 
 
 @dataclass
 class ModelBundle:
-    """A loaded text-to-image model. Images are float tensors in [0, 1], shape (N, 3, H, W)."""
+    """A loaded text-to-image model. Images are float tensors in [0, 1], shape (N, 3, H, W).
 
-    kind: str  # "toy" or "stable-diffusion"
-    source: str  # "toy", a Hub id or a folder
+    What differs between model families (latent codec, vocabulary, evaluator, export) is asked of
+    ``backend``; this class is the same for all of them.
+    """
+
+    backend: Backend
+    source: str  # the name it was loaded by, a Hub id or a folder
     unet: UNet2DConditionModel
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -49,7 +51,13 @@ class ModelBundle:
     default_steps: int = 50
     default_guidance: float = 7.5
     default_eta: float = 0.0  # DDIM eta of generate(); 0 = deterministic DDIM
-    extras: dict = field(default_factory=dict)  # toy: world, classifier, manifest
+    base_source: str | None = None  # a run folder's bundle: the base model it was loaded from
+    run_manifest: dict | None = None  # a run folder's bundle: the run's manifest
+
+    @property
+    def kind(self) -> str:
+        """The backend's name ("toy", "stable-diffusion"), as manifests and graphs record it."""
+        return self.backend.name
 
     # ---- text ---------------------------------------------------------------------------------------
     @property
@@ -71,11 +79,8 @@ class ModelBundle:
         return self.text_encoder(ids)[0].to(self.dtype)
 
     def vocabulary(self) -> list[str] | None:
-        """The closed word list of the toy model; ``None`` for open-vocabulary models."""
-        if self.kind != TOY:
-            return None
-        special = set(self.tokenizer.all_special_tokens)
-        return [w for w, _ in sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if w not in special]
+        """The model's closed word list; ``None`` for open-vocabulary models."""
+        return self.backend.vocabulary(self)
 
     def unknown_words(self, prompt: str) -> list[str]:
         vocab = self.vocabulary()
@@ -88,8 +93,8 @@ class ModelBundle:
         unknown = self.unknown_words(prompt)
         if unknown:
             warnings.warn(
-                f"prompt {prompt!r} has words the toy model does not know: {', '.join(unknown)}. "
-                f"They are read as <unk>. The toy vocabulary is: {', '.join(self.vocabulary())}.",
+                f"prompt {prompt!r} has words the {self.kind} model does not know: {', '.join(unknown)}. "
+                f"They are read as <unk>. The {self.kind} vocabulary is: {', '.join(self.vocabulary())}.",
                 UnknownWordsWarning, stacklevel=3,
             )
 
@@ -101,21 +106,11 @@ class ModelBundle:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.kind == TOY:
-            from .toyworld.model import latents_to_images
-
-            return latents_to_images(latents.float())
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        return self.backend.decode(self, latents)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if self.kind == TOY:
-            from .toyworld.model import images_to_latents
-
-            return images_to_latents(images.to(self.device)).to(self.dtype)
-        x = images.to(self.device, self.vae.dtype) * 2 - 1
-        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return self.backend.encode_images(self, images)
 
     # ---- schedulers and parameters ------------------------------------------------------------------
     def train_scheduler(self) -> DDPMScheduler:
@@ -134,34 +129,14 @@ class ModelBundle:
 
     def graph_identity(self) -> dict:
         """Which model a measurement was made with: a graph records these and refuses rows of another."""
-        return {"model": self.extras.get("base_source", self.source), "model_revision": self.revision,
-                "model_kind": self.kind}
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "source": self.source, "revision": self.revision,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "unet_parameters": sum(p.numel() for p in self.unet.parameters())}
-
-    # ---- toy-only parts -----------------------------------------------------------------------------
-    @property
-    def world(self):
-        return self._toy_extra("world")
-
-    @property
-    def classifier(self):
-        return self._toy_extra("classifier")
-
-    def _toy_extra(self, key: str):
-        if key not in self.extras:
-            raise AttributeError(f"the {self.kind} bundle has no {key}; only the toy world ships one")
-        return self.extras[key]
+        return {"model": self.base_source or self.source, "model_revision": self.revision, "model_kind": self.kind}
 
 
-def load_bundle(model: str | os.PathLike = TOY, device: str | torch.device | None = "auto",
+def load_bundle(model: str | os.PathLike = "toy", device: str | torch.device | None = "auto",
                 dtype: str | torch.dtype | None = None, local_files_only: bool | None = None,
                 revision: str | None = None) -> ModelBundle:
-    """Load ``"toy"``, a toy model folder, a diffusers SD 1.x/2.x folder, a Hub id, or an erasure run
-    folder (its base model with the run's weights applied).
+    """Load a model by name (``"toy"``), a model folder, a Hub id, or an erasure run folder (its base
+    model with the run's weights applied). The registered backends say which models they load.
 
     ``local_files_only`` defaults to the ``HF_HUB_OFFLINE`` environment variable.
     """
@@ -170,10 +145,11 @@ def load_bundle(model: str | os.PathLike = TOY, device: str | torch.device | Non
     source = str(model)
     if not source.strip():
         raise ValueError("model is empty: use 'toy', a Hub id such as CompVis/stable-diffusion-v1-4, or a folder")
-    if source == TOY:
-        return _load_toy(toy_model_dir(), dev, dt, source=TOY)
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     path = Path(source).expanduser()
-    if path.exists():
+    path = path if path.exists() else None
+    if path is not None:
         if not path.is_dir():
             raise ValueError(f"{source} is a file; a model is a folder (a diffusers pipeline or a toy model)")
         from .runs import apply_delta, is_run_dir, read_manifest
@@ -187,86 +163,30 @@ def load_bundle(model: str | os.PathLike = TOY, device: str | torch.device | Non
                                  f"{manifest['base_model']}, but revision {bundle.revision} is installed; "
                                  f"its changed weights only apply to the model they were trained from")
             apply_delta(bundle, path, manifest)
-            bundle.extras["run_manifest"] = manifest
-            bundle.extras["base_source"] = bundle.source
+            bundle.run_manifest = manifest
+            bundle.base_source = bundle.source
             bundle.source = str(path)
             return bundle
-        if (path / "model_index.json").is_file():
-            return _load_stable_diffusion(str(path), dev, dt, local_files_only=True, revision=None)
-        if (path / "concepts.json").is_file() and (path / "unet").is_dir():
-            return _load_toy(path, dev, dt, source=str(path))
-        raise ValueError(
-            f"folder {source} is not a model: expected a diffusers pipeline (model_index.json) "
-            f"or a toy model folder (concepts.json and unet/)"
-        )
+    backend = backend_for(source, path)
+    if backend is not None:
+        return backend.load(source, path, dev, dt, local_files_only, revision)
+    if path is not None:
+        hints = " or ".join(b.folder_hint for b in backends().values())
+        raise ValueError(f"folder {source} is not a model: expected {hints}")
+    raise FileNotFoundError(f"model folder {source} does not exist (and it is not a Hub id such as "
+                            f"CompVis/stable-diffusion-v1-4)")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` (or ``name``), not a path: what a backend loading from the Hub may claim."""
     looks_like_path = source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1)
-    if looks_like_path or not _HUB_ID.match(source):
-        raise FileNotFoundError(f"model folder {source} does not exist (and it is not a Hub id such as "
-                                f"CompVis/stable-diffusion-v1-4)")
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    return _load_stable_diffusion(source, dev, dt, local_files_only=local_files_only, revision=revision)
+    return not looks_like_path and bool(_HUB_ID.match(source))
 
 
-def toy_revision(model: str) -> str | None:
-    """The weights revision of a toy model, read without loading it; None for any other model."""
-    path = toy_model_dir() if model == TOY else Path(model)
-    manifest = path / "manifest.json"
-    if (path / "concepts.json").is_file() and manifest.is_file():
-        return json.loads(manifest.read_text()).get("revision")
+def weights_revision(model: str) -> str | None:
+    """The revision of a model's weights, read without loading it; None where the backend has none."""
+    for backend in backends().values():
+        revision = backend.weights_revision(model)
+        if revision is not None:
+            return revision
     return None
-
-
-def _load_toy(path: Path, device: torch.device, dtype: torch.dtype, source: str) -> ModelBundle:
-    from transformers import CLIPTextModel, PreTrainedTokenizerFast
-
-    from .toyworld.classifier import ToyClassifier
-    from .toyworld.concepts import ToyWorld
-
-    missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler", "classifier.safetensors",
-                           "manifest.json") if not (path / p).exists()]
-    if missing:
-        raise ModelUnavailableError(f"toy model folder {path} is incomplete: missing {', '.join(missing)}. "
-                                    f"Re-create it with `age-explorer toyworld train --out {path}`.")
-    manifest = json.loads((path / "manifest.json").read_text())
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype).to(device).eval()
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder").to(device).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
-    scheduler_config = dict(DDPMScheduler.from_pretrained(path / "scheduler").config)
-    defaults = manifest.get("sampling_defaults", {})
-    return ModelBundle(
-        kind=TOY, source=source, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler_config=scheduler_config, device=device, dtype=dtype,
-        revision=manifest.get("revision"),
-        default_steps=int(defaults.get("steps", 25)), default_guidance=float(defaults.get("guidance_scale", 3.0)),
-        default_eta=float(defaults.get("eta", 0.0)),
-        extras={"world": ToyWorld.from_json(path / "concepts.json"),
-                "classifier": ToyClassifier.load(path / "classifier.safetensors"),
-                "manifest": manifest, "path": str(path)},
-    )
-
-
-def _load_stable_diffusion(source: str, device: torch.device, dtype: torch.dtype, local_files_only: bool,
-                           revision: str | None) -> ModelBundle:
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=local_files_only, revision=revision,
-        )
-    except (OSError, ValueError, EnvironmentError) as err:
-        where = "the local Hugging Face cache" if local_files_only else "the local cache or the Hub"
-        raise ModelUnavailableError(
-            f"could not load Stable Diffusion model {source!r} from {where}: {err.__class__.__name__}. "
-            f"To use it offline, download it on a machine with internet access "
-            f"(`hf download {source}` or `huggingface-cli download {source}`) and copy the Hugging Face "
-            f"cache folder (HF_HOME) here, or save the pipeline with `save_pretrained(FOLDER)` and pass "
-            f"--model FOLDER. The embedded toy model (--model toy) needs no download."
-        ) from err
-    pipe.to(device)
-    return ModelBundle(
-        kind="stable-diffusion", source=source, unet=pipe.unet.eval(), text_encoder=pipe.text_encoder.eval(),
-        tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config), device=device, dtype=dtype,
-        vae=pipe.vae.eval(), revision=revision, default_steps=50, default_guidance=7.5,
-    )

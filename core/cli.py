@@ -109,10 +109,6 @@ def cmd_toy_bench(args) -> int:
     return 0
 
 
-DEFAULT_PRESETS = {("toy", "age"): "toy", ("toy", "esd"): "toy-esd", ("toy", "uce"): "toy-uce",
-                   ("stable-diffusion", "age"): "imagenette", ("stable-diffusion", "esd"): "esd-x"}
-
-
 def erase_overrides(args) -> dict:
     """Config fields the user set on the command line."""
     pairs = {"target": args.target, "iterations": args.iterations, "lr": args.lr, "lam": args.lam,
@@ -145,7 +141,7 @@ def cmd_erase(args) -> int:
     bundle = _load(args)
     preset = args.preset if args.preset != "none" else None
     if preset is None and args.preset is None:
-        preset = DEFAULT_PRESETS.get((bundle.kind, args.method))
+        preset = bundle.backend.default_presets.get(args.method)
     config = make_config(args.method, preset, concepts=args.concept, **erase_overrides(args))
     bars = []  # the bar appears with the first step, so that set-up errors print alone
 
@@ -317,7 +313,7 @@ def _graph_recipe(args, bundle):
         options["target_search"] = args.search
     if args.iterations:
         options["iterations"] = args.iterations
-    preset = args.preset or DEFAULT_PRESETS.get((bundle.kind, args.method))
+    preset = args.preset or bundle.backend.default_presets.get(args.method)
     return RowRecipe(args.method, preset, options)
 
 
@@ -332,8 +328,7 @@ def cmd_graph(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = _load(args)
-    world = bundle.world if bundle.kind == "toy" else None
-    concept_set = load_concept_set(args.concepts, world, args.template)
+    concept_set = load_concept_set(args.concepts, bundle, args.template)
     if args.subset:
         concept_set = concept_set.subset(args.subset)
     spec = CapabilitySpec(images_per_concept=args.images_per_concept, seed=args.seed, steps=args.steps)

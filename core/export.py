@@ -38,17 +38,18 @@ def validate_repo_id(repo_id: str) -> str:
 
 def model_card(manifest: dict, run_dir: Path, fmt: str) -> str:
     """README.md with YAML front matter for the Hub."""
-    toy = manifest.get("base_model_kind") == "toy"
+    from .backends import get_backend
+
+    backend = get_backend(manifest.get("base_model_kind", "stable-diffusion"))
     base = manifest["base_model"]
-    tags = ["concept-erasure", "age-explorer", manifest["method"]] + (["toy-world"] if toy else
-                                                                        ["stable-diffusion", "text-to-image"])
-    front = ["---", f"license: {'apache-2.0' if toy else 'creativeml-openrail-m'}"]
-    if not toy:
+    tags = ["concept-erasure", "age-explorer", manifest["method"], *backend.card_tags]
+    front = ["---", f"license: {backend.card_license}"]
+    if backend.card_base_on_hub:
         front += [f"base_model: {base}", "library_name: diffusers", "pipeline_tag: text-to-image"]
     front += ["tags:"] + [f"  - {t}" for t in tags] + ["---", ""]
     concepts = ", ".join(f"\"{c}\"" for c in manifest["concepts"])
     lines = [f"# {manifest['method'].upper()} erasure of {concepts}", "",
-             f"Base model: `{base}`{' (the AGE Explorer toy world)' if toy else ''}. "
+             f"Base model: `{base}`{backend.card_base_note}. "
              f"Made with AGE Explorer: method **{manifest['method']}**, preset **{manifest.get('preset')}**, "
              f"seed {manifest.get('seed')}, {manifest.get('steps_done')} steps on {manifest.get('device')}.", ""]
     if fmt == "delta":
@@ -56,8 +57,7 @@ def model_card(manifest: dict, run_dir: Path, fmt: str) -> str:
                   f"{manifest.get('changed_parameters')} tensors). Load them on top of the base model with "
                   f"`age-explorer generate --model FOLDER` or `age_explorer.core.bundle.load_bundle(FOLDER)`.", ""]
     else:
-        lines += ["This export is a complete pipeline folder." + (
-            "" if toy else " Load it with `diffusers.StableDiffusionPipeline.from_pretrained(folder)`."), ""]
+        lines += ["This export is a complete pipeline folder." + backend.card_pipeline_hint, ""]
     if manifest.get("targets"):
         lines += ["## Targets found by AGE", "", "| erased concept | top targets (pi) |", "|---|---|"]
         for concept, targets in manifest["targets"].items():
@@ -128,21 +128,7 @@ def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
     from .bundle import load_bundle
 
     erased = load_bundle(str(run_dir), device="cpu")
-    if erased.kind == "toy":
-        src = Path(erased.extras["path"])
-        for item in src.iterdir():
-            if item.name == "unet":
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        erased.unet.save_pretrained(folder / "unet")
-        return
-    from diffusers import StableDiffusionPipeline
-
-    base = erased.extras["base_source"]
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
-                                                   local_files_only=True)
-    pipe.unet = erased.unet
-    pipe.save_pretrained(folder)
+    erased.backend.save_pipeline(erased, folder)
 
 
 def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = True,

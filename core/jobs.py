@@ -379,7 +379,7 @@ def run_erase_job(ctx: JobContext) -> dict:
     run_dir = ctx.work_dir / "run"
     resume = ctx.job.resume and (run_dir / "checkpoint").exists()
 
-    preview_every = int(cfg.get("preview_every", 50 if bundle.kind == "toy" else 0))
+    preview_every = int(cfg.get("preview_every", bundle.backend.preview_every))
     preview = {}
 
     def on_step(report):

@@ -38,12 +38,20 @@ def initial_latents(bundle: ModelBundle, seeds: list[int]) -> torch.Tensor:
     return torch.stack(noise).to(bundle.device, bundle.dtype)
 
 
-def guided_noise(bundle: ModelBundle, unet, latents: torch.Tensor, t, cond: torch.Tensor,
-                 uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guided model output: uncond + s * (cond - uncond), one batched UNet call."""
-    out = unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-    out_uncond, out_cond = out.chunk(2)
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+Prediction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unet_prediction(unet) -> Prediction:
+    """``predict(x, t, states)`` of a plain UNet call."""
+    return lambda x, t, states: unet(x, t, encoder_hidden_states=states).sample
+
+
+def guided_ddim_step(scheduler, predict: Prediction, z: torch.Tensor, t, cond: torch.Tensor,
+                     uncond: torch.Tensor, guidance_scale: float, **step_options) -> torch.Tensor:
+    """One DDIM step with classifier-free guidance, uncond + s * (cond - uncond), from one batched
+    model call. The one step of sampling, erasure's "sample till t", benchmarks and previews."""
+    out_uncond, out_cond = predict(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    return scheduler.step(out_uncond + guidance_scale * (out_cond - out_uncond), t, z, **step_options).prev_sample
 
 
 @torch.no_grad()
@@ -55,7 +63,7 @@ def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tenso
     With ``eta`` > 0 the step noise comes from one generator per seed (offset from the one of the
     initial noise), so an image still depends only on its own seed.
     """
-    unet = unet or bundle.unet
+    predict = unet_prediction(unet or bundle.unet)
     scheduler = bundle.sampling_scheduler()
     scheduler.set_timesteps(steps, device=bundle.device)
     uncond = bundle.encode([""]).expand(len(cond), -1, -1)
@@ -66,12 +74,11 @@ def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tenso
             raise ValueError("eta > 0 needs one seed per image")
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     for i, t in enumerate(scheduler.timesteps):
-        eps = guided_noise(bundle, unet, latents, t, cond, uncond, guidance_scale)
+        options = {}
         if generators:
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-            latents = scheduler.step(eps, t, latents, eta=eta, variance_noise=noise.to(latents)).prev_sample
-        else:
-            latents = scheduler.step(eps, t, latents).prev_sample
+            options = {"eta": eta, "variance_noise": noise.to(latents)}
+        latents = guided_ddim_step(scheduler, predict, latents, t, cond, uncond, guidance_scale, **options)
         if callback:
             callback(i + 1, steps)
     return latents

@@ -11,7 +11,7 @@ import gradio as gr
 
 from age_explorer.core.bundle import UnknownWordsWarning
 from age_explorer.core.erasure.config import PRESETS
-from age_explorer.core.graph.capability import CapabilitySpec, ToyEvaluator, load_evaluator
+from age_explorer.core.graph.capability import CapabilitySpec, default_evaluator_name, load_evaluator
 from age_explorer.core.graph.store import GraphStore
 from age_explorer.core.graph.sweep import base_nodes, measure_row
 from age_explorer.core.imageio import contact_sheet, to_pil
@@ -53,7 +53,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
     graphs = ex.graph_dirs()
     graph_names = list(graphs)
     first = GraphStore(graphs[graph_names[0]]) if graph_names else None
-    concepts = list(first.nodes().concept) if first else (ex.bundle().world.names if ex.is_toy else [])
+    concepts = list(first.nodes().concept) if first else (ex.bundle().backend.world.names if ex.is_toy else [])
     groupings = [c[len("group_"):] for c in first.nodes().columns if c.startswith("group_")] if first else []
 
     def graph_outputs(name, threshold, grouping, selected):
@@ -142,7 +142,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not names:
             raise gr.Error("pick at least one concept to erase")
         if ex.is_toy:
-            unknown = [c for c in names if c not in ex.bundle().world.names]
+            unknown = [c for c in names if c not in ex.bundle().backend.world.names]
             if unknown:
                 raise gr.Error(f"the toy model knows only its 25 concepts; unknown: {', '.join(unknown)}")
         options = {}
@@ -276,13 +276,13 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             raise gr.Error(f"{erased_name!r} is not in the concept set, so it has no row")
         bundle = ex.bundle()
         spec = CapabilitySpec(images_per_concept=settings.spillover_images, seed=1000).resolved(bundle)
-        evaluator = ToyEvaluator(bundle, concept_set) if ex.is_toy else load_evaluator(
-            "hf:microsoft/resnet-50", bundle, concept_set)
+        evaluator_name = default_evaluator_name(bundle, concept_set)
+        evaluator = load_evaluator(evaluator_name, bundle, concept_set)
         store = ex.user_graph(manifest["method"])
         # named as the page names its model, which is how graph_dirs finds the page's graphs
         store.open({**bundle.graph_identity(), "model": ex.settings.model, "method": manifest["method"],
                     "preset": manifest.get("preset"), "target": manifest["config"].get("target"),
-                    "evaluator": "toy" if ex.is_toy else "hf:microsoft/resnet-50",
+                    "evaluator": evaluator_name,
                     "concept_set": concept_set.to_dict(), "template": concept_set.template,
                     "capability": spec.to_dict(), "seeds": spec.seeds(), "images_per_concept": spec.images_per_concept})
         nodes = store.nodes()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from age_explorer.core.bundle import ModelBundle, load_bundle, toy_revision
+from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.cpu_split import CpuSplit
 from age_explorer.core.device import resolve_device
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
@@ -107,13 +107,13 @@ class Explorer:
         return f"Model: `{self.settings.model}` on {gpu}."
 
     def concept_set(self) -> ConceptSet:
-        return load_concept_set("toy", self.bundle().world) if self.is_toy else load_concept_set("netfive")
+        return load_concept_set("toy", self.bundle()) if self.is_toy else load_concept_set("netfive")
 
     # ---- graphs ----------------------------------------------------------------------------------
     def graph_dirs(self) -> dict[str, Path]:
         """Shipped graphs of this model (assets/graphs) and graphs computed here (data dir)."""
         found = {}
-        revision = toy_revision(self.settings.model)
+        revision = weights_revision(self.settings.model)
         for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
             if root.is_dir():
                 stores = [s for s in map(GraphStore, sorted(root.iterdir())) if s.exists and s.nodes() is not None]
@@ -200,7 +200,7 @@ def before_after_rows(explorer: Explorer, manifest: dict) -> list[tuple[str, str
         if targets:
             rows.append((f"AGE target of {concept}", targets[0][0]))
     if explorer.is_toy:
-        world = explorer.bundle().world
+        world = explorer.bundle().backend.world
         first = concepts[0]
         if first in world.names:
             rows += [("same shape", c) for c in world.same_shape(first)[:2]]
@@ -216,7 +216,7 @@ def before_after_rows(explorer: Explorer, manifest: dict) -> list[tuple[str, str
 
 def prompt_for(explorer: Explorer, concept: str) -> str:
     if explorer.is_toy:
-        world = explorer.bundle().world
+        world = explorer.bundle().backend.world
         return world.prompt(concept) if concept in world.names else f"a photo of a {concept}"
     return f"a photo of {concept}"
 

@@ -18,7 +18,7 @@ def tiny_graph(data_dir, bundle):
     from age_explorer.core.graph.concept_sets import load_concept_set
     from age_explorer.core.graph.sweep import RowRecipe, build_graph
 
-    subset = load_concept_set("toy", bundle.world).subset(["red circle", "blue circle", "red square"])
+    subset = load_concept_set("toy", bundle).subset(["red circle", "blue circle", "red square"])
     build_graph(bundle, subset, data_dir / "graphs" / "test-esd", RowRecipe("esd", "toy-esd", {"iterations": 4, "batch_size": 2}),
                 CapabilitySpec(images_per_concept=2, steps=5), progress=False, log=lambda m: None)
 
@@ -190,10 +190,10 @@ def test_mcp_serves_only_the_read_only_queries(tmp_path, toy_bundle):
 
 
 def test_graphs_of_an_earlier_toy_model_are_not_listed(tmp_path):
-    from age_explorer.core.bundle import toy_revision
+    from age_explorer.core.bundle import weights_revision
     from age_explorer.explorer.service import Explorer
 
-    for name, revision in (("current", toy_revision("toy")), ("earlier", "toy-000000000000")):
+    for name, revision in (("current", weights_revision("toy")), ("earlier", "toy-000000000000")):
         folder = tmp_path / "graphs" / name
         folder.mkdir(parents=True)
         (folder / "graph.json").write_text(json.dumps({"model": "toy", "model_revision": revision, "method": "esd"}))

@@ -19,14 +19,14 @@ def test_compare_rows_are_graph_rows_and_a_graph_sweep_completes_them(toy_bundle
     esd = GraphStore(tmp_path / "graphs" / "esd")
     assert esd.rows_done() == ["red circle"] and len(esd.edges()) == 25
     row = esd.edges().set_index("affected")
-    world = toy_bundle.world
+    world = toy_bundle.backend.world
     same_shape = sum(row.delta_top1[c] for c in world.same_shape("red circle")) / 4
     assert results.delta_same_shape.iloc[0] == same_shape
     assert (tmp_path / "graphs" / "age-paper-search" / "edges.csv").is_file()
 
     # `age-explorer graph` with the same recipe and measurement continues the compare's graph
     logs = []
-    build_graph(toy_bundle, load_concept_set("toy", world), tmp_path / "graphs" / "esd",
+    build_graph(toy_bundle, load_concept_set("toy", toy_bundle), tmp_path / "graphs" / "esd",
                 RowRecipe("esd", "toy-esd", {"target": "", **QUICK}), SPEC, rows=["red circle", "blue circle"],
                 progress=False, log=logs.append)
     assert [m.split(":")[0] for m in logs] == ["row blue circle"]

@@ -20,7 +20,7 @@ TINY_RECIPE = RowRecipe("esd", "toy-esd", {"iterations": 4, "ddim_steps": 4, "ba
 
 @pytest.fixture(scope="module")
 def toy_subset(toy_bundle):
-    return load_concept_set("toy", toy_bundle.world).subset(SUBSET)
+    return load_concept_set("toy", toy_bundle).subset(SUBSET)
 
 
 def test_sweep_on_a_subset_writes_correct_files(toy_bundle, toy_subset, tmp_path):

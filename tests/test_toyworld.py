@@ -53,18 +53,18 @@ def test_generation_is_deterministic_per_seed(toy_bundle):
 
 
 def test_generated_images_are_recognised(toy_bundle):
-    world = toy_bundle.world
+    world = toy_bundle.backend.world
     prompts = [world.prompt(n) for n in world.names]
     images = generate(toy_bundle, prompts, [7, 8])
-    predicted = toy_bundle.classifier.topk(images, 1)[:, 0]
+    predicted = toy_bundle.backend.classifier.topk(images, 1)[:, 0]
     truth = torch.arange(25).repeat_interleave(2)
     accuracy = (predicted == truth).float().mean().item()
     assert accuracy >= 0.8, f"toy model accuracy fell to {accuracy:.2f}"
 
 
 def test_classifier_recognises_renders(toy_bundle):
-    images = render(toy_bundle.world, torch.arange(25).repeat(4), torch.Generator().manual_seed(11))
-    predicted = toy_bundle.classifier.topk(images, 1)[:, 0]
+    images = render(toy_bundle.backend.world, torch.arange(25).repeat(4), torch.Generator().manual_seed(11))
+    predicted = toy_bundle.backend.classifier.topk(images, 1)[:, 0]
     assert (predicted == torch.arange(25).repeat(4)).float().mean() >= 0.98
 
 
@@ -125,7 +125,7 @@ def test_training_recipe_writes_a_loadable_model(tmp_path):
     folder = train_toy_model(tmp_path / "toy", toy_model_dir() / "concepts.json", cfg, progress=False)
     bundle = load_bundle(str(folder), device="cpu")
     assert bundle.prediction_type == "v_prediction"
-    assert bundle.extras["manifest"]["recipe"]["steps"] == 3
+    assert bundle.backend.manifest["recipe"]["steps"] == 3
     assert bundle.revision == weights_revision(bundle.unet, bundle.text_encoder)
     assert generate(bundle, ["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
 

@@ -20,15 +20,14 @@ import torch
 from ..bundle import ModelBundle
 from ..manifest import environment_versions, write_json_atomic
 from ..runs import MANIFEST, RUN_KIND, fingerprint, write_delta
-from .age import AGERun
-from .config import AGEConfig, ESDConfig, PRESETS, UCEConfig, make_config
-from .esd import ESDRun
+# each method module registers itself; a new method adds its import here
+from . import age, esd, uce  # noqa: F401
+from .config import PRESETS, AGEConfig, ESDConfig, UCEConfig, make_config, presets_for
 from .loop import Callback, StepReport
-from .uce import uce_edit
+from .registry import METHODS, Method, get_method, register_method
 
-__all__ = ["erase", "make_config", "AGEConfig", "ESDConfig", "UCEConfig", "PRESETS", "StepReport", "RunResult"]
-
-RUNS = {"age": AGERun, "esd": ESDRun}
+__all__ = ["erase", "make_config", "presets_for", "AGEConfig", "ESDConfig", "UCEConfig", "PRESETS", "METHODS",
+           "Method", "get_method", "register_method", "StepReport", "RunResult"]
 
 
 @dataclass
@@ -50,37 +49,22 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
         raise FileExistsError(f"{run_dir} already holds a run; choose another folder or resume it")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if config.method == "uce":
-        if config.requires_gpu and bundle.device.type != "cuda":
-            raise RuntimeError(f"preset {config.preset!r} needs a CUDA GPU")
-        originals = uce_edit(bundle, config)
-        changed = {n: p.detach().cpu().clone() for n, p in bundle.unet.named_parameters() if n in originals}
-        outcome, extra, history = {"status": "done", "steps_done": 1}, {}, []
-        base_print = fingerprint(originals)
-        _restore(bundle, originals)
-    else:
-        run = RUNS[config.method](bundle, config, run_dir, callbacks, stop)
-        try:
-            outcome = run.run(resume=resume)
-            changed = run.predictor.changed()
-            base_print = fingerprint({n: run.predictor.original[n] for n in changed})
-            extra, history = run.extra_results(run_dir), run.history
-        finally:
-            run.predictor.restore()
+    result = get_method(config.method).runner(bundle, config, run_dir, callbacks, stop, resume)
+    changed, history = result.changed, result.history
     manifest = {
         "kind": RUN_KIND,
-        "status": outcome["status"],
+        "status": result.status,
         "method": config.method,
         "preset": config.preset,
         "deviations_from_paper": list(config.deviations),
         "concepts": list(config.concepts),
         "config": config.to_dict(),
         "seed": config.seed,
-        "steps_done": outcome["steps_done"],
+        "steps_done": result.steps_done,
         "base_model": bundle.source,
         "base_model_kind": bundle.kind,
         "base_revision": bundle.revision,
-        "base_fingerprint": base_print,
+        "base_fingerprint": fingerprint(result.originals),
         "device": str(bundle.device),
         "dtype": str(bundle.dtype).replace("torch.", ""),
         # the CPU thread count changes the order of float sums, so it is part of what reproduces a run
@@ -88,7 +72,7 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
         "loss_space": getattr(config, "loss_space", None),
         "seconds": round(time.time() - started, 2),
         "versions": environment_versions(),
-        **extra,
+        **result.extra,
     }
     steps = [row for row in history if row["phase"] != "pi_distribution"]
     if steps:
@@ -97,17 +81,8 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
                for row in history if row["phase"] == "pi_distribution" for name, p in row["pi"].items()]
     if pi_rows:
         pd.DataFrame(pi_rows).to_csv(run_dir / "pi_history.csv", index=False)
-    if outcome["status"] == "done":
+    if result.status == "done":
         manifest.update(write_delta(run_dir, changed))
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     write_json_atomic(run_dir / MANIFEST, manifest)
-    return RunResult(run_dir, outcome["status"], outcome["steps_done"], manifest)
-
-
-def _restore(bundle: ModelBundle, originals: dict) -> None:
-    import torch
-
-    params = dict(bundle.unet.named_parameters())
-    with torch.no_grad():
-        for name, value in originals.items():
-            params[name].copy_(value)
+    return RunResult(run_dir, result.status, result.steps_done, manifest)

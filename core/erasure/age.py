@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import AGEConfig
-from .loop import FineTuneRun, StepReport, load_optimizer_tensors, optimizer_tensors
+from .loop import FineTuneRun, StepReport, fine_tune_runner, load_optimizer_tensors, optimizer_tensors
+from .registry import Method, register_method
 from .vocab import CandidateSet, build_candidates, load_vocabulary
 
 TOP_TARGETS = 5
@@ -50,12 +51,6 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, topk: i
     kth = y.topk(min(topk, len(y))).values[-1]
     kept = y * (y >= kth)
     return kept / kept.sum()
-
-
-def toy_neighbours(world, concept: str) -> set[str]:
-    """Candidates that share a shape or a colour with a toy concept (including the bare words)."""
-    c = world.concept(concept)
-    return set(world.same_shape(concept)) | set(world.same_colour(concept)) | {c.shape, c.colour}
 
 
 class AGERun(FineTuneRun):
@@ -82,10 +77,9 @@ class AGERun(FineTuneRun):
     def _neighbours(self) -> dict[str, set[str]] | None:
         if self.cfg.neighbour_groups:
             return {c: set(v) for c, v in self.cfg.neighbour_groups.items()}
-        if self.bundle.kind == "toy":
-            names = set(self.bundle.world.names)
-            return {c: toy_neighbours(self.bundle.world, c) for c in self.cfg.concepts if c in names}
-        return None
+        known = {c: self.bundle.backend.neighbours(c) for c in self.cfg.concepts}
+        known = {c: n for c, n in known.items() if n is not None}
+        return known or None
 
     def is_model_step(self, i: int) -> bool:
         return i % self.cfg.pgd_num_steps == 0
@@ -273,3 +267,7 @@ class AGERun(FineTuneRun):
 
 def _share(rows: list[dict]) -> float:
     return sum(bool(r["pick_is_neighbour"]) for r in rows) / max(1, len(rows))
+
+
+register_method(Method("age", "AGE (adaptive targets)", AGEConfig, fine_tune_runner(AGERun),
+                       "the paper's min-max fine-tuning towards a learned mixture of nearby concepts"))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import ModelBundle
+from ..prediction import x0_from_output
+from ..sampling import guided_ddim_step, unet_prediction
 
 SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -54,9 +56,11 @@ def random_sd14_bundle(device: torch.device) -> ModelBundle:
     """SD-1.4's UNet architecture with random weights (nothing to download)."""
     from diffusers import UNet2DConditionModel
 
+    from ..stable_diffusion import StableDiffusionBackend
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD14_UNET).to(device).eval()
-    return ModelBundle(kind="stable-diffusion", source="random SD-1.4 architecture", unet=unet,
+    return ModelBundle(backend=StableDiffusionBackend(), source="random SD-1.4 architecture", unet=unet,
                        text_encoder=_RandomStates(device, torch.float32), tokenizer=_HashTokenizer(),
                        scheduler_config=SD14_SCHEDULER, device=device, dtype=torch.float32)
 
@@ -88,19 +92,16 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
     alphas = bundle.train_scheduler().alphas_cumprod.to(device)
     g = torch.Generator().manual_seed(seed)
 
+    predict = unet_prediction(unet)
+
     def till(z, cond, n):
         with torch.no_grad():
             for t in sched.timesteps[:n]:
-                out = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-                u, c = out.chunk(2)
-                z = sched.step(u + 3.0 * (c - u), t, z).prev_sample
+                z = guided_ddim_step(sched, predict, z, t, cond, uncond, 3.0)
         return z
 
     def x0(eps, z, t):
-        if loss_space == "eps":
-            return eps
-        a = alphas[t]
-        return (z - (1 - a).sqrt() * eps) / a.sqrt()
+        return eps if loss_space == "eps" else x0_from_output(eps, z, alphas[t], "epsilon")
 
     times = []
     for i in range(iterations + 2):  # two warm-up iterations
@@ -145,10 +146,9 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     from .age import AGERun
     from .config import make_config
 
-    if bundle.kind == "toy":
-        from .vocab import load_vocabulary
-
-        concept, words = "red circle", load_vocabulary("toy", bundle)
+    own_set, own_words = bundle.backend.concept_set(), bundle.backend.candidate_vocabulary()
+    if own_set is not None and own_words is not None:  # a closed world: its first concept, its own words
+        concept, words = own_set.concepts[0], own_words
     else:
         concept, words = "erased concept", [f"candidate {i}" for i in range(candidates)]
     candidates = len(words)

@@ -27,27 +27,15 @@ def _list(text: str):
 
 
 @dataclass
-class EraseConfig:
-    """Fields every fine-tuning method shares."""
+class MethodConfig:
+    """Fields and checks every erasure method shares."""
 
     method: ClassVar[str] = ""
 
     concepts: list[str] = _list("concepts to erase (several are erased at once)")
     preset: str | None = _help("name of the preset this config started from", None)
     prompt_template: str = _help("prompt of a concept during training, {c} = concept", "{c}")
-    parameter_set: str = _help("trainable UNet weights: " + ", ".join(PARAMETER_SETS), "xattn")
-    iterations: int = _help("model (theta) steps", 1000)
-    lr: float = _help("Adam learning rate of the model", 1e-5)
-    batch_size: int = _help("latents per step (the reference uses 1)", 1)
-    negative_guidance: float = _help("eta: how far the erased concept is pushed past the target", 1.0)
-    start_guidance: float = _help("CFG scale of the 'sample till t' latents", 3.0)
-    ddim_steps: int = _help("DDIM schedule of the 'sample till t' latents", 50)
-    loss_space: str = _help("x0 (paper) or eps; x0 weights steps by (1-a)/a", "x0")
-    xt_source: str = _help("sample: DDIM till t with the current model (paper); pool: frozen samples re-noised (fast)", "sample")
-    pool_size: int = _help("frozen samples per concept in pool mode", 16)
-    precision: str = _help("fp32, or bf16 autocast for the UNet passes", "fp32")
     seed: int = _help("seed of every random draw of the run", 0)
-    checkpoint_every: int = _help("write a resumable checkpoint every N model steps (0: only at the end or on stop)", 0)
     requires_gpu: bool = _help("the recipe is sized for a GPU; refuse to start on CPU", False)
     deviations: list[str] = _list("how this config departs from the paper (recorded in the manifest)")
 
@@ -61,6 +49,34 @@ class EraseConfig:
             raise ValueError(f"duplicate concepts in {self.concepts}")
         if "{c}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{c}}, got {self.prompt_template!r}")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@dataclass
+class EraseConfig(MethodConfig):
+    """Fields every fine-tuning method (ESD, AGE) shares."""
+
+    parameter_set: str = _help("trainable UNet weights: " + ", ".join(PARAMETER_SETS), "xattn")
+    iterations: int = _help("model (theta) steps", 1000)
+    lr: float = _help("Adam learning rate of the model", 1e-5)
+    batch_size: int = _help("latents per step (the reference uses 1)", 1)
+    negative_guidance: float = _help("eta: how far the erased concept is pushed past the target", 1.0)
+    start_guidance: float = _help("CFG scale of the 'sample till t' latents", 3.0)
+    ddim_steps: int = _help("DDIM schedule of the 'sample till t' latents", 50)
+    loss_space: str = _help("x0 (paper) or eps; x0 weights steps by (1-a)/a", "x0")
+    xt_source: str = _help("sample: DDIM till t with the current model (paper); pool: frozen samples re-noised (fast)", "sample")
+    pool_size: int = _help("frozen samples per concept in pool mode", 16)
+    precision: str = _help("fp32, or bf16 autocast for the UNet passes", "fp32")
+    checkpoint_every: int = _help("write a resumable checkpoint every N model steps (0: only at the end or on stop)", 0)
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.parameter_set not in PARAMETER_SETS:
             raise ValueError(f"unknown parameter set {self.parameter_set!r}; choose one of {', '.join(PARAMETER_SETS)}")
         for name in ("iterations", "batch_size", "ddim_steps", "pool_size"):
@@ -75,13 +91,6 @@ class EraseConfig:
         _choice("loss_space", self.loss_space, LOSS_SPACES)
         _choice("xt_source", self.xt_source, XT_SOURCES)
         _choice("precision", self.precision, PRECISIONS)
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 def _positive_finite(name: str, value: float) -> None:
@@ -150,49 +159,33 @@ class AGEConfig(EraseConfig):
 
 
 @dataclass
-class UCEConfig:
+class UCEConfig(MethodConfig):
     """UCE (Gandikota et al., WACV'24): closed-form edit of cross-attention keys and values."""
 
     method: ClassVar[str] = "uce"
+    parameter_set: ClassVar[str] = "xattn_kv"
 
-    concepts: list[str] = _list("concepts to erase")
-    preset: str | None = _help("name of the preset this config started from", None)
-    prompt_template: str = _help("prompt of a concept, {c} = concept", "{c}")
     target: str = _help("what the erased concepts are mapped to ('' = the empty prompt)", "")
     preserve: list[str] = _list("concepts whose keys and values are kept")
     erase_scale: float = _help("weight of the erasure equations", 1.0)
     preserve_scale: float = _help("weight of the preservation equations", 1.0)
-    lamb: float = _help("ridge weight that keeps the edit close to the original weights", 0.5)
-    seed: int = _help("unused by the closed form; recorded for symmetry", 0)
-    requires_gpu: bool = _help("refuse to start on CPU", False)
-    deviations: list[str] = _list("how this config departs from the paper")
-    parameter_set: ClassVar[str] = "xattn_kv"
+    lam: float = _help("lambda: ridge weight that keeps the edit close to the original weights", 0.5)
 
     def __post_init__(self):
-        if isinstance(self.concepts, str):
-            self.concepts = [self.concepts]
-        self.concepts = [c.strip() for c in self.concepts]
-        if not self.concepts or any(not c for c in self.concepts):
-            raise ValueError("give at least one non-empty concept to erase")
+        super().__post_init__()
         erased = {c.lower() for c in self.concepts}
         if any(p.lower() in erased for p in self.preserve):
             raise ValueError("a concept cannot be both erased and preserved")
-        for name in ("erase_scale", "preserve_scale", "lamb"):
+        for name in ("erase_scale", "preserve_scale", "lam"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.lamb == 0 and not self.preserve:
-            raise ValueError("lamb must be > 0 when nothing is preserved (the system would be singular)")
+        if self.lam == 0 and not self.preserve:
+            raise ValueError("lam must be > 0 when nothing is preserved (the system would be singular)")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "parameter_set": self.parameter_set, **asdict(self)}
+        return {**super().to_dict(), "parameter_set": self.parameter_set}
 
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-
-CONFIGS = {"age": AGEConfig, "esd": ESDConfig, "uce": UCEConfig}
 
 _TOY_DEVIATIONS = [
     "loss in eps space, the space the toy recipe was tuned in (x0 space weights steps by (1-a)/a, up to 212 at t=999)",
@@ -200,7 +193,7 @@ _TOY_DEVIATIONS = [
     "'sample till t' on a 10-step DDIM schedule instead of 50",
 ]
 
-# name -> (method, field values, requires a GPU, deviations from the paper)
+# name -> (method, field values, deviations from the paper)
 PRESETS: dict[str, tuple[str, dict, list[str]]] = {
     "imagenette": ("age", dict(parameter_set="xattn", iterations=1000, lr=1e-5, gumbel_lr=1e-2, gumbel_temp=0.1,
                                gumbel_hard=True, gumbel_topk=2, k_closest=100, num_centers=100, vocab="imagenet",
@@ -246,9 +239,9 @@ PRESETS: dict[str, tuple[str, dict, list[str]]] = {
 def make_config(method: str, preset: str | None = None, **overrides):
     """A validated config: the preset's values, then ``overrides``; each override of a preset value
     is recorded as a deviation."""
-    if method not in CONFIGS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CONFIGS)}")
-    cls = CONFIGS[method]
+    from .registry import get_method
+
+    cls = get_method(method).config
     values: dict = {}
     deviations: list[str] = []
     if preset is not None:
@@ -270,3 +263,8 @@ def make_config(method: str, preset: str | None = None, **overrides):
     values["preset"] = preset
     values["deviations"] = deviations + list(values.get("deviations", []))
     return cls(**values)
+
+
+def presets_for(method: str) -> list[str]:
+    """The presets of one method, in definition order."""
+    return [name for name, (m, _, _) in PRESETS.items() if m == method]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .config import ESDConfig
-from .loop import FineTuneRun, StepReport
+from .loop import FineTuneRun, StepReport, fine_tune_runner
+from .registry import Method, register_method
 
 
 class ESDRun(FineTuneRun):
@@ -47,3 +48,6 @@ class ESDRun(FineTuneRun):
         return StepReport(step=i + 1, total=self.total_steps, phase="theta", concept=concept, losses=losses,
                           elapsed=0.0, eta=0.0)
 
+
+register_method(Method("esd", "ESD (fixed target)", ESDConfig, fine_tune_runner(ESDRun),
+                       "fine-tune so the concept maps to a fixed target prompt, with negative guidance"))

@@ -25,8 +25,11 @@ from torch.func import functional_call
 
 from ..bundle import ModelBundle
 from ..manifest import write_json_atomic
+from ..prediction import add_noise, eps_from_x0, x0_from_output
+from ..sampling import guided_ddim_step
 from .config import EraseConfig
 from .params import select_parameters
+from .registry import MethodResult
 
 
 @dataclass
@@ -47,10 +50,6 @@ class StepReport:
 
 class Callback(Protocol):
     def __call__(self, report: StepReport) -> None: ...
-
-
-class StopRequested(Exception):
-    pass
 
 
 class Predictor:
@@ -74,10 +73,13 @@ class Predictor:
             return self.unet(x, t, encoder_hidden_states=states).sample.float()
 
     @torch.no_grad()
+    def live(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The model being trained, without gradients ("sample till t")."""
+        return self.trainable(x, t, states)
+
+    @torch.no_grad()
     def frozen(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return functional_call(self.unet, self.original, (x, t),
-                                   {"encoder_hidden_states": states}).sample.float()
+        return self.frozen_with_grad(x, t, states)
 
     def frozen_with_grad(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Frozen weights, but gradients flow to ``states`` (lets the erasure term reach pi)."""
@@ -120,7 +122,7 @@ class FineTuneRun:
         self.run_dir = Path(run_dir)
         self.callbacks = list(callbacks or [])
         self.stop = stop or (lambda: False)
-        _check_concepts(bundle, config)
+        bundle.backend.check_concepts(bundle, config.concepts)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.predictor = Predictor(bundle, config.parameter_set, config.precision)
         self.optimizer = torch.optim.Adam(list(self.predictor.params.values()), lr=config.lr)
@@ -166,10 +168,8 @@ class FineTuneRun:
         uncond = self.uncond.expand(len(cond), -1, -1)
         timesteps = self.scheduler.timesteps
         for t in timesteps[:n_steps]:
-            with self.predictor.autocast():
-                out = self.bundle.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            out_u, out_c = out.float().chunk(2)
-            z = self.scheduler.step(out_u + self.cfg.start_guidance * (out_c - out_u), t, z).prev_sample.to(z.dtype)
+            z = guided_ddim_step(self.scheduler, self.predictor.live, z, t, cond, uncond,
+                                 self.cfg.start_guidance).to(z.dtype)
         t = timesteps[n_steps] if n_steps < len(timesteps) else timesteps[-1]
         return list(z.chunk(len(conds))), t.expand(b)
 
@@ -183,7 +183,7 @@ class FineTuneRun:
         pool = self.pools[key]
         idx = torch.randint(len(pool), (self.cfg.batch_size,), generator=self.generator)
         a = self.alphas[t].view(-1, 1, 1, 1).to(pool.dtype)
-        return a.sqrt() * pool[idx] + (1 - a).sqrt() * self.randn(*pool[idx].shape)
+        return add_noise(pool[idx], self.randn(*pool[idx].shape), a)
 
     def draw_latents(self, key_conds: list[tuple[str, torch.Tensor]]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Latents for each (key, conditioning) at one shared timestep, by the configured source."""
@@ -198,12 +198,8 @@ class FineTuneRun:
             return out
         a = self.alphas[t].view(-1, 1, 1, 1).float()
         x = x.float()
-        if self.bundle.prediction_type == "v_prediction":
-            x0 = a.sqrt() * x - (1 - a).sqrt() * out
-            if self.cfg.loss_space == "x0":
-                return x0
-            return (x - a.sqrt() * x0) / (1 - a).sqrt()  # eps from v
-        return (x - (1 - a).sqrt() * out) / a.sqrt()
+        x0 = x0_from_output(out, x, a, self.bundle.prediction_type)
+        return x0 if self.cfg.loss_space == "x0" else eps_from_x0(x0, x, a)
 
     def mse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(a, b)
@@ -303,9 +299,7 @@ class FineTuneRun:
 def _sample_frozen(run: FineTuneRun, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     uncond = run.uncond.expand(len(cond), -1, -1)
     for t in run.scheduler.timesteps:
-        out = run.predictor.frozen(torch.cat([z, z]), t, torch.cat([uncond, cond]))
-        out_u, out_c = out.chunk(2)
-        z = run.scheduler.step(out_u + run.cfg.start_guidance * (out_c - out_u), t, z).prev_sample.to(z.dtype)
+        z = guided_ddim_step(run.scheduler, run.predictor.frozen, z, t, cond, uncond, run.cfg.start_guidance).to(z.dtype)
     return z
 
 
@@ -317,17 +311,6 @@ def _history_row(report: StepReport) -> dict:
         row["pick"] = report.pick
         row["pick_is_neighbour"] = report.pick_is_neighbour
     return row
-
-
-def _check_concepts(bundle: ModelBundle, config) -> None:
-    """On the toy model an erased concept must be made of words it knows."""
-    if bundle.kind != "toy":
-        return
-    for concept in config.concepts:
-        unknown = bundle.unknown_words(concept)
-        if unknown:
-            raise ValueError(f"unknown concept {concept!r} for the toy model (unknown words: {', '.join(unknown)}); "
-                             f"toy concepts: {', '.join(bundle.world.names)}")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -347,3 +330,19 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
             _, idx, name = key.split("/", 2)
             state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def fine_tune_runner(run_class: type[FineTuneRun]):
+    """The registry runner of a fine-tuning method: run it, collect the changed weights, and always
+    put the bundle's weights back."""
+    def run(bundle: ModelBundle, config, run_dir, callbacks=None, stop=None, resume=False) -> MethodResult:
+        job = run_class(bundle, config, run_dir, callbacks, stop)
+        try:
+            outcome = job.run(resume=resume)
+            changed = job.predictor.changed()
+            return MethodResult(outcome["status"], outcome["steps_done"], changed,
+                                {n: job.predictor.original[n] for n in changed},
+                                job.extra_results(Path(run_dir)), job.history)
+        finally:
+            job.predictor.restore()
+    return run

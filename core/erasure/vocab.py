@@ -11,17 +11,17 @@ import torch
 from ..bundle import ModelBundle
 from ..paths import assets_dir
 
-BUILT_IN = ("toy", "imagenet", "en3k")
+BUILT_IN = ("imagenet", "en3k")
 
 
 def load_vocabulary(name: str, bundle: ModelBundle | None = None) -> list[str]:
-    """Candidate words/phrases of a built-in vocabulary, or of a file with one per line."""
-    if name == "toy":
-        if bundle is None or bundle.kind != "toy":
-            raise ValueError("the 'toy' vocabulary needs the toy model")
-        world = bundle.world
-        # The concepts and the single words (a colour or a shape alone) the toy model was trained on.
-        return world.names + list(world.colours) + list(world.shapes)
+    """Candidate words/phrases of a built-in vocabulary, of the model's backend (the vocabulary named
+    after it, e.g. ``toy``), or of a file with one per line."""
+    if bundle is not None and name == bundle.kind:
+        words = bundle.backend.candidate_vocabulary()
+        if words is None:
+            raise ValueError(f"the {bundle.kind} backend ships no candidate vocabulary; use {', '.join(BUILT_IN)}")
+        return words
     if name == "imagenet":
         with open(assets_dir() / "vocab" / "imagenet_classes.csv", newline="") as f:
             names = [row["name"] for row in csv.DictReader(f)]
@@ -35,7 +35,9 @@ def load_vocabulary(name: str, bundle: ModelBundle | None = None) -> list[str]:
         if not words:
             raise ValueError(f"vocabulary file {path} is empty")
         return list(dict.fromkeys(words))
-    raise ValueError(f"unknown vocabulary {name!r}: use {', '.join(BUILT_IN)} or a file with one candidate per line")
+    own = f"{bundle.kind}, " if bundle is not None and bundle.backend.candidate_vocabulary() is not None else ""
+    raise ValueError(f"unknown vocabulary {name!r}: use {own}{', '.join(BUILT_IN)} or a file with one candidate per line"
+                     + ("" if bundle is not None else " (a model's own vocabulary needs its model)"))
 
 
 @dataclass

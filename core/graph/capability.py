@@ -1,7 +1,8 @@
 """Generation capability G(c): the share of N generated images of c that a classifier recognises as c.
 
 Evaluators map images to concept-set indices (top-k):
-- ``toy``: the toy world's CNN (the counterpart of the paper's ResNet-50);
+- the backend's own classifier, named after it (the toy world's CNN, ``toy``, the counterpart of the
+  paper's ResNet-50);
 - ``hf:<hub id>``: an ImageNet classifier through transformers (e.g. ``hf:microsoft/resnet-50``);
   G(c) counts images whose top-k ImageNet classes contain c's explicit class index;
 - ``torchvision-resnet50``: torchvision's ResNet-50 (IMAGENET1K_V2, as the paper) where importable;
@@ -49,19 +50,6 @@ class CapabilitySpec:
         return replace(self, steps=self.steps or bundle.default_steps,
                        guidance_scale=bundle.default_guidance if self.guidance_scale is None else self.guidance_scale,
                        eta=bundle.default_eta if self.eta is None else self.eta)
-
-
-class ToyEvaluator:
-    name = "toy"
-
-    def __init__(self, bundle: ModelBundle, concept_set: ConceptSet):
-        world = bundle.world
-        self.classifier = bundle.classifier
-        self.to_set = torch.tensor([concept_set.concepts.index(n) if n in concept_set.concepts else -1
-                                    for n in world.names])
-
-    def topk(self, images: torch.Tensor, k: int) -> torch.Tensor:
-        return self.to_set[self.classifier.topk(images, k)]
 
 
 class ImageNetEvaluator:
@@ -117,8 +105,8 @@ def _imagenet_preprocess(size: int = 224):
 
 
 def default_evaluator_name(bundle: ModelBundle, concept_set: ConceptSet) -> str:
-    if bundle.kind == "toy":
-        return "toy"
+    if bundle.backend.has_evaluator:
+        return bundle.kind
     if concept_set.imagenet_index and len(concept_set.imagenet_index) == len(concept_set.concepts):
         return "hf:microsoft/resnet-50"
     return "clip:openai/clip-vit-large-patch14"
@@ -126,10 +114,8 @@ def default_evaluator_name(bundle: ModelBundle, concept_set: ConceptSet) -> str:
 
 def load_evaluator(name: str, bundle: ModelBundle, concept_set: ConceptSet, local_files_only: bool | None = None):
     device = bundle.device
-    if name == "toy":
-        if bundle.kind != "toy":
-            raise ValueError("the toy classifier only judges the toy world")
-        return ToyEvaluator(bundle, concept_set)
+    if name == bundle.kind and bundle.backend.has_evaluator:
+        return bundle.backend.evaluator(bundle, concept_set)
     try:
         if name == "torchvision-resnet50":
             try:
@@ -156,7 +142,8 @@ def load_evaluator(name: str, bundle: ModelBundle, concept_set: ConceptSet, loca
         raise ModelUnavailableError(
             f"could not load the classifier {name!r}: {type(err).__name__}. Download its weights on a connected "
             f"machine (`hf download {name.partition(':')[2] or name}`) and copy the Hugging Face cache here.") from err
-    raise ValueError(f"unknown evaluator {name!r}: use toy, hf:<hub id>, clip:<hub id> or torchvision-resnet50")
+    own = f"{bundle.kind}, " if bundle.backend.has_evaluator else ""
+    raise ValueError(f"unknown evaluator {name!r}: use {own}hf:<hub id>, clip:<hub id> or torchvision-resnet50")
 
 
 def capability(bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: CapabilitySpec,
@@ -174,14 +161,3 @@ def capability(bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: Ca
         rows.append({"concept": name, "G_top1": (top[i, :, 0] == label).float().mean().item(),
                      "G_topk": (top[i] == label).any(dim=1).float().mean().item()})
     return pd.DataFrame(rows)
-
-
-def toy_capability(bundle: ModelBundle, spec: CapabilitySpec, concepts: list[str] | None = None,
-                   progress=None) -> pd.DataFrame:
-    """G on the toy world with the toy classifier; ``spec.template`` uses the toy's ``{c}``."""
-    from .concept_sets import toy_set
-
-    cs = toy_set(bundle.world)
-    if spec.template:
-        spec = replace(spec, template=spec.template.replace("{c}", "{concept}"))
-    return capability(bundle, cs, ToyEvaluator(bundle, cs), spec, concepts, progress)

@@ -1,7 +1,7 @@
 """Concept sets: the concepts of a graph, their groups, prompt template and how G is classified.
 
-Built in: ``toy`` (25 shapes x colours, grouped by shape and by colour), ``netfive`` (25 ImageNet
-classes in 5 groups) and ``imagenette`` (10 classes), the latter two with explicit ImageNet class
+Built in: a model backend's own set (the toy world's 25 shapes x colours, grouped by shape and by
+colour, as ``toy``), ``netfive`` (25 ImageNet classes in 5 groups) and ``imagenette`` (10 classes), the latter two with explicit ImageNet class
 indices (never name matching: ImageNet says "clumber", "sax"...). A user set is a CSV with a
 ``concept`` column and optional ``group`` and ``imagenet_index`` columns.
 """
@@ -66,26 +66,19 @@ class ConceptSet:
         return cls(data["name"], data["concepts"], data["groups"], data["template"], data.get("imagenet_index", {}))
 
 
-def toy_set(world) -> ConceptSet:
-    """The toy world; the prompt template is the model's default ("a photo of a {c}")."""
-    return ConceptSet("toy", world.names,
-                      {"shape": {c.name: c.shape for c in world.concepts},
-                       "colour": {c.name: c.colour for c in world.concepts}},
-                      world.default_template.replace("{c}", "{concept}"))
-
-
-def load_concept_set(name: str, world=None, template: str | None = None) -> ConceptSet:
-    """``toy`` (needs the toy world), ``netfive``, ``imagenette``, or a CSV path."""
-    if name == "toy":
-        if world is None:
-            raise ValueError("the toy concept set needs the toy model")
-        cs = toy_set(world)
+def load_concept_set(name: str, bundle=None, template: str | None = None) -> ConceptSet:
+    """The model's own set (named after its backend, e.g. ``toy``; needs ``bundle``), ``netfive``,
+    ``imagenette``, or a CSV path."""
+    own = bundle.backend.concept_set() if bundle is not None and name == bundle.kind else None
+    if own is not None:
+        cs = own
     elif name in ("netfive", "imagenette"):
         cs = read_csv(assets_dir() / "concept_sets" / f"{name}.csv", name)
     else:
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"concept set {name!r}: not toy, netfive, imagenette, nor an existing CSV file")
+            raise FileNotFoundError(f"concept set {name!r}: not the model's own set, netfive, imagenette, "
+                                    f"nor an existing CSV file")
         cs = read_csv(path, path.stem)
     if template:
         cs.template = template

@@ -130,7 +130,7 @@ def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Pat
             store.add_row(concept, row, seconds)
             log(f"row {concept}: {seconds:.1f} s")
     else:
-        _ray_rows(store, bundle.extras.get("base_source", bundle.source), bundle, concept_set, evaluator.name,
+        _ray_rows(store, bundle.base_source or bundle.source, bundle, concept_set, evaluator.name,
                   spec, recipe, todo, nodes, ray_address, progress, log)
     return store
 

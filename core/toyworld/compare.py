@@ -55,8 +55,8 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
     they are part of each graph's recipe, so such graphs are kept apart from the full ones."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = bundle.world
-    concept_set = load_concept_set("toy", world)
+    world = bundle.backend.world
+    concept_set = load_concept_set("toy", bundle)
     concepts = concepts or DEFAULT_CONCEPTS
     variants = variants or DEFAULT_VARIANTS
     unknown = [v for v in variants if v not in VARIANTS]

@@ -20,11 +20,11 @@ def concept_accuracy(bundle: ModelBundle, images_per_concept: int = 16, seed: in
 
     Seeds are ``seed .. seed + images_per_concept - 1`` for every concept.
     """
-    world = bundle.world
+    world = bundle.backend.world
     prompts = [world.prompt(name, template) for name in world.names]
     seeds = list(range(seed, seed + images_per_concept))
     images = generate(bundle, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
-    predicted = bundle.classifier.topk(images, 1)[:, 0].view(len(prompts), images_per_concept)
+    predicted = bundle.backend.classifier.topk(images, 1)[:, 0].view(len(prompts), images_per_concept)
     rows = []
     for i, concept in enumerate(world.concepts):
         wrong = predicted[i][predicted[i] != i]
@@ -55,14 +55,14 @@ def background_saturation(images: torch.Tensor, border: int = 2) -> float:
 
 
 def render_reference(bundle: ModelBundle, images_per_concept: int, seed: int = 0) -> torch.Tensor:
-    world = bundle.world
+    world = bundle.backend.world
     labels = torch.arange(len(world.concepts)).repeat_interleave(images_per_concept)
     return render(world, labels, torch.Generator().manual_seed(seed))
 
 
 def timed_generation(bundle: ModelBundle, images_per_concept: int = 4, repeats: int = 3) -> float:
     """Best-of-``repeats`` seconds for ``images_per_concept`` images of every concept (after a warm-up)."""
-    prompts = [bundle.world.prompt(n) for n in bundle.world.names]
+    prompts = [bundle.backend.world.prompt(n) for n in bundle.backend.world.names]
     generate(bundle, prompts[:2], [0])  # oneDNN warm-up
     best = float("inf")
     for _ in range(repeats):

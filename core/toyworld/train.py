@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..manifest import environment_versions, write_json_atomic
+from ..prediction import add_noise, v_target
 from .classifier import ToyClassifier, augment
 from .concepts import ToyWorld
 from .model import (MAX_TOKENS, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
@@ -228,8 +229,8 @@ def train_toy_model(out_dir: str | Path, concepts_json: str | Path, cfg: ToyTrai
         t = torch.randint(scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        xt = add_noise(x0, noise, a)
+        target = noise if cfg.prediction_type == "epsilon" else v_target(x0, noise, a)
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=states).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

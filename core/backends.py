@@ -1,0 +1,124 @@
+"""Model backends: what differs between model families, behind one interface, and their registry.
+
+A backend knows how to recognise and load its models, its latent codec (latents <-> images), its
+vocabulary and neighbour relation when it has closed ones, its default evaluator and its default
+presets. Everything else (sampling, erasure, graphs, runs, export, jobs) is written once against
+:class:`~age_explorer.core.bundle.ModelBundle` and never names a backend.
+
+Adding a model family is one module that subclasses :class:`Backend` and calls
+:func:`register_backend`; the built-in ones are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+
+_REGISTRY: dict[str, type["Backend"]] = {}
+# module paths of the built-in backends, imported lazily so that importing the engine stays cheap
+_BUILT_IN = ("age_explorer.core.toyworld.backend", "age_explorer.core.stable_diffusion")
+
+
+class Backend:
+    """One model family. Class attributes describe the family; a loaded bundle holds an instance."""
+
+    name: ClassVar[str]
+    folder_hint: ClassVar[str]  # what a model folder of the family holds, for error messages
+    # method -> preset used when none is given (e.g. {"age": "toy"}); empty: the method's defaults
+    default_presets: ClassVar[dict[str, str]] = {}
+    # steps between preview images written by a background erasure (0: none; they cost a generation)
+    preview_every: ClassVar[int] = 0
+    # whether the family ships its own classifier for G(c) (then it is the default evaluator, named after it)
+    has_evaluator: ClassVar[bool] = False
+    # the model card of an export: licence, tags, whether the base model is a Hub model to name in the
+    # front matter, a note after the base model's name, and how to load a full pipeline export
+    card_license: ClassVar[str] = "creativeml-openrail-m"
+    card_tags: ClassVar[tuple[str, ...]] = ()
+    card_base_on_hub: ClassVar[bool] = True
+    card_base_note: ClassVar[str] = ""
+    card_pipeline_hint: ClassVar[str] = ""
+
+    # ---- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def claims(cls, source: str, path: Path | None) -> bool:
+        """Whether ``source`` (a name, or ``path`` when it is an existing folder) is one of this family's."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, source: str, path: Path | None, device: torch.device, dtype: torch.dtype,
+             local_files_only: bool, revision: str | None) -> "ModelBundle":
+        raise NotImplementedError
+
+    @classmethod
+    def weights_revision(cls, source: str) -> str | None:
+        """The revision of a model's weights, read without loading it (None when unknown)."""
+        return None
+
+    # ---- the latent codec ---------------------------------------------------------------------------
+    def decode(self, bundle: "ModelBundle", latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_images(self, bundle: "ModelBundle", images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- vocabulary, neighbours, evaluation ---------------------------------------------------------
+    def vocabulary(self, bundle: "ModelBundle") -> list[str] | None:
+        """The closed word list of a model that has one; None for open-vocabulary models."""
+        return None
+
+    def candidate_vocabulary(self) -> list[str] | None:
+        """AGE candidates the family ships (the vocabulary named after the backend); None if none."""
+        return None
+
+    def neighbours(self, concept: str) -> set[str] | None:
+        """Candidates related to ``concept`` (for reporting whether AGE picks neighbours); None if unknown."""
+        return None
+
+    def concept_set(self):
+        """The family's own concept set (a :class:`~age_explorer.core.graph.concept_sets.ConceptSet`), or None."""
+        return None
+
+    def evaluator(self, bundle: "ModelBundle", concept_set):
+        """The family's own classifier for G(c) over ``concept_set``, or None to pick a generic one."""
+        return None
+
+    def check_concepts(self, bundle: "ModelBundle", concepts: list[str]) -> None:
+        """Refuse concepts the model cannot represent (a closed vocabulary); open models accept all."""
+
+    # ---- export -------------------------------------------------------------------------------------
+    def save_pipeline(self, bundle: "ModelBundle", folder: Path) -> None:
+        """Write the erased model as a complete pipeline folder its ecosystem loads."""
+        raise ValueError(f"the {self.name} backend cannot export a full pipeline")
+
+
+def register_backend(backend: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend known to :func:`load_bundle` and :func:`get_backend`."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def backends() -> dict[str, type[Backend]]:
+    for module in _BUILT_IN:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
+
+def get_backend(name: str) -> type[Backend]:
+    found = backends()
+    if name not in found:
+        raise ValueError(f"unknown model backend {name!r}; known: {', '.join(found)}")
+    return found[name]
+
+
+def backend_for(source: str, path: Path | None) -> type[Backend] | None:
+    """The first backend that claims a model (None: no backend recognises it)."""
+    for backend in backends().values():
+        if backend.claims(source, path):
+            return backend
+    return None

@@ -1,0 +1,58 @@
+"""The method registry: each erasure method is one module that registers its config, runner and name.
+
+The CLI's ``--method`` choices and flags, the explorer's method and preset lists, and the manifest
+all read this registry; adding a method touches its own module (and its tests) plus one import line
+in ``erasure/__init__.py``. ``docs/erasure.md`` ("Adding a method") shows a complete example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from ..bundle import ModelBundle
+
+
+@dataclass
+class MethodResult:
+    """What a runner hands back: the weights it changed and what the manifest records."""
+
+    status: str  # "done" or "stopped"
+    steps_done: int
+    changed: dict[str, torch.Tensor]  # name -> new value (CPU)
+    originals: dict[str, torch.Tensor]  # name -> value before the run, for the changed names
+    extra: dict = field(default_factory=dict)  # method-specific manifest fields
+    history: list[dict] = field(default_factory=list)  # one row per step (and pi snapshots)
+
+
+class Runner(Protocol):
+    def __call__(self, bundle: ModelBundle, config, run_dir: Path, callbacks: list | None,
+                 stop: Callable[[], bool] | None, resume: bool) -> MethodResult: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the CLI's --method value and the manifest's "method"
+    display_name: str  # what the explorer shows
+    config: type  # the config dataclass (fields with help metadata, validated on construction)
+    runner: Runner
+    summary: str  # one line for help texts
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.config.method != method.name:
+        raise ValueError(f"method {method.name!r}: its config class says {method.config.method!r}")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

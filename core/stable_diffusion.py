@@ -1,0 +1,70 @@
+"""The Stable Diffusion 1.x/2.x backend: a diffusers ``StableDiffusionPipeline`` by Hub id or folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .backends import Backend, register_backend
+from .bundle import ModelBundle, ModelUnavailableError, looks_like_hub_id
+
+
+@register_backend
+class StableDiffusionBackend(Backend):
+    name = "stable-diffusion"
+    folder_hint = "a diffusers pipeline (model_index.json)"
+    default_presets = {"age": "imagenette", "esd": "esd-x"}
+    card_tags = ("stable-diffusion", "text-to-image")
+    card_pipeline_hint = " Load it with `diffusers.StableDiffusionPipeline.from_pretrained(folder)`."
+
+    @classmethod
+    def claims(cls, source: str, path: Path | None) -> bool:
+        if path is not None:
+            return (path / "model_index.json").is_file()
+        return looks_like_hub_id(source)
+
+    @classmethod
+    def load(cls, source, path, device, dtype, local_files_only, revision) -> ModelBundle:
+        from diffusers import StableDiffusionPipeline
+
+        if path is not None:  # a local folder never needs the Hub
+            local_files_only, revision = True, None
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                local_files_only=local_files_only, revision=revision,
+            )
+        except (OSError, ValueError, EnvironmentError) as err:
+            where = "the local Hugging Face cache" if local_files_only else "the local cache or the Hub"
+            raise ModelUnavailableError(
+                f"could not load Stable Diffusion model {source!r} from {where}: {err.__class__.__name__}. "
+                f"To use it offline, download it on a machine with internet access "
+                f"(`hf download {source}` or `huggingface-cli download {source}`) and copy the Hugging Face "
+                f"cache folder (HF_HOME) here, or save the pipeline with `save_pretrained(FOLDER)` and pass "
+                f"--model FOLDER. The embedded toy model (--model toy) needs no download."
+            ) from err
+        pipe.to(device)
+        return ModelBundle(
+            backend=cls(), source=source, unet=pipe.unet.eval(), text_encoder=pipe.text_encoder.eval(),
+            tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config), device=device, dtype=dtype,
+            vae=pipe.vae.eval(), revision=revision, default_steps=50, default_guidance=7.5,
+        )
+
+    def decode(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
+        vae = bundle.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def encode_images(self, bundle: ModelBundle, images: torch.Tensor) -> torch.Tensor:
+        vae = bundle.vae
+        x = images.to(bundle.device, vae.dtype) * 2 - 1
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+
+    def save_pipeline(self, bundle: ModelBundle, folder: Path) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(bundle.base_source or bundle.source, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+        pipe.unet = bundle.unet
+        pipe.save_pretrained(folder)
