@@ -69,7 +69,7 @@ def cmd_toy_bench(args) -> int:
     import torch
 
     from .bundle import load_bundle
-    from .toyworld import evaluate
+    from .app.experiments import toy_quality as evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +175,7 @@ def cmd_toy_compare(args) -> int:
 
     from .bundle import load_bundle
     from .graph.capability import CapabilitySpec
-    from .toyworld.compare import compare, summary
+    from .app.experiments.toy_compare import compare, summary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +195,7 @@ def cmd_bench_erase(args) -> int:
 
     from .bundle import load_bundle
     from .device import resolve_device
-    from .erasure.bench import engine_seconds, random_sd14_bundle, reference_style_seconds
+    from .app.bench import engine_seconds, random_sd14_bundle, reference_style_seconds
 
     device = resolve_device(args.device)
     if args.threads:
@@ -227,7 +227,7 @@ def cmd_bench_presets(args) -> int:
     import torch
 
     from .bundle import load_bundle
-    from .erasure.bench import preset_seconds
+    from .app.bench import preset_seconds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,7 +250,7 @@ def cmd_bench_presets(args) -> int:
 def cmd_jobs(args) -> int:
     import json
 
-    from .jobs import JobStore, Worker
+    from .app.jobs import JobStore, Worker
 
     store = JobStore(args.data_dir)
     if args.jobs_command == "list":

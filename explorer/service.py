@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 
 from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
-from age_explorer.core.cpu_split import CpuSplit
+from age_explorer.core.app.cpu_split import CpuSplit
 from age_explorer.core.device import resolve_device
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import GraphStore
-from age_explorer.core.jobs import JobStore, WorkerProcess, default_data_dir
+from age_explorer.core.app.jobs import JobStore, WorkerProcess, default_data_dir
 from age_explorer.core.paths import assets_dir
 from age_explorer.core.runs import read_manifest
 

@@ -80,7 +80,7 @@ def main_table(work: Path) -> None:
     (work / "cands.txt").write_text("blue square\n")
     run(["export", str(run_dir), "--out", str(work / "exp"), "--name", "same", "--force"])
     os.environ.pop("HF_TOKEN", None)
-    from age_explorer.core.jobs import JobStore
+    from age_explorer.core.app.jobs import JobStore
 
     job = JobStore(work / "jobs").submit("erase", {"method": "age", "options": {"concepts": ["red circle"]}})
     print("| bad input | command | exit | message |")

@@ -6,7 +6,7 @@ from age_explorer.core.graph.capability import CapabilitySpec
 from age_explorer.core.graph.concept_sets import load_concept_set
 from age_explorer.core.graph.store import GraphStore
 from age_explorer.core.graph.sweep import RowRecipe, build_graph
-from age_explorer.core.toyworld.compare import compare
+from age_explorer.core.app.experiments.toy_compare import compare
 
 SPEC = CapabilitySpec(images_per_concept=2, seed=3, steps=3)
 QUICK = {"iterations": 2, "batch_size": 1}

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from age_explorer.core.cpu_split import CpuSplit
-from age_explorer.core.jobs import JobStore, UnknownJobError, Worker, WorkerProcess
+from age_explorer.core.app.cpu_split import CpuSplit
+from age_explorer.core.app.jobs import JobStore, UnknownJobError, Worker, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..bundle import ModelBundle
-from ..sampling import generate
-from .render import render
+from age_explorer.core.bundle import ModelBundle
+from age_explorer.core.sampling import generate
+from age_explorer.core.toyworld.render import render
 
 
 def concept_accuracy(bundle: ModelBundle, images_per_concept: int = 16, seed: int = 1000,

@@ -143,8 +143,8 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise)."""
     import tempfile
 
-    from .age import AGERun
-    from .config import make_config
+    from ..erasure.age import AGERun
+    from ..erasure.config import make_config
 
     own_set, own_words = bundle.backend.concept_set(), bundle.backend.candidate_vocabulary()
     if own_set is not None and own_words is not None:  # a closed world: its first concept, its own words
@@ -183,7 +183,7 @@ def preset_seconds(bundle: ModelBundle, preset: str, concept: str, run_dir: Path
     """Wall-clock seconds of one whole erasure with a preset (the run is written to ``run_dir``)."""
     import resource
 
-    from . import PRESETS, erase, make_config
+    from ..erasure import PRESETS, erase, make_config
 
     config = make_config(PRESETS[preset][0], preset, concepts=[concept], **overrides)
     started = time.perf_counter()

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..bundle import ModelBundle, load_bundle
-from ..erasure import erase
-from ..graph.capability import CapabilitySpec, capability
-from ..graph.concept_sets import load_concept_set
-from ..graph.sweep import RowRecipe, measure_row, open_graph
-from ..runs import is_run_dir
+from age_explorer.core.bundle import ModelBundle, load_bundle
+from age_explorer.core.erasure import erase
+from age_explorer.core.graph.capability import CapabilitySpec, capability
+from age_explorer.core.graph.concept_sets import load_concept_set
+from age_explorer.core.graph.sweep import RowRecipe, measure_row, open_graph
+from age_explorer.core.runs import is_run_dir
 
 
 def read_manifest_status(run_dir: Path) -> str | None:

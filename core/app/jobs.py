@@ -307,7 +307,7 @@ class WorkerProcess:
     waits for the GIL behind every request thread (measured: an erasure ran ~30 times slower on a
     2-core machine with 10 users browsing). The child shares only the job store (SQLite); cancelling,
     progress and re-attaching go through it as before. ``threads``: the child's PyTorch CPU threads
-    (see ``core.cpu_split``). ``stop`` waits up to ``timeout`` for the job in progress, then ends the
+    (see ``age_explorer.core.app.cpu_split``). ``stop`` waits up to ``timeout`` for the job in progress, then ends the
     process; a job cut short is marked interrupted when a worker next starts, and resumes from its
     checkpoint."""
 
@@ -360,7 +360,7 @@ _BUNDLES_LOCK = threading.Lock()
 
 
 def _bundle(model: str, device: str):
-    from .bundle import load_bundle
+    from ..bundle import load_bundle
 
     with _BUNDLES_LOCK:
         key = (model, device)
@@ -371,7 +371,7 @@ def _bundle(model: str, device: str):
 
 def run_erase_job(ctx: JobContext) -> dict:
     """config: {"model": ..., "method": ..., "preset": ..., "options": {...concepts...}}."""
-    from .erasure import erase, make_config
+    from ..erasure import erase, make_config
 
     cfg = ctx.job.config
     config = make_config(cfg["method"], cfg.get("preset"), **cfg.get("options", {}))
@@ -403,8 +403,8 @@ def run_erase_job(ctx: JobContext) -> dict:
 
 def _write_preview(bundle, config, work_dir: Path, step: int) -> Path:
     """An image of the first erased concept with the weights as they are now (fixed seed)."""
-    from .imageio import to_pil
-    from .sampling import generate
+    from ..imageio import to_pil
+    from ..sampling import generate
 
     prompt = config.prompt_template.format(c=config.concepts[0])
     image = generate(bundle, [prompt], [0])[0]
@@ -415,8 +415,8 @@ def _write_preview(bundle, config, work_dir: Path, step: int) -> Path:
 
 def run_generate_job(ctx: JobContext) -> dict:
     """config: {"model": ..., "prompts": [...], "seeds": "0-3", "steps": ..., "guidance_scale": ...}."""
-    from .imageio import save_pngs
-    from .sampling import generate, parse_seeds
+    from ..imageio import save_pngs
+    from ..sampling import generate, parse_seeds
 
     cfg = ctx.job.config
     bundle = _bundle(cfg.get("model", "toy"), ctx.device)
