@@ -1,22 +1,11 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -37,7 +26,7 @@ def toy_bundle():
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
-    from tiny_sd import build_tiny_pipeline
+    from tests.tiny_models import build_tiny_pipeline
 
     work = tmp_path_factory.mktemp("tiny_sd")
     pipe = build_tiny_pipeline(work)

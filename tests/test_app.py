@@ -8,8 +8,10 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
-from conftest import free_port
+from tests.helpers import free_port
 from age_explorer.explorer.app import Settings, build_app
+
+pytestmark = pytest.mark.slow  # a real server per module, and background erasures
 
 
 def tiny_graph(data_dir, bundle):
@@ -216,7 +218,7 @@ def _finished_esd_run(client) -> str:
 def test_push_sends_only_this_sessions_export_with_the_callers_token(server, monkeypatch):
     import huggingface_hub.constants
 
-    from hub_standin import HubStandIn
+    from tests.hub_standin import HubStandIn
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
     owner, visitor = Client(server["url"], verbose=False), Client(server["url"], verbose=False)

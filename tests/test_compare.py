@@ -1,17 +1,19 @@
 """The AGE-vs-ESD comparison shares its measurements with concept graphs."""
 
 import pandas as pd
+import pytest
 
+from age_explorer.core.app.experiments.toy_compare import compare
 from age_explorer.core.graph.capability import CapabilitySpec
 from age_explorer.core.graph.concept_sets import load_concept_set
 from age_explorer.core.graph.store import GraphStore
 from age_explorer.core.graph.sweep import RowRecipe, build_graph
-from age_explorer.core.app.experiments.toy_compare import compare
 
 SPEC = CapabilitySpec(images_per_concept=2, seed=3, steps=3)
 QUICK = {"iterations": 2, "batch_size": 1}
 
 
+@pytest.mark.slow
 def test_compare_rows_are_graph_rows_and_a_graph_sweep_completes_them(toy_bundle, tmp_path, one_thread):
     results = compare(toy_bundle, tmp_path, concepts=["red circle"], variants=["ESD ''", "AGE (paper search)"],
                       spec=SPEC, overrides=QUICK, log=lambda m: None)

@@ -11,9 +11,8 @@ from age_explorer.core.erasure.age import gumbel_softmax
 from age_explorer.core.erasure.params import PARAMETER_SETS, select_parameters
 from age_explorer.core.runs import CorruptRunError
 from age_explorer.core.sampling import generate
-
-CANDIDATES = ["a dog", "a cat", "a car", "a red circle", "red", "circle", "a tree"]
-TINY = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False)
+from tests.tiny_models import CANDIDATES
+from tests.tiny_models import TINY_SD_RECIPE as TINY
 
 
 @pytest.fixture(scope="module")

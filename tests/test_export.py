@@ -7,9 +7,10 @@ from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.export import export_run, push_to_hub, validate_name, validate_repo_id
 from age_explorer.core.sampling import generate
-from hub_standin import HubStandIn
+from tests.hub_standin import HubStandIn
+from tests.tiny_models import TINY_SD_RECIPE
 
-TINY = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False, lr=1e-2)
+TINY = dict(TINY_SD_RECIPE, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_push_without_token_is_a_clear_error(tmp_path, monkeypatch):
 def test_push_to_an_unreachable_hub_is_one_clear_line(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from conftest import free_port
+    from tests.helpers import free_port
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there

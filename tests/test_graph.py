@@ -10,10 +10,11 @@ from age_explorer.core.graph.capability import CapabilitySpec
 from age_explorer.core.graph.concept_sets import load_concept_set, read_csv
 from age_explorer.core.graph.store import GraphMismatchError, GraphStore
 from age_explorer.core.graph.sweep import RowRecipe, build_graph
+from tests.tiny_models import TOY_ROW_OPTIONS
 
 SUBSET = ["red circle", "blue circle", "red square"]
 TINY_SPEC = CapabilitySpec(images_per_concept=4, seed=5, steps=5)
-TINY_RECIPE = RowRecipe("esd", "toy-esd", {"iterations": 4, "ddim_steps": 4, "batch_size": 2})
+TINY_RECIPE = RowRecipe("esd", "toy-esd", TOY_ROW_OPTIONS)
 
 
 
@@ -75,6 +76,7 @@ def test_killed_sweep_resumes_without_redoing_rows(toy_bundle, toy_subset, tmp_p
     pd.testing.assert_frame_equal(edges[edges.erased == "red circle"].reset_index(drop=True), first)
 
 
+@pytest.mark.slow
 def test_ray_backend_gives_the_same_rows_as_local(toy_bundle, toy_subset, tmp_path, one_thread):
     pytest.importorskip("ray")
     local = build_graph(toy_bundle, toy_subset, tmp_path / "local", TINY_RECIPE, TINY_SPEC, progress=False, log=lambda m: None)

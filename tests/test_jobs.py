@@ -35,6 +35,7 @@ def _wait(predicate, timeout: float, what: str):
 
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tiny_sd_dir, tmp_path, one_thread):
     store = JobStore(tmp_path / "data")
     job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60, checkpoint_every=3))
@@ -147,6 +148,7 @@ def test_cpu_split_refuses_a_negative_core_count():
         CpuSplit.of(-1)
 
 
+@pytest.mark.slow
 def test_worker_process_runs_jobs_in_its_own_process_with_its_threads(tiny_sd_dir, tmp_path):
     store = JobStore(tmp_path)
     worker = WorkerProcess(tmp_path, "cpu", threads=1, poll_interval=0.05).start()

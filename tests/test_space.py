@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import SpaceCard
 
 from age_explorer.explorer.space import build_space, gpu, main
-from hub_standin import HubStandIn
+from tests.hub_standin import HubStandIn
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ def test_space_folder_has_front_matter_requirements_and_the_code(space):
     assert not list(space.rglob("__pycache__"))
 
 
+@pytest.mark.slow
 def test_space_app_builds_from_its_own_copy(space, tmp_path):
     """The Space runs `app.py` from its folder: it must import its own code and find its assets."""
     code = ("import age_explorer.explorer.app as a, age_explorer.core.paths as p; "

@@ -117,6 +117,7 @@ def test_shipped_model_records_the_revision_of_its_weights(toy_bundle):
     assert toy_bundle.revision == weights_revision(toy_bundle.unet, toy_bundle.text_encoder)
 
 
+@pytest.mark.slow
 def test_training_recipe_writes_a_loadable_model(tmp_path):
     from age_explorer.core.bundle import load_bundle
     from age_explorer.core.toyworld.train import ToyTrainConfig, train_toy_model, weights_revision

@@ -1,4 +1,5 @@
-"""A randomly initialised Stable Diffusion pipeline of the real classes, small enough for CPU tests."""
+"""The tiny models and recipes every test shares: a randomly initialised Stable Diffusion pipeline of
+the real classes, small enough for CPU tests, and the few-step erasure recipes run on it and on the toy."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import json
 from pathlib import Path
 
 import torch
+
+# AGE candidates of the tiny SD tests (the erased concept is "a red circle")
+CANDIDATES = ["a dog", "a cat", "a car", "a red circle", "red", "circle", "a tree"]
+# a few-step fine-tuning recipe for the tiny SD pipeline (any method; GPU presets allowed on CPU)
+TINY_SD_RECIPE = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=False)
+# a few-step ESD row on the toy model, for graph sweeps
+TOY_ROW_OPTIONS = {"iterations": 4, "ddim_steps": 4, "batch_size": 2}
 
 
 def _byte_chars() -> list[str]:
