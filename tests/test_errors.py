@@ -13,10 +13,38 @@ def test_seed_parsing(text, seeds):
 
 
 @pytest.mark.parametrize("text, message", [("5-1", "end \\(1\\) is below the start \\(5\\)"),
-                                           ("abc", "bad seeds"), ("", "bad seeds"), ("1-", "bad seeds")])
+                                           ("abc", "bad seeds"), ("", "bad seeds"), ("1-", "bad seeds"),
+                                           ("0-1000000000", "ask for 1000000001 images; at most 1000"),
+                                           ("0-100000", "ask for 100001 images"),
+                                           ("0-600,1000-1500", "ask for 1102 images"),
+                                           (str(2**64), "seed 18446744073709551616 is out of range"),
+                                           ("0-" + str(2**64), "out of range"),
+                                           ("9" * 10000, "bad seeds '9999999999"),
+                                           ([2**64], "out of range"), ([-1], "out of range")])
 def test_bad_seeds_are_clear_errors(text, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         parse_seeds(text)
+    assert len(str(caught.value)) < 200 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, limit", [("0-1000000000", 1000), ("0-4294967295", 16), ("0-30000000,5", 8)])
+def test_huge_seed_ranges_are_refused_at_once_without_memory(text, limit):
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"at most {limit} at a time"):
+        parse_seeds(text, limit=limit)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 0.1 and peak < 100_000
+
+
+def test_seed_limit_allows_exactly_the_limit():
+    assert parse_seeds("0-15", limit=16) == list(range(16))
+    assert parse_seeds(str(2**32 - 1)) == [2**32 - 1]
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
