@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from .device import resolve_device, resolve_dtype
 from .paths import toy_model_dir
 
 TOY = "toy"
+# ``from_pretrained`` builds modules on the "meta" device by patching torch for the whole process
+# (accelerate's init_empty_weights), so two loads at once break each other ("Cannot copy out of meta
+# tensor"). Every load in the process holds this lock; reentrant because a run folder loads its base.
+LOAD_LOCK = threading.RLock()
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -165,6 +170,11 @@ def load_bundle(model: str | os.PathLike = TOY, device: str | torch.device | Non
 
     ``local_files_only`` defaults to the ``HF_HUB_OFFLINE`` environment variable.
     """
+    with LOAD_LOCK:
+        return _load_bundle(model, device, dtype, local_files_only, revision)
+
+
+def _load_bundle(model, device, dtype, local_files_only, revision) -> ModelBundle:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source = str(model)

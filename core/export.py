@@ -125,7 +125,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
 
 
 def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
-    from .bundle import load_bundle
+    from .bundle import LOAD_LOCK, load_bundle
 
     erased = load_bundle(str(run_dir), device="cpu")
     if erased.kind == "toy":
@@ -139,8 +139,9 @@ def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     base = erased.extras["base_source"]
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
-                                                   local_files_only=True)
+    with LOAD_LOCK:  # a load like load_bundle's: one at a time in the process
+        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True)
     pipe.unet = erased.unet
     pipe.save_pretrained(folder)
 
