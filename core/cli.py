@@ -259,11 +259,11 @@ def cmd_jobs(args) -> int:
     store = JobStore(args.data_dir)
     if args.jobs_command == "list":
         jobs = store.list(status=args.status)
-        print(f"{'id':12s}  {'kind':8s}  {'device':6s}  {'status':11s}  {'progress':>11s}  config")
+        print(f"{'id':32s}  {'kind':8s}  {'device':6s}  {'status':11s}  {'progress':>11s}  config")
         for job in jobs:
             cfg = job.config
             what = ", ".join(cfg.get("options", {}).get("concepts", [])) or ", ".join(cfg.get("prompts", []))
-            print(f"{job.id:12s}  {job.kind:8s}  {job.device:6s}  {job.status:11s}  {job.step:>5d}/{job.total:<5d}  "
+            print(f"{job.id:32s}  {job.kind:8s}  {job.device:6s}  {job.status:11s}  {job.step:>5d}/{job.total:<5d}  "
                   f"{cfg.get('method', '')} {what}")
     elif args.jobs_command == "show":
         job = store.get(args.job_id)

@@ -186,13 +186,15 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not job_id:
             return gr.Timer(active=False), _progress_html(None), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history
         try:
-            job = ex.store.get(job_id)
+            job = ex.poll(job_id)  # also restarts a dead worker and marks the job it left interrupted
         except KeyError:
             return gr.Timer(active=False), _progress_html(None), "unknown job", gr.skip(), gr.skip(), gr.skip(), history
         progress = job.progress
         if progress.get("losses") and (not history or history[-1]["step"] != job.step):
             history = history + [{"step": job.step, **progress["losses"]}]
         status = f"**{job.status}**" + (f": {job.error.splitlines()[0]}" if job.error else "")
+        if job.status in ("interrupted", "failed"):
+            status += "  \nPress **Resume** to continue from the last checkpoint."
         if progress.get("targets"):
             status += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
                                                      for c, t in progress["targets"].items())
@@ -214,6 +216,15 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not job_id:
             raise gr.Error("no job to cancel")
         return f"Job `{job_id}`: {ex.store.cancel(job_id)}"
+
+    def resume(job_id):
+        if not job_id:
+            raise gr.Error("no job to resume")
+        try:
+            ex.resume(job_id)
+        except (KeyError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+        return f"Job `{job_id}` queued again; it continues from its last checkpoint", gr.Timer(active=True)
 
     def reattach(saved_job):
         if saved_job:
@@ -436,6 +447,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 with gr.Row():
                     start_btn = gr.Button("Erase", variant="primary", elem_id="start_btn")
                     cancel_btn = gr.Button("Cancel", elem_id="cancel_btn")
+                    resume_btn = gr.Button("Resume", elem_id="resume_btn")
                 queue_md = gr.Markdown()
                 progress_html = gr.HTML(_progress_html(None), js_on_load=None)
                 status_md = gr.Markdown(elem_id="job_status")
@@ -495,6 +507,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
         job_box.submit(job_status_json, job_box, job_json, api_name="job_status", api_visibility=ui_api)
         cancel_btn.click(cancel, job_id, queue_md, api_name="cancel", api_visibility=ui_api)
+        resume_btn.click(resume, job_id, [queue_md, timer], api_name="resume", api_visibility=ui_api)
         demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
         refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
         show_btn.click(show_before_after, [run_dd, seeds], [sheet, legend, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)

@@ -263,9 +263,13 @@ class FineTuneRun:
                 "config": self.cfg.to_dict()}
         tmp = self.run_dir / ".checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(tensors, str(tmp / "state.safetensors"))
-        write_json_atomic(tmp / "state.json", meta)
+        try:
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "state.safetensors"))
+            write_json_atomic(tmp / "state.json", meta)
+        except BaseException:  # e.g. a full disk: no half-written checkpoint is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.run_dir / "checkpoint"
         old = self.run_dir / ".checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
