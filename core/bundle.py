@@ -33,8 +33,16 @@ class ModelUnavailableError(RuntimeError):
     """A model could not be loaded; the message says why and how to get it."""
 
 
-class UnknownWordsWarning(UserWarning):
+class PromptWarning(UserWarning):
+    """Something in a prompt the model will not read as written; shown to the user, never fatal."""
+
+
+class UnknownWordsWarning(PromptWarning):
     """A prompt uses words the model's vocabulary does not have (the toy model only)."""
+
+
+class LongPromptWarning(PromptWarning):
+    """A prompt has more tokens than the text encoder reads; the rest is cut off."""
 
 
 @dataclass
@@ -72,6 +80,7 @@ class ModelBundle:
             prompts = [prompts]
         for prompt in prompts:
             self.warn_unknown_words(prompt)
+            self.warn_long(prompt)
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
@@ -90,13 +99,24 @@ class ModelBundle:
         return [w for w in re.findall(r"\w+", prompt.lower()) if w not in known]
 
     def warn_unknown_words(self, prompt: str) -> None:
-        unknown = self.unknown_words(prompt)
+        from .erasure.config import short
+
+        unknown = list(dict.fromkeys(self.unknown_words(prompt)))
         if unknown:
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             warnings.warn(
-                f"prompt {prompt!r} has words the toy model does not know: {', '.join(unknown)}. "
+                f"prompt {short(prompt)} has words the toy model does not know: {shown}. "
                 f"They are read as <unk>. The toy vocabulary is: {', '.join(self.vocabulary())}.",
                 UnknownWordsWarning, stacklevel=3,
             )
+
+    def warn_long(self, prompt: str) -> None:
+        from .erasure.config import short
+
+        n = len(self.tokenizer(prompt, truncation=False).input_ids)
+        if n > self.max_tokens:
+            warnings.warn(f"prompt {short(prompt)} has {n} tokens; the model reads only the first {self.max_tokens}",
+                          LongPromptWarning, stacklevel=3)
 
     # ---- latents and images -------------------------------------------------------------------------
     @property

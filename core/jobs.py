@@ -33,10 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-try:
-    import fcntl
-except ImportError:  # Windows: the lease alone guards a job
-    fcntl = None
+from .manifest import folder_lock
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
@@ -318,30 +315,6 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-@contextmanager
-def _job_folder_lock(work_dir: Path, job_id: str, wait: float = 10.0):
-    """Hold the job folder for one process; the kernel drops the lock when the holder dies, even by
-    SIGKILL. Waits briefly: a runner that just marked the job interrupted may still be exiting."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(work_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"another process is still running job {job_id}; resume it once "
-                                       f"that process has stopped") from None
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)
-
-
 Runner = Callable[["JobContext"], dict]
 
 
@@ -409,7 +382,8 @@ class Worker:
         heart.start()
         try:
             work_dir.mkdir(parents=True, exist_ok=True)
-            with _job_folder_lock(work_dir, job.id):
+            with folder_lock(work_dir, f"another process is still running job {job.id}; resume it once "
+                                       f"that process has stopped"):
                 runner = self.runners.get(job.kind)
                 if runner is None:
                     raise ValueError(f"unknown job kind {job.kind!r}")

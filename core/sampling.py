@@ -108,12 +108,16 @@ def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | s
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: give a text such as 'a red circle'")
+    from .erasure.config import MAX_DDIM_STEPS, MAX_GUIDANCE, check_range
+
     seeds = parse_seeds(seeds)
-    steps = steps or bundle.default_steps
+    steps = bundle.default_steps if steps is None else steps  # 0 is an error, not "the default"
     guidance_scale = bundle.default_guidance if guidance_scale is None else guidance_scale
     eta = bundle.default_eta if eta is None else eta
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DDIM_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_DDIM_STEPS}, got {steps!r}")
+    check_range("guidance", guidance_scale, 0, MAX_GUIDANCE)
+    check_range("eta", eta, 0, 1)
     pairs = [(p, s) for p in prompts for s in seeds]
     states = {p: bundle.encode([p]) for p in dict.fromkeys(prompts)}
     images = []

@@ -98,3 +98,55 @@ def test_run_of_an_earlier_toy_model_is_refused(toy_bundle, tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="only apply to the model they were trained from"):
         load_bundle(str(run.run_dir), device="cpu")
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("age", {"iterations": 10**12}, "iterations must be a whole number from 1 to 100,000"),
+    ("esd", {"iterations": 0}, "iterations must be a whole number from 1"),
+    ("esd", {"negative_guidance": float("nan")}, "negative_guidance \\(eta\\) must be a finite number"),
+    ("esd", {"negative_guidance": 1e308}, "from 0 to 100"),
+    ("age", {"start_guidance": float("inf")}, "start_guidance must be a finite number"),
+    ("esd", {"ddim_steps": 0}, "ddim_steps must be a whole number from 1 to 1,000"),
+    ("esd", {"lr": 0.0}, "lr must be a positive finite number"),
+    ("esd", {"target": "x" * 10_000}, "target 'xxxxxxxx"),
+    ("uce", {"target": "y" * 10_000}, "too long: at most 500 characters"),
+    ("age", {"concepts": ["z" * 10_000]}, "concept 'zzzz"),
+])
+def test_config_bounds_are_one_short_line(method, options, message):
+    from age_explorer.core.erasure import make_config
+
+    options = {"concepts": ["red circle"], **options}
+    with pytest.raises(ValueError, match=message) as caught:
+        make_config(method, None, **options)
+    assert len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps must be a whole number from 1 to 1000, got 0"),
+    ({"steps": 10**6}, "steps must be"),
+    ({"guidance_scale": float("nan")}, "guidance must be a finite number"),
+    ({"guidance_scale": 1e308}, "guidance must be a finite number from 0 to 100"),
+    ({"eta": -1.0}, "eta must be"),
+])
+def test_sampling_bounds(toy_bundle, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(toy_bundle, ["a red circle"], [0], **kwargs)
+
+
+@pytest.mark.parametrize("method, target", [("esd", "zebra 🦓"), ("uce", "a zebra")])
+def test_toy_targets_are_checked_like_concepts(toy_bundle, tmp_path, method, target):
+    from age_explorer.core.erasure import erase, make_config
+
+    config = make_config(method, None, concepts=["red circle"], target=target, iterations=1) if method == "esd" \
+        else make_config(method, None, concepts=["red circle"], target=target)
+    with pytest.raises(ValueError, match="target 'a? ?zebra.*does not know \\(zebra\\)"):
+        erase(toy_bundle, config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_long_prompt_warns_briefly(toy_bundle):
+    from age_explorer.core.bundle import LongPromptWarning
+
+    with pytest.warns(LongPromptWarning, match="has 10003 tokens; the model reads only the first 10") as caught:
+        toy_bundle.encode("a " + "red " * 10_000)
+    assert all(len(str(w.message)) < 400 for w in caught)

@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 
 from ..bundle import ModelBundle
-from ..manifest import environment_versions, write_json_atomic
+from ..manifest import environment_versions, folder_lock, write_json_atomic
 from ..runs import MANIFEST, RUN_KIND, fingerprint, write_delta
 from .age import AGERun
 from .config import AGEConfig, ESDConfig, PRESETS, UCEConfig, make_config
 from .esd import ESDRun
-from .loop import Callback, StepReport
+from .loop import Callback, StepReport, _check_concepts
 from .uce import uce_edit
 
 __all__ = ["erase", "make_config", "AGEConfig", "ESDConfig", "UCEConfig", "PRESETS", "StepReport", "RunResult"]
@@ -48,9 +48,25 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
     run_dir = Path(run_dir)
     if run_dir.exists() and (run_dir / MANIFEST).exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another folder or resume it")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(run_dir, f"another process is writing a run in {run_dir}; choose another folder", wait=0):
+            if (run_dir / MANIFEST).exists() and not resume:  # written while this one waited for the lock
+                raise FileExistsError(f"{run_dir} already holds a run; choose another folder or resume it")
+            return _erase(bundle, config, run_dir, callbacks, stop, resume)
+    except Exception:
+        # a run that failed before its first checkpoint (a diverged loss, a bad target) leaves no folder
+        if created and not (run_dir / "checkpoint").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if config.method == "uce":
+        _check_concepts(bundle, config)
         if config.requires_gpu and bundle.device.type != "cuda":
             raise RuntimeError(f"preset {config.preset!r} needs a CUDA GPU")
         originals = uce_edit(bundle, config)

@@ -324,14 +324,20 @@ def _history_row(report: StepReport) -> dict:
 
 
 def _check_concepts(bundle: ModelBundle, config) -> None:
-    """On the toy model an erased concept must be made of words it knows."""
+    """On the toy model an erased concept, and a fixed target, must be made of words it knows."""
+    from .config import short
+
     if bundle.kind != "toy":
         return
     for concept in config.concepts:
         unknown = bundle.unknown_words(concept)
         if unknown:
-            raise ValueError(f"unknown concept {concept!r} for the toy model (unknown words: {', '.join(unknown)}); "
-                             f"toy concepts: {', '.join(bundle.world.names)}")
+            raise ValueError(f"unknown concept {short(concept)} for the toy model (unknown words: "
+                             f"{', '.join(unknown[:10])}); toy concepts: {', '.join(bundle.world.names)}")
+    unknown = bundle.unknown_words(getattr(config, "target", ""))
+    if unknown:
+        raise ValueError(f"the target {short(config.target)} has words the toy model does not know "
+                         f"({', '.join(unknown[:10])}); its words: {', '.join(bundle.vocabulary())}")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
