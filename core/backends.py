@@ -88,8 +88,9 @@ class Backend:
         """The family's own classifier for G(c) over ``concept_set``, or None to pick a generic one."""
         return None
 
-    def check_concepts(self, bundle: "ModelBundle", concepts: list[str]) -> None:
-        """Refuse concepts the model cannot represent (a closed vocabulary); open models accept all."""
+    def check_concepts(self, bundle: "ModelBundle", concepts: list[str], target: str | None = None) -> None:
+        """Refuse erased concepts, or a fixed target, that the model cannot represent (a closed
+        vocabulary); open models accept all."""
 
     # ---- export -------------------------------------------------------------------------------------
     def save_pipeline(self, bundle: "ModelBundle", folder: Path) -> None:

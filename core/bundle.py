@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from .backends import Backend, backend_for, backends
 from .device import resolve_device, resolve_dtype
 
+# ``from_pretrained`` builds modules on the "meta" device by patching torch for the whole process
+# (accelerate's init_empty_weights), so two loads at once break each other ("Cannot copy out of meta
+# tensor"). Every load in the process holds this lock; reentrant because a run folder loads its base.
+LOAD_LOCK = threading.RLock()
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -26,8 +31,16 @@ class ModelUnavailableError(RuntimeError):
     """A model could not be loaded; the message says why and how to get it."""
 
 
-class UnknownWordsWarning(UserWarning):
-    """A prompt uses words the model's closed vocabulary does not have."""
+class PromptWarning(UserWarning):
+    """Something in a prompt the model will not read as written; shown to the user, never fatal."""
+
+
+class UnknownWordsWarning(PromptWarning):
+    """A prompt uses words the model's vocabulary does not have (a closed vocabulary, like the toy model's)."""
+
+
+class LongPromptWarning(PromptWarning):
+    """A prompt has more tokens than the text encoder reads; the rest is cut off."""
 
 
 @dataclass
@@ -75,6 +88,7 @@ class ModelBundle:
             prompts = [prompts]
         for prompt in prompts:
             self.warn_unknown_words(prompt)
+            self.warn_long(prompt)
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
@@ -90,13 +104,24 @@ class ModelBundle:
         return [w for w in re.findall(r"\w+", prompt.lower()) if w not in known]
 
     def warn_unknown_words(self, prompt: str) -> None:
-        unknown = self.unknown_words(prompt)
+        from .erasure.config import short
+
+        unknown = list(dict.fromkeys(self.unknown_words(prompt)))
         if unknown:
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             warnings.warn(
-                f"prompt {prompt!r} has words the {self.kind} model does not know: {', '.join(unknown)}. "
+                f"prompt {short(prompt)} has words the {self.kind} model does not know: {shown}. "
                 f"They are read as <unk>. The {self.kind} vocabulary is: {', '.join(self.vocabulary())}.",
                 UnknownWordsWarning, stacklevel=3,
             )
+
+    def warn_long(self, prompt: str) -> None:
+        from .erasure.config import short
+
+        n = len(self.tokenizer(prompt, truncation=False).input_ids)
+        if n > self.max_tokens:
+            warnings.warn(f"prompt {short(prompt)} has {n} tokens; the model reads only the first {self.max_tokens}",
+                          LongPromptWarning, stacklevel=3)
 
     # ---- latents and images -------------------------------------------------------------------------
     @property
@@ -140,6 +165,11 @@ def load_bundle(model: str | os.PathLike = "toy", device: str | torch.device | N
 
     ``local_files_only`` defaults to the ``HF_HUB_OFFLINE`` environment variable.
     """
+    with LOAD_LOCK:
+        return _load_bundle(model, device, dtype, local_files_only, revision)
+
+
+def _load_bundle(model, device, dtype, local_files_only, revision) -> ModelBundle:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source = str(model)

@@ -143,6 +143,7 @@ def cmd_erase(args) -> int:
     if preset is None and args.preset is None:
         preset = bundle.backend.default_presets.get(args.method)
     config = make_config(args.method, preset, concepts=args.concept, **erase_overrides(args))
+    _claim_run_folder(Path(args.out), args.resume, args.force)
     bars = []  # the bar appears with the first step, so that set-up errors print alone
 
     def show(report):
@@ -155,9 +156,11 @@ def cmd_erase(args) -> int:
             post["target"] = report.targets[report.concept][0][0]
         bar.set_postfix(post, refresh=False)
 
-    result = erase(bundle, config, args.out, callbacks=[show], resume=args.resume)
-    for bar in bars:
-        bar.close()
+    try:
+        result = erase(bundle, config, args.out, callbacks=[show], resume=args.resume)
+    finally:  # closed before an error is printed, so the error is the last line
+        for bar in bars:
+            bar.close()
     m = result.manifest
     print(f"{result.status}: {result.steps_done} steps in {m['seconds']:.1f} s -> {result.run_dir}")
     for concept, targets in m.get("targets", {}).items():
@@ -167,6 +170,23 @@ def cmd_erase(args) -> int:
         print(f"  picks that are real neighbours: {n['share']:.2f} (last quarter {n['share_last_quarter']:.2f}, "
               f"chance {n['chance']:.2f})")
     return 0
+
+
+def _claim_run_folder(out: Path, resume: bool, force: bool) -> None:
+    """An existing --out is continued (--resume) or replaced (--force, only if it is a run folder), never
+    silently overwritten; ``erase`` itself locks the folder against a second process."""
+    from .runs import MANIFEST
+
+    if resume or not out.exists() or not any(p.name != ".lock" for p in out.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --resume to continue the run in it, "
+                              f"--force to replace it, or choose another --out")
+    if not ((out / MANIFEST).is_file() or (out / "checkpoint").is_dir()):
+        raise FileExistsError(f"{out} holds files that are not a run; --force replaces only a run folder")
+    import shutil
+
+    shutil.rmtree(out)
 
 
 def cmd_toy_compare(args) -> int:
@@ -255,11 +275,11 @@ def cmd_jobs(args) -> int:
     store = JobStore(args.data_dir)
     if args.jobs_command == "list":
         jobs = store.list(status=args.status)
-        print(f"{'id':12s}  {'kind':8s}  {'device':6s}  {'status':11s}  {'progress':>11s}  config")
+        print(f"{'id':32s}  {'kind':8s}  {'device':6s}  {'status':11s}  {'progress':>11s}  config")
         for job in jobs:
             cfg = job.config
             what = ", ".join(cfg.get("options", {}).get("concepts", [])) or ", ".join(cfg.get("prompts", []))
-            print(f"{job.id:12s}  {job.kind:8s}  {job.device:6s}  {job.status:11s}  {job.step:>5d}/{job.total:<5d}  "
+            print(f"{job.id:32s}  {job.kind:8s}  {job.device:6s}  {job.status:11s}  {job.step:>5d}/{job.total:<5d}  "
                   f"{cfg.get('method', '')} {what}")
     elif args.jobs_command == "show":
         job = store.get(args.job_id)
@@ -295,7 +315,9 @@ def cmd_jobs(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run, push_to_hub
 
-    folder = export_run(args.run_dir, args.out, fmt=args.format, name=args.name, force=args.force)
+    run = Path(args.run_dir)
+    out = Path(args.out) if args.out else Path("exports") / f"{run.name}-{args.format}"
+    folder = export_run(run, out.parent, fmt=args.format, name=out.name, force=args.force)
     print(f"exported {args.format} to {folder}")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, token=args.token, private=not args.public)
@@ -433,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-cpu", action="store_true", help="run a GPU preset on CPU anyway")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
+    e.add_argument("--force", action="store_true", help="replace the run already in --out")
     e.add_argument("--out", required=True, help="run folder")
     e.set_defaults(func=cmd_erase)
 
@@ -512,9 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export an erased run: delta (default) or diffusers folder, model card, Hub")
     x.add_argument("run_dir")
     x.add_argument("--format", choices=["delta", "diffusers"], default="delta")
-    x.add_argument("--out", default="exports")
-    x.add_argument("--name", default=None, help="export folder name (default: RUN-FORMAT)")
-    x.add_argument("--force", action="store_true", help="replace an existing export")
+    x.add_argument("--out", default=None, help="the export folder itself, as save_pretrained (default: exports/RUN-FORMAT)")
+    x.add_argument("--force", action="store_true",
+                   help="write into an existing folder, replacing only the files the export writes")
     x.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
     x.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN)")
     x.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
@@ -557,13 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once when redirected to a log
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        from .bundle import UnknownWordsWarning
+        from .bundle import PromptWarning
 
-        warnings.filterwarnings("always", category=UnknownWordsWarning)
+        warnings.filterwarnings("always", category=PromptWarning)
         warnings.showwarning = lambda msg, cat, *a, **k: print(f"warning: {msg}", file=sys.stderr)
         try:
             return args.func(args)
-        except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as err:
+        # input, file and network errors are one line; FloatingPointError: a diverged loss
+        except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
 

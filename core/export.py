@@ -91,7 +91,8 @@ def _json(data) -> str:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", name: str | None = None,
                force: bool = False) -> Path:
-    """Write ``out_dir/name`` (default name: the run folder's) and return it."""
+    """Write ``out_dir/name`` (default name: the run folder's) and return it. ``force`` replaces, in an
+    existing folder, only the files this export writes; anything else in it is left alone."""
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
@@ -104,6 +105,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
     final = out_dir / name
     if final.exists() and not force:
         raise FileExistsError(f"{final} exists; pass --force to replace it")
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} is a file, not an export folder")
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     try:
         if fmt == "delta":
@@ -116,8 +119,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
             _export_diffusers(run_dir, manifest, tmp)
         (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt))
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            for item in tmp.iterdir():  # only what this export wrote replaces what is there
+                old = final / item.name
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                elif old.exists() or old.is_symlink():
+                    old.unlink()
+                os.replace(item, old)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,8 +6,15 @@ import json
 import os
 import platform
 import tempfile
+import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no folder locks; the job store's lease still guards a job
+    fcntl = None
 
 _PACKAGES = ("age-explorer", "torch", "diffusers", "transformers", "safetensors", "numpy")
 
@@ -26,6 +33,30 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     """Rename a finished temp file onto ``path``, readable by all like any ordinary file (mkstemp makes 0600)."""
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+@contextmanager
+def folder_lock(folder: str | Path, busy: str, wait: float = 10.0):
+    """Hold ``folder`` (its ``.lock`` file) for one process, or raise ``RuntimeError(busy)`` after
+    ``wait`` seconds. The kernel drops the lock when the holder dies, even by SIGKILL; the short wait
+    lets a holder that is just finishing exit."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(Path(folder) / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(busy) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, data) -> None:

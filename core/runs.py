@@ -30,9 +30,10 @@ def is_run_dir(path: Path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("kind") == RUN_KIND
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        data = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest} is not valid JSON ({err}); the folder is damaged") from None
+    return isinstance(data, dict) and data.get("kind") == RUN_KIND
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:

@@ -10,25 +10,41 @@ import torch
 from .bundle import ModelBundle
 
 
-def parse_seeds(text: str | int | list[int]) -> list[int]:
-    """``"0-7"``, ``"1,4,9"``, ``"3"`` or a list -> seeds; descending ranges and junk are errors."""
+# The most seeds one call takes, and the largest seed: a range is counted before it is expanded, so
+# "0-1000000000" is refused at once instead of allocating a billion ints; seeds are 32-bit as numpy's.
+MAX_SEEDS = 1000
+MAX_SEED = 2**32 - 1
+
+
+def parse_seeds(text: str | int | list[int], limit: int = MAX_SEEDS) -> list[int]:
+    """``"0-7"``, ``"1,4,9"``, ``"3"`` or a list -> seeds; descending ranges, junk, seeds above
+    ``MAX_SEED`` and more than ``limit`` seeds are errors."""
     if isinstance(text, int):
-        return [text]
-    if isinstance(text, (list, tuple)):
-        return [int(s) for s in text]
-    seeds: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise ValueError(f"bad seeds {text!r}: use a number, a range like 0-7, or a list like 1,4,9")
-        lo = int(match.group(1))
-        hi = int(match.group(2)) if match.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"bad seed range {part!r}: the end ({hi}) is below the start ({lo}); write {hi}-{lo}")
-        seeds.extend(range(lo, hi + 1))
-    if not seeds:
+        parts = [(text, text)]
+    elif isinstance(text, (list, tuple)):
+        parts = [(int(s), int(s)) for s in text]
+    else:
+        parts = []
+        for part in str(text).replace(" ", "").split(","):
+            # at most 20 digits: int() of a huge digit string is slow and fails with an unrelated message
+            match = re.fullmatch(r"(\d{1,20})(?:-(\d{1,20}))?", part)
+            if not match:
+                shown = part if len(part) <= 40 else part[:40] + "..."
+                raise ValueError(f"bad seeds {shown!r}: use a number, a range like 0-7, or a list like 1,4,9")
+            lo = int(match.group(1))
+            hi = int(match.group(2)) if match.group(2) is not None else lo
+            if hi < lo:
+                raise ValueError(f"bad seed range {part!r}: the end ({hi}) is below the start ({lo}); write {hi}-{lo}")
+            parts.append((lo, hi))
+    if not parts:
         raise ValueError("no seeds given")
-    return seeds
+    for lo, hi in parts:
+        if lo < 0 or hi > MAX_SEED:
+            raise ValueError(f"seed {hi if hi > MAX_SEED else lo} is out of range: seeds go from 0 to {MAX_SEED}")
+    count = sum(hi - lo + 1 for lo, hi in parts)
+    if count > limit:
+        raise ValueError(f"seeds ask for {count} images; at most {limit} at a time")
+    return [s for lo, hi in parts for s in range(lo, hi + 1)]
 
 
 def initial_latents(bundle: ModelBundle, seeds: list[int]) -> torch.Tensor:
@@ -99,12 +115,16 @@ def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | s
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: give a text such as 'a red circle'")
+    from .erasure.config import MAX_DDIM_STEPS, MAX_GUIDANCE, check_range
+
     seeds = parse_seeds(seeds)
-    steps = steps or bundle.default_steps
+    steps = bundle.default_steps if steps is None else steps  # 0 is an error, not "the default"
     guidance_scale = bundle.default_guidance if guidance_scale is None else guidance_scale
     eta = bundle.default_eta if eta is None else eta
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DDIM_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_DDIM_STEPS}, got {steps!r}")
+    check_range("guidance", guidance_scale, 0, MAX_GUIDANCE)
+    check_range("eta", eta, 0, 1)
     pairs = [(p, s) for p in prompts for s in seeds]
     states = {p: bundle.encode([p]) for p in dict.fromkeys(prompts)}
     images = []

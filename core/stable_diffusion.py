@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .backends import Backend, register_backend
-from .bundle import ModelBundle, ModelUnavailableError, looks_like_hub_id
+from .bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, looks_like_hub_id
 
 
 @register_backend
@@ -64,7 +64,8 @@ class StableDiffusionBackend(Backend):
     def save_pipeline(self, bundle: ModelBundle, folder: Path) -> None:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(bundle.base_source or bundle.source, safety_checker=None,
-                                                       requires_safety_checker=False, local_files_only=True)
+        with LOAD_LOCK:  # a load like load_bundle's: one at a time in the process
+            pipe = StableDiffusionPipeline.from_pretrained(bundle.base_source or bundle.source, safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True)
         pipe.unet = bundle.unet
         pipe.save_pretrained(folder)

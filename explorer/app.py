@@ -9,8 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from age_explorer.core.bundle import UnknownWordsWarning
-from age_explorer.core.erasure.config import PRESETS
+from age_explorer.core.bundle import PromptWarning
+from age_explorer.core.erasure.config import MAX_ITERATIONS, PRESETS, short
 from age_explorer.core.graph.capability import CapabilitySpec, default_evaluator_name, load_evaluator
 from age_explorer.core.graph.store import GraphStore
 from age_explorer.core.graph.sweep import base_nodes, measure_row
@@ -31,6 +31,21 @@ EMPTY_FIG = "{}"
 # Model work from the page (generation, spillover, similarity) runs one request at a time, beside the
 # background job: on a CPU, parallel requests would split the cores until none makes progress.
 COMPUTE_SLOT = {"concurrency_limit": 1, "concurrency_id": "compute"}
+
+
+class WholeNumber(gr.Number):
+    """A ``gr.Number`` whose non-numeric API input ("abc") is a readable error naming the field, not
+    Gradio's generic "upstream app has raised an exception"."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "number"  # the same front-end component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"{self.label}: {short(payload)} is not a whole number") from None
 
 
 def _progress_html(job) -> str:
@@ -144,9 +159,15 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if ex.is_toy:
             unknown = [c for c in names if c not in ex.bundle().backend.world.names]
             if unknown:
-                raise gr.Error(f"the toy model knows only its 25 concepts; unknown: {', '.join(unknown)}")
+                raise gr.Error(f"the toy model knows only its 25 concepts; unknown: {short(', '.join(unknown))}")
+            unknown = ex.bundle().unknown_words(target or "") if method != "age" else []
+            if unknown:
+                raise gr.Error(f"the toy model does not know the target's words {short(', '.join(unknown))}; "
+                               f"its words: {', '.join(ex.bundle().vocabulary())}")
         options = {}
         if iterations:
+            if iterations != iterations or abs(iterations) == float("inf"):
+                raise gr.Error(f"model steps must be a whole number from 1 to {MAX_ITERATIONS:,}")
             options["iterations"] = int(iterations)
         if method == "age":
             if lam is not None:
@@ -156,7 +177,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             if candidates:
                 unknown = sorted({w for c in candidates for w in ex.bundle().unknown_words(c)}) if ex.is_toy else []
                 if unknown:
-                    raise gr.Error(f"the toy model does not know {', '.join(unknown)}; "
+                    raise gr.Error(f"the toy model does not know {short(', '.join(unknown))}; "
                                    f"its words: {', '.join(ex.bundle().vocabulary())}")
                 options["candidates"] = candidates
             elif vocab and vocab != PRESET_VOCAB:
@@ -165,14 +186,18 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 options["vocab"] = vocab
         elif target is not None:
             options["target"] = target
-        options["checkpoint_every"] = 25
+        if method != "uce":  # UCE is one closed-form edit: nothing to checkpoint
+            options["checkpoint_every"] = 25
         preset = preset if preset and PRESETS.get(preset, ("",))[0] == method else None
         try:
             from age_explorer.core.erasure import make_config
 
-            make_config(method, preset, concepts=names, **options)  # validate now, with a readable message
+            config = make_config(method, preset, concepts=names, **options)  # validate now, with a readable message
         except ValueError as err:
             raise gr.Error(str(err)) from None
+        if config.requires_gpu and not ex.device.startswith("cuda"):
+            raise gr.Error(f"preset {preset!r} is sized for a GPU and this server runs on the CPU; "
+                           f"pick a toy preset")
         job_id = ex.submit_erase(names, method, preset, options)
         return job_id, job_id, gr.Timer(active=True), [], _queue_text(job_id)
 
@@ -186,13 +211,15 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not job_id:
             return gr.Timer(active=False), _progress_html(None), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history
         try:
-            job = ex.store.get(job_id)
+            job = ex.poll(job_id)  # also restarts a dead worker and marks the job it left interrupted
         except KeyError:
             return gr.Timer(active=False), _progress_html(None), "unknown job", gr.skip(), gr.skip(), gr.skip(), history
         progress = job.progress
         if progress.get("losses") and (not history or history[-1]["step"] != job.step):
             history = history + [{"step": job.step, **progress["losses"]}]
         status = f"**{job.status}**" + (f": {job.error.splitlines()[0]}" if job.error else "")
+        if job.status in ("interrupted", "failed"):
+            status += "  \nPress **Resume** to continue from the last checkpoint."
         if progress.get("targets"):
             status += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
                                                      for c, t in progress["targets"].items())
@@ -215,6 +242,15 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             raise gr.Error("no job to cancel")
         return f"Job `{job_id}`: {ex.store.cancel(job_id)}"
 
+    def resume(job_id):
+        if not job_id:
+            raise gr.Error("no job to resume")
+        try:
+            ex.resume(job_id)
+        except (KeyError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+        return f"Job `{job_id}` queued again; it continues from its last checkpoint", gr.Timer(active=True)
+
     def reattach(saved_job):
         if saved_job:
             try:
@@ -234,11 +270,9 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not run_label:
             raise gr.Error("no finished run yet: erase a concept first")
         try:
-            seeds = parse_seeds(seeds_text)
+            seeds = parse_seeds(seeds_text, limit=MAX_SEEDS)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        if len(seeds) > MAX_SEEDS:
-            raise gr.Error(f"at most {MAX_SEEDS} seeds")
         run_dir = ex.finished_runs()[run_label]
         manifest = read_manifest(Path(run_dir))
         rows = before_after_rows(ex, manifest)
@@ -250,7 +284,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         prompts = [prompt_for(ex, c) for _, c in rows]
         images = []
         with warnings.catch_warnings(), ex.compute():
-            warnings.simplefilter("ignore", UnknownWordsWarning)
+            warnings.simplefilter("ignore", PromptWarning)
             for i, (name, bundle) in enumerate(models):
                 progress(i / len(models), desc=f"{name} model")
                 images.append(generate(bundle, prompts, seeds))
@@ -336,22 +370,20 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
     @gpu
     def run_generate(prompt: str, seeds_text: str, model_choice: str, progress=gr.Progress()):
         try:
-            seed_list = parse_seeds(seeds_text)
+            seed_list = parse_seeds(seeds_text, limit=16)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        if len(seed_list) > 16:
-            raise gr.Error(f"at most 16 images at a time; you asked for {len(seed_list)}")
         if not prompt or not prompt.strip():
             raise gr.Error("the prompt is empty: type something such as 'a red circle'")
         progress(0, desc="loading model")
         runs = ex.finished_runs()
         bundle = ex.erased_bundle(runs[model_choice]) if model_choice in runs else ex.bundle()
         with warnings.catch_warnings(record=True) as caught, ex.compute():
-            warnings.simplefilter("always", UnknownWordsWarning)
+            warnings.simplefilter("always", PromptWarning)
             images = generate(bundle, [prompt], seed_list,
                               progress=lambda done, total: progress(done / total, desc="generating"))
         for w in caught:
-            if issubclass(w.category, UnknownWordsWarning):
+            if issubclass(w.category, PromptWarning):
                 gr.Warning(str(w.message))
         return [(to_pil(img, 128), f"seed {s}") for img, s in zip(images, seed_list)]
 
@@ -429,7 +461,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 with gr.Row():
                     method = gr.Radio(["age", "esd", "uce"], value="age", label="Method", elem_id="method")
                     preset = gr.Dropdown([p for p in PRESETS], value="toy" if ex.is_toy else "imagenette", label="Preset", elem_id="preset")
-                    iterations = gr.Number(value=None, label="Model steps (blank: preset)", precision=0, elem_id="iterations")
+                    iterations = WholeNumber(value=None, label="Model steps (blank: preset)", precision=0, elem_id="iterations")
                     lam = gr.Number(value=1.0, label="λ (AGE)")
                     search = gr.Radio(["gumbel", "damage"], value="gumbel", label="AGE target search")
                     target = gr.Textbox(value="", label="ESD/UCE target")
@@ -440,6 +472,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 with gr.Row():
                     start_btn = gr.Button("Erase", variant="primary", elem_id="start_btn")
                     cancel_btn = gr.Button("Cancel", elem_id="cancel_btn")
+                    resume_btn = gr.Button("Resume", elem_id="resume_btn")
                 queue_md = gr.Markdown()
                 progress_html = gr.HTML(_progress_html(None), js_on_load=None)
                 status_md = gr.Markdown(elem_id="job_status")
@@ -499,6 +532,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
         job_box.submit(job_status_json, job_box, job_json, api_name="job_status", api_visibility=ui_api)
         cancel_btn.click(cancel, job_id, queue_md, api_name="cancel", api_visibility=ui_api)
+        resume_btn.click(resume, job_id, [queue_md, timer], api_name="resume", api_visibility=ui_api)
         demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
         refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
         show_btn.click(show_before_after, [run_dd, seeds], [sheet, legend, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)

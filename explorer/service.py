@@ -138,6 +138,24 @@ class Explorer:
         return self.store.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
                                            "options": {"concepts": concepts, **options}}, device=self.device)
 
+    def check_worker(self) -> list[str]:
+        """Restart a dead worker process and mark the jobs it left "running" as interrupted, so a killed
+        worker is noticed by the page's polling, not only by the next submit. Returns those jobs."""
+        interrupted = self.store.mark_interrupted(self.device)
+        if self.worker:
+            self.worker.ensure_alive()
+        return interrupted
+
+    def poll(self, job_id: str):
+        """A job as the page shows it, after :meth:`check_worker`."""
+        self.check_worker()
+        return self.store.get(job_id)
+
+    def resume(self, job_id: str) -> None:
+        """Queue an interrupted or failed job again; refused while a live worker still runs it."""
+        self.check_worker()
+        self.store.resume(job_id)
+
     def finished_runs(self) -> dict[str, str]:
         runs = {}
         for job in reversed(self.store.list(status="done")):

@@ -19,7 +19,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory, toy_bundle):
-    from test_app import running_explorer
+    from tests.test_app import running_explorer
 
     with running_explorer(tmp_path_factory.mktemp("data"), toy_bundle) as (_, url):
         yield url

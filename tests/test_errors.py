@@ -13,10 +13,38 @@ def test_seed_parsing(text, seeds):
 
 
 @pytest.mark.parametrize("text, message", [("5-1", "end \\(1\\) is below the start \\(5\\)"),
-                                           ("abc", "bad seeds"), ("", "bad seeds"), ("1-", "bad seeds")])
+                                           ("abc", "bad seeds"), ("", "bad seeds"), ("1-", "bad seeds"),
+                                           ("0-1000000000", "ask for 1000000001 images; at most 1000"),
+                                           ("0-100000", "ask for 100001 images"),
+                                           ("0-600,1000-1500", "ask for 1102 images"),
+                                           (str(2**64), "seed 18446744073709551616 is out of range"),
+                                           ("0-" + str(2**64), "out of range"),
+                                           ("9" * 10000, "bad seeds '9999999999"),
+                                           ([2**64], "out of range"), ([-1], "out of range")])
 def test_bad_seeds_are_clear_errors(text, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         parse_seeds(text)
+    assert len(str(caught.value)) < 200 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, limit", [("0-1000000000", 1000), ("0-4294967295", 16), ("0-30000000,5", 8)])
+def test_huge_seed_ranges_are_refused_at_once_without_memory(text, limit):
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"at most {limit} at a time"):
+        parse_seeds(text, limit=limit)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 0.1 and peak < 100_000
+
+
+def test_seed_limit_allows_exactly_the_limit():
+    assert parse_seeds("0-15", limit=16) == list(range(16))
+    assert parse_seeds(str(2**32 - 1)) == [2**32 - 1]
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
@@ -70,3 +98,55 @@ def test_run_of_an_earlier_toy_model_is_refused(toy_bundle, tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="only apply to the model they were trained from"):
         load_bundle(str(run.run_dir), device="cpu")
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("age", {"iterations": 10**12}, "iterations must be a whole number from 1 to 100,000"),
+    ("esd", {"iterations": 0}, "iterations must be a whole number from 1"),
+    ("esd", {"negative_guidance": float("nan")}, "negative_guidance \\(eta\\) must be a finite number"),
+    ("esd", {"negative_guidance": 1e308}, "from 0 to 100"),
+    ("age", {"start_guidance": float("inf")}, "start_guidance must be a finite number"),
+    ("esd", {"ddim_steps": 0}, "ddim_steps must be a whole number from 1 to 1,000"),
+    ("esd", {"lr": 0.0}, "lr must be a positive finite number"),
+    ("esd", {"target": "x" * 10_000}, "target 'xxxxxxxx"),
+    ("uce", {"target": "y" * 10_000}, "too long: at most 500 characters"),
+    ("age", {"concepts": ["z" * 10_000]}, "concept 'zzzz"),
+])
+def test_config_bounds_are_one_short_line(method, options, message):
+    from age_explorer.core.erasure import make_config
+
+    options = {"concepts": ["red circle"], **options}
+    with pytest.raises(ValueError, match=message) as caught:
+        make_config(method, None, **options)
+    assert len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps must be a whole number from 1 to 1000, got 0"),
+    ({"steps": 10**6}, "steps must be"),
+    ({"guidance_scale": float("nan")}, "guidance must be a finite number"),
+    ({"guidance_scale": 1e308}, "guidance must be a finite number from 0 to 100"),
+    ({"eta": -1.0}, "eta must be"),
+])
+def test_sampling_bounds(toy_bundle, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(toy_bundle, ["a red circle"], [0], **kwargs)
+
+
+@pytest.mark.parametrize("method, target", [("esd", "zebra 🦓"), ("uce", "a zebra")])
+def test_toy_targets_are_checked_like_concepts(toy_bundle, tmp_path, method, target):
+    from age_explorer.core.erasure import erase, make_config
+
+    config = make_config(method, None, concepts=["red circle"], target=target, iterations=1) if method == "esd" \
+        else make_config(method, None, concepts=["red circle"], target=target)
+    with pytest.raises(ValueError, match="target 'a? ?zebra.*does not know \\(zebra\\)"):
+        erase(toy_bundle, config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_long_prompt_warns_briefly(toy_bundle):
+    from age_explorer.core.bundle import LongPromptWarning
+
+    with pytest.warns(LongPromptWarning, match="has 10003 tokens; the model reads only the first 10") as caught:
+        toy_bundle.encode("a " + "red " * 10_000)
+    assert all(len(str(w.message)) < 400 for w in caught)

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -117,3 +115,20 @@ def test_push_with_env_token_off_ignores_hf_token(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_server_secret")
     with pytest.raises(ValueError, match="paste a token"):
         push_to_hub(tmp_path, "someone/x", env_token=False)
+
+
+def test_eight_concurrent_exports_all_succeed(toy_bundle, tmp_path):
+    # from_pretrained patches torch for the whole process; before the load lock, two of these threads
+    # broke each other's load ("Cannot copy out of meta tensor" / "Unsupported device type 'meta'")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from age_explorer.explorer.service import Explorer, Settings
+
+    run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "data" / "run")
+    ex = Explorer(Settings(data_dir=str(tmp_path / "data"), start_worker=False))
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: ex.export(str(run.run_dir), "delta"), range(8)))
+    assert len({f.name for f in folders}) == 8
+    assert len({(f / "delta.safetensors").read_bytes() for f in folders}) == 1
+    reference = generate(load_bundle(str(run.run_dir), device="cpu"), ["a red circle"], [0], steps=3)
+    assert torch.equal(generate(load_bundle(str(folders[-1]), device="cpu"), ["a red circle"], [0], steps=3), reference)

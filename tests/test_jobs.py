@@ -171,3 +171,138 @@ def test_worker_process_runs_jobs_in_its_own_process_with_its_threads(tiny_sd_di
     assert not worker.process.is_alive()
     manifest = json.loads((Path(store.get(short_job).artifacts["run_dir"]) / "manifest.json").read_text())
     assert manifest["cpu_threads"] == 1  # set in the child, whatever the test process uses
+
+
+_SERVER = """
+import sys, time
+from age_explorer.core.app.jobs import WorkerProcess
+WorkerProcess(sys.argv[1], "cpu", threads=1, poll_interval=0.05).start()
+print("started", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_orphaned_worker_stops_itself_and_the_job_resumes_once_to_the_same_weights(tiny_sd_dir, tmp_path, one_thread):
+    data = tmp_path / "data"
+    store = JobStore(data)
+    job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=24, checkpoint_every=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(data)], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = data / "jobs" / job_id / "run"
+    try:
+        _wait(lambda: (run_dir / "checkpoint").exists() and store.get(job_id).step >= 6, 180, "a checkpoint")
+        orphan = store.get(job_id).owner_pid
+        assert orphan not in (server.pid, os.getpid(), None) and store.get(job_id).owner_alive
+    finally:
+        server.send_signal(signal.SIGKILL)  # the server dies; its worker process lives on as an orphan
+        server.wait()
+    # the restarted server's worker finds the job still owned by a live process: it is left alone,
+    # unless the orphan already stopped it
+    Worker(JobStore(data), "cpu")
+    if store.get(job_id).status == "running":
+        with pytest.raises(ValueError, match="still running in process"):
+            store.resume(job_id)
+    _wait(lambda: store.get(job_id).status == "interrupted", 60, "the orphan to stop the job")
+    _wait(lambda: not _alive(orphan), 30, "the orphan to exit")
+    assert "its server ended" in store.get(job_id).error
+    store.resume(job_id)
+    assert Worker(JobStore(data), "cpu").run_one().status == "done"
+    steps = [int(line.split(",")[0]) for line in (run_dir / "history.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, len(steps) + 1))  # every step once: one runner at a time
+
+    reference = JobStore(tmp_path / "reference")
+    ref_id = reference.submit("erase", _erase_config(str(tiny_sd_dir), iterations=24))
+    assert Worker(reference, "cpu").run_one().status == "done"
+    ref_file = tmp_path / "reference" / "jobs" / ref_id / "run" / "delta.safetensors"
+    assert (run_dir / "delta.safetensors").read_bytes() == ref_file.read_bytes()
+
+
+def _alive(pid: int) -> bool:
+    from age_explorer.core.app.jobs import _pid_alive
+
+    return _pid_alive(pid)
+
+
+def test_a_sigkilled_worker_is_noticed_by_polling_and_the_job_resumes(tiny_sd_dir, tmp_path):
+    from age_explorer.explorer.service import Explorer, Settings
+
+    ex = Explorer(Settings(model=str(tiny_sd_dir), data_dir=str(tmp_path)))
+    try:
+        options = _erase_config(str(tiny_sd_dir), iterations=500)["options"]
+        job_id = ex.submit_erase(options.pop("concepts"), "age", None, options)
+        _wait(lambda: ex.store.get(job_id).step >= 2, 120, "the job to run")
+        with pytest.raises(ValueError, match="still running in process"):
+            ex.resume(job_id)
+        first = ex.worker.process
+        os.kill(first.pid, signal.SIGKILL)
+        # polling alone (no new submit) marks the job and restarts the worker
+        _wait(lambda: ex.poll(job_id).status == "interrupted" and ex.worker.process is not first, 10,
+              "polling to notice the dead worker")
+        assert ex.worker.process.is_alive() and "its worker stopped" in ex.store.get(job_id).error
+        ex.resume(job_id)
+        _wait(lambda: ex.store.get(job_id).status == "running" and ex.store.get(job_id).owner_pid == ex.worker.process.pid,
+              120, "the restarted worker to take the job")
+        assert ex.store.cancel(job_id) == "cancelling"
+        _wait(lambda: ex.store.get(job_id).status == "cancelled", 60, "the cancel")
+    finally:
+        ex.worker.stop(10)
+
+
+def test_a_runner_whose_lease_was_taken_stops_and_writes_nothing(tmp_path):
+    store = JobStore(tmp_path)
+    seen = {}
+
+    def runner(ctx):
+        store._db().execute("UPDATE jobs SET lease = 'someone-else' WHERE id = ?", (ctx.job.id,))
+        ctx.report(1, 10, {"x": 1}, force=True)
+        seen["stopped"] = ctx.should_stop()
+        from age_explorer.core.app.jobs import JobCancelled
+
+        raise JobCancelled()
+
+    store.submit("lease", {})
+    job = Worker(store, "cpu", {"lease": runner}).run_one()
+    assert seen["stopped"] and job.status == "running" and job.step == 0 and job.lease == "someone-else"
+
+
+def test_a_failed_checkpoint_write_fails_the_job_with_the_real_error(tiny_sd_dir, tmp_path, monkeypatch):
+    import errno
+
+    from age_explorer.core.erasure import loop
+
+    def full_disk(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_file", full_disk)
+    store = JobStore(tmp_path)
+    worker = Worker(store, "cpu")
+    failing = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=4, checkpoint_every=1))
+    job = worker.run_one()
+    assert job.id == failing and job.status == "failed"
+    assert job.error.startswith("OSError: [Errno 28] No space left on device")
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".checkpoint" in p.name]
+    monkeypatch.undo()
+    after = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=2))
+    assert worker.run_one().status == "done" and store.get(after).status == "done"  # the worker lives on
+
+
+def test_a_full_database_on_finish_does_not_kill_the_worker(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    store = JobStore(tmp_path)
+    first = store.submit("ok", {})
+    worker = Worker(store, "cpu", {"ok": lambda ctx: {}})
+    real_finish = store.finish
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "finish", full)
+    assert worker.run_one().status == "running"
+    assert "could not record job" in capsys.readouterr().err
+    monkeypatch.setattr(store, "finish", real_finish)
+    second = store.submit("ok", {})
+    assert worker.run_one().id == second and store.get(second).status == "done"
+    assert store.get(first).heartbeat is not None  # its lease expires: then it is marked interrupted

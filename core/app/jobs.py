@@ -6,8 +6,14 @@
 - A worker runs the jobs of one device in submission order, one at a time. Progress from the
   engine's callbacks is written at most every ``progress_interval`` seconds; cancel requests are
   read at every step, so a running job stops within one step.
-- On start-up a worker marks the jobs left "running" on its device by a dead process as
-  "interrupted"; :meth:`JobStore.resume` queues one again and the run continues from its checkpoint.
+- A running job's row names its owner (worker PID, host, a heartbeat every few seconds, a lease
+  token). A job whose owner is gone (PID dead on this host, or heartbeat older than
+  ``LEASE_SECONDS``) is marked "interrupted" by the next worker that starts or by the page's polling;
+  only such a job can be resumed (:meth:`JobStore.resume`), and it continues from its checkpoint.
+  A runner that finds its lease taken stops at once, and the job folder is held with ``flock``
+  while a job runs, so two processes never run one job.
+- A worker whose parent (the server) dies stops its job at the next step, checkpointed and marked
+  "interrupted", and exits.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import socket
 import sqlite3
+import sys
 import threading
 import time
 import traceback
@@ -25,9 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..manifest import folder_lock
+
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 DATA_DIR_ENV = "AGE_EXPLORER_DATA_DIR"
+HOST = socket.gethostname()
+HEARTBEAT_SECONDS = 2.0
+# A heartbeat older than this means the owner is gone even if its PID exists (reused, or another host).
+LEASE_SECONDS = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -50,6 +64,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (device, status, seq);
 """
+# added after the first release: a store made before them gets them on open
+_OWNER_COLUMNS = {"owner_pid": "INTEGER", "owner_host": "TEXT", "heartbeat": "REAL", "lease": "TEXT",
+                  "session": "TEXT"}
 
 
 class UnknownJobError(KeyError):
@@ -84,6 +101,18 @@ class Job:
     error: str | None
     artifacts: dict
     seq: int
+    owner_pid: int | None = None
+    owner_host: str | None = None
+    heartbeat: float | None = None
+    lease: str | None = None
+    session: str | None = None
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether a live process holds this job: a fresh heartbeat and, on this host, a live PID."""
+        if self.owner_pid is None or self.heartbeat is None or time.time() - self.heartbeat > LEASE_SECONDS:
+            return False
+        return self.owner_host != HOST or _pid_alive(self.owner_pid)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -100,7 +129,20 @@ class JobStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / "jobs.sqlite3"
         self._local = threading.local()
-        self._db().executescript(_SCHEMA)
+        try:
+            db = self._db()
+            db.executescript(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _OWNER_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        except sqlite3.DatabaseError as err:
+            self._local.db = None
+            if "readonly" in str(err) or "unable to open" in str(err):
+                raise PermissionError(f"cannot write the job store {self.path}: {err}; make the data folder "
+                                      f"writable or choose another with {DATA_DIR_ENV}") from None
+            raise ValueError(f"{self.path} is not a readable job store ({err}); move it away and a new "
+                             f"one is created") from None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -120,53 +162,72 @@ class JobStore:
             yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may already have rolled back (disk full): the error to report is the first one
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     # ---- writing ---------------------------------------------------------------------------------
-    def submit(self, kind: str, config: dict, device: str = "cpu") -> str:
-        job_id = uuid.uuid4().hex[:12]
+    def submit(self, kind: str, config: dict, device: str = "cpu", session: str | None = None) -> str:
+        job_id = uuid.uuid4().hex  # 122 random bits: an id cannot be guessed
         with self._tx() as db:
-            db.execute("INSERT INTO jobs (id, kind, device, config, status, created) VALUES (?, ?, ?, ?, 'queued', ?)",
-                       (job_id, kind, device, json.dumps(config), time.time()))
+            db.execute("INSERT INTO jobs (id, kind, device, config, status, created, session) "
+                       "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                       (job_id, kind, device, json.dumps(config), time.time(), session))
         return job_id
 
     def claim_next(self, device: str) -> Job | None:
-        """Atomically take the oldest queued job of ``device`` and mark it running."""
+        """Atomically take the oldest queued job of ``device``, mark it running and owned by this process."""
         with self._tx() as db:
             row = db.execute("SELECT * FROM jobs WHERE device = ? AND status = 'queued' ORDER BY seq LIMIT 1",
                              (device,)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET status = 'running', started = ?, error = NULL WHERE id = ?",
-                       (time.time(), row["id"]))
+            now = time.time()
+            db.execute("UPDATE jobs SET status = 'running', started = ?, error = NULL, owner_pid = ?, owner_host = ?, "
+                       "heartbeat = ?, lease = ? WHERE id = ?",
+                       (now, os.getpid(), HOST, now, uuid.uuid4().hex, row["id"]))
         return self.get(row["id"])
 
-    def report(self, job_id: str, step: int, total: int, progress: dict) -> bool:
-        """Write progress; returns whether a cancel was requested."""
+    def heartbeat(self, job_id: str, lease: str) -> bool:
+        """Renew a running job's lease; False when the job is no longer this runner's."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET step = ?, total = ?, progress = ? WHERE id = ?",
-                       (step, total, json.dumps(progress), job_id))
+            return db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND lease = ? AND status = 'running'",
+                              (time.time(), job_id, lease)).rowcount == 1
+
+    def report(self, job_id: str, step: int, total: int, progress: dict, lease: str | None = None) -> bool:
+        """Write progress; returns whether a cancel was requested. With ``lease``, a runner whose job
+        was taken from it gets :class:`LeaseLost` and writes nothing."""
+        with self._tx() as db:
+            changed = db.execute("UPDATE jobs SET step = ?, total = ?, progress = ?, heartbeat = ? WHERE id = ? "
+                                 "AND (? IS NULL OR lease = ?)",
+                                 (step, total, json.dumps(progress), time.time(), job_id, lease, lease)).rowcount
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if not changed:
+            raise LeaseLost(job_id)
         return bool(row["cancel_requested"])
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._db().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def finish(self, job_id: str, status: str, error: str | None = None, artifacts: dict | None = None) -> None:
+    def finish(self, job_id: str, status: str, error: str | None = None, artifacts: dict | None = None,
+               lease: str | None = None) -> None:
+        """End a job; it has no owner afterwards. With ``lease``, only while the job is still that runner's."""
         assert status in STATUSES
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = ?, finished = ?, error = ?, artifacts = ?, resume = 0 WHERE id = ?",
-                       (status, time.time(), error, json.dumps(artifacts or {}), job_id))
+            db.execute("UPDATE jobs SET status = ?, finished = ?, error = ?, artifacts = ?, resume = 0, "
+                       "owner_pid = NULL, heartbeat = NULL, lease = NULL WHERE id = ? AND (? IS NULL OR lease = ?)",
+                       (status, time.time(), error, json.dumps(artifacts or {}), job_id, lease, lease))
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued job at once, or ask a running one to stop; returns the resulting status."""
         with self._tx() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJobError(job_id)
-            if row["status"] in ("queued", "interrupted"):
+            # a "running" job whose worker is gone has no one to hear a cancel request
+            if row["status"] in ("queued", "interrupted") or (row["status"] == "running" and not Job.from_row(row).owner_alive):
                 db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
                 return "cancelled"
             if row["status"] == "running":
@@ -175,23 +236,36 @@ class JobStore:
             return row["status"]
 
     def resume(self, job_id: str) -> None:
-        """Queue an interrupted (or failed) job again; it continues from its last checkpoint."""
+        """Queue an interrupted (or failed) job again, or a running one whose worker is dead; it continues
+        from its last checkpoint. A job that a live process still runs is refused."""
         with self._tx() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJobError(job_id)
-            if row["status"] not in ("interrupted", "failed"):
-                raise ValueError(f"job {job_id} is {row['status']}; only interrupted or failed jobs can be resumed")
-            db.execute("UPDATE jobs SET status = 'queued', resume = 1, cancel_requested = 0, finished = NULL "
-                       "WHERE id = ?", (job_id,))
+            job = Job.from_row(row)
+            if job.owner_alive:
+                raise ValueError(f"job {job_id} is still running in process {job.owner_pid} on {job.owner_host}; "
+                                 f"cancel it or wait for it")
+            if job.status not in ("interrupted", "failed", "running"):
+                raise ValueError(f"job {job_id} is {job.status}; only interrupted or failed jobs can be resumed")
+            db.execute("UPDATE jobs SET status = 'queued', resume = 1, cancel_requested = 0, finished = NULL, "
+                       "owner_pid = NULL, heartbeat = NULL, lease = NULL WHERE id = ?", (job_id,))
 
-    def mark_interrupted(self, device: str) -> list[str]:
-        """Jobs a dead worker left 'running' on ``device`` become 'interrupted'."""
+    def mark_interrupted(self, device: str | None = None) -> list[str]:
+        """Jobs left 'running' (on ``device``, or any) by a worker that is gone become 'interrupted'.
+        Cheap when nothing is orphaned (one read), so the page can call it on every poll."""
+        where, args = ("status = 'running'", ()) if device is None else ("status = 'running' AND device = ?", (device,))
+        if all(Job.from_row(r).owner_alive for r in self._db().execute(f"SELECT * FROM jobs WHERE {where}", args)):
+            return []
         with self._tx() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE device = ? AND status = 'running'", (device,))]
-            db.execute("UPDATE jobs SET status = 'interrupted', finished = ? WHERE device = ? AND status = 'running'",
-                       (time.time(), device))
-        return ids
+            dead = [Job.from_row(r) for r in db.execute(f"SELECT * FROM jobs WHERE {where}", args)]
+            dead = [job for job in dead if not job.owner_alive]
+            for job in dead:
+                db.execute("UPDATE jobs SET status = 'interrupted', finished = ?, error = ?, owner_pid = NULL, "
+                           "heartbeat = NULL, lease = NULL WHERE id = ? AND status = 'running' AND lease IS ?",
+                           (time.time(), "its worker stopped (killed or crashed); resume it to continue from its "
+                            "last checkpoint", job.id, job.lease))
+        return [job.id for job in dead]
 
     # ---- reading ---------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -224,6 +298,23 @@ class JobCancelled(Exception):
     pass
 
 
+class LeaseLost(Exception):
+    """The job was taken from this runner (its lease expired and it was resumed elsewhere)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child not yet reaped is a zombie: it answers kill(0) but runs nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 Runner = Callable[["JobContext"], dict]
 
 
@@ -236,58 +327,100 @@ class JobContext:
     work_dir: Path
     device: str
     progress_interval: float = 0.5
+    keep_going: Callable[[], bool] = lambda: True  # False: the worker is stopping (its server died)
 
     def __post_init__(self):
         self._last_write = 0.0
         self._cancel = False
+        self.lost = False  # the lease was taken: stop and write nothing more to the job's row
 
     def report(self, step: int, total: int, progress: dict, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last_write >= self.progress_interval or step >= total:
-            self._cancel = self.store.report(self.job.id, step, total, progress)
+            try:
+                self._cancel = self.store.report(self.job.id, step, total, progress, lease=self.job.lease)
+            except LeaseLost:
+                self.lost = True
             self._last_write = now
         elif not self._cancel:
             self._cancel = self.store.cancel_requested(self.job.id)
 
+    @property
+    def interrupted(self) -> bool:
+        return not self.keep_going()
+
     def should_stop(self) -> bool:
-        return self._cancel or self.store.cancel_requested(self.job.id)
+        return self._cancel or self.lost or self.interrupted or self.store.cancel_requested(self.job.id)
 
 
 class Worker:
     """Runs the queued jobs of one device, in order, one at a time."""
 
     def __init__(self, store: JobStore, device: str, runners: dict[str, Runner] | None = None,
-                 poll_interval: float = 0.2, progress_interval: float = 0.5):
+                 poll_interval: float = 0.2, progress_interval: float = 0.5,
+                 keep_going: Callable[[], bool] | None = None):
         self.store, self.device = store, device
         self.progress_interval = progress_interval
         self.runners = runners if runners is not None else default_runners()
         self.poll_interval = poll_interval
         self._stop = threading.Event()
+        self._keep_going = keep_going
         self._thread: threading.Thread | None = None
         self.recovered = store.mark_interrupted(device)
+
+    def keep_going(self) -> bool:
+        return not self._stop.is_set() and (self._keep_going is None or self._keep_going())
 
     def run_one(self) -> Job | None:
         job = self.store.claim_next(self.device)
         if job is None:
             return None
         work_dir = self.store.data_dir / "jobs" / job.id
-        work_dir.mkdir(parents=True, exist_ok=True)
-        ctx = JobContext(job, self.store, work_dir, self.device, self.progress_interval)
+        ctx = JobContext(job, self.store, work_dir, self.device, self.progress_interval, self.keep_going)
+        beating = threading.Event()
+        heart = threading.Thread(target=self._beat, args=(ctx, beating), daemon=True)
+        heart.start()
         try:
-            runner = self.runners.get(job.kind)
-            if runner is None:
-                raise ValueError(f"unknown job kind {job.kind!r}")
-            artifacts = runner(ctx)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            with folder_lock(work_dir, f"another process is still running job {job.id}; resume it once "
+                                       f"that process has stopped"):
+                runner = self.runners.get(job.kind)
+                if runner is None:
+                    raise ValueError(f"unknown job kind {job.kind!r}")
+                artifacts = runner(ctx)
         except JobCancelled:
-            self.store.finish(job.id, "cancelled")
+            outcome = ("interrupted", "the worker stopped (its server ended); resume the job to continue "
+                       "from its checkpoint", None) if ctx.interrupted and not self.store.cancel_requested(job.id) \
+                else ("cancelled", None, None)
         except Exception as err:  # a failed job must never take the worker down
-            self.store.finish(job.id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+            outcome = ("failed", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}", None)
         else:
-            self.store.finish(job.id, "done", artifacts=artifacts)
+            outcome = ("done", None, artifacts)
+        finally:
+            beating.set()
+            heart.join()
+        if not ctx.lost:
+            try:
+                self.store.finish(job.id, outcome[0], error=outcome[1], artifacts=outcome[2], lease=job.lease)
+            except sqlite3.Error as err:
+                # e.g. the disk is full: the row stays "running" without a heartbeat and is marked
+                # interrupted once its lease expires; the worker lives on
+                print(f"age-explorer worker: could not record job {job.id} as {outcome[0]}: {err}", file=sys.stderr)
         return self.store.get(job.id)
 
+    def _beat(self, ctx: JobContext, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                if not self.store.heartbeat(ctx.job.id, ctx.job.lease):
+                    ctx.lost = True
+                    return
+            except sqlite3.Error:
+                pass  # a busy or full database: the next beat tries again
+
     def serve_forever(self, keep_going: Callable[[], bool] | None = None) -> None:
-        while not self._stop.is_set() and (keep_going is None or keep_going()):
+        if keep_going is not None:
+            self._keep_going = keep_going
+        while self.keep_going():
             if self.run_one() is None:
                 self._stop.wait(self.poll_interval)
 
@@ -308,8 +441,7 @@ class WorkerProcess:
     2-core machine with 10 users browsing). The child shares only the job store (SQLite); cancelling,
     progress and re-attaching go through it as before. ``threads``: the child's PyTorch CPU threads
     (see ``age_explorer.core.app.cpu_split``). ``stop`` waits up to ``timeout`` for the job in progress, then ends the
-    process; a job cut short is marked interrupted when a worker next starts, and resumes from its
-    checkpoint."""
+    process; a job cut short is marked interrupted, and resumes from its checkpoint."""
 
     def __init__(self, data_dir: str | Path, device: str, threads: int | None = None, poll_interval: float = 0.2):
         self.data_dir, self.device, self.threads, self.poll_interval = Path(data_dir), device, threads, poll_interval
@@ -350,7 +482,8 @@ def _serve_in_process(data_dir: str, device: str, threads: int | None, poll_inte
         torch.set_num_threads(threads)
     worker = Worker(JobStore(data_dir), device, poll_interval=poll_interval)
     parent = multiprocessing.parent_process()
-    # a server killed without cleanup (SIGKILL, a crash) must not leave its worker behind
+    # a server killed without cleanup (SIGKILL, a crash) must not leave its worker behind: the job in
+    # progress stops at its next step, checkpointed and marked interrupted, and the process exits
     worker.serve_forever(lambda: not stop.value and parent.is_alive())
 
 

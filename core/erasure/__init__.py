@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ..bundle import ModelBundle
-from ..manifest import environment_versions, write_json_atomic
+from ..manifest import environment_versions, folder_lock, write_json_atomic
 from ..runs import MANIFEST, RUN_KIND, fingerprint, write_delta
 # each method module registers itself; a new method adds its import here
 from . import age, esd, uce  # noqa: F401
@@ -47,8 +47,24 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
     run_dir = Path(run_dir)
     if run_dir.exists() and (run_dir / MANIFEST).exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another folder or resume it")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(run_dir, f"another process is writing a run in {run_dir}; choose another folder", wait=0):
+            if (run_dir / MANIFEST).exists() and not resume:  # written while this one waited for the lock
+                raise FileExistsError(f"{run_dir} already holds a run; choose another folder or resume it")
+            return _erase(bundle, config, run_dir, callbacks, stop, resume)
+    except Exception:
+        # a run that failed before its first checkpoint (a diverged loss, a bad target) leaves no folder
+        if created and not (run_dir / "checkpoint").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    bundle.backend.check_concepts(bundle, config.concepts, getattr(config, "target", None))
     result = get_method(config.method).runner(bundle, config, run_dir, callbacks, stop, resume)
     changed, history = result.changed, result.history
     manifest = {

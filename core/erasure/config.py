@@ -16,6 +16,31 @@ from .params import PARAMETER_SETS
 LOSS_SPACES = ("x0", "eps")
 XT_SOURCES = ("sample", "pool")
 PRECISIONS = ("fp32", "bf16")
+# Bounds shared by the CLI, the app and the job store (docs/erasure.md, "Limits"): far above any
+# recipe (the paper: 1000 steps, guidance 3, eta 1), low enough that a typo is refused, not run for years.
+MAX_ITERATIONS = 100_000
+MAX_DDIM_STEPS = 1000  # the schedule has 1000 training timesteps
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale and negative guidance (eta)
+MAX_BATCH = 256
+MAX_TEXT_CHARS = 500  # a concept or target; the text encoder reads 77 tokens anyway
+
+
+def short(text: str, n: int = 40) -> str:
+    """``text`` for a message: its first ``n`` characters, so an error never repeats a huge input."""
+    text = str(text)
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
+
+
+def check_text(name: str, text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} {short(text)} is too long: at most {MAX_TEXT_CHARS} characters")
+
+
+def check_range(name: str, value, lo: float, hi: float) -> None:
+    """``value`` is a finite number in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a finite number from {lo:g} to {hi:g}, got {value!r}")
 
 
 def _help(text: str, default):
@@ -45,6 +70,8 @@ class MethodConfig:
         self.concepts = [c.strip() for c in self.concepts]
         if not self.concepts or any(not c for c in self.concepts):
             raise ValueError("give at least one non-empty concept to erase")
+        for concept in self.concepts:
+            check_text("concept", concept)
         if len(set(c.lower() for c in self.concepts)) != len(self.concepts):
             raise ValueError(f"duplicate concepts in {self.concepts}")
         if "{c}" not in self.prompt_template:
@@ -79,18 +106,21 @@ class EraseConfig(MethodConfig):
         super().__post_init__()
         if self.parameter_set not in PARAMETER_SETS:
             raise ValueError(f"unknown parameter set {self.parameter_set!r}; choose one of {', '.join(PARAMETER_SETS)}")
-        for name in ("iterations", "batch_size", "ddim_steps", "pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be >= 0")
+        for name, most in (("iterations", MAX_ITERATIONS), ("batch_size", MAX_BATCH), ("ddim_steps", MAX_DDIM_STEPS),
+                           ("pool_size", MAX_BATCH)):
+            _count(name, getattr(self, name), 1, most)
+        _count("checkpoint_every", self.checkpoint_every, 0, MAX_ITERATIONS)
         _positive_finite("lr", self.lr)
-        for name in ("negative_guidance", "start_guidance"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        check_range("negative_guidance (eta)", self.negative_guidance, 0, MAX_GUIDANCE)
+        check_range("start_guidance", self.start_guidance, 0, MAX_GUIDANCE)
         _choice("loss_space", self.loss_space, LOSS_SPACES)
         _choice("xt_source", self.xt_source, XT_SOURCES)
         _choice("precision", self.precision, PRECISIONS)
+
+
+def _count(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a whole number from {lo} to {hi:,}, got {short(value)}")
 
 
 def _positive_finite(name: str, value: float) -> None:
@@ -116,8 +146,9 @@ class ESDConfig(EraseConfig):
         super().__post_init__()
         if not (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0):
             raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        check_text("target", self.target)
         if self.target.strip().lower() in (c.lower() for c in self.concepts):
-            raise ValueError(f"the target {self.target!r} is the erased concept itself")
+            raise ValueError(f"the target {short(self.target)} is the erased concept itself")
 
 
 @dataclass
@@ -173,6 +204,8 @@ class UCEConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        for text in [self.target] + list(self.preserve):
+            check_text("target or preserved concept", text)
         erased = {c.lower() for c in self.concepts}
         if any(p.lower() in erased for p in self.preserve):
             raise ValueError("a concept cannot be both erased and preserved")

@@ -122,7 +122,6 @@ class FineTuneRun:
         self.run_dir = Path(run_dir)
         self.callbacks = list(callbacks or [])
         self.stop = stop or (lambda: False)
-        bundle.backend.check_concepts(bundle, config.concepts)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.predictor = Predictor(bundle, config.parameter_set, config.precision)
         self.optimizer = torch.optim.Adam(list(self.predictor.params.values()), lr=config.lr)
@@ -259,9 +258,13 @@ class FineTuneRun:
                 "config": self.cfg.to_dict()}
         tmp = self.run_dir / ".checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(tensors, str(tmp / "state.safetensors"))
-        write_json_atomic(tmp / "state.json", meta)
+        try:
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "state.safetensors"))
+            write_json_atomic(tmp / "state.json", meta)
+        except BaseException:  # e.g. a full disk: no half-written checkpoint is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.run_dir / "checkpoint"
         old = self.run_dir / ".checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..bundle import ModelBundle, ModelUnavailableError
+from ..bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError
 from ..sampling import generate
 from .concept_sets import ConceptSet
 
@@ -113,6 +113,11 @@ def default_evaluator_name(bundle: ModelBundle, concept_set: ConceptSet) -> str:
 
 
 def load_evaluator(name: str, bundle: ModelBundle, concept_set: ConceptSet, local_files_only: bool | None = None):
+    with LOAD_LOCK:  # from_pretrained is not safe beside another load (see core.bundle.LOAD_LOCK)
+        return _load_evaluator(name, bundle, concept_set, local_files_only)
+
+
+def _load_evaluator(name, bundle, concept_set, local_files_only):
     device = bundle.device
     if name == bundle.kind and bundle.backend.has_evaluator:
         return bundle.backend.evaluator(bundle, concept_set)

@@ -7,7 +7,6 @@ Its models are the name ``toy`` (the shipped one in the package's assets) or a f
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -133,13 +132,18 @@ class ToyBackend(Backend):
     def evaluator(self, bundle: ModelBundle, concept_set) -> ToyEvaluator:
         return ToyEvaluator(self.world, self.classifier, concept_set)
 
-    def check_concepts(self, bundle: ModelBundle, concepts: list[str]) -> None:
-        known = set(self.vocabulary(bundle))
+    def check_concepts(self, bundle: ModelBundle, concepts: list[str], target: str | None = None) -> None:
+        from ..erasure.config import short
+
         for concept in concepts:
-            unknown = [w for w in re.findall(r"\w+", concept.lower()) if w not in known]
+            unknown = bundle.unknown_words(concept)
             if unknown:
-                raise ValueError(f"unknown concept {concept!r} for the toy model (unknown words: {', '.join(unknown)}); "
-                                 f"toy concepts: {', '.join(self.world.names)}")
+                raise ValueError(f"unknown concept {short(concept)} for the toy model (unknown words: "
+                                 f"{', '.join(unknown[:10])}); toy concepts: {', '.join(self.world.names)}")
+        unknown = bundle.unknown_words(target or "")
+        if unknown:
+            raise ValueError(f"the target {short(target)} has words the toy model does not know "
+                             f"({', '.join(unknown[:10])}); its words: {', '.join(self.vocabulary(bundle))}")
 
     def save_pipeline(self, bundle: ModelBundle, folder: Path) -> None:
         for item in self.path.iterdir():
