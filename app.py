@@ -31,11 +31,18 @@ def main() -> None:
                         default=os.environ.get("AGE_EXPLORER_ALLOW_SERVER_TOKEN") == "1",
                         help="let 'Push to the Hub' use the server's HF_TOKEN when the token field is empty; "
                              "only for a server that you alone use; env AGE_EXPLORER_ALLOW_SERVER_TOKEN=1")
+    parser.add_argument("--public", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get("AGE_EXPLORER_PUBLIC", "1" if os.environ.get("SPACE_ID") else "0") == "1",
+                        help="a server for strangers: each session sees and cancels only its own jobs and runs "
+                             "(default on a Space, i.e. when SPACE_ID is set; env AGE_EXPLORER_PUBLIC=0/1)")
     args = parser.parse_args()
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra of gradio: pip install "gradio[mcp]"')
-    demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
-                                allow_server_token=args.allow_server_token))
+    try:
+        demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
+                                  allow_server_token=args.allow_server_token, public=args.public))
+    except (PermissionError, ValueError) as err:  # e.g. a read-only data folder, a damaged job store
+        parser.exit(2, f"error: {err}\n")
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    mcp_server=args.mcp)
 

@@ -35,7 +35,13 @@ class StableDiffusionBackend(Backend):
                 source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
                 local_files_only=local_files_only, revision=revision,
             )
-        except (OSError, ValueError, EnvironmentError) as err:
+        except Exception as err:
+            if path is not None:  # a local folder: say which of its files is wrong, not how to download
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise ModelUnavailableError(f"could not load the Stable Diffusion folder {source}: "
+                                            f"{type(err).__name__}: {first}") from None
+            if not isinstance(err, (OSError, ValueError)):
+                raise
             where = "the local Hugging Face cache" if local_files_only else "the local cache or the Hub"
             raise ModelUnavailableError(
                 f"could not load Stable Diffusion model {source!r} from {where}: {err.__class__.__name__}. "

@@ -33,19 +33,27 @@ EMPTY_FIG = "{}"
 COMPUTE_SLOT = {"concurrency_limit": 1, "concurrency_id": "compute"}
 
 
-class WholeNumber(gr.Number):
+def whole_number(**kwargs) -> gr.Number:
     """A ``gr.Number`` whose non-numeric API input ("abc") is a readable error naming the field, not
-    Gradio's generic "upstream app has raised an exception"."""
+    Gradio's generic "upstream app has raised an exception". (Wrapped on the instance: a subclass
+    would make Gradio write a .pyi file next to this module.)"""
+    box = gr.Number(**kwargs)
+    parse = box.preprocess
 
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "number"  # the same front-end component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return parse(payload)
         except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"{self.label}: {short(payload)} is not a whole number") from None
+            raise gr.Error(f"{box.label}: {short(payload)} is not a whole number") from None
+
+    box.preprocess = preprocess
+    return box
+
+
+def _owner(owner: str, request) -> str | None:
+    """Who a request acts for: the secret its browser keeps (set on page load), else, for API clients,
+    their Gradio session. Matters only in public mode."""
+    return owner or (request.session_hash if request is not None else None)
 
 
 def _progress_html(job) -> str:
@@ -152,17 +160,17 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
 
     # ---- erase ---------------------------------------------------------------------------------
     def start_erase(chosen, free_text, method, preset, iterations, lam, search, target, vocab=PRESET_VOCAB,
-                    own_candidates=""):
+                    own_candidates="", owner="", request: gr.Request = None):
         names = list(chosen or []) + [c.strip() for c in (free_text or "").split(",") if c.strip()]
         if not names:
             raise gr.Error("pick at least one concept to erase")
         if ex.is_toy:
             unknown = [c for c in names if c not in ex.bundle().backend.world.names]
             if unknown:
-                raise gr.Error(f"the toy model knows only its 25 concepts; unknown: {short(', '.join(unknown))}")
+                raise gr.Error(f"the toy model knows only its 25 concepts; unknown: {', '.join(short(c) for c in unknown[:5])}")
             unknown = ex.bundle().unknown_words(target or "") if method != "age" else []
             if unknown:
-                raise gr.Error(f"the toy model does not know the target's words {short(', '.join(unknown))}; "
+                raise gr.Error(f"the toy model does not know the target's words {', '.join(unknown[:10])}; "
                                f"its words: {', '.join(ex.bundle().vocabulary())}")
         options = {}
         if iterations:
@@ -177,7 +185,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             if candidates:
                 unknown = sorted({w for c in candidates for w in ex.bundle().unknown_words(c)}) if ex.is_toy else []
                 if unknown:
-                    raise gr.Error(f"the toy model does not know {short(', '.join(unknown))}; "
+                    raise gr.Error(f"the toy model does not know {', '.join(unknown[:10])}; "
                                    f"its words: {', '.join(ex.bundle().vocabulary())}")
                 options["candidates"] = candidates
             elif vocab and vocab != PRESET_VOCAB:
@@ -198,20 +206,21 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if config.requires_gpu and not ex.device.startswith("cuda"):
             raise gr.Error(f"preset {preset!r} is sized for a GPU and this server runs on the CPU; "
                            f"pick a toy preset")
-        job_id = ex.submit_erase(names, method, preset, options)
+        job_id = ex.submit_erase(names, method, preset, options, owner=_owner(owner, request))
         return job_id, job_id, gr.Timer(active=True), [], _queue_text(job_id)
 
     def _queue_text(job_id):
         ahead = ex.store.queue_position(job_id) if job_id else 0
         running = [j for j in ex.store.list(status="running")]
+        shown = f"{len(running)} job(s)" if settings.public else ", ".join(j.id for j in running)  # ids are keys
         return (f"Job `{job_id}` queued" + (f", {ahead} job(s) ahead" if ahead else "") +
-                (f"; running now: {', '.join(j.id for j in running)}" if running else ""))
+                (f"; running now: {shown}" if running else ""))
 
-    def tick(job_id, history):
+    def tick(job_id, history, owner="", request: gr.Request = None):
         if not job_id:
             return gr.Timer(active=False), _progress_html(None), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history
         try:
-            job = ex.poll(job_id)  # also restarts a dead worker and marks the job it left interrupted
+            job = ex.poll(job_id, _owner(owner, request))  # also restarts a dead worker, marks its job interrupted
         except KeyError:
             return gr.Timer(active=False), _progress_html(None), "unknown job", gr.skip(), gr.skip(), gr.skip(), history
         progress = job.progress
@@ -231,53 +240,66 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 plots.targets_figure(progress["targets"]) if progress.get("targets") else gr.skip(),
                 preview if preview else gr.skip(), history)
 
-    def job_status_json(job_id):
+    def job_status_json(job_id, owner="", request: gr.Request = None):
         try:
-            return json.dumps(ex.store.get(job_id).__dict__, default=str)
+            job = ex.job(job_id, _owner(owner, request))
+        except KeyError as err:
+            raise gr.Error(str(err)) from None
+        return json.dumps({k: v for k, v in job.__dict__.items() if k not in ("lease", "session")}, default=str)
+
+    def cancel(job_id, owner="", request: gr.Request = None):
+        if not job_id:
+            raise gr.Error("no job to cancel")
+        try:
+            return f"Job `{job_id}`: {ex.cancel(job_id, _owner(owner, request))}"
         except KeyError as err:
             raise gr.Error(str(err)) from None
 
-    def cancel(job_id):
-        if not job_id:
-            raise gr.Error("no job to cancel")
-        return f"Job `{job_id}`: {ex.store.cancel(job_id)}"
-
-    def resume(job_id):
+    def resume(job_id, owner="", request: gr.Request = None):
         if not job_id:
             raise gr.Error("no job to resume")
         try:
-            ex.resume(job_id)
+            ex.resume(job_id, _owner(owner, request))
         except (KeyError, ValueError) as err:
             raise gr.Error(str(err)) from None
         return f"Job `{job_id}` queued again; it continues from its last checkpoint", gr.Timer(active=True)
 
-    def reattach(saved_job):
+    def reattach(saved_job, owner_token):
+        import secrets
+
+        owner_token = owner_token or secrets.token_hex(16)  # this browser's secret: its jobs and runs
         if saved_job:
             try:
-                job = ex.store.get(saved_job)
+                job = ex.job(saved_job, owner_token)
             except KeyError:
-                return "", gr.Timer(active=False)
-            return saved_job, gr.Timer(active=job.status in ("queued", "running"))
-        return "", gr.Timer(active=False)
+                return "", gr.Timer(active=False), owner_token, owner_token
+            return saved_job, gr.Timer(active=job.status in ("queued", "running")), owner_token, owner_token
+        return "", gr.Timer(active=False), owner_token, owner_token
 
     # ---- before / after --------------------------------------------------------------------------
-    def refresh_runs():
-        runs = list(ex.finished_runs())
+    def _run_dir(run_label, owner, request):
+        runs = ex.finished_runs(_owner(owner, request))
+        if run_label not in runs:
+            raise gr.Error(f"no finished run {short(run_label)}: press Refresh runs")
+        return runs[run_label]
+
+    def refresh_runs(owner="", request: gr.Request = None):
+        runs = list(ex.finished_runs(_owner(owner, request)))
         return gr.Dropdown(choices=runs, value=runs[0] if runs else None), gr.Dropdown(choices=runs, value=runs[0] if runs else None)
 
     @gpu
-    def show_before_after(run_label, seeds_text, progress=gr.Progress()):
+    def show_before_after(run_label, seeds_text, owner="", request: gr.Request = None, progress=gr.Progress()):
         if not run_label:
             raise gr.Error("no finished run yet: erase a concept first")
         try:
             seeds = parse_seeds(seeds_text, limit=MAX_SEEDS)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        run_dir = ex.finished_runs()[run_label]
+        run_dir = _run_dir(run_label, owner, request)
         manifest = read_manifest(Path(run_dir))
         rows = before_after_rows(ex, manifest)
         base, erased = ex.bundle(), ex.erased_bundle(run_dir)
-        esd_dir = ex.esd_counterpart(run_dir, manifest)
+        esd_dir = ex.esd_counterpart(run_dir, manifest, _owner(owner, request))
         models = [("original", base), ("erased", erased)]
         if esd_dir:
             models.append(("ESD " + repr(read_manifest(Path(esd_dir))["config"].get("target", "")), ex.erased_bundle(esd_dir)))
@@ -299,10 +321,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         return sheet, legend, pair
 
     @gpu
-    def spillover_row(run_label, progress=gr.Progress()):
+    def spillover_row(run_label, owner="", request: gr.Request = None, progress=gr.Progress()):
         if not run_label:
             raise gr.Error("no finished run yet: erase a concept first")
-        run_dir = ex.finished_runs()[run_label]
+        run_dir = _run_dir(run_label, owner, request)
         manifest = read_manifest(Path(run_dir))
         concept_set = ex.concept_set()
         erased_name = manifest["concepts"][0]
@@ -337,10 +359,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             f"{row[row.affected == erased_name].G_after_top1.iloc[0]:.2f}."), gr.Dropdown(choices=list(graphs))
 
     # ---- export --------------------------------------------------------------------------------
-    def do_export(run_label, fmt, exported):
+    def do_export(run_label, fmt, exported, owner="", request: gr.Request = None):
         if not run_label:
             raise gr.Error("no finished run to export")
-        run_dir = ex.finished_runs()[run_label]
+        run_dir = _run_dir(run_label, owner, request)
         try:
             folder = ex.export(run_dir, fmt)
         except (ValueError, FileExistsError, RuntimeError, OSError) as err:
@@ -368,7 +390,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
 
     # ---- generate ------------------------------------------------------------------------------
     @gpu
-    def run_generate(prompt: str, seeds_text: str, model_choice: str, progress=gr.Progress()):
+    def run_generate(prompt: str, seeds_text: str, model_choice: str, owner="", request: gr.Request = None,
+                     progress=gr.Progress()):
         try:
             seed_list = parse_seeds(seeds_text, limit=16)
         except ValueError as err:
@@ -376,7 +399,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         if not prompt or not prompt.strip():
             raise gr.Error("the prompt is empty: type something such as 'a red circle'")
         progress(0, desc="loading model")
-        runs = ex.finished_runs()
+        runs = ex.finished_runs(_owner(owner, request))
         bundle = ex.erased_bundle(runs[model_choice]) if model_choice in runs else ex.bundle()
         with warnings.catch_warnings(record=True) as caught, ex.compute():
             warnings.simplefilter("always", PromptWarning)
@@ -428,9 +451,11 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
     # ---- layout --------------------------------------------------------------------------------
     with gr.Blocks(title="AGE Explorer") as demo:
         gr.Markdown("# AGE Explorer\nSee and steer concept erasure in text-to-image diffusion models. "
-                    + ex.status_line())
+                    + ex.status_line() + "".join(f"\n\n**Warning**: {w}" for w in ex.warnings))
         saved_job = gr.BrowserState("", storage_key="age_explorer_job")
         job_id = gr.State("")
+        owner_token = gr.BrowserState("", storage_key="age_explorer_owner")
+        owner = gr.State("")  # the browser's secret, copied on load; empty for API clients
         history = gr.State([])
         exported = gr.State([])  # export folders this session made, newest last
         with gr.Tabs():
@@ -461,7 +486,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 with gr.Row():
                     method = gr.Radio(["age", "esd", "uce"], value="age", label="Method", elem_id="method")
                     preset = gr.Dropdown([p for p in PRESETS], value="toy" if ex.is_toy else "imagenette", label="Preset", elem_id="preset")
-                    iterations = WholeNumber(value=None, label="Model steps (blank: preset)", precision=0, elem_id="iterations")
+                    iterations = whole_number(value=None, label="Model steps (blank: preset)", precision=0, elem_id="iterations")
                     lam = gr.Number(value=1.0, label="λ (AGE)")
                     search = gr.Radio(["gumbel", "damage"], value="gumbel", label="AGE target search")
                     target = gr.Textbox(value="", label="ESD/UCE target")
@@ -525,20 +550,20 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap", api_visibility=ui_api)
         scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity", api_visibility=ui_api, **COMPUTE_SLOT)
         start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target,
-                                      vocab, own_candidates],
+                                      vocab, own_candidates, owner],
                         [job_id, saved_job, timer, history, queue_md], api_name="start_erase", api_visibility=ui_api)
-        timer.tick(tick, [job_id, history], [timer, progress_html, status_md, loss_plot, targets_plot, preview, history],
+        timer.tick(tick, [job_id, history, owner], [timer, progress_html, status_md, loss_plot, targets_plot, preview, history],
                    show_progress="hidden", api_visibility="private")
         job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
-        job_box.submit(job_status_json, job_box, job_json, api_name="job_status", api_visibility=ui_api)
-        cancel_btn.click(cancel, job_id, queue_md, api_name="cancel", api_visibility=ui_api)
-        resume_btn.click(resume, job_id, [queue_md, timer], api_name="resume", api_visibility=ui_api)
-        demo.load(reattach, saved_job, [job_id, timer], api_visibility="private")
-        refresh_btn.click(refresh_runs, None, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
-        show_btn.click(show_before_after, [run_dd, seeds], [sheet, legend, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)
-        spill_btn.click(spillover_row, run_dd, [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api, **COMPUTE_SLOT)
-        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model], gen_gallery, api_name="generate", api_visibility=ui_api, **COMPUTE_SLOT)
-        export_btn.click(do_export, [export_run_dd, fmt, exported], [files, export_folder, exported], api_name="export",
+        job_box.submit(job_status_json, [job_box, owner], job_json, api_name="job_status", api_visibility=ui_api)
+        cancel_btn.click(cancel, [job_id, owner], queue_md, api_name="cancel", api_visibility=ui_api)
+        resume_btn.click(resume, [job_id, owner], [queue_md, timer], api_name="resume", api_visibility=ui_api)
+        demo.load(reattach, [saved_job, owner_token], [job_id, timer, owner, owner_token], api_visibility="private")
+        refresh_btn.click(refresh_runs, owner, [run_dd, export_run_dd], api_name="runs", api_visibility=ui_api)
+        show_btn.click(show_before_after, [run_dd, seeds, owner], [sheet, legend, slider], api_name="before_after", api_visibility=ui_api, **COMPUTE_SLOT)
+        spill_btn.click(spillover_row, [run_dd, owner], [spill_plot, spill_md, graph_dd], api_name="spillover", api_visibility=ui_api, **COMPUTE_SLOT)
+        gen_btn.click(run_generate, [prompt, gen_seeds, gen_model, owner], gen_gallery, api_name="generate", api_visibility=ui_api, **COMPUTE_SLOT)
+        export_btn.click(do_export, [export_run_dd, fmt, exported, owner], [files, export_folder, exported], api_name="export",
                          api_visibility=ui_api)
         push_btn.click(do_push, [exported, repo, token], push_md, api_name="push", api_visibility=ui_api)
         for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):

@@ -5,6 +5,7 @@ No training maths here: everything is delegated to ``core``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from contextlib import contextmanager
@@ -18,10 +19,13 @@ from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.app.cpu_split import CpuSplit
 from age_explorer.core.device import resolve_device
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
-from age_explorer.core.graph.store import GraphStore
-from age_explorer.core.app.jobs import JobStore, WorkerProcess, default_data_dir
+from age_explorer.core.graph.store import DamagedGraphError, GraphStore
+from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
 from age_explorer.core.paths import assets_dir
 from age_explorer.core.runs import read_manifest
+
+
+log = logging.getLogger("age_explorer.explorer")
 
 
 @dataclass
@@ -38,6 +42,9 @@ class Settings:
     # "Push to the Hub" with an empty token field uses the server's HF_TOKEN only when the operator
     # opts in (a private Space of one user); otherwise any visitor could write with the owner's token.
     allow_server_token: bool = False
+    # A shared server open to strangers (on by default on a Space): each session sees and cancels only
+    # its own jobs and runs; shipped graphs stay shared. Off: one user's tool, everything shared.
+    public: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -47,6 +54,7 @@ class Explorer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+        self.warnings: list[str] = []  # problems found at start-up, shown at the top of the page
         self.store = JobStore(self.data_dir)
         self.device = str(resolve_device(settings.device))
         # Jobs run in a worker process, beside the server's request threads. On the CPU, the job and
@@ -116,7 +124,7 @@ class Explorer:
         revision = weights_revision(self.settings.model)
         for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
             if root.is_dir():
-                stores = [s for s in map(GraphStore, sorted(root.iterdir())) if s.exists and s.nodes() is not None]
+                stores = [s for s in map(GraphStore, sorted(root.iterdir())) if s.exists and self._readable(s)]
                 metas = [(s, s.meta()) for s in stores]
                 # a graph of another model, or of an earlier training of the toy model, is not this one's
                 metas = [(s, m) for s, m in metas if m.get("model") == self.settings.model
@@ -127,16 +135,40 @@ class Explorer:
                     found[f"{store.folder.name} ({tag})"] = store.folder
         return found
 
+    def _readable(self, store: GraphStore) -> bool:
+        """A damaged graph is skipped with a warning (log and page), so it cannot stop the server."""
+        try:
+            store.check()
+        except DamagedGraphError as err:
+            if str(err) not in self.warnings:
+                self.warnings.append(str(err))
+                log.warning("skipped graph %s: %s", store.folder.name, err)
+            return False
+        return store.nodes() is not None
+
     def user_graph(self, method: str) -> GraphStore:
         """Rows computed from the page go into one graph per method, next to the jobs."""
         return GraphStore(self.data_dir / "graphs" / f"page-{method}")
 
     # ---- jobs ------------------------------------------------------------------------------------
-    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict) -> str:
+    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict,
+                     owner: str | None = None) -> str:
         if self.worker:
             self.worker.ensure_alive()
         return self.store.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
-                                           "options": {"concepts": concepts, **options}}, device=self.device)
+                                           "options": {"concepts": concepts, **options}}, device=self.device,
+                                 session=owner)
+
+    def job(self, job_id: str, owner: str | None = None):
+        """A job the caller may see: in public mode only its own session's, and another's reads as unknown."""
+        job = self.store.get(job_id)
+        if self.settings.public and (owner is None or job.session != owner):
+            raise UnknownJobError(job_id)
+        return job
+
+    def cancel(self, job_id: str, owner: str | None = None) -> str:
+        self.job(job_id, owner)
+        return self.store.cancel(job_id)
 
     def check_worker(self) -> list[str]:
         """Restart a dead worker process and mark the jobs it left "running" as interrupted, so a killed
@@ -146,30 +178,34 @@ class Explorer:
             self.worker.ensure_alive()
         return interrupted
 
-    def poll(self, job_id: str):
+    def poll(self, job_id: str, owner: str | None = None):
         """A job as the page shows it, after :meth:`check_worker`."""
         self.check_worker()
-        return self.store.get(job_id)
+        return self.job(job_id, owner)
 
-    def resume(self, job_id: str) -> None:
+    def resume(self, job_id: str, owner: str | None = None) -> None:
         """Queue an interrupted or failed job again; refused while a live worker still runs it."""
+        self.job(job_id, owner)
         self.check_worker()
         self.store.resume(job_id)
 
-    def finished_runs(self) -> dict[str, str]:
+    def finished_runs(self, owner: str | None = None) -> dict[str, str]:
+        """Finished runs by label; in public mode only those of ``owner``'s session."""
         runs = {}
         for job in reversed(self.store.list(status="done")):
+            if self.settings.public and (owner is None or job.session != owner):
+                continue
             if job.kind == "erase" and "run_dir" in job.artifacts:
                 cfg = job.config
                 label = f"{cfg['method'].upper()}: {', '.join(cfg['options']['concepts'])} ({job.id})"
                 runs[label] = job.artifacts["run_dir"]
         return runs
 
-    def esd_counterpart(self, run_dir: str, manifest: dict) -> str | None:
+    def esd_counterpart(self, run_dir: str, manifest: dict, owner: str | None = None) -> str | None:
         """The newest finished ESD run of the same concepts, to show beside an AGE run."""
         if manifest.get("method") != "age":
             return None
-        for other in self.finished_runs().values():
+        for other in self.finished_runs(owner).values():
             if other != run_dir:
                 theirs = read_manifest(Path(other))
                 if theirs.get("method") == "esd" and list(theirs["concepts"]) == list(manifest["concepts"]):

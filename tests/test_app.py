@@ -127,6 +127,86 @@ def test_bad_inputs_get_messages(client):
         client.predict("nope", api_name="/job_status")
 
 
+def _erase(client, **changes):
+    args = {"chosen": ["red circle"], "free_text": "", "method": "age", "preset": "toy", "iterations": 5, "lam": 1.0,
+            "search": "gumbel", "target": "", "vocab": "(preset)", "own_candidates": ""}
+    args.update(changes)
+    return client.predict(*args.values(), api_name="/start_erase")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"iterations": "abc"}, "Model steps \\(blank: preset\\): 'abc' is not a whole number"),
+    ({"iterations": 10**12}, "iterations must be a whole number from 1 to 100,000"),
+    ({"preset": "imagenette"}, "sized for a GPU and this server runs on the CPU"),
+    ({"method": "esd", "preset": "toy-esd", "target": "zebra 🦓"}, "does not know the target's words zebra"),
+    ({"chosen": [], "free_text": "x" * 10_000}, "unknown: 'xxxx"),
+])
+def test_bad_erase_inputs_are_one_short_line(client, changes, message):
+    with pytest.raises(Exception, match=message) as caught:
+        _erase(client, **changes)
+    assert len(str(caught.value)) < 400 and "\n" not in str(caught.value).strip()
+
+
+@pytest.mark.parametrize("seeds, message", [(str(2**64), "out of range"), ("0-1000000000", "at most 16 at a time")])
+def test_bad_seeds_in_the_app(client, seeds, message):
+    with pytest.raises(Exception, match=message):
+        client.predict("a red circle", seeds, "original", api_name="/generate")
+
+
+def test_uce_runs_from_the_app(client):
+    job_id, *_ = _erase(client, method="uce", preset="toy-uce", iterations=None)
+    deadline = time.time() + 120
+    while (status := json.loads(client.predict(job_id, api_name="/job_status")))["status"] not in ("done", "failed"):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert status["status"] == "done", status["error"]
+
+
+def test_public_mode_sessions_see_and_cancel_only_their_own_jobs(tmp_path):
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False, public=True))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        alice, bob = (Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2))
+        job_id, _, queued = _erase(alice)  # no worker: it stays queued
+        assert len(job_id) == 32
+        assert json.loads(alice.predict(job_id, api_name="/job_status"))["status"] == "queued"
+        with pytest.raises(Exception, match="unknown job id"):
+            bob.predict(job_id, api_name="/job_status")
+        bob_job, _, bob_queued = _erase(bob)
+        assert job_id not in bob_queued  # queue lines name no other session's job
+        # /cancel and /resume act on the session's own job (server-side state); the service refuses the rest
+        with pytest.raises(KeyError, match="unknown job id"):
+            demo.explorer.cancel(job_id, bob.session_hash)
+        with pytest.raises(KeyError, match="unknown job id"):
+            demo.explorer.resume(job_id, bob.session_hash)
+        assert "cancelled" in bob.predict(api_name="/cancel")
+        assert demo.explorer.store.get(bob_job).status == "cancelled" and demo.explorer.store.get(job_id).status == "queued"
+        demo.explorer.store.finish(job_id, "done", artifacts={"run_dir": str(tmp_path / "run")})
+        assert alice.predict(api_name="/runs")[0]["choices"] and not bob.predict(api_name="/runs")[0]["choices"]
+        assert alice.predict(api_name="/list_graphs")  # shipped graphs stay shared
+        assert bob.predict(api_name="/list_graphs")
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize("damaged, content", [("edges.csv", b"\x00\xff,\n\"unclosed"), ("nodes.csv", b"nope\n1\n"),
+                                              ("graph.json", b"{not json")])
+def test_a_damaged_graph_is_skipped_with_a_warning(tmp_path, damaged, content):
+    import shutil
+
+    from age_explorer.core.paths import assets_dir
+
+    shutil.copytree(assets_dir() / "graphs" / "toy-esd", tmp_path / "graphs" / "test-esd")
+    (tmp_path / "graphs" / "test-esd" / damaged).write_bytes(content)
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False))
+    graphs = list(demo.explorer.graph_dirs())
+    assert graphs and not [g for g in graphs if g.startswith("test-esd")]  # the shipped ones still load
+    assert any(damaged in w and "is damaged" in w for w in demo.explorer.warnings)
+    page = json.dumps(demo.config, default=str)
+    assert f"{damaged} is damaged" in page
+
+
 def test_read_only_graph_queries(client, server):
     import pandas as pd
 

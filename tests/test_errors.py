@@ -150,3 +150,9 @@ def test_a_long_prompt_warns_briefly(toy_bundle):
     with pytest.warns(LongPromptWarning, match="has 10003 tokens; the model reads only the first 10") as caught:
         toy_bundle.encode("a " + "red " * 10_000)
     assert all(len(str(w.message)) < 400 for w in caught)
+
+
+def test_a_garbage_model_index_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text("garbage")
+    with pytest.raises(RuntimeError, match="model_index.json' is not a valid JSON file"):
+        load_bundle(str(tmp_path), device="cpu")

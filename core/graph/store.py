@@ -23,8 +23,32 @@ EDGE_COLUMNS = ["erased", "affected", "G_before_top1", "G_after_top1", "delta_to
                 "G_before_topk", "G_after_topk", "delta_topk"]
 
 
+class DamagedGraphError(ValueError):
+    """A graph file that cannot be read as one; the message names the file."""
+
+
+def _read(path: Path, reader, required: tuple[str, ...] = ()):
+    try:
+        data = reader(path)
+    except (ValueError, OSError) as err:  # pandas' parser errors and JSONDecodeError are ValueErrors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DamagedGraphError(f"{path} is damaged: {first[:150]}") from None
+    missing = [c for c in required if c not in data]
+    if missing:
+        raise DamagedGraphError(f"{path} is damaged: it has no {', '.join(missing)} "
+                                f"{'field' if isinstance(data, dict) else 'column'}")
+    return data
+
+
 class GraphMismatchError(ValueError):
     """A graph folder was made with another model, method or measurement."""
+
+
+def _json_object(text: str) -> dict:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -53,7 +77,7 @@ class GraphStore:
     def meta(self) -> dict:
         if not self.exists:
             raise FileNotFoundError(f"{self.folder} holds no graph ({META} is missing)")
-        return json.loads((self.folder / META).read_text())
+        return _read(self.folder / META, lambda p: _json_object(p.read_text()), ("model", "method"))
 
     def open(self, meta: dict) -> None:
         """Create the folder, or check that an existing graph was made the same way."""
@@ -75,14 +99,20 @@ class GraphStore:
 
     def nodes(self) -> pd.DataFrame | None:
         path = self.folder / NODES
-        return pd.read_csv(path) if path.is_file() else None
+        return _read(path, pd.read_csv, ("concept",)) if path.is_file() else None
 
     def write_nodes(self, nodes: pd.DataFrame) -> None:
         _write_csv_atomic(nodes, self.folder / NODES)
 
     def edges(self) -> pd.DataFrame:
         path = self.folder / EDGES
-        return pd.read_csv(path, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=EDGE_COLUMNS)
+        if not path.is_file():
+            return pd.DataFrame(columns=EDGE_COLUMNS)
+        return _read(path, lambda p: pd.read_csv(p, keep_default_na=False), tuple(EDGE_COLUMNS))
+
+    def check(self) -> None:
+        """Read every file once: a damaged one raises :class:`DamagedGraphError` naming it."""
+        self.meta(), self.nodes(), self.edges()
 
     def rows_done(self) -> list[str]:
         return list(dict.fromkeys(self.edges().erased))
