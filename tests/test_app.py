@@ -118,7 +118,7 @@ def test_bad_inputs_get_messages(client):
         client.predict([], "", "age", "toy", 5, 1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
     with pytest.raises(Exception, match="lambda must be"):
         client.predict(["red circle"], "", "age", "toy", 5, -1.0, "gumbel", "", "(preset)", "", api_name="/start_erase")
-    with pytest.raises(Exception, match="does not know 'spaceship'"):
+    with pytest.raises(Exception, match="does not know spaceship"):
         client.predict(["red circle"], "", "age", "toy", 5, 1.0, "gumbel", "", "(preset)", "blue circle, spaceship",
                        api_name="/start_erase")
     with pytest.raises(Exception, match="en3k"):  # not offered on the toy model
