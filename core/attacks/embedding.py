@@ -30,6 +30,7 @@ class EmbeddingConfig(OptimConfig):
     attack = "embedding"
 
     tokens: int = _help("number of new tokens learned (1-4)", 2)
+    lr: float = _help("Adam learning rate of the new embeddings", 0.1)
     placeholder: str = _help("text of the new tokens; token i is '<placeholder-i>'", "attack")
 
     def __post_init__(self):
