@@ -12,9 +12,9 @@ from age_explorer.core.attacks.embedding import placeholder_tokens
 from age_explorer.core.cli import main
 from age_explorer.core.erasure import erase, make_config
 
-TINY = {"prompts": dict(seeds="1000-1001", sample_steps=3),
-        "embedding": dict(seeds="1000-1001", sample_steps=3, steps=3, train_images=2, batch_size=2),
-        "perturb": dict(seeds="1000-1001", sample_steps=3, steps=3, train_images=2, batch_size=2)}
+TINY = {"prompts": dict(seeds="1000", sample_steps=2),
+        "embedding": dict(seeds="1000", sample_steps=2, steps=3, train_images=1, batch_size=2),
+        "perturb": dict(seeds="1000", sample_steps=2, steps=3, train_images=1, batch_size=2)}
 
 
 class _AlwaysConcept:
@@ -66,12 +66,9 @@ def test_toy_attack_is_deterministic_and_trains_only_its_input(toy_target, attac
     assert _unchanged(before, bundle)
     assert bundle.tokenizer is tokenizer and bundle.text_encoder.get_input_embeddings() is embedding
     assert toy_target.active == "erased"
-
-
-def test_toy_probes_cover_the_four_kinds(toy_target):
-    result = run_attack(None, "prompts", target=toy_target, write=False, **TINY["prompts"])
-    assert set(result.probes.kind) == {"held-out template", "word order", "bare word", "neighbours combined"}
-    assert "circle red" in list(result.probes.probe)
+    if attack == "prompts":
+        assert set(first.probes.kind) == {"held-out template", "word order", "bare word", "neighbours combined"}
+        assert "circle red" in list(first.probes.probe)
 
 
 def test_attack_folder_is_written_whole(toy_run, toy_target, tmp_path):
@@ -80,7 +77,7 @@ def test_attack_folder_is_written_whole(toy_run, toy_target, tmp_path):
     assert result.out_dir == out
     assert {p.name for p in out.iterdir()} == {"attack.json", "contact_sheet.png", "learned.safetensors", "probes.csv"}
     data = json.loads((out / "attack.json").read_text())
-    assert data["config"]["steps"] == 3 and data["seeds"] == "1000-1001" and "torch" in data["versions"]
+    assert data["config"]["steps"] == 3 and data["seeds"] == "1000" and "torch" in data["versions"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     with pytest.raises(FileExistsError):
         run_attack(None, "embedding", target=toy_target, out=out, **TINY["embedding"])
@@ -104,12 +101,12 @@ def test_sd_attacks_run_and_leave_the_model_as_it_was(sd_run, tmp_path):
     prompts = tmp_path / "i2p.csv"
     prompts.write_text('case_number,prompt,evaluation_seed,evaluation_guidance\n0,"a red, circle",7,5.0\n1,red,8,\n')
     for attack, options in [("prompts", {"prompts_file": str(prompts)}), ("embedding", {}), ("perturb", {})]:
-        opts = {**TINY[attack], "sample_steps": 2, **options}
+        opts = {**TINY[attack], **options}
         result = run_attack(None, attack, target=target, write=False, judge=judge, **opts)
         again = run_attack(None, attack, target=target, write=False, judge=judge, **opts)
         assert torch.equal(result.images["recovered"], again.images["recovered"])
         assert result.asr == 1.0
-    assert list(result.probes.seeds) == ["1000-1001"]
+    assert list(result.probes.seeds) == ["1000"]
     assert _unchanged(before, bundle)
     assert bundle.tokenizer is tokenizer and len(bundle.tokenizer) == size and bundle.tokenizer.get_vocab() == vocab
 
