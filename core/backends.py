@@ -88,6 +88,11 @@ class Backend:
         """The family's own classifier for G(c) over ``concept_set``, or None to pick a generic one."""
         return None
 
+    def probe_prompts(self, concept: str) -> list[tuple[str, str]] | None:
+        """(kind, prompt) probes that ask for ``concept`` without its plain wording, for the prompts
+        attack; None: the family has none (a prompts CSV is needed)."""
+        return None
+
     def check_concepts(self, bundle: "ModelBundle", concepts: list[str], target: str | None = None) -> None:
         """Refuse erased concepts, or a fixed target, that the model cannot represent (a closed
         vocabulary); open models accept all."""

@@ -267,6 +267,104 @@ def cmd_bench_presets(args) -> int:
     return 0
 
 
+def _attack_options(args) -> dict:
+    """Config fields the user set on the command line (None keeps each attack's default)."""
+    return {"concept": args.concept, "seeds": args.seeds, "steps": args.steps, "prompts_file": args.prompts,
+            "tokens": args.tokens, "epsilon": args.epsilon, "seed": args.seed}
+
+
+def cmd_attack(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .attacks import ATTACKS, compare_runs, make_attack_config, run_attack
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    attacks = args.attack or (list(ATTACKS) if args.compare else [])
+    if not attacks:
+        raise ValueError("give --attack prompts|embedding|perturb (repeat for several)")
+    bars: dict = {}
+
+    def show(stage, done, total):
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
+            bars[stage] = tqdm(total=total, desc=stage)
+        bars[stage].update(done - bars[stage].n)
+
+    given = {k: v for k, v in _attack_options(args).items() if v is not None}
+    known = {a: set(make_attack_config(a).to_dict()) for a in attacks}
+    stray = sorted(k for k in given if not any(k in fields for fields in known.values()))
+    if stray:
+        raise ValueError(f"option(s) {', '.join(stray)} do not apply to the {', '.join(attacks)} attack")
+
+    def options(attack):  # each attack takes the options it has
+        return {k: v for k, v in given.items() if k in known[attack]}
+
+    for attack in attacks:
+        make_attack_config(attack, **options(attack))  # a bad option fails before any model is loaded
+    if args.compare:
+        if args.out:
+            raise ValueError("--out does not go with --compare: each run keeps its attacks in RUN/attacks/")
+        import pandas as pd
+
+        rows = []
+        for attack in attacks:
+            rows.append(compare_runs(args.run_dir, [attack], options(attack), progress=show, device=args.device,
+                                     log=lambda line: tqdm.write(line)))
+        for bar in bars.values():
+            bar.close()
+        table = pd.concat(rows, ignore_index=True)
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            for attack, block in table.groupby("attack", sort=False):
+                print(f"\n{attack}: ASR on the erased model (best probe), the same attack on the base model, "
+                      f"the plain prompt on the erased model")
+                print(block.drop(columns="attack").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        if args.graph:
+            from .graph.recovery import add_recovery
+
+            for graph in args.graph:
+                print(f"recovery rows written to {add_recovery(graph, args.run_dir, attacks)}")
+        return 0
+    if len(args.run_dir) != 1:
+        raise ValueError("attack one run at a time, or compare several with --compare")
+    if args.out and len(attacks) > 1:
+        raise ValueError("--out takes one attack; leave it out to write each into RUN/attacks/")
+    for attack in attacks:
+        result = run_attack(args.run_dir[0], attack, out=args.out, progress=show, device=args.device,
+                            **options(attack))
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+        learned = result.learned.get("nearest_words") or result.learned["best_probe"]
+        print(f"{attack} on {result.concept}: ASR {result.asr:.3f} (best probe {result.asr_best:.3f}); "
+              f"same attack on the base model {result.asr_base:.3f}; plain prompt erased {result.asr_plain:.3f}, "
+              f"base {result.asr_original:.3f}; {result.seconds:.1f} s -> {result.out_dir}")
+        print(f"  learned: {learned}")
+    if args.graph:
+        from .graph.recovery import add_recovery
+
+        for graph in args.graph:
+            print(f"recovery rows written to {add_recovery(graph, args.run_dir, attacks)}")
+    return 0
+
+
+def cmd_bench_attack(args) -> int:
+    import torch
+
+    from .app.attack_bench import print_table, sd14_step_seconds, toy_attack_seconds
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arch == "sd14":
+        print_table(sd14_step_seconds(args.device, args.steps), f"SD-1.4 architecture, random weights, {args.device}")
+    else:
+        print_table(toy_attack_seconds(args.concept, args.steps), "toy world, CPU")
+    return 0
+
+
 def cmd_jobs(args) -> int:
     import json
 
@@ -394,12 +492,15 @@ def cmd_analyse(args) -> int:
             print(compare_summary(table).to_string(index=False, float_format=fmt))
             if args.tables:
                 print("\nper row\n" + table.to_string(index=False, float_format=fmt))
+            _print_recovery({name: s for name, s in stores.items()}, concept_set, args.tables)
         return 0
     similarity = None
     if not args.no_similarity:
         bundle = load_bundle(meta["model"], device=args.device, local_files_only=True if args.offline else None)
         similarity = similarity_measures(bundle, concept_set)
     print(summary(store, concept_set, similarity))
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        _print_recovery(stores, concept_set, True)
     if args.tables:
         with pd.option_context("display.width", 200, "display.max_columns", 30):
             print("\nlocality per row\n" + locality(store, concept_set).to_string(index=False, float_format=fmt))
@@ -408,6 +509,22 @@ def cmd_analyse(args) -> int:
             if similarity is not None:
                 print("\nsimilarity vs Delta\n" + similarity_vs_delta(store, similarity).to_string(index=False, float_format=fmt))
     return 0
+
+
+def _print_recovery(stores: dict, concept_set, per_row: bool) -> None:
+    """Spillover against recovery, for the graphs that have a recovery layer."""
+    from .graph.analysis import recovery_summary, spillover_vs_recovery
+
+    tables = {name: t for name, s in stores.items() if (t := spillover_vs_recovery(s, concept_set)) is not None}
+    if not tables:
+        return
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    print("\nspillover against recovery (rows with a recovery layer): mean Delta top-1 on group neighbours and "
+          "unrelated concepts; ASR of the plain prompt and of each attack on the erased model")
+    print(recovery_summary(tables).to_string(index=False, float_format=fmt))
+    if per_row:
+        for name, table in tables.items():
+            print(f"\n{name} per row\n" + table.to_string(index=False, float_format=fmt))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -510,6 +627,32 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--iterations", type=int, default=None, help="override the presets' model steps (smoke runs)")
     bp.add_argument("--threads", type=int, default=None)
     bp.set_defaults(func=cmd_bench_presets)
+    bat = bench_sub.add_parser("attack", help="seconds of each recovery attack (toy) or per step (SD-1.4 arch)")
+    bat.add_argument("--arch", choices=["toy", "sd14"], default="toy", help="sd14: random SD-1.4 UNet and text encoder")
+    bat.add_argument("--device", default="cpu")
+    bat.add_argument("--concept", default="red circle", help="toy: the concept erased (ESD-'', toy-esd) and attacked")
+    bat.add_argument("--steps", type=int, default=None, help="optimisation steps (toy: the defaults; sd14: 3)")
+    bat.add_argument("--threads", type=int, default=None)
+    bat.set_defaults(func=cmd_bench_attack)
+
+    at = sub.add_parser("attack", help="recovery attacks on an erased run: can the concept come back?")
+    at.add_argument("run_dir", nargs="+", help="erased run folder (several with --compare)")
+    at.add_argument("--attack", action="append", default=None, help="prompts, embedding or perturb (repeat; "
+                    "--compare default: all)")
+    at.add_argument("--compare", action="store_true", help="one ASR table per attack over the runs")
+    at.add_argument("--concept", default=None, help="the erased concept (default: the run's first)")
+    at.add_argument("--prompts", default=None, help="prompts CSV: prompt[,seed][,guidance] (I2P / Ring-A-Bell / "
+                    "UnlearnDiff format)")
+    at.add_argument("--steps", type=int, default=None, help="optimisation steps (embedding, perturb)")
+    at.add_argument("--seeds", default=None, help="evaluation seeds (default 1000-1015)")
+    at.add_argument("--tokens", type=int, default=None, help="embedding: new tokens learned (1-4)")
+    at.add_argument("--epsilon", type=float, default=None, help="perturb: per-token L2 bound, relative")
+    at.add_argument("--seed", type=int, default=None, help="seed of the attack's random draws")
+    at.add_argument("--graph", action="append", default=None, help="add the ASR to this graph's recovery.csv")
+    at.add_argument("--device", default="auto")
+    at.add_argument("--threads", type=int, default=None)
+    at.add_argument("--out", default=None, help="attack folder (default RUN/attacks/ATTACK-CONCEPT)")
+    at.set_defaults(func=cmd_attack)
 
     j = sub.add_parser("jobs", help="the background job store: list, show, cancel, resume, run a worker")
     j.add_argument("--data-dir", default=None, help="job store folder (env AGE_EXPLORER_DATA_DIR, default ./runs)")

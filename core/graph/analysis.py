@@ -199,3 +199,28 @@ def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame
 
 def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
+
+
+def spillover_vs_recovery(store: GraphStore, concept_set: ConceptSet) -> pd.DataFrame | None:
+    """Per erased concept with a recovery layer: spillover on its group neighbours and on unrelated
+    concepts, the plain-prompt ASR and each attack's ASR. ``None`` when the graph has no recovery layer."""
+    recovery = store.recovery()
+    if recovery is None or not len(recovery):
+        return None
+    loc = locality(store, concept_set)
+    loc = loc[loc.erased != "(mean)"]
+    inside = [c for c in loc.columns if c.startswith("in_")]
+    table = pd.DataFrame({"erased": loc.erased, "spill_neighbours": loc[inside].mean(axis=1),
+                          "spill_unrelated": loc.unrelated})
+    asr = recovery.pivot(index="erased", columns="attack", values="asr").add_prefix("asr_")
+    plain = recovery.groupby("erased").asr_plain.first().rename("asr_plain")
+    return table.merge(plain, left_on="erased", right_index=True).merge(asr, left_on="erased", right_index=True)
+
+
+def recovery_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One line per graph: mean spillover and mean ASR per attack on the rows with a recovery layer."""
+    rows = []
+    for name, table in tables.items():
+        means = table.drop(columns="erased").mean().to_dict()
+        rows.append({"graph": name, "rows": len(table), **means})
+    return pd.DataFrame(rows)

@@ -2,7 +2,8 @@
 
 - ``nodes.csv``: concept, its group(s), G_0 top-1 / top-k, flags;
 - ``edges.csv``: erased, affected, G before, G after, Delta top-1, Delta top-k (one block per row);
-- ``graph.json``: model, method, preset, classifier, prompt template, seeds, N, versions, timings.
+- ``graph.json``: model, method, preset, classifier, prompt template, seeds, N, versions, timings;
+- ``recovery.csv`` (optional): per erased concept and recovery attack, its ASR (``graph/recovery.py``).
 Each file is replaced atomically (temp + rename), so a killed sweep loses at most the row in progress.
 """
 
@@ -21,6 +22,9 @@ from ..manifest import publish, write_json_atomic
 NODES, EDGES, META = "nodes.csv", "edges.csv", "graph.json"
 EDGE_COLUMNS = ["erased", "affected", "G_before_top1", "G_after_top1", "delta_top1",
                 "G_before_topk", "G_after_topk", "delta_topk"]
+RECOVERY = "recovery.csv"
+RECOVERY_COLUMNS = ["erased", "attack", "asr", "asr_best", "asr_base", "asr_plain", "images_per_probe", "probes",
+                    "seeds", "run_preset", "seconds"]
 
 
 class DamagedGraphError(ValueError):
@@ -113,6 +117,11 @@ class GraphStore:
     def check(self) -> None:
         """Read every file once: a damaged one raises :class:`DamagedGraphError` naming it."""
         self.meta(), self.nodes(), self.edges()
+
+    def recovery(self) -> pd.DataFrame | None:
+        """ASR per erased concept and attack, when the graph has a recovery layer."""
+        path = self.folder / RECOVERY
+        return pd.read_csv(path, keep_default_na=False) if path.is_file() else None
 
     def rows_done(self) -> list[str]:
         return list(dict.fromkeys(self.edges().erased))

@@ -132,6 +132,22 @@ class ToyBackend(Backend):
     def evaluator(self, bundle: ModelBundle, concept_set) -> ToyEvaluator:
         return ToyEvaluator(self.world, self.classifier, concept_set)
 
+    def probe_prompts(self, concept: str) -> list[tuple[str, str]] | None:
+        """Probes in the toy vocabulary only: held-out templates, word order, the bare words, and the
+        concept's neighbours combined."""
+        world = self.world
+        if concept not in world.names:
+            return None
+        c = world.concept(concept)
+        colour_nbr = world.concept(world.same_colour(concept)[0])  # e.g. red square for red circle
+        shape_nbr = world.concept(world.same_shape(concept)[0])  # e.g. green circle
+        probes = [("held-out template", t.format(c=concept)) for t in world.paraphrase_templates]
+        probes += [("word order", f"{c.shape} {c.colour}"), ("word order", f"a photo of a {c.shape} {c.colour}"),
+                   ("bare word", c.colour), ("bare word", c.shape),
+                   ("neighbours combined", f"a {c.colour} {colour_nbr.shape} {c.shape}"),
+                   ("neighbours combined", f"a {colour_nbr.name} a {shape_nbr.name}")]
+        return probes
+
     def check_concepts(self, bundle: ModelBundle, concepts: list[str], target: str | None = None) -> None:
         from ..erasure.config import short
 

@@ -1,0 +1,294 @@
+"""What every recovery attack shares: the config fields, the attacked run (its erased and base weights),
+the judge that decides whether an image shows the concept, generation from hidden states, and the
+denoising objective of the optimising attacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..bundle import ModelBundle, load_bundle
+from ..runs import CorruptRunError, apply_delta, is_run_dir, read_manifest
+from ..sampling import initial_latents, parse_seeds, sample_latents
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class AttackStopped(Exception):
+    """The caller's stop flag was raised; nothing was written."""
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class AttackConfig:
+    """Fields every attack shares. Evaluation seeds are the same for recovered, original and erased images."""
+
+    attack: ClassVar[str] = ""
+
+    concept: str | None = _help("the erased concept to recover (default: the run's first)", None)
+    seeds: str = _help("evaluation seeds (N images per prompt)", "1000-1015")
+    template: str = _help("prompt of the concept, {c} = concept; learned tokens take the place of {c}",
+                          "a photo of a {c}")
+    sample_steps: int | None = _help("DDIM steps of evaluation images (default: the model's)", None)
+    guidance: float | None = _help("CFG scale of evaluation images (default: the model's)", None)
+    seed: int = _help("seed of the attack's own random draws", 0)
+
+    def __post_init__(self):
+        if self.concept is not None:
+            self.concept = self.concept.strip()
+            if not self.concept:
+                raise ValueError("concept is empty: give the erased concept, or leave it out for the run's own")
+        self.seeds = str(self.seeds)
+        parse_seeds(self.seeds)
+        if "{c}" not in self.template:
+            raise ValueError(f"template must contain {{c}}, got {self.template!r}")
+        if self.sample_steps is not None and self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a finite number, got {self.guidance}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return parse_seeds(self.seeds)
+
+    def to_dict(self) -> dict:
+        return {"attack": self.attack, **asdict(self)}
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@dataclass
+class OptimConfig(AttackConfig):
+    """Fields of the attacks that optimise an input against the denoising objective."""
+
+    steps: int = _help("optimisation steps", 200)
+    lr: float = _help("Adam learning rate", 5e-2)
+    batch_size: int = _help("noised images per step", 4)
+    train_images: int = _help("images of the concept made by the base model (the attack's data)", 8)
+    train_seed: int = _help("first seed of the training images (seeds train_seed .. train_seed+N-1)", 0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("steps", "batch_size", "train_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        overlap = set(self.train_seeds) & set(self.seed_list)
+        if overlap:
+            raise ValueError(f"training seeds and evaluation seeds overlap ({min(overlap)}, ...): an attack is "
+                             f"judged on images it was not fitted to; move train_seed or seeds")
+
+    @property
+    def train_seeds(self) -> list[int]:
+        return list(range(self.train_seed, self.train_seed + self.train_images))
+
+
+@dataclass
+class Probe:
+    """One attack input: hidden states to generate from, with its seeds and guidance."""
+
+    label: str  # the prompt, or a description of the learned input
+    cond: torch.Tensor  # (1, L, D)
+    seeds: list[int]
+    guidance: float | None = None
+    kind: str = ""
+
+
+class AttackTarget:
+    """An erased run loaded for attack: the bundle carries the erased weights; ``weights("base")``
+    swaps in the base values of the weights the run changed (no second model in memory)."""
+
+    def __init__(self, run_dir: str | Path, device="auto", dtype=None, local_files_only: bool | None = None):
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {run_dir} does not exist")
+        if not is_run_dir(self.run_dir):
+            raise ValueError(f"{run_dir} is not an erased run (no erasure manifest.json): attack a folder "
+                             f"written by `age-explorer erase`")
+        self.manifest = read_manifest(self.run_dir)
+        m = self.manifest
+        bundle = load_bundle(m["base_model"], device=device, dtype=dtype, local_files_only=local_files_only,
+                             revision=m.get("base_revision"))
+        if m.get("base_revision") and bundle.revision and m["base_revision"] != bundle.revision:
+            raise CorruptRunError(f"run {run_dir} was made on revision {m['base_revision']} of {m['base_model']}, "
+                                  f"but revision {bundle.revision} is installed")
+        from safetensors import safe_open
+
+        with safe_open(str(self.run_dir / m.get("delta_file", "delta.safetensors")), "pt") as f:
+            names = list(f.keys())
+        params = dict(bundle.unet.named_parameters())
+        self.base_values = {n: params[n].detach().clone() for n in names if n in params}
+        apply_delta(bundle, self.run_dir, m)
+        self.erased_values = {n: params[n].detach().clone() for n in self.base_values}
+        bundle.run_manifest, bundle.base_source = m, bundle.source
+        bundle.source = str(self.run_dir)
+        self.bundle: ModelBundle = bundle
+        self.active = "erased"
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self.manifest["concepts"])
+
+    def concept(self, asked: str | None) -> str:
+        if asked is None:
+            return self.concepts[0]
+        if asked not in self.concepts:
+            raise ValueError(f"{asked!r} is not a concept of the run {self.run_dir} "
+                             f"(it erased: {', '.join(self.concepts)})")
+        return asked
+
+    def describe(self) -> str:
+        m = self.manifest
+        search = m.get("config", {}).get("target_search")
+        target = m.get("config", {}).get("target")
+        what = m["method"].upper() + (f" ({search} search)" if search else "") + \
+            (f" target {target!r}" if target is not None else "")
+        return f"{what}, preset {m.get('preset')}"
+
+    @contextlib.contextmanager
+    def weights(self, which: str):
+        """``base`` or ``erased`` weights for the duration of the block (blocks nest); then the ones before."""
+        if which not in ("base", "erased"):
+            raise ValueError(f"weights must be base or erased, got {which!r}")
+        before = self.active
+        self._load(which)
+        try:
+            yield self.bundle
+        finally:
+            self._load(before)
+
+    def _load(self, which: str) -> None:
+        params = dict(self.bundle.unet.named_parameters())
+        with torch.no_grad():
+            for name, value in (self.base_values if which == "base" else self.erased_values).items():
+                params[name].copy_(value)
+        self.active = which
+
+
+class Judge:
+    """Whether each image shows ``concept``: top-1 of the evaluator is the concept (as G top-1 counts)."""
+
+    def __init__(self, name: str, evaluator, label: int):
+        self.name, self.evaluator, self.label = name, evaluator, label
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.topk(images, 1)[:, 0].cpu() == self.label
+
+
+def default_judge(bundle: ModelBundle, concept: str, evaluator: str | None = None,
+                  concept_set: str | None = None) -> Judge:
+    """The toy classifier on the toy world; on SD the graph's evaluator over a concept set holding the concept."""
+    from ..graph.capability import default_evaluator_name, load_evaluator
+    from ..graph.concept_sets import load_concept_set
+
+    own = bundle.backend.concept_set()
+    cs = load_concept_set(concept_set or (bundle.kind if own is not None else "imagenette"), bundle)
+    if concept not in cs.concepts:
+        raise ValueError(f"the evaluator's concept set {cs.name!r} has no class {concept!r}: pass a concept set "
+                         f"that holds it (a CSV of concepts, --concept-set FILE)")
+    name = evaluator or default_evaluator_name(bundle, cs)
+    return Judge(name, load_evaluator(name, bundle, cs), cs.concepts.index(concept))
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """No gradients into the models' weights (only the attack's own tensors train); flags restored after."""
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise AttackStopped("stopped")
+
+
+def generate_states(bundle: ModelBundle, cond: torch.Tensor, seeds: list[int], steps: int | None,
+                    guidance: float | None, stop=None, batch_size: int = 64) -> torch.Tensor:
+    """Images from hidden states (the learned inputs have no prompt text), as ``generate`` does."""
+    steps = steps or bundle.default_steps
+    guidance = bundle.default_guidance if guidance is None else guidance
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        check_stop(stop)
+        chunk = seeds[start:start + batch_size]
+        latents = sample_latents(bundle, cond.expand(len(chunk), -1, -1), initial_latents(bundle, chunk), steps,
+                                 guidance, eta=bundle.default_eta, seeds=chunk)
+        out.append(bundle.decode(latents).cpu())
+    return torch.cat(out)
+
+
+class DenoisingObjective:
+    """Noise-prediction loss of the current UNet on fixed images of the concept (textual inversion's loss).
+
+    The images are latents the *base* model made for the plain prompt with fixed seeds; timesteps and
+    noise come from the attack's own generator, so an attack is deterministic for its seed.
+    """
+
+    def __init__(self, target: AttackTarget, concept: str, config: OptimConfig, progress: Progress | None = None,
+                 stop=None):
+        bundle = target.bundle
+        self.bundle, self.config = bundle, config
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.scheduler = bundle.train_scheduler()
+        with target.weights("base"):
+            cond = bundle.encode([config.template.format(c=concept)])
+            seeds = config.train_seeds
+            latents = []
+            for i, s in enumerate(seeds):
+                check_stop(stop)
+                latents.append(sample_latents(bundle, cond, initial_latents(bundle, [s]),
+                                              config.sample_steps or bundle.default_steps,
+                                              bundle.default_guidance if config.guidance is None else config.guidance))
+                if progress:
+                    progress("training images", i + 1, len(seeds))
+        self.x0 = torch.cat(latents).detach()
+
+    def loss(self, states: torch.Tensor) -> torch.Tensor:
+        """``states``: (1, L, D) hidden states with gradients to the attack's tensors."""
+        b = self.config.batch_size
+        g = self.generator
+        idx = torch.randint(len(self.x0), (b,), generator=g)
+        t = torch.randint(self.scheduler.config.num_train_timesteps, (b,), generator=g)
+        noise = torch.randn((b, *self.x0.shape[1:]), generator=g).to(self.x0)
+        x0 = self.x0[idx]
+        t = t.to(self.bundle.device)
+        xt = self.scheduler.add_noise(x0, noise, t)
+        out = self.bundle.unet(xt, t, encoder_hidden_states=states.expand(b, -1, -1)).sample.float()
+        target = self.scheduler.get_velocity(x0, noise, t) if self.bundle.prediction_type == "v_prediction" else noise
+        return F.mse_loss(out, target.float())
+
+
+def content_positions(bundle: ModelBundle, ids: torch.Tensor) -> torch.Tensor:
+    """Positions of a tokenised prompt (1, L) that hold words, not start/end/padding tokens."""
+    special = set(bundle.tokenizer.all_special_ids)
+    return torch.tensor([i for i, tok in enumerate(ids[0].tolist()) if tok not in special], dtype=torch.long)
+
+
+def nearest_words(bundle: ModelBundle, vectors: torch.Tensor, table: torch.Tensor, k: int = 3) -> list[list[str]]:
+    """The vocabulary tokens whose input embeddings are closest (cosine) to each vector: what a learned
+    vector 'reads as'."""
+    special = set(bundle.tokenizer.all_special_ids)
+    sims = F.normalize(vectors.detach().float(), dim=-1) @ F.normalize(table.detach().float(), dim=-1).T
+    if special:
+        sims[:, [i for i in special if i < sims.shape[1]]] = -2
+    top = sims.topk(min(k, sims.shape[1]), dim=1).indices
+    return [bundle.tokenizer.convert_ids_to_tokens(row.tolist()) for row in top]
