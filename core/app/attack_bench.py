@@ -99,15 +99,15 @@ def sd14_step_seconds(device: str = "cpu", steps: int | None = None, batch_size:
     steps = steps or 3
     rows = []
     cond = bundle.encode(["a photo of a erased concept"])
-    for n in (1, 1 + steps):  # the first call warms up; the cost is the difference
+    seconds = {}
+    for n in (1, 1, 1 + steps):  # a warm-up call first; then the cost per step is the difference
         _sync(dev)
         start = time.perf_counter()
         sample_latents(bundle, cond, initial_latents(bundle, [0]), n, 7.5)
         _sync(dev)
-        if n == 1:
-            one = time.perf_counter() - start
+        seconds[n] = time.perf_counter() - start
     rows.append({"attack": "prompts (generation)", "unit": "DDIM step, 1 image, CFG",
-                 "seconds": (time.perf_counter() - start - one) / steps})
+                 "seconds": (seconds[1 + steps] - seconds[1]) / steps})
     for attack in ("embedding", "perturb"):
         config = make_attack_config(attack, concept="erased concept", template="a photo of a {c}", steps=steps + 1,
                                     train_images=1, sample_steps=1, batch_size=batch_size, seeds="1000")

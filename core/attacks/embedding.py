@@ -101,8 +101,10 @@ class EmbeddingAttack:
         table = bundle.text_encoder.get_input_embeddings().weight.detach()
         g = torch.Generator().manual_seed(config.seed + 1)
         # Start from the mean word plus noise of the table's spread: no prior knowledge of the concept.
-        init = table.float().mean(0) + table.float().std(0) * torch.randn((config.tokens, table.shape[1]), generator=g)
-        vectors = torch.nn.Parameter(init.to(table.device))
+        # drawn on the CPU (the generator's device), so a seed gives the same start on any device
+        noise = torch.randn((config.tokens, table.shape[1]), generator=g).to(table.device)
+        init = table.float().mean(0) + table.float().std(0) * noise
+        vectors = torch.nn.Parameter(init)
         optimizer = torch.optim.Adam([vectors], lr=config.lr)
         losses = []
         with frozen(bundle.unet, bundle.text_encoder), placeholder_tokens(bundle, vectors, config.placeholder) as words:
