@@ -1,0 +1,47 @@
+"""A few rows of the bad-input table (scripts/bad_inputs_table.py), run by the script's own helper: the
+real `age-explorer` in a subprocess answers with one line of error and writes nothing."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table_script():
+    spec = importlib.util.spec_from_file_location("bad_inputs_table", ROOT / "scripts" / "bad_inputs_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+table = _table_script()
+
+# Each row starts `age-explorer`, whose start-up imports torch and diffusers (about 6 CPU-seconds), so five
+# rows take about 15 s on two idle cores and more on busy ones: slow, out of the quick loop.
+pytestmark = pytest.mark.slow
+
+# rows that need no finished run; the names are the script's
+ROWS = ["seed range 0-1000000000", "--iterations 10**12", "ESD target 'zebra 🦓' on the toy model",
+        "garbage jobs.sqlite3", "export of a missing run"]
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bad-inputs")
+    (work / "garbage-jobs").mkdir()
+    (work / "garbage-jobs" / "jobs.sqlite3").write_bytes(b"this is not a database" * 100)
+    cases = {case.what: case for case in table.cli_cases(hub=f"http://127.0.0.1:{table.unused_port()}")}
+    rows = table.run_cli_cases([cases[what] for what in ROWS], work, jobs=2)  # two at a time: each start imports torch
+    return dict(zip(ROWS, rows))
+
+
+@pytest.mark.parametrize("what", ROWS)
+def test_bad_cli_input_gets_one_line_and_writes_nothing(observed, what):
+    row = observed[what]
+    assert row.code == "2", row
+    assert row.message.startswith("error: ") and row.one_line == "yes", row
+    assert row.checked == "yes", row
