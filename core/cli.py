@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import warnings
@@ -30,11 +31,12 @@ def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
     from .imageio import save_pngs
-    from .sampling import generate, parse_seeds
+    from .sampling import check_sampling_options, generate, parse_seeds
 
     seeds = parse_seeds(args.seeds)
     if not args.prompt.strip():
         raise ValueError("prompt is empty: give a text such as 'a red circle'")
+    check_sampling_options(args.steps, args.guidance)  # before the model loads and the bar starts
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = _load(args)
@@ -527,8 +529,15 @@ def _print_recovery(stores: dict, concept_set, per_row: bool) -> None:
             print(f"\n{name} per row\n" + table.to_string(index=False, float_format=fmt))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line that points at --help, not the whole usage block; subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="age-explorer", description=(
+    parser = OneLineParser(prog="age-explorer", description=(
         "See and steer concept erasure in text-to-image diffusion models (AGE, ESD, UCE)."))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -718,15 +727,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the libraries' own log lines (tokenizer length, optional processors) would add lines to one-line
+    # messages; the project warns about what matters itself. A user's setting wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once when redirected to a log
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+        from tqdm.auto import tqdm
+
         from .bundle import PromptWarning
 
         warnings.filterwarnings("always", category=PromptWarning)
-        warnings.showwarning = lambda msg, cat, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        # tqdm.write keeps a warning off the line of a running progress bar
+        warnings.showwarning = lambda msg, cat, *a, **k: tqdm.write(f"warning: {msg}", file=sys.stderr)
         try:
             return args.func(args)
         # input, file and network errors are one line; FloatingPointError: a diverged loss

@@ -100,6 +100,20 @@ def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tenso
     return latents
 
 
+def check_sampling_options(steps: int | None = None, guidance_scale: float | None = None,
+                           eta: float | None = None) -> None:
+    """Refuse bad sampling options (None: the model's default, checked later) before any work starts."""
+    from .erasure.config import MAX_DDIM_STEPS, MAX_GUIDANCE, check_range
+
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or not 1 <= steps <= MAX_DDIM_STEPS):
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_DDIM_STEPS}, got {steps!r}")
+    if guidance_scale is not None:
+        check_range("guidance", guidance_scale, 0, MAX_GUIDANCE)
+    if eta is not None:
+        check_range("eta", eta, 0, 1)
+
+
 def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | str,
              steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 100,
              progress: Callable[[int, int], None] | None = None, eta: float | None = None) -> torch.Tensor:
@@ -115,16 +129,11 @@ def generate(bundle: ModelBundle, prompts: list[str] | str, seeds: list[int] | s
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: give a text such as 'a red circle'")
-    from .erasure.config import MAX_DDIM_STEPS, MAX_GUIDANCE, check_range
-
     seeds = parse_seeds(seeds)
     steps = bundle.default_steps if steps is None else steps  # 0 is an error, not "the default"
     guidance_scale = bundle.default_guidance if guidance_scale is None else guidance_scale
     eta = bundle.default_eta if eta is None else eta
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DDIM_STEPS:
-        raise ValueError(f"steps must be a whole number from 1 to {MAX_DDIM_STEPS}, got {steps!r}")
-    check_range("guidance", guidance_scale, 0, MAX_GUIDANCE)
-    check_range("eta", eta, 0, 1)
+    check_sampling_options(steps, guidance_scale, eta)
     pairs = [(p, s) for p in prompts for s in seeds]
     states = {p: bundle.encode([p]) for p in dict.fromkeys(prompts)}
     images = []

@@ -32,7 +32,7 @@ class StableDiffusionBackend(Backend):
             local_files_only, revision = True, None
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
                 local_files_only=local_files_only, revision=revision,
             )
         except Exception as err:

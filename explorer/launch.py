@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
                                   allow_server_token=args.allow_server_token, public=args.public))
-    except (PermissionError, ValueError) as err:  # e.g. a read-only data folder, a damaged job store
+    except OSError as err:  # a read-only data folder, a data folder under a file
+        where = f"{err.filename}: " if err.filename else ""
+        parser.exit(2, f"error: cannot use the data folder: {where}{err.strerror or err}\n")
+    except ValueError as err:  # e.g. a damaged job store
         parser.exit(2, f"error: {err}\n")
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    mcp_server=args.mcp)

@@ -156,3 +156,62 @@ def test_a_garbage_model_index_is_named(tmp_path):
     (tmp_path / "model_index.json").write_text("garbage")
     with pytest.raises(RuntimeError, match="model_index.json' is not a valid JSON file"):
         load_bundle(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["erase", "--concept", "red circle", "--iterations", "abc"], "argument --iterations: invalid int value: 'abc'"),
+    (["generate", "--seeds"], "argument --seeds: expected one argument"),
+    (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+])
+def test_cli_usage_errors_are_one_line(argv, message, capsys):
+    from age_explorer.core.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err and "--help" in err
+
+
+@pytest.mark.parametrize("flags, message", [(["--steps", "0"], "steps must be a whole number"),
+                                            (["--guidance", "nan"], "guidance must be a finite number"),
+                                            (["--guidance", "1e308"], "guidance must be a finite number")])
+def test_cli_generate_refuses_bad_options_before_loading_the_model(flags, message, tmp_path, capsys, monkeypatch):
+    from age_explorer.core import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model loaded before the options were checked"))
+    code = cli.main(["generate", "--prompt", "a red circle", "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_unet_weights_are_one_line_naming_the_file(tiny_sd_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_sd_dir, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    from age_explorer.core.bundle import ModelUnavailableError
+
+    with pytest.raises(ModelUnavailableError) as caught:
+        load_bundle(str(folder), device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message and str(folder) in message and "unet/diffusion_pytorch_model.safetensors" in message
+
+
+@pytest.mark.parametrize("damage", ["under a file", "garbage job store"])
+def test_the_app_launcher_refuses_a_bad_data_folder_in_one_line(damage, tmp_path, capsys):
+    from age_explorer.explorer.launch import main
+
+    if damage == "under a file":
+        (tmp_path / "a-file").write_text("not a folder")
+        data = tmp_path / "a-file" / "data"
+    else:
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "jobs.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SystemExit) as stop:
+        main(["--data-dir", str(data), "--port", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err

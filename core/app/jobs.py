@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..erasure.config import short
 from ..manifest import folder_lock
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -71,7 +72,7 @@ _OWNER_COLUMNS = {"owner_pid": "INTEGER", "owner_host": "TEXT", "heartbeat": "RE
 
 class UnknownJobError(KeyError):
     def __str__(self) -> str:
-        return f"unknown job id {self.args[0]!r}; `age-explorer jobs list` shows the jobs"
+        return f"unknown job id {short(self.args[0])}; `age-explorer jobs list` shows the jobs"
 
 
 def default_data_dir() -> Path:

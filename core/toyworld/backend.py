@@ -81,7 +81,7 @@ class ToyBackend(Backend):
             raise ModelUnavailableError(f"toy model folder {folder} is incomplete: missing {', '.join(missing)}. "
                                         f"Re-create it with `age-explorer toyworld train --out {folder}`.")
         manifest = json.loads((folder / "manifest.json").read_text())
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype).to(device).eval()
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").to(device).eval()
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")
         scheduler_config = dict(DDPMScheduler.from_pretrained(folder / "scheduler").config)
