@@ -1,0 +1,158 @@
+"""The GPU check: the figures docs/erasure.md reports for a CUDA machine, on random weights of the SD-1.4
+architecture (nothing to download), written to one JSON as they come.
+
+    python scripts/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, about 6 minutes on an H200
+    python scripts/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
+
+Parts, each timed on its own and recorded even when a later one fails:
+1. ``bench``: the engine's AGE iteration against the reference-style loop (fp32, TF32, bf16), side by side;
+2. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
+   model steps (and as many pi steps), with wall time, seconds per model step, the estimate for the
+   recipe's 1000 and the peak GPU memory;
+3. ``sdxl_esd``: an ESD erasure on the SDXL architecture, when the installed engine has an SDXL backend;
+4. ``evaluate``: the evaluation of that imagenette run on a handful of images, when the engine has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from age_explorer.core.app.bench import SD14_UNET, engine_seconds, random_sd14_bundle, reference_style_seconds
+from age_explorer.core.device import resolve_device
+
+TINY_UNET = dict(SD14_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+                 attention_head_dim=4)
+
+
+def bundle_for(device: torch.device, tiny: bool):
+    bundle = random_sd14_bundle(device)
+    if tiny:
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        bundle.unet = UNet2DConditionModel(**TINY_UNET).to(device).eval()
+    return bundle
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def part_bench(device, tiny, iterations) -> dict:
+    bundle = bundle_for(device, tiny)
+    rows = {"reference_fp32": {"s_per_iter": reference_style_seconds(bundle, iterations)}}
+    for name, precision, tf32 in [("engine_fp32", "fp32", False), ("engine_tf32", "fp32", True),
+                                  ("engine_bf16", "bf16", False)]:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        sec, info = engine_seconds(bundle, iterations, precision)
+        rows[name] = {"s_per_iter": sec, "peak_gib": info["peak_gib"],
+                      "speedup": rows["reference_fp32"]["s_per_iter"] / sec}
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return {"iterations_timed": iterations, "rows": rows}
+
+
+def part_imagenette(device, tiny, iterations, work: Path) -> dict:
+    from age_explorer.core.erasure import PRESETS, erase, make_config
+
+    bundle = bundle_for(device, tiny)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    config = make_config(PRESETS["imagenette"][0], "imagenette", concepts=["garbage truck"],
+                         iterations=iterations, precision=precision, requires_gpu=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    result = erase(bundle, config, work / "imagenette-run")
+    seconds = time.perf_counter() - started
+    per_step = seconds / iterations
+    return {"precision": precision, "model_steps": iterations, "steps_done": result.steps_done,
+            "seconds": seconds, "s_per_model_step": per_step,
+            "estimate_1000_model_steps_min": per_step * 1000 / 60, "peak_gib": peak_gib(device),
+            "run_dir": str(work / "imagenette-run")}
+
+
+def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
+    try:
+        from age_explorer.core.app.bench import random_sdxl_bundle
+    except ImportError:
+        return {"skipped": "this engine has no SDXL benchmark bundle (age_explorer.core.app.bench.random_sdxl_bundle)"}
+    from age_explorer.core.erasure import erase, make_config
+
+    bundle = random_sdxl_bundle(device, tiny=tiny)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    config = make_config("esd", None, concepts=["garbage truck"], iterations=iterations, precision=precision,
+                         parameter_set="xattn", loss_space="eps")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    erase(bundle, config, work / "sdxl-esd-run")
+    seconds = time.perf_counter() - started
+    return {"precision": precision, "iterations": iterations, "seconds": seconds,
+            "s_per_iter": seconds / iterations, "peak_gib": peak_gib(device)}
+
+
+def part_evaluate(device, run_dir: str | None) -> dict:
+    if importlib.util.find_spec("age_explorer.core.evaluation") is None:
+        return {"skipped": "this engine has no age_explorer.core.evaluation"}
+    if run_dir is None:
+        return {"skipped": "no imagenette run to evaluate"}
+    from age_explorer.core.evaluation import gpu_check_figures
+
+    return gpu_check_figures(run_dir, device=device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the JSON to write (rewritten after every part)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a small UNet instead of SD-1.4's (a CPU test)")
+    parser.add_argument("--bench-iterations", type=int, default=10)
+    parser.add_argument("--age-iterations", type=int, default=60, help="model steps of the imagenette run")
+    parser.add_argument("--sdxl-iterations", type=int, default=20)
+    parser.add_argument("--parts", default="bench,imagenette,sdxl_esd,evaluate")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+               "torch": torch.__version__, "python": sys.version.split()[0], "tiny": args.tiny, "parts": {}}
+
+    def record(name, fn):
+        started = time.perf_counter()
+        print(f"[gpu_check] {name} ...", flush=True)
+        try:
+            figures["parts"][name] = fn()
+        except Exception as err:  # one part's failure must not lose the others' figures
+            figures["parts"][name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        figures["parts"][name]["wall_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(figures, indent=2, default=str))
+        print(f"[gpu_check] {name}: {json.dumps(figures['parts'][name], default=str)[:600]}", flush=True)
+
+    import diffusers
+
+    figures["diffusers"] = diffusers.__version__
+    parts = args.parts.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "bench" in parts:
+            record("bench", lambda: part_bench(device, args.tiny, args.bench_iterations))
+        if "imagenette" in parts:
+            record("imagenette", lambda: part_imagenette(device, args.tiny, args.age_iterations, work))
+        if "sdxl_esd" in parts:
+            record("sdxl_esd", lambda: part_sdxl_esd(device, args.tiny, args.sdxl_iterations, work))
+        if "evaluate" in parts:
+            record("evaluate", lambda: part_evaluate(device, figures["parts"].get("imagenette", {}).get("run_dir")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
