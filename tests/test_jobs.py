@@ -40,7 +40,7 @@ def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tin
     store = JobStore(tmp_path / "data")
     job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60, checkpoint_every=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    worker = subprocess.Popen([sys.executable, "-m", "age_explorer.core.cli", "jobs", "--data-dir", str(tmp_path / "data"),
+    worker = subprocess.Popen([sys.executable, "-m", "age_explorer.core.app.cli", "jobs", "--data-dir", str(tmp_path / "data"),
                                "worker", "--device", "cpu", "--once"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
