@@ -2,15 +2,18 @@
 
 A run folder holds ``delta.safetensors`` (only the changed parameters), ``manifest.json`` (config,
 preset, deviations, seeds, versions, base model and a fingerprint of the weights it changed) and
-``history.csv``. ``load_bundle(run_dir)`` loads the base and applies the delta, so "generate with the
+``history.csv``, and ``history.jsonl``, each step's report appended as it happens (``read_history``).
+``load_bundle(run_dir)`` loads the base and applies the delta, so "generate with the
 erased model", graph rows and export are the same operation.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,6 +22,8 @@ from safetensors.torch import load_file, save_file
 RUN_KIND = "age-explorer erasure run"
 DELTA = "delta.safetensors"
 MANIFEST = "manifest.json"
+HISTORY = "history.jsonl"
+HISTORY_TABLE = "history.csv"  # written at the end of a run; the only history of runs made before history.jsonl
 
 
 class CorruptRunError(RuntimeError):
@@ -100,3 +105,44 @@ def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
     with torch.no_grad():
         for name, value in delta.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+class HistoryLog:
+    """A step callback that appends each report (``asdict``) to the run folder's ``history.jsonl`` as it
+    happens, so that a page can re-attach to a running job and draw its whole curve. A resumed run first
+    drops the rows from its checkpoint's step on, which the stopped run had already written."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / HISTORY
+        self.started = False
+
+    def __call__(self, report) -> None:
+        if not self.started:
+            kept = [row for row in read_history(self.path.parent) if row["step"] < report.step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            self.started = True
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(report)) + "\n")
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """A run's step reports, oldest first, each ``{"step", "phase", "concept", "losses": {...}, ...}``: from
+    ``history.jsonl``, or from ``history.csv`` in a run folder written before it ([] when neither exists)."""
+    run_dir = Path(run_dir)
+    if (run_dir / HISTORY).is_file():
+        lines = (run_dir / HISTORY).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    if not (run_dir / HISTORY_TABLE).is_file():
+        return []
+    meta = {"step", "phase", "concept", "elapsed", "pick", "pick_is_neighbour"}
+    rows = []
+    with open(run_dir / HISTORY_TABLE, newline="") as f:
+        for record in csv.DictReader(f):
+            row = {"step": int(record["step"]), "phase": record["phase"], "concept": record["concept"],
+                   "elapsed": float(record["elapsed"]),
+                   "losses": {k: float(v) for k, v in record.items() if k not in meta and v != ""}}
+            if record.get("pick"):
+                row["pick"] = record["pick"]
+                row["pick_is_neighbour"] = record["pick_is_neighbour"] == "True"
+            rows.append(row)
+    return rows

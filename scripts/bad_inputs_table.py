@@ -2,7 +2,7 @@
 
 Usage: python scripts/bad_inputs_table.py [--out docs/bad-inputs.md] [--work DIR] [--jobs 3]
 
-CLI rows run ``python -m age_explorer.core.cli ...`` as a real subprocess in a work folder (a temporary
+CLI rows run ``python -m age_explorer.core.app.cli ...`` as a real subprocess in a work folder (a temporary
 one unless --work is given). Each row records the exit code and the last line of stderr, and checks:
 
 - one line: exactly one line of error output (progress bars aside), nothing printed after it, no
@@ -178,7 +178,7 @@ def run_cli(case: CliCase, work: Path) -> Row:
     before = listing(work, case.watch)
     start = time.time()
     try:
-        done = subprocess.run([sys.executable, "-m", "age_explorer.core.cli", *argv], cwd=work, env=cli_env(case.env),
+        done = subprocess.run([sys.executable, "-m", "age_explorer.core.app.cli", *argv], cwd=work, env=cli_env(case.env),
                               capture_output=True, text=True, timeout=case.timeout)
         code, stderr = str(done.returncode), done.stderr
         message, one_line = judge_cli(done.returncode, stderr, case.expect)
@@ -295,7 +295,7 @@ def make_fixtures(work: Path, log=print) -> dict:
     run = work / "run"
     if not (run / "delta.safetensors").exists():
         log("making the toy UCE run W/run")
-        subprocess.run([sys.executable, "-m", "age_explorer.core.cli", "erase", "--model", "toy", "--concept", "red circle",
+        subprocess.run([sys.executable, "-m", "age_explorer.core.app.cli", "erase", "--model", "toy", "--concept", "red circle",
                         "--method", "uce", "--out", str(run)], cwd=work, env=cli_env(), check=True, capture_output=True)
     manifest = json.loads((run / "manifest.json").read_text())
     for name in ("other-base", "truncated-delta", "bad-manifest"):
@@ -692,7 +692,7 @@ def main() -> int:
         f"on the toy model, on {os.cpu_count()} CPU cores, in {seconds:.0f} s: {len(rows)} inputs, {cli_n} through the CLI "
         f"and {len(rows) - cli_n} through the app. Every row is an observation of that run (W = its work folder).",
         "",
-        "- **CLI** rows run `python -m age_explorer.core.cli …` as a subprocess. *Message*: the last line of stderr "
+        "- **CLI** rows run `python -m age_explorer.core.app.cli …` as a subprocess. *Message*: the last line of stderr "
         "that is not a progress bar. *One line*: exactly one such line, nothing printed after it, no `Traceback`, "
         f"at most {MAX_MESSAGE} characters. *Nothing written*: a listing with checksums of the folders the command was "
         "told to write to is the same before and after, except for the files the row exists to write (named there).",

@@ -9,7 +9,7 @@ import torch
 from age_explorer.core.attacks import ATTACKS, AttackStopped, AttackTarget, make_attack_config, run_attack
 from age_explorer.core.attacks.common import Judge
 from age_explorer.core.attacks.embedding import placeholder_tokens
-from age_explorer.core.cli import main
+from age_explorer.core.app.cli.main import main
 from age_explorer.core.erasure import erase, make_config
 
 TINY = {"prompts": dict(seeds="1000", sample_steps=2),

@@ -1,6 +1,7 @@
+import pytest
 from PIL import Image
 
-from age_explorer.core.cli import main
+from age_explorer.core.app.cli.main import main
 
 
 def test_generate_writes_view_and_raw_pngs(tmp_path, capsys):
@@ -89,3 +90,129 @@ def test_export_out_is_the_folder_and_force_keeps_other_files(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(out), "--force"]) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() != "old card"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---- erase: every config field of every registered method has a flag, and its value lands in the config ----
+
+# Text fields need a valid value other than their default; the other types get one from their default.
+TEXT_VALUES = {"prompt_template": "a {c}", "parameter_set": "noxattn", "loss_space": "eps", "xt_source": "pool",
+               "precision": "bf16", "vocab": "toy", "target_search": "damage", "target": "a blue square",
+               "preset": None}  # preset: the method's first preset, below
+LIST_VALUES = {"concepts": ["red circle", "blue ring"], "synonyms": ["crimson"], "preserve": ["green square"],
+               "deviations": ["a note"], "candidates": ["red square", "ring"]}
+
+
+def _changed(field, method_name):
+    """A valid value other than the field's default, and the flags that give it."""
+    from age_explorer.core.app.cli.config_flags import flag_name
+    from age_explorer.core.erasure import presets_for
+
+    name, flag = field.name, flag_name(field.name)
+    if name == "preset":
+        preset = presets_for(method_name)[0]
+        return preset, ["--preset", preset]
+    if name == "candidates":  # read from a file, one per line
+        return LIST_VALUES[name], ["--candidates", "CANDIDATES_FILE"]
+    if name in LIST_VALUES:
+        return LIST_VALUES[name], [arg for value in LIST_VALUES[name] for arg in (flag, value)]
+    if name in TEXT_VALUES:
+        return TEXT_VALUES[name], [flag, TEXT_VALUES[name]]
+    if isinstance(field.default, bool):
+        return not field.default, [flag if not field.default else "--no-" + flag[2:]]
+    if name == "neighbour_groups":
+        return {"red circle": ["red square"]}, [flag, '{"red circle": ["red square"]}']
+    if isinstance(field.default, int):
+        return field.default + 1, [flag, str(field.default + 1)]
+    if isinstance(field.default, float):
+        return field.default + 0.5, [flag, str(field.default + 0.5)]
+    raise AssertionError(f"add a test value for {method_name}'s field {name!r}")
+
+
+def _erase_cases():
+    import dataclasses
+
+    from age_explorer.core.erasure import METHODS
+
+    return [pytest.param(name, field, id=f"{name}-{field.name}")
+            for name, method in METHODS.items() for field in dataclasses.fields(method.config)]
+
+
+class _Stop(Exception):
+    """Raised by the stand-in for ``erase``: the config was built; the test ends the command there."""
+
+
+@pytest.fixture
+def erase_config(monkeypatch, tmp_path):
+    """Run ``age-explorer erase ARGS`` up to the erasure and return the config it built (no model loads)."""
+    import types
+
+    from age_explorer.core import erasure
+    from age_explorer.core.app.cli import erase as erase_command
+
+    built = []
+
+    def fake_erase(bundle, config, *args, **kwargs):
+        built.append(config)
+        raise _Stop
+
+    stub = types.SimpleNamespace(backend=types.SimpleNamespace(default_presets={}))
+    monkeypatch.setattr(erase_command, "load_model", lambda args: stub)
+    monkeypatch.setattr(erasure, "erase", fake_erase)
+    (tmp_path / "candidates.txt").write_text("red square\nring\n")
+
+    def run(method, flags):
+        flags = [str(tmp_path / "candidates.txt") if f == "CANDIDATES_FILE" else f for f in flags]
+        argv = ["erase", "--method", method, "--out", str(tmp_path / "run"), *flags]
+        if "--concepts" not in flags and "--concept" not in flags:
+            argv += ["--concept", "red circle"]
+        with pytest.raises(_Stop):
+            main(argv)
+        return built.pop()
+
+    return run
+
+
+@pytest.mark.parametrize("method, field", _erase_cases())
+def test_every_config_field_is_a_flag_that_lands_in_the_config(method, field, erase_config):
+    value, flags = _changed(field, method)
+    assert value != field.default and not (field.default is None and value is None)
+    config = erase_config(method, flags)
+    assert type(config).method == method and getattr(config, field.name) == value
+
+
+@pytest.mark.parametrize("method, flags, field, value", [
+    ("age", ["--concept", "red circle", "--concept", "blue ring"], "concepts", ["red circle", "blue ring"]),
+    ("age", ["--lambda", "0.25"], "lam", 0.25),
+    ("uce", ["--lambda", "0.25"], "lam", 0.25),
+    ("esd", ["--eta", "2"], "negative_guidance", 2.0),
+    ("age", ["--search", "damage"], "target_search", "damage"),
+    ("esd", ["--param-set", "noxattn"], "parameter_set", "noxattn"),
+    ("age", ["--synonym", "crimson"], "synonyms", ["crimson"]),
+    ("age", ["--preset", "imagenette", "--allow-cpu"], "requires_gpu", False),
+    ("age", ["--share-draws"], "share_draws", True),
+    ("esd", ["--target", ""], "target", ""),
+])
+def test_the_flags_spelled_before_generation_still_work(method, flags, field, value, erase_config):
+    assert getattr(erase_config(method, flags), field) == value
+
+
+def test_a_flag_of_another_method_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatch):
+    from age_explorer.core.app.cli import erase as erase_command
+
+    monkeypatch.setattr(erase_command, "load_model", lambda args: pytest.fail("the model loaded before the check"))
+    assert main(["erase", "--method", "esd", "--concept", "red circle", "--gumbel-temp", "1", "--candidates", "f",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("error: --gumbel-temp, --candidates do not apply to the esd method; "
+                                       "see erase --help for the methods each flag belongs to\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    """`age-explorer --help` builds every command's entry without the engine (issue 14: it took 34 s)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from age_explorer.core.app.cli.main import build_parser; build_parser([]).format_help(); "
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

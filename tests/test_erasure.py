@@ -93,6 +93,33 @@ def test_resume_continues_the_same_run(sd, tmp_path, options):
         assert torch.equal(p, q), name
 
 
+
+def test_history_is_appended_per_step_and_read_once_per_step_after_a_resume(sd, tmp_path):
+    """history.jsonl holds each step's report as it happens; a run killed after its checkpoint has rows
+    past it, which the resumed run replaces; a run folder with only history.csv reads the same rows."""
+    import json
+
+    from age_explorer.core.runs import HISTORY, read_history
+
+    run = tmp_path / "run"
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, lr=1e-3,
+                         **{**TINY, "iterations": 3})
+    lengths = []
+    stopped = erase(sd, config, run, callbacks=[lambda r: lengths.append(len(read_history(run)))],
+                    stop=lambda: len(lengths) >= 3)
+    assert stopped.status == "stopped" and lengths == [1, 2, 3]  # on disk before each callback ran
+    with open(run / HISTORY, "a") as f:  # what a run killed at step 4, after the checkpoint at 3, leaves
+        f.write(json.dumps({**read_history(run)[-1], "step": 4, "losses": {"erase": -1.0}}) + "\n")
+    erase(sd, config, run, resume=True)
+    rows = read_history(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[3]["losses"] != {"erase": -1.0}
+    (run / HISTORY).unlink()
+    old = read_history(run)
+    assert [(r["step"], r["phase"], r["concept"]) for r in old] == [(r["step"], r["phase"], r["concept"]) for r in rows]
+    assert [r["losses"] for r in old] == [pytest.approx(r["losses"]) for r in rows]
+    assert read_history(tmp_path / "nothing") == []
+
+
 def test_stop_ends_within_one_step_with_a_usable_checkpoint(sd, tmp_path):
     config = make_config("esd", None, concepts=["a red circle"], **{**TINY, "iterations": 50})
     seen = []

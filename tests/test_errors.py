@@ -164,7 +164,7 @@ def test_a_garbage_model_index_is_named(tmp_path):
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
 ])
 def test_cli_usage_errors_are_one_line(argv, message, capsys):
-    from age_explorer.core.cli import main
+    from age_explorer.core.app.cli.main import main
 
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -176,10 +176,11 @@ def test_cli_usage_errors_are_one_line(argv, message, capsys):
                                             (["--guidance", "nan"], "guidance must be a finite number"),
                                             (["--guidance", "1e308"], "guidance must be a finite number")])
 def test_cli_generate_refuses_bad_options_before_loading_the_model(flags, message, tmp_path, capsys, monkeypatch):
-    from age_explorer.core import cli
+    from age_explorer.core.app.cli import generate
+    from age_explorer.core.app.cli.main import main
 
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model loaded before the options were checked"))
-    code = cli.main(["generate", "--prompt", "a red circle", "--out", str(tmp_path / "out"), *flags])
+    monkeypatch.setattr(generate, "load_model", lambda args: pytest.fail("the model loaded before the options were checked"))
+    code = main(["generate", "--prompt", "a red circle", "--out", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -40,7 +40,7 @@ def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tin
     store = JobStore(tmp_path / "data")
     job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60, checkpoint_every=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    worker = subprocess.Popen([sys.executable, "-m", "age_explorer.core.cli", "jobs", "--data-dir", str(tmp_path / "data"),
+    worker = subprocess.Popen([sys.executable, "-m", "age_explorer.core.app.cli", "jobs", "--data-dir", str(tmp_path / "data"),
                                "worker", "--device", "cpu", "--once"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -306,3 +306,15 @@ def test_a_full_database_on_finish_does_not_kill_the_worker(tmp_path, monkeypatc
     second = store.submit("ok", {})
     assert worker.run_one().id == second and store.get(second).status == "done"
     assert store.get(first).heartbeat is not None  # its lease expires: then it is marked interrupted
+
+
+
+def test_a_jobs_progress_is_its_last_step_report_and_its_history_is_in_the_run_folder(tiny_sd_dir, tmp_path):
+    from age_explorer.core.runs import read_history
+
+    store = JobStore(tmp_path)
+    job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=2))
+    assert Worker(store, "cpu", progress_interval=0).run_one().status == "done"
+    history = read_history(tmp_path / "jobs" / job_id / "run")
+    assert [row["step"] for row in history] == [1, 2, 3, 4]  # AGE: a pi step after each model step
+    assert store.get(job_id).progress == {**history[-1], "preview": None}  # the report itself, as asdict

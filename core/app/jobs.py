@@ -29,7 +29,7 @@ import time
 import traceback
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -519,10 +519,7 @@ def run_erase_job(ctx: JobContext) -> dict:
     def on_step(report):
         if preview_every and report.step % preview_every == 0:
             preview["path"] = str(_write_preview(bundle, config, ctx.work_dir, report.step))
-        ctx.report(report.step, report.total, {
-            "phase": report.phase, "concept": report.concept, "losses": report.losses,
-            "elapsed": report.elapsed, "eta": report.eta, "targets": report.targets,
-            "pick": report.pick, "pick_is_neighbour": report.pick_is_neighbour, "preview": preview.get("path")})
+        ctx.report(report.step, report.total, {**asdict(report), "preview": preview.get("path")})
 
     if not resume and run_dir.exists():
         # A run killed before its first checkpoint left nothing to continue from: start it over.

@@ -1,7 +1,7 @@
 """Concept erasure: AGE (the paper), ESD and UCE baselines, on any :class:`~core.bundle.ModelBundle`.
 
 ``erase(bundle, config, run_dir)`` runs a method, writes the run folder (``delta.safetensors``,
-``manifest.json``, ``history.csv`` of loss terms and picks per step, ``pi_history.csv`` of the
+``manifest.json``, ``history.jsonl`` of step reports as they happen, ``history.csv`` of loss terms and picks per step, ``pi_history.csv`` of the
 target distribution over steps, ``targets.csv`` of AGE's candidates) and leaves the bundle's
 weights as they were.
 """
@@ -19,7 +19,7 @@ import torch
 
 from ..bundle import ModelBundle
 from ..manifest import environment_versions, folder_lock, write_json_atomic
-from ..runs import MANIFEST, RUN_KIND, fingerprint, write_delta
+from ..runs import HISTORY_TABLE, MANIFEST, RUN_KIND, HistoryLog, fingerprint, write_delta
 # each method module registers itself; a new method adds its import here
 from . import age, esd, uce  # noqa: F401
 from .config import PRESETS, AGEConfig, ESDConfig, UCEConfig, make_config, presets_for
@@ -65,6 +65,7 @@ def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bundle.backend.check_concepts(bundle, config.concepts, getattr(config, "target", None))
+    callbacks = [HistoryLog(run_dir), *(callbacks or [])]
     result = get_method(config.method).runner(bundle, config, run_dir, callbacks, stop, resume)
     changed, history = result.changed, result.history
     manifest = {
@@ -92,7 +93,7 @@ def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
     }
     steps = [row for row in history if row["phase"] != "pi_distribution"]
     if steps:
-        pd.DataFrame(steps).to_csv(run_dir / "history.csv", index=False)
+        pd.DataFrame(steps).to_csv(run_dir / HISTORY_TABLE, index=False)
     pi_rows = [{"step": row["step"], "concept": row["concept"], "candidate": name, "pi": p}
                for row in history if row["phase"] == "pi_distribution" for name, p in row["pi"].items()]
     if pi_rows:

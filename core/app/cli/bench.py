@@ -1,0 +1,103 @@
+"""``age-explorer bench``: benchmarks that print tables (erasure loop, whole presets, attacks)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import use_threads
+
+HELP = "benchmarks that print tables"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    bench_sub = parser.add_subparsers(dest="bench_command", required=True)
+    be = bench_sub.add_parser("erase", help="engine vs reference-style AGE loop on the same device")
+    be.add_argument("--arch", choices=["sd14", "toy"], default="sd14", help="sd14: random SD-1.4 UNet")
+    be.add_argument("--device", default="auto")
+    be.add_argument("--iterations", type=int, default=10)
+    be.add_argument("--candidates", type=int, default=100)
+    be.add_argument("--precision", action="append", default=None, help="fp32 and/or bf16 (default both)")
+    be.add_argument("--threads", type=int, default=None)
+    be.set_defaults(func=run_erase)
+    bp = bench_sub.add_parser("presets", help="seconds of whole erasures with presets (e.g. toy against toy-fast)")
+    bp.add_argument("--model", default="toy")
+    bp.add_argument("--device", default="auto")
+    bp.add_argument("--preset", action="append", required=True, help="preset to time (repeat)")
+    bp.add_argument("--concept", action="append", required=True, help="concept to erase (repeat)")
+    bp.add_argument("--iterations", type=int, default=None, help="override the presets' model steps (smoke runs)")
+    bp.add_argument("--threads", type=int, default=None)
+    bp.set_defaults(func=run_presets)
+    bat = bench_sub.add_parser("attack", help="seconds of each recovery attack (toy) or per step (SD-1.4 arch)")
+    bat.add_argument("--arch", choices=["toy", "sd14"], default="toy", help="sd14: random SD-1.4 UNet and text encoder")
+    bat.add_argument("--device", default="cpu")
+    bat.add_argument("--concept", default="red circle", help="toy: the concept erased (ESD-'', toy-esd) and attacked")
+    bat.add_argument("--steps", type=int, default=None, help="optimisation steps (toy: the defaults; sd14: 3)")
+    bat.add_argument("--threads", type=int, default=None)
+    bat.set_defaults(func=run_attack)
+
+
+def run_erase(args: argparse.Namespace) -> int:
+    import torch
+
+    from ...bundle import load_bundle
+    from ...device import resolve_device
+    from ..bench import engine_seconds, random_sd14_bundle, reference_style_seconds
+
+    device = resolve_device(args.device)
+    use_threads(args.threads)
+    if args.arch == "sd14":
+        bundle = random_sd14_bundle(device)
+        overrides = {}
+    else:
+        bundle = load_bundle("toy", device=device)
+        overrides = {"loss_space": "eps"}
+    n = args.iterations
+    print(f"AGE iteration cost, {args.arch} UNet on {device} ({torch.get_num_threads()} CPU threads), "
+          f"{n} timed iterations each, paper recipe (DDIM 50 'till t', batch 1)")
+    args.precision = args.precision or ["fp32", "bf16"]
+    ref = reference_style_seconds(bundle, n, candidates=args.candidates, loss_space=overrides.get("loss_space", "x0"))
+    rows = [("reference-style loop (fp32, sequential)", ref, float("nan"))]
+    for precision in args.precision:
+        sec, info = engine_seconds(bundle, n, precision, candidates=args.candidates, **overrides)
+        rows.append((f"engine ({precision})", sec, info["peak_gib"]))
+    print(f"{'loop':42s} {'s/iter':>8s} {'2000 iters':>11s} {'speed-up':>9s} {'peak GiB':>9s}")
+    for name, sec, peak in rows:
+        print(f"{name:42s} {sec:8.3f} {sec * 2000 / 60:9.1f} m {ref / sec:8.2f}x {peak:9.2f}")
+    return 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from ...bundle import load_bundle
+    from ..bench import preset_seconds
+
+    use_threads(args.threads)
+    bundle = load_bundle(args.model, device=args.device)
+    overrides = {"iterations": args.iterations} if args.iterations else {}
+    print(f"whole erasures on {bundle.device} ({torch.get_num_threads()} CPU threads), model {args.model}")
+    print(f"{'preset':10s} {'concept':16s} {'loop steps':>10s} {'seconds':>8s} {'peak RSS GiB':>13s}")
+    means = {}
+    for preset in args.preset:
+        for concept in args.concept:
+            with tempfile.TemporaryDirectory() as tmp:
+                row = preset_seconds(bundle, preset, concept, Path(tmp) / "run", **overrides)
+            means.setdefault(preset, []).append(row["seconds"])
+            print(f"{preset:10s} {concept:16s} {row['steps']:10d} {row['seconds']:8.1f} {row['peak_rss_gib']:13.2f}")
+    for preset, seconds in means.items():
+        print(f"{preset:10s} {'mean':16s} {'':10s} {sum(seconds) / len(seconds):8.1f}")
+    return 0
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    from ..attack_bench import print_table, sd14_step_seconds, toy_attack_seconds
+
+    use_threads(args.threads)
+    if args.arch == "sd14":
+        print_table(sd14_step_seconds(args.device, args.steps), f"SD-1.4 architecture, random weights, {args.device}")
+    else:
+        print_table(toy_attack_seconds(args.concept, args.steps), "toy world, CPU")
+    return 0
