@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="N images per measured concept (the graphs: 32)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes, one thread each")
     parser.add_argument("--device", default="cpu", help="the workers' device (cpu keeps the graphs' numerics)")
+    parser.add_argument("--time-limit", type=float, default=0, help="seconds: start no row that would end past "
+                        "this, judged by the slowest row so far (0: no limit); a re-run resumes the rest")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown toy concept(s) {', '.join(bad)}")
     done = pd.read_csv(rows_file) if rows_file.exists() else pd.DataFrame(columns=KEY)
     have = set(zip(done.variant, done.concept))
-    todo = [(v, c) for c in concepts for v in variants if (v, c) not in have]
+    # variant-major: with a time limit, the variants listed first are complete on every concept
+    todo = [(v, c) for v in variants for c in concepts if (v, c) not in have]
     started = time.time()
     manifest = {"kind": "target-search-study", "args": vars(args), "variants": {v: VARIANTS[v][:3] for v in variants},
                 "concepts": concepts, "rows_total": len(variants) * len(concepts), "rows_before": len(have),
@@ -259,28 +262,46 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     if todo:
         ctx = get_context("spawn")  # fresh interpreters: no torch thread pools inherited from this one
+        queue, slowest, n = list(todo), 0.0, 0
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(args.device,)) as pool:
-            futures = {pool.submit(run_row, v, c, args.preset, args.iterations, args.images, str(out)): (v, c)
-                       for v, c in todo}
-            for n, future in enumerate(as_completed(futures), 1):
-                v, c = futures[future]
+            futures: dict = {}
+
+            def fill() -> None:
+                # rows are submitted only as workers free up, so a time limit can hold back the rest
+                while queue and len(futures) < args.workers:
+                    if args.time_limit and time.time() - started + slowest > args.time_limit:
+                        return
+                    v, c = queue.pop(0)
+                    futures[pool.submit(run_row, v, c, args.preset, args.iterations, args.images, str(out))] = (v, c)
+
+            fill()
+            while futures:
+                future = next(as_completed(futures))
+                v, c = futures.pop(future)
+                n += 1
                 try:
                     row = future.result()
                 except Exception as err:  # one failed row must not lose the others
                     failures.append(f"{v} / {c}: {type(err).__name__}: {err}")
                     print(f"[{n}/{len(todo)}] {v} / {c} FAILED: {err}", flush=True)
+                    fill()
                     continue
+                slowest = max(slowest, row["seconds"])
                 done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
                 done.to_csv(rows_file, index=False)
                 print(f"[{n}/{len(todo)}] {v:20s} {c:16s} G after {row['G_after']:.2f}  "
                       f"top-1 {row['top1_target']}  erase {row['erase_seconds']:.0f} s  row {row['seconds']:.0f} s  "
                       f"({time.time() - started:.0f} s elapsed)", flush=True)
+                fill()
+        if queue:
+            print(f"time limit: {len(queue)} row(s) not started; run the same command again to add them", flush=True)
     rows = add_deltas(done[[v in variants and c in concepts for v, c in zip(done.variant, done.concept)]], g0)
     table = markdown(rows, variants)
     (out / "table.md").write_text(table)
     print(table)
-    manifest.update(rows_done=len(rows), failures=failures, seconds=round(time.time() - started, 1),
+    manifest.update(rows_done=len(rows), failures=failures, rows_not_started=len(todo) - n if todo else 0,
+                    seconds=round(time.time() - started, 1),
                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json_atomic(out / "study.json", manifest)
     return 1 if failures else 0
