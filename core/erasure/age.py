@@ -18,6 +18,24 @@ Target search (``target_search``):
   || e_theta(x, T_k) - e*(x, T_k) ||^2 of every candidate k on the erased concept's latents and
   ascends E_softmax(pi)[damage]. Affordable when the candidate set is small or prefiltered.
 
+- ``two_stage`` (beyond the paper): the damage search for the first ``damage_stage_fraction`` of the
+  run, then pi is reset to uniform over the ``neighbourhood_size`` candidates it ranked highest and
+  the paper's search continues within them.
+
+Candidate restrictions and ablations (``pi_mode``, beyond the paper; the default is the paper's):
+- ``near_copy_floor`` drops candidates whose frozen output on the erased concept's latents is nearly
+  the concept's own (a near copy as target leaves little to erase);
+- ``pi_mode``: ``uniform`` freezes pi at 1/n, ``nearest`` fixes the target to the candidate closest
+  in text embedding, ``most_damaged`` to the candidate a short ESD-"" probe damages most. Frozen
+  modes keep the loop's model steps and skip the pi updates.
+- ``erase_check_every`` (erasure-success constraint): every N model steps, generate the erased
+  concept with the model being trained, and double the erasure term's weight while the backend's
+  classifier still recognises more than ``erase_target_g`` of the images.
+
+Every run records, per erased concept, each candidate's text distance and output distance to the
+concept (``targets.csv``), the top targets' distances and ranks, and the erasure term by quarter of
+the run (the manifest's ``near_copy`` and ``erase_term``): what the near-copy hypothesis needs.
+
 Each model step logs the candidate it used and whether it is a real neighbour of the erased concept
 (when neighbours are known), so a user can see whether the search finds neighbours.
 """
@@ -32,10 +50,12 @@ import torch.nn.functional as F
 
 from .config import AGEConfig
 from .loop import FineTuneRun, StepReport, fine_tune_runner, load_optimizer_tensors, optimizer_tensors
+from ..sampling import guided_ddim_step
 from .registry import Method, register_method
 from .vocab import CandidateSet, build_candidates, load_vocabulary
 
 TOP_TARGETS = 5
+PROBE_BATCH = 64  # candidates per UNet batch of a probe (a 1000-word list on SD)
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, topk: int,
@@ -73,6 +93,17 @@ class AGERun(FineTuneRun):
         self.pi_log_every = max(1, self.total_steps // 400)
         # share_draws: the model step's draws, kept for the pi step that follows it
         self.shared: dict | None = None
+        # The probes below draw from their own generator, so that a run with the paper's settings
+        # makes the same draws (and the same weights) as before they existed.
+        self.probe_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.output_distances = [self._output_distances(k) for k in range(len(self.candidates))]
+        # allowed[k]: the candidates pi may weight (a restriction or a fixed target masks the others)
+        self.allowed = [self._initial_allowed(k) for k in range(len(self.candidates))]
+        self.pi_frozen = config.pi_mode != "learned"
+        self.neighbourhood_chosen = config.target_search != "two_stage"
+        self.erase_weight = 1.0
+        if config.erase_check_every:
+            self._check_erasure_is_measurable()
 
     def _neighbours(self) -> dict[str, set[str]] | None:
         if self.cfg.neighbour_groups:
@@ -80,6 +111,108 @@ class AGERun(FineTuneRun):
         known = {c: self.bundle.backend.neighbours(c) for c in self.cfg.concepts}
         known = {c: n for c, n in known.items() if n is not None}
         return known or None
+
+    # ---- probes of the candidates (before training) -----------------------------------------------
+    @torch.no_grad()
+    def _probe_latents(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen-model latents of erased concept k half-way down the "sample till t" schedule."""
+        cfg = self.cfg
+        n = cfg.damage_samples
+        z = torch.randn((n, *self.bundle.latent_shape), generator=self.probe_generator).to(
+            self.bundle.device, self.bundle.dtype)
+        cond = self.erased_states[k:k + 1].expand(n, -1, -1)
+        uncond = self.uncond.expand(n, -1, -1)
+        timesteps = self.scheduler.timesteps
+        half = len(timesteps) // 2
+        for t in timesteps[:half]:
+            z = guided_ddim_step(self.scheduler, self.predictor.frozen, z, t, cond, uncond,
+                                 cfg.start_guidance).to(z.dtype)
+        return z, timesteps[half].expand(n)
+
+    @torch.no_grad()
+    def _candidate_outputs(self, k: int, z: torch.Tensor, t: torch.Tensor, live: bool) -> torch.Tensor:
+        """(n_candidates, m, ...) predictions of every candidate at the latents z, in loss space."""
+        predict = self.predictor.live if live else self.predictor.frozen
+        outs = []
+        for states in self.candidates[k].states.to(self.bundle.dtype).split(PROBE_BATCH):
+            n, m = len(states), len(z)
+            x = z.repeat_interleave(n, dim=0)
+            tt = t.repeat_interleave(n)
+            out = self.to_loss_space(predict(x, tt, states.repeat(m, 1, 1)), x, tt)
+            outs.append(out.view(m, n, *out.shape[1:]).transpose(0, 1))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def _output_distances(self, k: int) -> torch.Tensor:
+        """|| e*(z_e, T_j) - e*(z_e, c_e) ||^2 per candidate j: how differently the frozen model treats
+        the concept's own latents under candidate j's prompt (small = a near copy, little to erase)."""
+        z, t = self._probe_latents(k)
+        own = self.to_loss_space(self.predictor.frozen(z, t, self.erased_states[k:k + 1].expand(len(z), -1, -1)), z, t)
+        cand = self._candidate_outputs(k, z, t, live=False)
+        return (cand - own[None]).pow(2).flatten(2).mean(2).mean(1).cpu()
+
+    def _initial_allowed(self, k: int) -> torch.Tensor:
+        cfg, cs = self.cfg, self.candidates[k]
+        n = len(cs.names)
+        allowed = torch.ones(n, dtype=torch.bool)
+        if cfg.near_copy_floor > 0:
+            dist = self.output_distances[k]
+            allowed &= dist >= cfg.near_copy_floor * dist.median()
+            if not allowed.any():
+                raise ValueError(f"near_copy_floor {cfg.near_copy_floor} leaves no candidate for {cs.concept!r}")
+        if cfg.pi_mode in ("nearest", "most_damaged"):
+            score = -cs.distances.cpu() if cfg.pi_mode == "nearest" else self._probe_damage(k)
+            score = score.masked_fill(~allowed, -math.inf)
+            allowed = torch.zeros(n, dtype=torch.bool)
+            allowed[int(score.argmax())] = True
+        return allowed.to(self.bundle.device)
+
+    def _probe_damage(self, k: int) -> torch.Tensor:
+        """Preservation damage of every candidate after ``damage_probe_steps`` ESD-"" steps on erased
+        concept k (the weights and the model optimizer are untouched afterwards): the out-edges of the
+        concept graph's row, to first order."""
+        cfg, pred = self.cfg, self.predictor
+        z, t = self._probe_latents(k)
+        c_e = self.erased_states[k:k + 1].expand(len(z), -1, -1)
+        empty = self.uncond.expand(len(z), -1, -1)
+        probe_optimizer = torch.optim.Adam(list(pred.params.values()), lr=cfg.lr)
+        with torch.no_grad():
+            f_empty, f_e = pred.frozen(z, t, empty), pred.frozen(z, t, c_e)
+            anchor = self.to_loss_space(f_empty - cfg.negative_guidance * (f_e - f_empty), z, t)
+        try:
+            for _ in range(cfg.damage_probe_steps):
+                loss = self.mse(self.to_loss_space(pred.trainable(z, t, c_e), z, t), anchor)
+                probe_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                probe_optimizer.step()
+            live = self._candidate_outputs(k, z, t, live=True)
+            frozen = self._candidate_outputs(k, z, t, live=False)
+        finally:
+            with torch.no_grad():
+                for name, p in pred.params.items():
+                    p.copy_(pred.original[name])
+        return (live - frozen).pow(2).flatten(2).mean(2).mean(1).cpu()
+
+    def _check_erasure_is_measurable(self) -> None:
+        backend = self.bundle.backend
+        names = backend.concept_set().concepts if backend.has_evaluator else []
+        missing = [c for c in self.cfg.concepts if c not in names]
+        if missing:
+            raise ValueError(f"the erasure-success constraint needs a classifier that knows the erased concept; "
+                             f"the {self.bundle.kind} backend cannot measure {', '.join(map(repr, missing))}")
+        concept_set = backend.concept_set()
+        self.judge = (concept_set, backend.evaluator(self.bundle, concept_set))
+
+    def _measure_erasure(self, concept: str) -> float:
+        """G of ``concept`` with the model being trained: the share of a few images the backend's
+        classifier recognises (fixed seeds, so checks differ only by the weights)."""
+        from ..sampling import generate
+
+        concept_set, evaluator = self.judge
+        prompt = concept_set.template.format(concept=concept)
+        images = generate(self.bundle, prompt, list(range(self.cfg.erase_check_images)))
+        top = evaluator.topk(images, 1)[:, 0]
+        return (top == concept_set.concepts.index(concept)).float().mean().item()
 
     def is_model_step(self, i: int) -> bool:
         return i % self.cfg.pgd_num_steps == 0
@@ -95,15 +228,22 @@ class AGERun(FineTuneRun):
         cfg = self.cfg
         if uniform is None:
             uniform = torch.rand(self.pi[k].shape, generator=self.generator)
-        weights = gumbel_softmax(self.pi[k], cfg.gumbel_temp, cfg.gumbel_hard, cfg.gumbel_topk, uniform)
+        weights = gumbel_softmax(self.logits(k), cfg.gumbel_temp, cfg.gumbel_hard, cfg.gumbel_topk, uniform)
         states = self.candidates[k].states
         e_t = torch.einsum("n,nld->ld", weights.to(states.dtype), states)[None].to(self.bundle.dtype)
         return weights, e_t, int(weights.detach().argmax()), uniform
 
+    def logits(self, k: int) -> torch.Tensor:
+        """pi's logits with the candidates it may not weight at -inf (zero weight, zero gradient)."""
+        return self.pi[k].masked_fill(~self.allowed[k], -math.inf)
+
+    def probabilities(self, k: int) -> torch.Tensor:
+        return F.softmax(self.logits(k).detach().float(), dim=0)
+
     def top_targets(self) -> dict[str, list[tuple[str, float]]]:
         out = {}
-        for cs, logits in zip(self.candidates, self.pi):
-            probs = F.softmax(logits.detach().float(), dim=0)
+        for k, cs in enumerate(self.candidates):
+            probs = self.probabilities(k)
             top = probs.topk(min(TOP_TARGETS, len(probs)))
             out[cs.concept] = [(cs.names[i], round(float(p), 4)) for p, i in zip(top.values, top.indices)]
         return out
@@ -119,6 +259,8 @@ class AGERun(FineTuneRun):
     def step(self, i: int) -> StepReport:
         cfg = self.cfg
         model_step = self.is_model_step(i)
+        if not model_step and not self.neighbourhood_chosen and self._past_damage_stage(i):
+            self._choose_neighbourhood()
         shared, self.shared = (None if model_step else self.shared), None
         k = self.randint(len(cfg.concepts)) if shared is None else shared["k"]
         concept, c_e = cfg.concepts[k], self.erased_states[k:k + 1]
@@ -130,7 +272,11 @@ class AGERun(FineTuneRun):
             if cfg.share_draws:
                 self.shared = {"k": k, "uniform": uniform, "z_e": latents[0], "z_t": latents[1], "t": t}
             phase = "theta"
-        elif cfg.target_search == "damage":
+            if cfg.erase_check_every and self.model_steps_done(i + 1) % cfg.erase_check_every == 0:
+                losses.update(self._erasure_check())
+        elif self.pi_frozen:  # an ablation: pi is not searched
+            losses, phase = {}, "pi"
+        elif cfg.target_search == "damage" or not self.neighbourhood_chosen:
             losses = self._damage_pi_step(k, concept, c_e, shared)
             phase = "pi"
         else:
@@ -156,11 +302,38 @@ class AGERun(FineTuneRun):
         anchor = f_e_target - cfg.negative_guidance * (f_e_erased - f_e_target)
         erase = self.mse(self.to_loss_space(l_e, z_e, t), self.to_loss_space(anchor, z_e, t))
         preserve = self.mse(self.to_loss_space(l_t, z_t, t), self.to_loss_space(f_t, z_t, t))
-        loss = erase + cfg.lam * preserve
+        loss = self.erase_weight * erase + cfg.lam * preserve
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"erase": erase.item(), "preserve": preserve.item(), "total": loss.item()}, (z_e, z_t), t
+        losses = {"erase": erase.item(), "preserve": preserve.item(), "total": loss.item()}
+        if cfg.erase_check_every:
+            losses["erase_weight"] = self.erase_weight
+        return losses, (z_e, z_t), t
+
+    def _erasure_check(self) -> dict[str, float]:
+        """The erasure-success constraint: raise the erasure weight while an erased concept is still made."""
+        worst = max(self._measure_erasure(c) for c in self.cfg.concepts)
+        if worst > self.cfg.erase_target_g:
+            self.erase_weight = min(self.erase_weight * self.cfg.erase_weight_growth, self.cfg.erase_weight_max)
+        return {"erase_check_G": worst}
+
+    def _past_damage_stage(self, i: int) -> bool:
+        return i >= round(self.cfg.damage_stage_fraction * self.total_steps)
+
+    def _choose_neighbourhood(self) -> None:
+        """Two-stage search: keep the candidates the damage stage ranked highest, with pi uniform over
+        them and a fresh pi optimizer for the paper's search within them."""
+        with torch.no_grad():
+            for k, p in enumerate(self.pi):
+                probs = self.probabilities(k)
+                keep = probs.topk(min(self.cfg.neighbourhood_size, int(self.allowed[k].sum()))).indices
+                allowed = torch.zeros_like(self.allowed[k])
+                allowed[keep] = True
+                self.allowed[k] = allowed
+                p.zero_()
+        self.pi_optimizer = torch.optim.Adam(self.pi, lr=self.cfg.gumbel_lr)
+        self.neighbourhood_chosen = True
 
     def _gumbel_pi_step(self, k, concept, c_e, e_t, e_bar, target_key, shared) -> dict[str, float]:
         cfg, pred = self.cfg, self.predictor
@@ -205,7 +378,8 @@ class AGERun(FineTuneRun):
             live = self.to_loss_space(pred.trainable(x, tt, cond), x, tt)
             frozen = self.to_loss_space(pred.frozen(x, tt, cond), x, tt)
             damage = (live - frozen).pow(2).flatten(1).mean(1).view(m, n).mean(0)
-        objective = (F.softmax(self.pi[k], dim=0) * damage.to(self.pi[k].dtype)).sum() * cfg.lam
+        probs = F.softmax(self.logits(k), dim=0)
+        objective = (probs * damage.to(probs.dtype)).masked_fill(~self.allowed[k], 0).sum() * cfg.lam
         self.pi_optimizer.zero_grad(set_to_none=True)
         (-objective).backward()
         self.pi_optimizer.step()
@@ -213,14 +387,16 @@ class AGERun(FineTuneRun):
 
     def _log_pi(self, step: int) -> None:
         """pi over training, for the 'target over time' view (kept in the checkpoint's history)."""
-        for cs, logits in zip(self.candidates, self.pi):
-            probs = F.softmax(logits.detach().float(), dim=0).tolist()
+        for k, cs in enumerate(self.candidates):
+            probs = self.probabilities(k).tolist()
             self.history.append({"step": step, "phase": "pi_distribution", "concept": cs.concept,
                                  "pi": {n: round(p, 5) for n, p in zip(cs.names, probs)}})
 
     # ---- state and results -----------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:
         tensors = {f"pi/{k}": p.detach() for k, p in enumerate(self.pi)}
+        tensors.update({f"allowed/{k}": a for k, a in enumerate(self.allowed)})
+        tensors["search_state"] = torch.tensor([float(self.neighbourhood_chosen), self.erase_weight])
         tensors.update(optimizer_tensors(self.pi_optimizer, "piopt"))
         if self.shared is not None:
             tensors["shared/k"] = torch.tensor([self.shared["k"]])
@@ -231,6 +407,10 @@ class AGERun(FineTuneRun):
         with torch.no_grad():
             for k, p in enumerate(self.pi):
                 p.copy_(tensors[f"pi/{k}"].to(p.device))
+            for k in range(len(self.allowed)):
+                self.allowed[k] = tensors[f"allowed/{k}"].to(self.bundle.device)
+        chosen, self.erase_weight = tensors["search_state"].tolist()
+        self.neighbourhood_chosen = bool(chosen)
         load_optimizer_tensors(self.pi_optimizer, tensors, "piopt")
         if "shared/k" in tensors:
             device = self.bundle.device
@@ -243,16 +423,24 @@ class AGERun(FineTuneRun):
         import pandas as pd
 
         rows = []
-        for cs, logits in zip(self.candidates, self.pi):
-            probs = F.softmax(logits.detach().float(), dim=0).cpu()
+        for k, cs in enumerate(self.candidates):
+            probs = self.probabilities(k).cpu()
             neighbours = self.neighbours.get(cs.concept) if self.neighbours else None
-            for name, dist, p in zip(cs.names, cs.distances.tolist(), probs.tolist()):
-                rows.append({"concept": cs.concept, "candidate": name, "l2_distance": dist, "pi": p,
+            for name, dist, out_dist, allowed, p in zip(cs.names, cs.distances.tolist(),
+                                                        self.output_distances[k].tolist(),
+                                                        self.allowed[k].tolist(), probs.tolist()):
+                rows.append({"concept": cs.concept, "candidate": name, "l2_distance": dist,
+                             "output_distance": out_dist, "allowed": allowed, "pi": p,
                              "is_neighbour": (name in neighbours) if neighbours is not None else None})
         pd.DataFrame(rows).to_csv(run_dir / "targets.csv", index=False)
         summary = {"targets": self.top_targets(),
                    "candidates": {cs.concept: len(cs.names) for cs in self.candidates},
-                   "excluded_candidates": {cs.concept: cs.excluded for cs in self.candidates}}
+                   "excluded_candidates": {cs.concept: cs.excluded for cs in self.candidates},
+                   "pi_mode": self.cfg.pi_mode,
+                   "near_copy": self._near_copy_summary(),
+                   "erase_term": self._erase_term_by_quarter()}
+        if self.cfg.erase_check_every:
+            summary["erase_weight"] = self.erase_weight
         if self.neighbours:
             picks = [r for r in self.history if r["phase"] == "theta" and r.get("pick_is_neighbour") is not None]
             chance = {cs.concept: sum(n in self.neighbours.get(cs.concept, set()) for n in cs.names) / len(cs.names)
@@ -263,6 +451,32 @@ class AGERun(FineTuneRun):
                 "chance": sum(chance.values()) / len(chance),
             }
         return summary
+
+
+    def _near_copy_summary(self) -> dict[str, list[dict]]:
+        """The top targets with their distance to the erased concept: text L2 and frozen output
+        distance, each also as a rank among the candidates (0 = the nearest) and as a share of the median."""
+        out = {}
+        for k, cs in enumerate(self.candidates):
+            probs, text, output = self.probabilities(k), cs.distances.cpu(), self.output_distances[k]
+            text_rank, output_rank = text.argsort().argsort(), output.argsort().argsort()
+            top = probs.topk(min(TOP_TARGETS, len(probs))).indices.tolist()
+            out[cs.concept] = [{"candidate": cs.names[j], "pi": round(float(probs[j]), 4),
+                                "text_l2": round(float(text[j]), 4), "text_rank": int(text_rank[j]),
+                                "output_distance": round(float(output[j]), 5), "output_rank": int(output_rank[j]),
+                                "output_vs_median": round(float(output[j] / output.median()), 3)} for j in top]
+        return out
+
+    def _erase_term_by_quarter(self) -> dict[str, list[float]]:
+        """Mean erasure term of each concept's model steps, per quarter of the run: an erasure term
+        that shrinks to nothing early means the target leaves little to erase."""
+        out = {}
+        for concept in self.cfg.concepts:
+            values = [r["erase"] for r in self.history if r["phase"] == "theta" and r["concept"] == concept]
+            if values:
+                q = max(1, math.ceil(len(values) / 4))
+                out[concept] = [round(sum(c) / len(c), 6) for c in (values[i:i + q] for i in range(0, len(values), q))]
+        return out
 
 
 def _share(rows: list[dict]) -> float:

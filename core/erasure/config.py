@@ -16,6 +16,9 @@ from .params import PARAMETER_SETS
 LOSS_SPACES = ("x0", "eps")
 XT_SOURCES = ("sample", "pool")
 PRECISIONS = ("fp32", "bf16")
+TARGET_SEARCHES = ("gumbel", "damage", "two_stage")
+# learned: the paper; the others are the ablations that separate the adaptive targets from the rest
+PI_MODES = ("learned", "uniform", "nearest", "most_damaged")
 # Bounds shared by the CLI, the app and the job store (docs/erasure.md, "Limits"): far above any
 # recipe (the paper: 1000 steps, guidance 3, eta 1), low enough that a typo is refused, not run for years.
 MAX_ITERATIONS = 100_000
@@ -168,8 +171,26 @@ class AGEConfig(EraseConfig):
     vocab: str = _help("candidate vocabulary: toy, imagenet, en3k, or a file with one candidate per line", "en3k")
     candidates: list[str] = _list("explicit candidate list (overrides vocab)")
     synonyms: list[str] = _list("candidates excluded as synonyms of an erased concept")
-    target_search: str = _help("gumbel: the paper's gradient search; damage: score every candidate's preservation damage", "gumbel")
+    target_search: str = _help("gumbel: the paper's gradient search; damage: score every candidate's preservation "
+                               "damage; two_stage: damage picks a neighbourhood, then the paper's search within it",
+                               "gumbel")
     damage_samples: int = _help("latents per damage measurement (damage search)", 2)
+    pi_mode: str = _help("learned: pi is searched by target_search (the paper); ablations: uniform (pi frozen at "
+                         "1/n), nearest (one fixed target, the candidate closest in text embedding), most_damaged "
+                         "(one fixed target, the candidate a short ESD-'' probe damages most)", "learned")
+    damage_probe_steps: int = _help("ESD-'' steps of the probe that measures damage for pi_mode=most_damaged "
+                                    "(the weights are put back after it)", 20)
+    near_copy_floor: float = _help("drop candidates whose frozen output on the erased concept's latents is closer to "
+                                   "the concept's own than this fraction of the median candidate's (0: keep all, "
+                                   "the paper)", 0.0)
+    neighbourhood_size: int = _help("two_stage search: candidates the damage stage keeps for the paper's search", 5)
+    damage_stage_fraction: float = _help("two_stage search: share of the run spent in the damage stage", 0.25)
+    erase_check_every: int = _help("erasure-success constraint: every N model steps generate the erased concept and "
+                                   "raise the erasure weight while G > erase_target_g (0: off, the paper)", 0)
+    erase_target_g: float = _help("erasure-success constraint: the G (share recognised) an erased concept must reach", 0.05)
+    erase_check_images: int = _help("erasure-success constraint: images per check", 8)
+    erase_weight_growth: float = _help("erasure-success constraint: factor on the erasure weight per failed check", 2.0)
+    erase_weight_max: float = _help("erasure-success constraint: the erasure weight's ceiling", 16.0)
     share_draws: bool = _help("a pi step reuses the preceding model step's concept, Gumbel sample and latents "
                               "(half the sampling; the reference draws afresh every iteration)", False)
     pi_l1: bool = _help("let the erasure term's gradient reach pi (the reference code detaches it)", False)
@@ -184,7 +205,20 @@ class AGEConfig(EraseConfig):
         for name in ("pgd_num_steps", "gumbel_topk", "k_closest", "num_centers", "damage_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        _choice("target_search", self.target_search, ("gumbel", "damage"))
+        _choice("target_search", self.target_search, TARGET_SEARCHES)
+        _choice("pi_mode", self.pi_mode, PI_MODES)
+        _count("damage_probe_steps", self.damage_probe_steps, 1, MAX_ITERATIONS)
+        _count("neighbourhood_size", self.neighbourhood_size, 1, MAX_ITERATIONS)
+        _count("erase_check_every", self.erase_check_every, 0, MAX_ITERATIONS)
+        _count("erase_check_images", self.erase_check_images, 1, MAX_BATCH)
+        check_range("near_copy_floor", self.near_copy_floor, 0, 1)
+        check_range("damage_stage_fraction", self.damage_stage_fraction, 0, 1)
+        check_range("erase_target_g", self.erase_target_g, 0, 1)
+        check_range("erase_weight_growth", self.erase_weight_growth, 1, 100)
+        check_range("erase_weight_max", self.erase_weight_max, 1, 1e6)
+        if self.pi_mode != "learned" and self.target_search != "gumbel":
+            raise ValueError(f"pi_mode={self.pi_mode!r} fixes pi, so it has no target search; "
+                             f"leave target_search at 'gumbel', got {self.target_search!r}")
         if self.pgd_num_steps < 2:
             raise ValueError("pgd_num_steps must be >= 2 so that pi gets steps")
 
