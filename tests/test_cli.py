@@ -96,7 +96,7 @@ def test_export_out_is_the_folder_and_force_keeps_other_files(tmp_path, capsys):
 
 # Text fields need a valid value other than their default; the other types get one from their default.
 TEXT_VALUES = {"prompt_template": "a {c}", "parameter_set": "noxattn", "loss_space": "eps", "xt_source": "pool",
-               "precision": "bf16", "vocab": "toy", "target_search": "damage", "target": "a blue square",
+               "precision": "bf16", "vocab": "toy", "target_search": "damage", "target": "a blue square", "pi_mode": "uniform",
                "preset": None}  # preset: the method's first preset, below
 LIST_VALUES = {"concepts": ["red circle", "blue ring"], "synonyms": ["crimson"], "preserve": ["green square"],
                "deviations": ["a note"], "candidates": ["red square", "ring"]}
