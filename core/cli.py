@@ -351,6 +351,49 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .evaluation import EvaluationConfig
+    from .evaluation.results import compare_table
+
+    if args.compare:
+        table = compare_table(args.target)
+        print("rates in %: ESR = erased classes not recognised, PSR = kept classes recognised (top-1 / top-5)")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="-"))
+        return 0
+    if len(args.target) != 1:
+        raise ValueError("evaluate one model or run at a time, or compare result folders with --compare")
+    from .app.evaluation import evaluate
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluationConfig)
+               if getattr(args, f.name) is not None}
+    config = EvaluationConfig(**options)  # bad options fail before any model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bars: dict = {}
+
+    def show(stage, done, total):
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage))
+        bar.update(done - bar.n)
+
+    try:
+        result = evaluate(args.target[0], config, out=args.out, device=args.device, dtype=args.dtype,
+                          local_files_only=True if args.offline else None, force=args.force,
+                          save_images=args.save_images, progress=show, log=tqdm.write)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for name, value in result.results["metrics"].items():
+        print(f"{name}: {100 * value:.1f} %" if "ESR" in name or "PSR" in name or name.endswith("rate")
+              else f"{name}: {value:g}")
+    for name, why in result.results["unavailable"].items():
+        print(f"{name}: {why}")
+    print(f"results -> {result.out_dir}")
+    return 0
+
+
 def cmd_bench_attack(args) -> int:
     import torch
 
@@ -653,6 +696,28 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--threads", type=int, default=None)
     at.add_argument("--out", default=None, help="attack folder (default RUN/attacks/ATTACK-CONCEPT)")
     at.set_defaults(func=cmd_attack)
+
+    ev = sub.add_parser("evaluate", help="the paper's evaluation of a run or model: ESR/PSR, NudeNet nudity, "
+                                         "CLIP score; --compare prints the results of several")
+    ev.add_argument("target", nargs="+", help="a run folder or model (several result folders with --compare)")
+    ev.add_argument("--compare", action="store_true", help="print one table of existing results")
+    from .evaluation.config import EvaluationConfig
+
+    for f in dataclasses.fields(EvaluationConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type.startswith("list"):
+            ev.add_argument(flag, dest=f.name, action="append", default=None, help=f.metadata["help"] + " (repeat)")
+        else:
+            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            ev.add_argument(flag, dest=f.name, type=kind, default=None, help=f.metadata["help"])
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
+    ev.add_argument("--save-images", action="store_true", help="also write every image under OUT/images/")
+    ev.add_argument("--out", default=None, help="result folder (default: RUN/evaluation)")
+    ev.add_argument("--force", action="store_true", help="replace an existing result folder")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.set_defaults(func=cmd_evaluate)
 
     j = sub.add_parser("jobs", help="the background job store: list, show, cancel, resume, run a worker")
     j.add_argument("--data-dir", default=None, help="job store folder (env AGE_EXPLORER_DATA_DIR, default ./runs)")
