@@ -61,7 +61,8 @@ def test_esr_psr_are_a_graph_row_of_the_same_run_and_seeds(toy_run, subset_csv, 
     evaluator = load_evaluator("toy", base, concept_set)
     nodes = pd.DataFrame({"concept": SUBSET, "G0_top1": 1.0, "G0_topk": 1.0})
     row = measure_row(base, load_bundle(str(toy_run), device="cpu"), concept_set, evaluator,
-                      CapabilitySpec(images_per_concept=4, seed=1000), "red circle", nodes).set_index("affected")
+                      CapabilitySpec(images_per_concept=4, seed=1000, template=config.template), "red circle",
+                      nodes).set_index("affected")
     for name in SUBSET:  # the same images, so the same hit rates, class by class
         assert per_class.loc[name, "top1"] == row.loc[name, "G_after_top1"]
         assert per_class.loc[name, "top5"] == row.loc[name, "G_after_topk"]
@@ -117,17 +118,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, messag
     out = tmp_path / "out"
     base = ["--erased", "red circle"] if "--erased" not in args else []
     assert main(["evaluate", "toy", "--out", str(out), *base, *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert not out.exists() and not _leftovers(tmp_path)
 
 
 def test_missing_classifier_weights_say_how_to_get_them(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["evaluate", str(tiny_sd_dir), "--erased", "garbage truck", "--out", str(out), "--offline"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "could not load the classifier 'hf:microsoft/resnet-50'" in err[0]
-    assert "hf download microsoft/resnet-50" in err[0]
+    assert main(["evaluate", str(tiny_sd_dir), "--erased", "Garbage Truck", "--out", str(out), "--offline"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not load the classifier 'hf:microsoft/resnet-50'" in errors[0]
+    assert "hf download microsoft/resnet-50" in errors[0] and "Traceback" not in err
     assert not out.exists() and not _leftovers(tmp_path)
 
 
@@ -153,7 +156,8 @@ def test_prompt_rows_get_their_own_seed_and_guidance(tiny_sd_dir, i2p_csv):
     images = generate_rows(bundle, rows, steps=2, batch_size=2)
     for i, row in rows.iterrows():
         alone = generate(bundle, [row.prompt], [int(row.seed)], steps=2, guidance_scale=float(row.guidance))
-        assert torch.equal(images[i], alone[0])
+        # batches of other sizes round differently (about 1e-6), nothing more
+        assert torch.allclose(images[i], alone[0], atol=1e-5)
 
 
 def test_nudenet_runs_offline_on_known_images(tmp_path):
