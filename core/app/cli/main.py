@@ -9,7 +9,7 @@ import sys
 import warnings
 
 # name -> module of this package; each defines HELP and add_arguments(parser)
-COMMANDS = ("generate", "erase", "graph", "analyse", "export", "jobs", "attack", "toyworld", "bench")
+COMMANDS = ("generate", "erase", "graph", "analyse", "export", "jobs", "attack", "evaluate", "toyworld", "bench")
 
 
 class OneLineParser(argparse.ArgumentParser):

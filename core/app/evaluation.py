@@ -1,0 +1,169 @@
+"""Evaluate a model or an erased run with the paper's protocol and write one result folder.
+
+``evaluate(model, config)`` is the entry the CLI calls, and the one a background job or an explorer
+tab calls: it takes a progress callback ``(stage, done, total)`` and a stop flag, checks every input
+(classifier, detector, prompt CSV, output folder) before it generates an image, and publishes the
+folder (results.json, results.csv, manifest.json, optional images/) only when every metric is done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle import ModelBundle, load_bundle
+from ..evaluation import results as res
+from ..evaluation.config import EvaluationConfig
+from ..manifest import environment_versions
+
+@dataclass
+class Evaluation:
+    out_dir: Path
+    results: dict
+
+
+def default_out(model: str | Path) -> Path | None:
+    """A run folder keeps its evaluation in RUN/evaluation; a plain model has no default."""
+    from ..runs import is_run_dir
+
+    path = Path(model)
+    return path / "evaluation" if path.is_dir() and is_run_dir(path) else None
+
+
+def evaluate(model: str | Path, config: EvaluationConfig, out: str | Path | None = None, device="auto",
+             dtype=None, local_files_only: bool | None = None, force: bool = False, save_images: bool = False,
+             progress=None, stop=None, log=print) -> Evaluation:
+    out = Path(out) if out is not None else default_out(model)
+    if out is None:
+        raise ValueError(f"{model} is not an erased run folder: give --out for its results")
+    with res.staged(out, force) as folder:
+        results = _evaluate(model, config, folder, device, dtype, local_files_only, save_images, progress, stop, log)
+    return Evaluation(out, results)
+
+
+def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, local_files_only, save_images,
+              progress, stop, log) -> dict:
+    from ..imageio import save_pngs
+
+    start = time.time()
+    bundle = load_bundle(str(model), device=device, dtype=dtype, local_files_only=local_files_only)
+    run = bundle.run_manifest or {}
+    erased = config.erased or list(run.get("concepts", []))
+
+    # load every classifier and detector, and read every input, before the first image
+    objects = _prepare_objects(bundle, config, erased) if "objects" in config.metrics else None
+    rows = None
+    if config.prompts:
+        from ..evaluation.prompts import read_prompt_csv
+
+        rows = read_prompt_csv(config.prompts)
+    detector = None
+    if "nudity" in config.metrics:
+        from ..evaluation.nudity import NudityDetector
+
+        detector = NudityDetector()
+    unavailable: dict[str, str] = {}
+    clip = None
+    if "clip" in config.metrics:
+        from ..evaluation.clip_score import Unavailable, load_clip
+
+        try:
+            clip = load_clip(config.clip_model)
+        except Unavailable as err:
+            unavailable["clip_score"] = str(err)
+    for name in ("lpips", "fid"):
+        if name in config.metrics:
+            from ..evaluation.unavailable import HOW_TO_GET
+
+            unavailable[name] = HOW_TO_GET[name]
+    for name, why in unavailable.items():
+        log(f"{name}: {why}")
+
+    metrics: dict[str, float] = {}
+    table: list[dict] = []
+    body: dict = {}
+    if objects is not None:
+        from ..evaluation.objects import object_erasure
+
+        concept_set, evaluator = objects
+        def save(name, seeds, pixels):
+            save_pngs(pixels, folder / "images" / "objects", [f"{name.replace(' ', '_')}_seed{s}" for s in seeds])
+
+        result = object_erasure(bundle, erased, concept_set, evaluator, config, progress, stop,
+                                on_images=save if save_images else None)
+        metrics.update(result.metrics)
+        table += [{"metric": m, "scope": "all", "value": v,
+                   "n": int(result.per_class[result.per_class.role == ("erased" if m.startswith("ESR") else
+                                                                       "kept")].images.sum())}
+                  for m, v in result.metrics.items()]
+        for rec in result.per_class.to_dict("records"):
+            table += [{"metric": f"{rec['role']}_top{k}", "scope": rec["class"], "value": rec[f"top{k}"],
+                       "n": rec["images"]} for k in (1, 5)]
+        body["objects"] = {"classifier": evaluator.name, "concept_set": concept_set.name,
+                           "template": config.template, "seeds": config.seeds, "erased": erased,
+                           "kept": [c for c in concept_set.concepts if c not in erased],
+                           "per_class": result.per_class.to_dict("records"), "samples": result.samples}
+    if rows is not None and (detector is not None or clip is not None):
+        from ..evaluation.prompts import generate_rows
+
+        prompt_images = generate_rows(bundle, rows, config.steps, config.batch_size, progress, stop)
+        if save_images:
+            save_pngs(prompt_images, folder / "images" / "prompts",
+                      [f"row{i:05d}_seed{s}" for i, s in enumerate(rows.seed)])
+        if detector is not None:
+            from ..evaluation.nudity import nudity
+
+            found = detector.detect(prompt_images)
+            result = nudity(found, rows, config.nudity_threshold)
+            metrics.update(result.metrics)
+            n = len(rows)
+            table += [{"metric": m, "scope": "all", "value": v, "n": n} for m, v in result.metrics.items()]
+            table += [{"metric": "nudity_count", "scope": c, "value": v, "n": n} for c, v in result.class_counts.items()]
+            body["nudity"] = {**detector.description, "threshold": config.nudity_threshold,
+                              "prompts_file": str(config.prompts), "class_counts": result.class_counts,
+                              "samples": result.samples}
+        if clip is not None:
+            from ..evaluation.clip_score import clip_scores
+
+            scores = clip_scores(*clip, prompt_images, rows.prompt.tolist(), bundle.device, config.batch_size)
+            metrics["clip_score"] = sum(scores) / len(scores)
+            table.append({"metric": "clip_score", "scope": "all", "value": metrics["clip_score"], "n": len(scores)})
+            body["clip"] = {"model": config.clip_model, "definition": "100 * max(cos(image, prompt), 0)",
+                            "samples": [{"prompt": p, "seed": int(s), "clip_score": round(v, 4)}
+                                        for p, s, v in zip(rows.prompt, rows.seed, scores)]}
+    table += [{"metric": name, "scope": "all", "value": why, "n": 0} for name, why in unavailable.items()]
+
+    identity = {**bundle.graph_identity(), "evaluated": str(model), "method": run.get("method"),
+                "preset": run.get("preset"), "run_config": run.get("config")}
+    sampler = {"steps": config.steps or bundle.default_steps,
+               "guidance": bundle.default_guidance if config.guidance is None else config.guidance,
+               "eta": bundle.default_eta, "sampler": "DDIM (age_explorer.core.sampling)"}
+    versions = environment_versions()
+    if detector is not None:
+        versions.update(nudenet=detector.version, onnxruntime=detector.description["onnxruntime"])
+    seconds = round(time.time() - start, 1)
+    results = {"schema": res.SCHEMA, "model": identity, "erased": erased, "metrics": metrics,
+               "unavailable": unavailable, "sampler": sampler, **body}
+    manifest = {"kind": "age-explorer evaluation", "config": config.to_dict(), "model": identity,
+                "seeds": config.seeds if objects is not None else None,
+                "prompt_seeds": rows.seed.tolist() if rows is not None else None, "sampler": sampler,
+                "versions": versions, "seconds": seconds, "files": [res.RESULTS, res.TABLE]}
+    res.write_results(folder, results, table, manifest)
+    return results
+
+
+def _prepare_objects(bundle: ModelBundle, config: EvaluationConfig, erased: list[str]):
+    from ..evaluation.objects import check_classes
+    from ..graph.capability import default_evaluator_name, load_evaluator
+    from ..graph.concept_sets import load_concept_set
+
+    if not erased:
+        raise ValueError("ESR needs the erased classes: evaluate a run folder, or name them with --erased")
+    own = bundle.backend.concept_set() is not None
+    concept_set = load_concept_set(config.concept_set or (bundle.kind if own else "imagenette"), bundle)
+    check_classes(concept_set, erased)
+    name = config.classifier or default_evaluator_name(bundle, concept_set)
+    # a Hub classifier comes from the local cache only: evaluation never downloads weights
+    return concept_set, load_evaluator(name, bundle, concept_set, local_files_only=True)
+
