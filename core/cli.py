@@ -411,12 +411,25 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
     from .export import export_run, push_to_hub
 
     run = Path(args.run_dir)
     out = Path(args.out) if args.out else Path("exports") / f"{run.name}-{args.format}"
-    folder = export_run(run, out.parent, fmt=args.format, name=out.name, force=args.force)
+    with tqdm(desc="contact sheet images", unit="img", disable=None) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        folder = export_run(run, out.parent, fmt=args.format, name=out.name, force=args.force, rank=args.rank,
+                            dtype=args.dtype, progress=progress)
     print(f"exported {args.format} to {folder}")
+    if args.format == "lora":
+        lora = json.loads((folder / "export_manifest.json").read_text())["lora"]
+        print(f"rank {lora['rank']}, relative Frobenius error {lora['relative_frobenius_error']:.4g}")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, token=args.token, private=not args.public)
         print(f"pushed to {args.push_to_hub}: {url}")
@@ -675,9 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
     jw.add_argument("--once", action="store_true", help="exit when the queue is empty")
     j.set_defaults(func=cmd_jobs)
 
-    x = sub.add_parser("export", help="export an erased run: delta (default) or diffusers folder, model card, Hub")
+    from .export_lora import DEFAULT_RANK, LoraExportConfig  # the rank flag: default and help of the config
+
+    x = sub.add_parser("export", help="export an erased run: delta (default), diffusers folder or LoRA, model card, Hub")
     x.add_argument("run_dir")
-    x.add_argument("--format", choices=["delta", "diffusers"], default="delta")
+    x.add_argument("--format", choices=["delta", "diffusers", "lora"], default="delta")
+    x.add_argument("--rank", default=str(DEFAULT_RANK), help=LoraExportConfig.__dataclass_fields__["rank"].metadata["help"])
+    x.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of a diffusers folder (default: the base model's stored dtype)")
     x.add_argument("--out", default=None, help="the export folder itself, as save_pretrained (default: exports/RUN-FORMAT)")
     x.add_argument("--force", action="store_true",
                    help="write into an existing folder, replacing only the files the export writes")
