@@ -22,9 +22,9 @@ pytest.importorskip("peft")  # diffusers' load_lora_weights needs it (the test e
 TINY = dict(TINY_SD_RECIPE, lr=1e-2)
 PROMPT, SEEDS, STEPS, GUIDANCE = "a red circle", [3, 9], 4, 7.5
 # A full-rank LoRA adds up @ down beside W instead of replacing W: the same numbers summed in another
-# order. Measured on the tiny pipeline: at most 2/255 (see docs/jobs-and-export.md); the bound below
-# leaves room for other CPUs' float sums.
-FULL_RANK_TOLERANCE = 4 / 255
+# order. Measured: 0/255 on the tiny pipeline (1.3e-6 in float), 1/255 on the toy model
+# (docs/jobs-and-export.md); the bound leaves one step for other CPUs' float sums.
+FULL_RANK_TOLERANCE = 2 / 255
 
 # Run by a fresh interpreter: plain diffusers only. argv: pipeline folder, LoRA folder or "-", output file.
 PLAIN_DIFFUSERS = f"""
