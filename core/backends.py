@@ -36,9 +36,10 @@ class Backend:
     preview_every: ClassVar[int] = 0
     # whether the family ships its own classifier for G(c) (then it is the default evaluator, named after it)
     has_evaluator: ClassVar[bool] = False
-    # the model card of an export: licence, tags, whether the base model is a Hub model to name in the
-    # front matter, a note after the base model's name, and how to load a full pipeline export
-    card_license: ClassVar[str] = "creativeml-openrail-m"
+    # the model card of an export: licence (None: the base model's own card's), tags, whether a base
+    # model loaded by Hub id is named in the front matter, a note after the base model's name, and how
+    # to load a full pipeline export
+    card_license: ClassVar[str | None] = None
     card_tags: ClassVar[tuple[str, ...]] = ()
     card_base_on_hub: ClassVar[bool] = True
     card_base_note: ClassVar[str] = ""
@@ -98,9 +99,15 @@ class Backend:
         vocabulary); open models accept all."""
 
     # ---- export -------------------------------------------------------------------------------------
-    def save_pipeline(self, bundle: "ModelBundle", folder: Path) -> None:
-        """Write the erased model as a complete pipeline folder its ecosystem loads."""
+    def save_pipeline(self, bundle: "ModelBundle", folder: Path, dtype: torch.dtype | None = None) -> None:
+        """Write the erased model as a complete pipeline folder its ecosystem loads, in ``dtype``
+        (None: the base model's stored dtype)."""
         raise ValueError(f"the {self.name} backend cannot export a full pipeline")
+
+    @classmethod
+    def card_usage(cls, fmt: str) -> list[str]:
+        """Markdown lines of a model card saying how to use an export of format ``fmt`` without AGE Explorer."""
+        return []
 
 
 def register_backend(backend: type[Backend]) -> type[Backend]:

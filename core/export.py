@@ -1,4 +1,4 @@
-"""Export an erased run: the delta (default), a full diffusers folder, a model card, a Hub push.
+"""Export an erased run: the delta (default), a full diffusers folder, a LoRA, a model card, a Hub push.
 
 Exports are written to a temp folder next to the destination and renamed into place, so an
 interrupted export never leaves a folder that looks complete. The Hub token is only ever passed to
@@ -7,18 +7,29 @@ interrupted export never leaves a folder that looks complete. The Hub token is o
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
 
-from .manifest import environment_versions
+from .bundle import PromptWarning
+from .device import resolve_dtype
+from .export_lora import (DEFAULT_RANK, FULL_RANK, KOHYA_FILE, PEFT_FILE, LoraExportConfig, lowrank_delta,
+                          lowrank_summary)
+from .manifest import environment_versions, write_json_atomic
 from .runs import DELTA, MANIFEST, read_manifest
 
-FORMATS = ("delta", "diffusers")
+FORMATS = ("delta", "diffusers", "lora")
+SHEET = "before_after.png"  # the before/after contact sheet a run folder or an export holds
+SHEET_SEEDS = [0, 1, 2, 3]
+EXPORT_MANIFEST = "export_manifest.json"  # what a LoRA export holds and how well it approximates the delta
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -36,28 +47,42 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def model_card(manifest: dict, run_dir: Path, fmt: str) -> str:
-    """README.md with YAML front matter for the Hub."""
+def model_card(manifest: dict, run_dir: Path, fmt: str, lora: dict | None = None, sheet: bool = False) -> str:
+    """README.md with YAML front matter for the Hub. ``lora``: the LoRA export's summary; ``sheet``:
+    the export holds the before/after contact sheet."""
     from .backends import get_backend
 
     backend = get_backend(manifest.get("base_model_kind", "stable-diffusion"))
     base = manifest["base_model"]
-    tags = ["concept-erasure", "age-explorer", manifest["method"], *backend.card_tags]
-    front = ["---", f"license: {backend.card_license}"]
-    if backend.card_base_on_hub:
-        front += [f"base_model: {base}", "library_name: diffusers", "pipeline_tag: text-to-image"]
+    tags = ["concept-erasure", "age-explorer", manifest["method"], *backend.card_tags] + (["lora"] if fmt == "lora" else [])
+    front = ["---"]
+    license_ = backend.card_license or base_license(base)
+    if license_:
+        front.append(f"license: {license_}")
+    if backend.card_base_on_hub and is_hub_base(base):
+        front.append(f"base_model: {base}")
+    if fmt in ("diffusers", "lora"):  # the delta is this project's own format: diffusers cannot load it
+        front.append("library_name: diffusers")
+    if fmt == "diffusers":
+        front.append("pipeline_tag: text-to-image")
     front += ["tags:"] + [f"  - {t}" for t in tags] + ["---", ""]
     concepts = ", ".join(f"\"{c}\"" for c in manifest["concepts"])
     lines = [f"# {manifest['method'].upper()} erasure of {concepts}", "",
              f"Base model: `{base}`{backend.card_base_note}. "
              f"Made with AGE Explorer: method **{manifest['method']}**, preset **{manifest.get('preset')}**, "
-             f"seed {manifest.get('seed')}, {manifest.get('steps_done')} steps on {manifest.get('device')}.", ""]
+             f"seed {manifest.get('seed')}, {_steps_text(manifest)} on {manifest.get('device')}.", ""]
     if fmt == "delta":
         lines += [f"This export holds only the changed UNet weights (`{DELTA}`, "
                   f"{manifest.get('changed_parameters')} tensors). Load them on top of the base model with "
                   f"`age-explorer generate --model FOLDER` or `age_explorer.core.bundle.load_bundle(FOLDER)`.", ""]
+    elif fmt == "lora":
+        lines += _lora_section(lora or {})
     else:
         lines += ["This export is a complete pipeline folder." + backend.card_pipeline_hint, ""]
+    lines += backend.card_usage(fmt)
+    if sheet:
+        lines += ["## Before and after", "", f"Same prompts and seeds ({', '.join(map(str, SHEET_SEEDS))}), "
+                  f"the base model against the erased one.", "", f"![before and after]({SHEET})", ""]
     if manifest.get("targets"):
         lines += ["## Targets found by AGE", "", "| erased concept | top targets (pi) |", "|---|---|"]
         for concept, targets in manifest["targets"].items():
@@ -76,6 +101,65 @@ def model_card(manifest: dict, run_dir: Path, fmt: str) -> str:
     return "\n".join(front + lines)
 
 
+def _steps_text(manifest: dict) -> str:
+    """AGE's loop alternates model (theta) and pi steps; its ``steps_done`` counts both."""
+    done = int(manifest.get("steps_done") or 0)
+    every = manifest.get("config", {}).get("pgd_num_steps")
+    if manifest.get("method") == "age" and every:
+        model = math.ceil(done / int(every))
+        return f"{_count(model, 'model step')} and {_count(done - model, 'pi step')}"
+    return _count(done, "model step")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _lora_section(lora: dict) -> list[str]:
+    lines = [f"This export is a LoRA of rank **{lora.get('rank')}** of the run's weight change: a truncated SVD "
+             f"of each of the {lora.get('layers')} changed weight matrices (conv kernels flattened), alpha = rank "
+             f"(scale 1). Relative Frobenius error of the approximation over all of them: "
+             f"**{lora.get('relative_frobenius_error', float('nan')):.4g}** "
+             f"(||delta - up @ down||_F / ||delta||_F).", "",
+             f"- `{lora.get('peft_file')}`: diffusers/PEFT layout (`unet.<layer>.lora_A/lora_B`), with the "
+             f"changed biases as `lora_B.bias`; `pipe.load_lora_weights(FOLDER)` loads it.",
+             f"- `{lora.get('kohya_file')}`: kohya layout (`lora_unet_<layer>.lora_down/lora_up/alpha`) for "
+             f"AUTOMATIC1111 and ComfyUI; it holds no biases (the kohya SD-1.x layout has no key for them): "
+             f"their delta has Frobenius norm {lora.get('bias_delta_frobenius', 0.0):.3g}, against "
+             f"{lora.get('weight_delta_frobenius', 0.0):.3g} for the weight matrices."]
+    if lora.get("left_out"):
+        lines.append(f"- Left out of both (no LoRA layout holds them): {len(lora['left_out'])} normalisation "
+                     f"tensor(s), delta Frobenius norm {math.sqrt(sum(v * v for v in lora['left_out'].values())):.3g}.")
+    return lines + [""]
+
+
+def is_hub_base(base: str) -> bool:
+    """The base was loaded by Hub id (not a local folder), so the card may name it as ``base_model``."""
+    from .bundle import looks_like_hub_id
+
+    return not Path(base).expanduser().exists() and looks_like_hub_id(base)
+
+
+def base_license(base: str) -> str | None:
+    """The ``license:`` of the base model's own card (its folder's README.md, or the cached Hub copy);
+    None when there is none to read."""
+    readme = Path(base).expanduser() / "README.md"
+    if not readme.is_file() and is_hub_base(base):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            readme = Path(hf_hub_download(base, "README.md", local_files_only=True))
+        except Exception:  # not in the cache (or no card): no license to copy
+            return None
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    found = re.search(r"^license:\s*['\"]?([\w.+-]+)", text.split("---", 2)[1], re.MULTILINE)
+    return found.group(1) if found else None
+
+
 def _markdown(table: pd.DataFrame) -> str:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
@@ -90,12 +174,24 @@ def _json(data) -> str:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", name: str | None = None,
-               force: bool = False) -> Path:
+               force: bool = False, rank: int | str | None = DEFAULT_RANK, dtype: str | None = None,
+               progress=None) -> Path:
     """Write ``out_dir/name`` (default name: the run folder's) and return it. ``force`` replaces, in an
-    existing folder, only the files this export writes; anything else in it is left alone."""
+    existing folder, only the files this export writes; anything else in it is left alone.
+
+    ``rank``: the LoRA's rank (``lora`` only; None or "full": every singular value). ``dtype``: the
+    dtype of a ``diffusers`` folder (default: the base model's stored dtype). ``progress(done, total)``
+    follows the contact sheet's images.
+    """
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
+    lora_config = LoraExportConfig(rank=rank)  # a bad rank is refused before anything is loaded
+    stored_dtype = None
+    if dtype is not None:
+        if fmt != "diffusers":
+            raise ValueError("--dtype applies to the diffusers format only (a delta or LoRA keeps the run's dtype)")
+        stored_dtype = resolve_dtype(dtype, torch.device("cuda"))  # any dtype can be stored, whatever the device
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     manifest = read_manifest(run_dir)
@@ -109,15 +205,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
         raise FileExistsError(f"{final} is a file, not an export folder")
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     try:
-        if fmt == "delta":
-            from .bundle import load_bundle
+        from .bundle import load_bundle
 
-            load_bundle(str(run_dir), device="cpu")  # verifies checksum and base before copying
+        erased = load_bundle(str(run_dir), device="cpu")  # verifies checksum and base before anything is written
+        lora = None
+        if fmt == "delta":
             shutil.copy2(run_dir / DELTA, tmp / DELTA)
             shutil.copy2(run_dir / MANIFEST, tmp / MANIFEST)
+        elif fmt == "lora":
+            lora = _export_lora(run_dir, manifest, erased, lora_config, tmp)
         else:
-            _export_diffusers(run_dir, manifest, tmp)
-        (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt))
+            erased.backend.save_pipeline(erased, tmp, stored_dtype)
+        sheet = _before_after_sheet(run_dir, manifest, erased, tmp / SHEET, progress)
+        (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt, lora=lora, sheet=sheet))
         if final.exists():
             for item in tmp.iterdir():  # only what this export wrote replaces what is there
                 old = final / item.name
@@ -135,11 +235,59 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
     return final
 
 
-def _export_diffusers(run_dir: Path, manifest: dict, folder: Path) -> None:
+def run_weights(run_dir: Path, manifest: dict, erased) -> tuple[dict, dict]:
+    """(base, erased) float32 CPU values of the UNet tensors the run changed."""
     from .bundle import load_bundle
 
-    erased = load_bundle(str(run_dir), device="cpu")
-    erased.backend.save_pipeline(erased, folder)
+    delta = load_file(str(run_dir / manifest.get("delta_file", DELTA)))
+    base = load_bundle(erased.base_source, device="cpu", revision=manifest.get("base_revision"))
+    params = dict(base.unet.named_parameters())
+    base_values = {n: params[n].detach().float().clone() for n in delta}
+    return base_values, {n: t.float() for n, t in delta.items()}
+
+
+def _export_lora(run_dir: Path, manifest: dict, erased, config: LoraExportConfig, folder: Path) -> dict:
+    base_values, erased_values = run_weights(run_dir, manifest, erased)
+    factors = lowrank_delta(erased.unet, base_values, erased_values, config.rank)
+    save_file(factors.peft_state_dict(), str(folder / PEFT_FILE), metadata={"format": "pt"})
+    save_file(factors.kohya_state_dict(), str(folder / KOHYA_FILE), metadata={
+        "ss_network_module": "networks.lora", "ss_network_dim": str(factors.rank),
+        "ss_network_alpha": str(factors.rank)})
+    for weights in (PEFT_FILE, KOHYA_FILE):
+        os.chmod(folder / weights, 0o644)  # readable like the other files of the folder
+    summary = {**lowrank_summary(factors, erased_values, base_values), "peft_file": PEFT_FILE,
+               "kohya_file": KOHYA_FILE, "requested_rank": config.rank or FULL_RANK}
+    write_json_atomic(folder / EXPORT_MANIFEST, {
+        "kind": "age-explorer LoRA export", "lora": summary, "config": config.to_dict(),
+        "run": {k: manifest.get(k) for k in ("method", "preset", "concepts", "seed", "steps_done", "base_model",
+                                             "base_revision", "base_fingerprint", "delta_sha256")},
+        "versions": environment_versions()})
+    return summary
+
+
+def _before_after_sheet(run_dir: Path, manifest: dict, erased, path: Path, progress=None) -> bool:
+    """Copy the run's contact sheet, or draw one when the model is cheap to sample (its backend writes
+    previews during erasure); False when there is none."""
+    if (run_dir / SHEET).is_file():
+        shutil.copy2(run_dir / SHEET, path)
+        return True
+    if not erased.backend.preview_every:
+        return False
+    from .bundle import load_bundle
+    from .imageio import contact_sheet
+    from .sampling import generate
+
+    concept_set = erased.backend.concept_set()
+    prompts = [concept_set.template.format(concept=c) if concept_set and c in concept_set.concepts else c
+               for c in manifest["concepts"]]
+    base = load_bundle(erased.base_source, device="cpu", revision=manifest.get("base_revision"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptWarning)
+        before, after = (generate(b, prompts, SHEET_SEEDS, progress=progress) for b in (base, erased))
+    n = len(SHEET_SEEDS)
+    strips = [[images[i * n:(i + 1) * n] for images in (before, after)] for i in range(len(prompts))]
+    contact_sheet(strips, prompts, ["before (base model)", "after (erased)"]).save(path)
+    return True
 
 
 def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = True,

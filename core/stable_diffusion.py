@@ -67,11 +67,66 @@ class StableDiffusionBackend(Backend):
         x = images.to(bundle.device, vae.dtype) * 2 - 1
         return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
-    def save_pipeline(self, bundle: ModelBundle, folder: Path) -> None:
+    def save_pipeline(self, bundle: ModelBundle, folder: Path, dtype: torch.dtype | None = None) -> None:
+        """The base pipeline with the erased UNet, in the base's stored dtype (or ``dtype``), and with
+        the DDIM scheduler the project samples with, so that a plain ``pipe(prompt)`` with the same
+        steps, guidance and seed gives the project's "after" images (a PNDM base would not)."""
         from diffusers import StableDiffusionPipeline
 
+        source = bundle.base_source or bundle.source
+        dtype = dtype or stored_dtype(source)
         with LOAD_LOCK:  # a load like load_bundle's: one at a time in the process
-            pipe = StableDiffusionPipeline.from_pretrained(bundle.base_source or bundle.source, safety_checker=None,
+            pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False, local_files_only=True)
-        pipe.unet = bundle.unet
+        pipe.unet.load_state_dict(bundle.unet.state_dict())  # cast to the folder's dtype
+        pipe.scheduler = bundle.sampling_scheduler()
         pipe.save_pretrained(folder)
+
+    @classmethod
+    def card_usage(cls, fmt: str) -> list[str]:
+        sampler = ["from diffusers import DDIMScheduler",
+                   "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler of AGE Explorer"]
+        load = ["import torch",
+                "from diffusers import StableDiffusionPipeline",
+                "pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, torch_dtype=torch.float32)"]
+        if fmt == "diffusers":
+            return ["The folder's scheduler is the DDIM sampler AGE Explorer draws its images with, so "
+                    "`pipe(prompt, num_inference_steps=50, guidance_scale=7.5, generator=torch.Generator()"
+                    ".manual_seed(SEED))` gives its \"after\" images.", ""]
+        if fmt == "delta":
+            apply = ["from safetensors.torch import load_file",
+                     "delta = load_file(\"delta.safetensors\")  # the changed UNet tensors' new values, diffusers names",
+                     "pipe.unet.load_state_dict(delta, strict=False)"]
+            title = "Apply the delta with `safetensors` alone (three lines, on a loaded base pipeline `pipe`)"
+        elif fmt == "lora":
+            apply = ["pipe.load_lora_weights(\"FOLDER\")  # reads pytorch_lora_weights.safetensors (needs peft)"]
+            title = "Load the LoRA in diffusers"
+        else:
+            return []
+        return [f"## {title}", "", "```python", *load, *apply, "```", "",
+                "AGE Explorer samples with DDIM built from the base's scheduler config; with these two lines a "
+                "plain `pipe(prompt)` with the same steps, guidance and seed reproduces its images:", "",
+                "```python", *sampler, "```", ""]
+
+
+def stored_dtype(source: str) -> torch.dtype:
+    """The dtype a pipeline's UNet weights are stored in (float32 when they cannot be read)."""
+    from safetensors import safe_open
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        try:
+            from diffusers import DiffusionPipeline
+
+            folder = Path(DiffusionPipeline.download(source, local_files_only=True))
+        except Exception:  # not in the cache as a folder: float32, the dtype the project loads
+            return torch.float32
+    files = sorted((folder / "unet").glob("*.safetensors"), key=lambda f: (f.name.count("."), f.name))
+    if not files:
+        return torch.float32
+    with safe_open(str(files[0]), framework="pt") as weights:
+        first = next(iter(weights.keys()), None)
+        return _SAFETENSORS_DTYPES.get(weights.get_slice(first).get_dtype(), torch.float32) if first else torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -161,8 +161,23 @@ class ToyBackend(Backend):
             raise ValueError(f"the target {short(target)} has words the toy model does not know "
                              f"({', '.join(unknown[:10])}); its words: {', '.join(self.vocabulary(bundle))}")
 
-    def save_pipeline(self, bundle: ModelBundle, folder: Path) -> None:
+    def save_pipeline(self, bundle: ModelBundle, folder: Path, dtype: torch.dtype | None = None) -> None:
         for item in self.path.iterdir():
             if item.name != "unet":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        bundle.unet.save_pretrained(folder / "unet")
+        unet = bundle.unet if dtype is None else bundle.unet.to(dtype)
+        unet.save_pretrained(folder / "unet")
+
+    @classmethod
+    def card_usage(cls, fmt: str) -> list[str]:
+        load = ["from age_explorer.core.bundle import load_bundle",
+                "bundle = load_bundle(\"toy\")  # the base; its UNet is a diffusers UNet2DConditionModel"]
+        if fmt == "delta":
+            apply = ["from safetensors.torch import load_file",
+                     "delta = load_file(\"delta.safetensors\")  # the changed UNet tensors' new values, diffusers names",
+                     "bundle.unet.load_state_dict(delta, strict=False)"]
+        elif fmt == "lora":
+            apply = ["bundle.unet.load_lora_adapter(\"FOLDER/pytorch_lora_weights.safetensors\", prefix=\"unet\")  # needs peft"]
+        else:
+            return []
+        return ["## Apply it to the toy model's UNet", "", "```python", *load, *apply, "```", ""]

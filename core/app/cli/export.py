@@ -1,16 +1,24 @@
-"""``age-explorer export``: an erased run as a delta or a diffusers folder, with a model card; Hub push."""
+"""``age-explorer export``: an erased run as a delta, a diffusers folder or a LoRA, with a model card; Hub push."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-HELP = "export an erased run: delta (default) or diffusers folder, model card, Hub"
+HELP = "export an erased run: delta (default), diffusers folder or LoRA, model card, Hub"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...export import FORMATS
+    from ...export_lora import DEFAULT_RANK, LoraExportConfig  # the rank flag: default and help of the config
+
     parser.add_argument("run_dir")
-    parser.add_argument("--format", choices=["delta", "diffusers"], default="delta")
+    parser.add_argument("--format", choices=FORMATS, default="delta")
+    parser.add_argument("--rank", default=str(DEFAULT_RANK),
+                        help=LoraExportConfig.__dataclass_fields__["rank"].metadata["help"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="dtype of a diffusers folder (default: the base model's stored dtype)")
     parser.add_argument("--out", default=None,
                         help="the export folder itself, as save_pretrained (default: exports/RUN-FORMAT)")
     parser.add_argument("--force", action="store_true",
@@ -22,12 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from ...export import export_run, push_to_hub
 
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else Path("exports") / f"{run_dir.name}-{args.format}"
-    folder = export_run(run_dir, out.parent, fmt=args.format, name=out.name, force=args.force)
+    with tqdm(desc="contact sheet images", unit="img", disable=None) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        folder = export_run(run_dir, out.parent, fmt=args.format, name=out.name, force=args.force, rank=args.rank,
+                            dtype=args.dtype, progress=progress)
     print(f"exported {args.format} to {folder}")
+    if args.format == "lora":
+        lora = json.loads((folder / "export_manifest.json").read_text())["lora"]
+        print(f"rank {lora['rank']}, relative Frobenius error {lora['relative_frobenius_error']:.4g}")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, token=args.token, private=not args.public)
         print(f"pushed to {args.push_to_hub}: {url}")
