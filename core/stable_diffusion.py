@@ -7,34 +7,50 @@ from pathlib import Path
 import torch
 
 from .backends import Backend, register_backend
-from .bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, looks_like_hub_id
+from .bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, diffusers_pipeline_class, looks_like_hub_id
 
 
 @register_backend
 class StableDiffusionBackend(Backend):
     name = "stable-diffusion"
-    folder_hint = "a diffusers pipeline (model_index.json)"
+    folder_hint = "a diffusers StableDiffusionPipeline folder (SD 1.x/2.x)"
     default_presets = {"age": "imagenette", "esd": "esd-x"}
     card_tags = ("stable-diffusion", "text-to-image")
     card_pipeline_hint = " Load it with `diffusers.StableDiffusionPipeline.from_pretrained(folder)`."
+    # the model_index.json class names this backend loads; a folder or cached Hub model naming another
+    # class is left to the backend that claims it (or refused with the list of what is supported)
+    pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
+    # whether a model whose pipeline class is unknown (an uncached Hub id) is tried with this backend
+    claims_unknown: bool = True
 
     @classmethod
     def claims(cls, source: str, path: Path | None) -> bool:
-        if path is not None:
-            return (path / "model_index.json").is_file()
-        return looks_like_hub_id(source)
+        if path is None and not looks_like_hub_id(source):
+            return False
+        if path is not None and not (path / "model_index.json").is_file():
+            return False
+        pipeline_class = diffusers_pipeline_class(source, path)
+        return pipeline_class in cls.pipeline_classes or (pipeline_class is None and cls.claims_unknown)
+
+    @classmethod
+    def pipeline_loader(cls):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    @classmethod
+    def from_pretrained(cls, source: str, **options):
+        """The family's diffusers pipeline, without a safety checker (the project never runs one)."""
+        return cls.pipeline_loader().from_pretrained(source, safety_checker=None, requires_safety_checker=False,
+                                                     **options)
 
     @classmethod
     def load(cls, source, path, device, dtype, local_files_only, revision) -> ModelBundle:
-        from diffusers import StableDiffusionPipeline
-
         if path is not None:  # a local folder never needs the Hub
             local_files_only, revision = True, None
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
-                local_files_only=local_files_only, revision=revision,
-            )
+            pipe = cls.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only,
+                                       revision=revision)
         except Exception as err:
             if path is not None:  # a local folder: say which of its files is wrong, not how to download
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -51,6 +67,10 @@ class StableDiffusionBackend(Backend):
                 f"--model FOLDER. The embedded toy model (--model toy) needs no download."
             ) from err
         pipe.to(device)
+        return cls.bundle_from_pipeline(pipe, source, device, dtype, revision)
+
+    @classmethod
+    def bundle_from_pipeline(cls, pipe, source, device, dtype, revision) -> ModelBundle:
         return ModelBundle(
             backend=cls(), source=source, unet=pipe.unet.eval(), text_encoder=pipe.text_encoder.eval(),
             tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config), device=device, dtype=dtype,
@@ -68,10 +88,7 @@ class StableDiffusionBackend(Backend):
         return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
     def save_pipeline(self, bundle: ModelBundle, folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
-
         with LOAD_LOCK:  # a load like load_bundle's: one at a time in the process
-            pipe = StableDiffusionPipeline.from_pretrained(bundle.base_source or bundle.source, safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True)
+            pipe = self.from_pretrained(bundle.base_source or bundle.source, local_files_only=True)
         pipe.unet = bundle.unet
         pipe.save_pretrained(folder)
