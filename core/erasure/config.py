@@ -14,6 +14,7 @@ from typing import ClassVar
 from .params import PARAMETER_SETS
 
 LOSS_SPACES = ("x0", "eps")
+UCE_ALIGNMENTS = ("last_word", "all")
 XT_SOURCES = ("sample", "pool")
 PRECISIONS = ("fp32", "bf16")
 # Bounds shared by the CLI, the app and the job store (docs/erasure.md, "Limits"): far above any
@@ -199,8 +200,13 @@ class UCEConfig(MethodConfig):
     target: str = _help("what the erased concepts are mapped to ('' = the empty prompt)", "")
     preserve: list[str] = _list("concepts whose keys and values are kept")
     erase_scale: float = _help("weight of the erasure equations", 1.0)
-    preserve_scale: float = _help("weight of the preservation equations", 1.0)
+    preserve_scale: float | None = _help("weight of the preservation equations (None: max(0.1, 1/number of "
+                                         "preserved prompts), as the reference)", None)
     lam: float = _help("lambda: ridge weight that keeps the edit close to the original weights", 0.5)
+    token_alignment: str = _help("last_word: edit the erased prompt's positions from its last word to the end, "
+                                 "aligned with the target's from its last word (reference); all: every position "
+                                 "onto the same position of the target", "last_word")
+    preserve_empty: bool = _help("also preserve the empty prompt '' (the reference always does)", True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -211,10 +217,22 @@ class UCEConfig(MethodConfig):
             raise ValueError("a concept cannot be both erased and preserved")
         for name in ("erase_scale", "preserve_scale", "lam"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if value is None and name == "preserve_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.lam == 0 and not self.preserve:
+        _choice("token_alignment", self.token_alignment, UCE_ALIGNMENTS)
+        if self.lam == 0 and not self.preserved_prompts():
             raise ValueError("lam must be > 0 when nothing is preserved (the system would be singular)")
+
+    def preserved_prompts(self) -> list[str]:
+        """The preserved prompts: '' (unless preserve_empty is off), then each preserved concept in the template."""
+        return ([""] if self.preserve_empty else []) + [self.prompt_template.format(c=p) for p in self.preserve]
+
+    def effective_preserve_scale(self) -> float:
+        if self.preserve_scale is not None:
+            return float(self.preserve_scale)
+        return max(0.1, 1 / max(1, len(self.preserved_prompts())))
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "parameter_set": self.parameter_set}
