@@ -47,7 +47,10 @@ def test_generate_matches_plain_diffusers_for_the_same_seeds(sdxl, tiny_sdxl_dir
     for i, seed in enumerate([4, 5]):
         theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, output_type="pt",
                       generator=torch.Generator().manual_seed(seed)).images
-        assert torch.equal(ours[i:i + 1], theirs)
+        # the project runs both seeds in one batch, the pipeline one at a time: float sums may differ in
+        # the last bits, never in the 8-bit image
+        assert (ours[i:i + 1] - theirs).abs().max() < 1e-5
+        assert torch.equal((ours[i:i + 1] * 255).round(), (theirs * 255).round())
 
 
 @pytest.mark.parametrize("method, options, parameter_set", [
@@ -75,7 +78,7 @@ def test_graph_similarity_measures_run_on_sdxl(sdxl):
     from age_explorer.core.graph.analysis import similarity_measures
     from age_explorer.core.graph.concept_sets import ConceptSet
 
-    concept_set = ConceptSet(name="tiny", concepts=["red circle", "cat", "car"], groups={}, template="a {c}")
+    concept_set = ConceptSet(name="tiny", concepts=["red circle", "cat", "car"], groups={}, template="a {concept}")
     table = similarity_measures(sdxl, concept_set, latents=1, timesteps=(500,))
     assert len(table) == 6 and (table["output_distance"] > 0).all()
 
@@ -111,3 +114,13 @@ def test_sdxl_export_reloads_in_plain_diffusers_with_the_projects_images(sdxl, t
     theirs_images = torch.tensor(theirs["images"]).squeeze(1)
     # 0/255: the same scheduler, the same seeds, one thread in both processes
     assert ((ours * 255).round() - (theirs_images * 255).round()).abs().max() == 0
+
+
+@pytest.mark.parametrize("pipeline_class", ["StableDiffusion3Pipeline", "FluxPipeline"])
+def test_an_unsupported_diffusers_model_is_one_line_naming_what_is_supported(tmp_path, pipeline_class):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    with pytest.raises(ValueError) as err:
+        load_bundle(str(tmp_path), device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and f"is a {pipeline_class}, which the engine does not support" in message
+    assert "StableDiffusionPipeline" in message and "StableDiffusionXLPipeline" in message and "toy" in message
