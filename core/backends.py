@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type["Backend"]] = {}
 # module paths of the built-in backends, imported lazily so that importing the engine stays cheap
-_BUILT_IN = ("age_explorer.core.toyworld.backend", "age_explorer.core.stable_diffusion")
+_BUILT_IN = ("age_explorer.core.toyworld.backend", "age_explorer.core.stable_diffusion",
+             "age_explorer.core.stable_diffusion_xl")
 
 
 class Backend:
@@ -60,6 +61,27 @@ class Backend:
     def weights_revision(cls, source: str) -> str | None:
         """The revision of a model's weights, read without loading it (None when unknown)."""
         return None
+
+    # ---- prompt states and the UNet's conditioning inputs ---------------------------------------------
+    # "Prompt states" are one tensor (B, tokens, D) per batch of prompts: whatever the family's UNet is
+    # conditioned on, packed so that the engine can concatenate, expand, slice and mix them like hidden
+    # states. These four methods are the only places that know what the packing holds.
+    def encode_prompts(self, bundle: "ModelBundle", prompts: list[str]) -> torch.Tensor:
+        """Prompt states of a batch of prompts (by default the text encoder's last hidden states)."""
+        ids = bundle.tokenize(prompts).to(bundle.device)
+        return bundle.text_encoder(ids)[0].to(bundle.dtype)
+
+    def unconditional_states(self, bundle: "ModelBundle") -> torch.Tensor:
+        """The (1, tokens, D) states of classifier-free guidance's unconditional branch (the empty prompt)."""
+        return bundle.encode([""])
+
+    def unet_kwargs(self, bundle: "ModelBundle", states: torch.Tensor) -> dict:
+        """The keyword arguments of a UNet call conditioned on ``states``."""
+        return {"encoder_hidden_states": states}
+
+    def cross_attention_states(self, bundle: "ModelBundle", states: torch.Tensor) -> torch.Tensor:
+        """The part of ``states`` that the cross-attention keys and values read (B, tokens, D)."""
+        return states
 
     # ---- the latent codec ---------------------------------------------------------------------------
     def decode(self, bundle: "ModelBundle", latents: torch.Tensor) -> torch.Tensor:

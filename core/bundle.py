@@ -7,6 +7,7 @@ noise-scheduler config, and latents <-> images.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -83,14 +84,26 @@ class ModelBundle:
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
-        """Prompt hidden states (B, max_tokens, D), padded to a fixed length as SD pads to 77."""
+        """Prompt states (B, tokens, D), padded to a fixed length as SD pads to 77; what they hold beyond
+        the text encoder's hidden states is the backend's (see ``Backend.encode_prompts``)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         for prompt in prompts:
             self.warn_unknown_words(prompt)
             self.warn_long(prompt)
-        ids = self.tokenize(prompts).to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return self.backend.encode_prompts(self, list(prompts))
+
+    def unconditional(self) -> torch.Tensor:
+        """The (1, tokens, D) states of classifier-free guidance's unconditional branch."""
+        return self.backend.unconditional_states(self)
+
+    def unet_kwargs(self, states: torch.Tensor) -> dict:
+        """Keyword arguments of a UNet call conditioned on prompt states: ``unet(x, t, **bundle.unet_kwargs(states))``."""
+        return self.backend.unet_kwargs(self, states)
+
+    def cross_attention_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The token states (B, tokens, D) the cross-attention keys and values read, out of prompt states."""
+        return self.backend.cross_attention_states(self, states)
 
     def vocabulary(self) -> list[str] | None:
         """The model's closed word list; ``None`` for open-vocabulary models."""
@@ -200,11 +213,33 @@ def _load_bundle(model, device, dtype, local_files_only, revision) -> ModelBundl
     backend = backend_for(source, path)
     if backend is not None:
         return backend.load(source, path, dev, dt, local_files_only, revision)
+    hints = " or ".join(b.folder_hint for b in backends().values())
+    pipeline_class = diffusers_pipeline_class(source, path)
+    if pipeline_class is not None:  # a diffusers model of a family no backend handles (SD3, Flux, ...)
+        raise ValueError(f"{source} is a {pipeline_class}, which the engine does not support; "
+                         f"it supports {hints}")
     if path is not None:
-        hints = " or ".join(b.folder_hint for b in backends().values())
         raise ValueError(f"folder {source} is not a model: expected {hints}")
     raise FileNotFoundError(f"model folder {source} does not exist (and it is not a Hub id such as "
                             f"CompVis/stable-diffusion-v1-4)")
+
+
+def diffusers_pipeline_class(source: str, path: Path | None) -> str | None:
+    """The pipeline class a diffusers model names in its ``model_index.json`` (a folder's, or a Hub
+    model's in the local cache; never downloaded); None when there is none to read."""
+    index = path / "model_index.json" if path is not None else None
+    if index is None and looks_like_hub_id(source) and "/" in source:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else None
+    if index is None or not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def looks_like_hub_id(source: str) -> bool:

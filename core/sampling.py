@@ -57,9 +57,11 @@ def initial_latents(bundle: ModelBundle, seeds: list[int]) -> torch.Tensor:
 Prediction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def unet_prediction(unet) -> Prediction:
-    """``predict(x, t, states)`` of a plain UNet call."""
-    return lambda x, t, states: unet(x, t, encoder_hidden_states=states).sample
+def unet_prediction(bundle: ModelBundle, unet=None) -> Prediction:
+    """``predict(x, t, states)`` of a plain call of ``unet`` (default: the bundle's), conditioned as the
+    bundle's backend conditions it."""
+    unet = unet or bundle.unet
+    return lambda x, t, states: unet(x, t, **bundle.unet_kwargs(states)).sample
 
 
 def guided_ddim_step(scheduler, predict: Prediction, z: torch.Tensor, t, cond: torch.Tensor,
@@ -79,10 +81,10 @@ def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tenso
     With ``eta`` > 0 the step noise comes from one generator per seed (offset from the one of the
     initial noise), so an image still depends only on its own seed.
     """
-    predict = unet_prediction(unet or bundle.unet)
+    predict = unet_prediction(bundle, unet)
     scheduler = bundle.sampling_scheduler()
     scheduler.set_timesteps(steps, device=bundle.device)
-    uncond = bundle.encode([""]).expand(len(cond), -1, -1)
+    uncond = bundle.unconditional().expand(len(cond), -1, -1)
     latents = latents * scheduler.init_noise_sigma
     generators = None
     if eta > 0:

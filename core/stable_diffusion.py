@@ -7,34 +7,51 @@ from pathlib import Path
 import torch
 
 from .backends import Backend, register_backend
-from .bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, looks_like_hub_id
+from .bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, diffusers_pipeline_class, looks_like_hub_id
 
 
 @register_backend
 class StableDiffusionBackend(Backend):
     name = "stable-diffusion"
-    folder_hint = "a diffusers pipeline (model_index.json)"
+    folder_hint = "a diffusers StableDiffusionPipeline folder (SD 1.x/2.x)"
     default_presets = {"age": "imagenette", "esd": "esd-x"}
     card_tags = ("stable-diffusion", "text-to-image")
     card_pipeline_hint = " Load it with `diffusers.StableDiffusionPipeline.from_pretrained(folder)`."
+    # the model_index.json class names this backend loads; a folder or cached Hub model naming another
+    # class is left to the backend that claims it (or refused with the list of what is supported)
+    pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
+    # whether a model whose pipeline class is unknown (an uncached Hub id) is tried with this backend
+    claims_unknown: bool = True
+    default_guidance = 7.5  # the pipeline's own default CFG scale
 
     @classmethod
     def claims(cls, source: str, path: Path | None) -> bool:
-        if path is not None:
-            return (path / "model_index.json").is_file()
-        return looks_like_hub_id(source)
+        if path is None and not looks_like_hub_id(source):
+            return False
+        if path is not None and not (path / "model_index.json").is_file():
+            return False
+        pipeline_class = diffusers_pipeline_class(source, path)
+        return pipeline_class in cls.pipeline_classes or (pipeline_class is None and cls.claims_unknown)
+
+    @classmethod
+    def pipeline_loader(cls):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    @classmethod
+    def from_pretrained(cls, source: str, **options):
+        """The family's diffusers pipeline, without a safety checker (the project never runs one)."""
+        return cls.pipeline_loader().from_pretrained(source, safety_checker=None, requires_safety_checker=False,
+                                                     **options)
 
     @classmethod
     def load(cls, source, path, device, dtype, local_files_only, revision) -> ModelBundle:
-        from diffusers import StableDiffusionPipeline
-
         if path is not None:  # a local folder never needs the Hub
             local_files_only, revision = True, None
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
-                local_files_only=local_files_only, revision=revision,
-            )
+            pipe = cls.from_pretrained(source, dtype=dtype, local_files_only=local_files_only,
+                                       revision=revision)
         except Exception as err:
             if path is not None:  # a local folder: say which of its files is wrong, not how to download
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -51,10 +68,14 @@ class StableDiffusionBackend(Backend):
                 f"--model FOLDER. The embedded toy model (--model toy) needs no download."
             ) from err
         pipe.to(device)
+        return cls.bundle_from_pipeline(pipe, source, device, dtype, revision)
+
+    @classmethod
+    def bundle_from_pipeline(cls, pipe, source, device, dtype, revision) -> ModelBundle:
         return ModelBundle(
             backend=cls(), source=source, unet=pipe.unet.eval(), text_encoder=pipe.text_encoder.eval(),
             tokenizer=pipe.tokenizer, scheduler_config=dict(pipe.scheduler.config), device=device, dtype=dtype,
-            vae=pipe.vae.eval(), revision=revision, default_steps=50, default_guidance=7.5,
+            vae=pipe.vae.eval(), revision=revision, default_steps=50, default_guidance=cls.default_guidance,
         )
 
     def decode(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
@@ -70,14 +91,11 @@ class StableDiffusionBackend(Backend):
     def save_pipeline(self, bundle: ModelBundle, folder: Path, dtype: torch.dtype | None = None) -> None:
         """The base pipeline with the erased UNet, in the base's stored dtype (or ``dtype``), and with
         the DDIM scheduler the project samples with, so that a plain ``pipe(prompt)`` with the same
-        steps, guidance and seed gives the project's "after" images (a PNDM base would not)."""
-        from diffusers import StableDiffusionPipeline
-
+        steps, guidance and seed gives the project's "after" images (a PNDM or Euler base would not)."""
         source = bundle.base_source or bundle.source
         dtype = dtype or stored_dtype(source)
         with LOAD_LOCK:  # a load like load_bundle's: one at a time in the process
-            pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True)
+            pipe = self.from_pretrained(source, dtype=dtype, local_files_only=True)
         pipe.unet.load_state_dict(bundle.unet.state_dict())  # cast to the folder's dtype
         pipe.scheduler = bundle.sampling_scheduler()
         pipe.save_pretrained(folder)
@@ -87,11 +105,12 @@ class StableDiffusionBackend(Backend):
         sampler = ["from diffusers import DDIMScheduler",
                    "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler of AGE Explorer"]
         load = ["import torch",
-                "from diffusers import StableDiffusionPipeline",
-                "pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, torch_dtype=torch.float32)"]
+                f"from diffusers import {cls.pipeline_loader().__name__}",
+                f"pipe = {cls.pipeline_loader().__name__}.from_pretrained(BASE_MODEL, dtype=torch.float32)"]
         if fmt == "diffusers":
             return ["The folder's scheduler is the DDIM sampler AGE Explorer draws its images with, so "
-                    "`pipe(prompt, num_inference_steps=50, guidance_scale=7.5, generator=torch.Generator()"
+                    f"`pipe(prompt, num_inference_steps=50, guidance_scale={cls.default_guidance}, "
+                    "generator=torch.Generator()"
                     ".manual_seed(SEED))` gives its \"after\" images.", ""]
         if fmt == "delta":
             apply = ["from safetensors.torch import load_file",

@@ -32,3 +32,13 @@ def tiny_sd_dir(tmp_path_factory):
     pipe = build_tiny_pipeline(work)
     pipe.save_pretrained(work / "pipeline")
     return work / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from tests.tiny_models import build_tiny_sdxl_pipeline
+
+    work = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe = build_tiny_sdxl_pipeline(work)
+    pipe.save_pretrained(work / "pipeline")
+    return work / "pipeline"

@@ -51,7 +51,7 @@ def test_the_documented_plugin_example_registers_and_runs(tiny_sd_dir, tmp_path)
 
 
 def test_backends_say_what_each_model_family_offers(toy_bundle, tiny_sd_dir):
-    assert set(backends()) == {"toy", "stable-diffusion"}
+    assert set(backends()) == {"toy", "stable-diffusion", "stable-diffusion-xl"}
     sd = load_bundle(str(tiny_sd_dir), device="cpu")
     assert toy_bundle.backend.has_evaluator and not sd.backend.has_evaluator
     assert toy_bundle.backend.neighbours("red circle") >= {"red square", "blue circle", "red", "circle"}

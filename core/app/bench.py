@@ -92,7 +92,7 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
     alphas = bundle.train_scheduler().alphas_cumprod.to(device)
     g = torch.Generator().manual_seed(seed)
 
-    predict = unet_prediction(unet)
+    predict = unet_prediction(bundle, unet)
 
     def till(z, cond, n):
         with torch.no_grad():

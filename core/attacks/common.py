@@ -272,7 +272,7 @@ class DenoisingObjective:
         x0 = self.x0[idx]
         t = t.to(self.bundle.device)
         xt = self.scheduler.add_noise(x0, noise, t)
-        out = self.bundle.unet(xt, t, encoder_hidden_states=states.expand(b, -1, -1)).sample.float()
+        out = self.bundle.unet(xt, t, **self.bundle.unet_kwargs(states.expand(b, -1, -1))).sample.float()
         target = self.scheduler.get_velocity(x0, noise, t) if self.bundle.prediction_type == "v_prediction" else noise
         return F.mse_loss(out, target.float())
 

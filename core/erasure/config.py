@@ -14,6 +14,7 @@ from typing import ClassVar
 from .params import PARAMETER_SETS
 
 LOSS_SPACES = ("x0", "eps")
+UCE_ALIGNMENTS = ("last_word", "all")
 XT_SOURCES = ("sample", "pool")
 PRECISIONS = ("fp32", "bf16")
 TARGET_SEARCHES = ("gumbel", "damage", "two_stage")
@@ -233,8 +234,13 @@ class UCEConfig(MethodConfig):
     target: str = _help("what the erased concepts are mapped to ('' = the empty prompt)", "")
     preserve: list[str] = _list("concepts whose keys and values are kept")
     erase_scale: float = _help("weight of the erasure equations", 1.0)
-    preserve_scale: float = _help("weight of the preservation equations", 1.0)
+    preserve_scale: float | None = _help("weight of the preservation equations (None: max(0.1, 1/number of "
+                                         "preserved prompts), as the reference)", None)
     lam: float = _help("lambda: ridge weight that keeps the edit close to the original weights", 0.5)
+    token_alignment: str = _help("last_word: edit the erased prompt's positions from its last word to the end, "
+                                 "aligned with the target's from its last word (reference); all: every position "
+                                 "onto the same position of the target", "last_word")
+    preserve_empty: bool = _help("also preserve the empty prompt '' (the reference always does)", True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -245,10 +251,22 @@ class UCEConfig(MethodConfig):
             raise ValueError("a concept cannot be both erased and preserved")
         for name in ("erase_scale", "preserve_scale", "lam"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if value is None and name == "preserve_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.lam == 0 and not self.preserve:
+        _choice("token_alignment", self.token_alignment, UCE_ALIGNMENTS)
+        if self.lam == 0 and not self.preserved_prompts():
             raise ValueError("lam must be > 0 when nothing is preserved (the system would be singular)")
+
+    def preserved_prompts(self) -> list[str]:
+        """The preserved prompts: '' (unless preserve_empty is off), then each preserved concept in the template."""
+        return ([""] if self.preserve_empty else []) + [self.prompt_template.format(c=p) for p in self.preserve]
+
+    def effective_preserve_scale(self) -> float:
+        if self.preserve_scale is not None:
+            return float(self.preserve_scale)
+        return max(0.1, 1 / max(1, len(self.preserved_prompts())))
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "parameter_set": self.parameter_set}
@@ -301,6 +319,19 @@ PRESETS: dict[str, tuple[str, dict, list[str]]] = {
                 _TOY_DEVIATIONS),
     "toy-uce": ("uce", dict(prompt_template="a {c}"), []),
 }
+
+# SDXL versions of the paper's Stable Diffusion recipes (the SDXL backend's defaults): the same steps,
+# learning rates and targets; the UNet passes in bf16 autocast.
+_SDXL_DEVIATIONS = [
+    "SDXL instead of SD-1.4: the paper's recipe is for SD-1.4; on SDXL it runs unchanged on both text "
+    "encoders' states, the pooled embedding and size ids at the native 1024 px (128x128 latents)",
+    "bf16 autocast for the UNet passes instead of fp32: SDXL's UNet has about 2.6 B parameters (SD-1.4: "
+    "0.86 B) and 4x the latent area, so a UNet pass costs roughly 3 x 4 = 12 times as much (an estimate from the sizes; "
+    "not measured on a GPU)",
+]
+for _name in ("imagenette", "nudity", "artist", "esd-x"):
+    _method, _values, _deviations = PRESETS[_name]
+    PRESETS[f"sdxl-{_name}"] = (_method, {**_values, "precision": "bf16"}, _deviations + _SDXL_DEVIATIONS)
 
 
 def make_config(method: str, preset: str | None = None, **overrides):

@@ -70,7 +70,7 @@ class Predictor:
 
     def trainable(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            return self.unet(x, t, encoder_hidden_states=states).sample.float()
+            return self.unet(x, t, **self.bundle.unet_kwargs(states)).sample.float()
 
     @torch.no_grad()
     def live(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -84,8 +84,7 @@ class Predictor:
     def frozen_with_grad(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Frozen weights, but gradients flow to ``states`` (lets the erasure term reach pi)."""
         with self.autocast():
-            return functional_call(self.unet, self.original, (x, t),
-                                   {"encoder_hidden_states": states}).sample.float()
+            return functional_call(self.unet, self.original, (x, t), self.bundle.unet_kwargs(states)).sample.float()
 
     @contextlib.contextmanager
     def weights_frozen(self):
@@ -129,7 +128,7 @@ class FineTuneRun:
         self.scheduler.set_timesteps(config.ddim_steps, device=bundle.device)
         self.alphas = bundle.train_scheduler().alphas_cumprod.to(bundle.device)
         self.erased_states = bundle.encode([config.prompt_template.format(c=c) for c in config.concepts])
-        self.uncond = bundle.encode([""])
+        self.uncond = bundle.unconditional()
         self.history: list[dict] = []
         self.start_step = 0
         self.pools: dict[str, torch.Tensor] = {}

@@ -105,7 +105,7 @@ def similarity_measures(bundle: ModelBundle, concept_set: ConceptSet, latents: i
             noise = torch.randn(x0.shape, generator=gen.manual_seed(seed + t)).to(bundle.device, bundle.dtype)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             tt = torch.full((latents,), t, device=bundle.device)
-            per_prompt.append(bundle.unet(xt, tt, encoder_hidden_states=prompt_states[None].expand(latents, -1, -1)).sample.float().flatten())
+            per_prompt.append(bundle.unet(xt, tt, **bundle.unet_kwargs(prompt_states[None].expand(latents, -1, -1))).sample.float().flatten())
         outputs.append(torch.cat(per_prompt))
     out = torch.stack(outputs)
     output_dist = torch.cdist(out, out) / out.shape[1] ** 0.5
