@@ -98,11 +98,14 @@ def umap_figure(coords: np.ndarray, nodes: pd.DataFrame, colour_values: pd.Serie
     return fig
 
 
-def scatter_figure(pairs: pd.DataFrame, measure: str, kind: str = "delta_top1") -> go.Figure:
+def scatter_figure(pairs: pd.DataFrame, measure: str, kind: str = "delta_top1", rho: float | None = None,
+                   p_value: float | None = None) -> go.Figure:
+    """Δ against one similarity measure, titled with its Spearman ρ and p-value when given."""
     fig = go.Figure(go.Scatter(x=pairs[measure], y=pairs[kind], mode="markers",
                                text=[f"{a} → {b}" for a, b in zip(pairs.a, pairs.b)],
                                hovertemplate="%{text}<br>%{x:.3f}, Δ %{y:.2f}<extra></extra>", marker=dict(size=7, opacity=0.7)))
-    fig.update_layout(title=f"{measure} vs Δ (each dot: erased → affected)", height=420,
+    correlation = f": Spearman ρ = {rho:+.2f} (p = {p_value:.2g}, {len(pairs)} pairs)" if rho is not None else ""
+    fig.update_layout(title=f"{measure} vs Δ{correlation}<br><sub>each dot: erased → affected</sub>", height=420,
                       xaxis_title=measure, yaxis_title="Δ (top-1)", margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
@@ -115,8 +118,9 @@ def loss_figure(history: list[dict]) -> go.Figure:
             if column in frame:
                 part = frame.dropna(subset=[column])
                 fig.add_trace(go.Scatter(x=part.step, y=part[column], mode="lines", name=column))
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="loss terms", yaxis_type="log",
-                      legend=dict(orientation="h"))
+    # plain numbers on the log axis (1e-4, not plotly's SI "100μ")
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="loss terms", legend=dict(orientation="h"),
+                      xaxis_title="step", yaxis=dict(type="log", exponentformat="e", title="loss"))
     return fig
 
 
@@ -124,8 +128,10 @@ def targets_figure(targets: dict[str, list]) -> go.Figure:
     fig = go.Figure()
     for concept, top in targets.items():
         fig.add_trace(go.Bar(x=[p for _, p in top], y=[w for w, _ in top], orientation="h", name=concept))
+    # π spreads over ~100 candidates (0.01-0.2 each), so the axis follows the data, not 0-1
+    largest = max((p for top in targets.values() for _, p in top), default=1.0)
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="π: current top targets",
-                      yaxis=dict(autorange="reversed"), xaxis=dict(range=[0, 1]))
+                      yaxis=dict(autorange="reversed"), xaxis=dict(range=[0, min(1.0, largest * 1.15)], title="π"))
     return fig
 
 
