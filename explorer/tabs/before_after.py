@@ -60,7 +60,7 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
         ), gr.Dropdown(choices=list(ex.graph_dirs()))
 
     with gr.Row():
-        run_dd = gr.Dropdown([], label="Finished run", elem_id="run_dd")
+        run_dd = gr.Dropdown([], label="Finished run", elem_id="run_dd", allow_custom_value=True)
         seeds = gr.Textbox("0-3", label="Seeds")
         show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
     sheet = gr.Image(label="original | erased (| ESD of the same concepts, when run), same seeds",

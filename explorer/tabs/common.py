@@ -29,7 +29,9 @@ class Page:
     saved_job: gr.BrowserState  # the same, kept across page reloads
     exported: gr.State  # export folders this session made, newest last
     runs_changed: gr.State  # set to a job id when it finishes: every run list refreshes
-    # (dropdown, offers "original" first) per tab that takes a run; filled as the tabs are built
+    # (dropdown, offers "original" first) per tab that takes a run; filled as the tabs are built. They
+    # take any value (allow_custom_value): the server checks a label against the runs on disk, which
+    # may be newer than the list a page or API client last saw
     run_lists: list[tuple[gr.Dropdown, bool]] = field(default_factory=list)
 
     @property

@@ -162,7 +162,7 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
     with gr.Row():
         method = gr.Radio([(m.display_name, m.name) for m in methods], value="age", label="Method", elem_id="method")
         preset = gr.Dropdown(offered, value=preset_value, label="Preset (those that fit the method and this model)",
-                             elem_id="preset")
+                             elem_id="preset", allow_custom_value=True)
         iterations = whole_number(value=preset_steps("age", preset_value), label="Model steps (blank: preset)",
                                   precision=0, elem_id="iterations")
         lam = gr.Number(value=1.0, label="λ (AGE)")

@@ -43,7 +43,7 @@ def build(page: Page) -> gr.Dropdown:
         return f"Pushed `{folder.name}` to `{repo_id.strip()}`: {url}"
 
     with gr.Row():
-        run_dd = gr.Dropdown([], label="Finished run", elem_id="export_run_dd")
+        run_dd = gr.Dropdown([], label="Finished run", elem_id="export_run_dd", allow_custom_value=True)
         fmt = gr.Radio(["delta", "diffusers"], value="delta", label="Format")
         export_btn = gr.Button("Export", variant="primary", elem_id="export_btn")
     files = gr.File(label="Download", file_count="multiple", elem_id="export_files")

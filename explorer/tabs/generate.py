@@ -42,7 +42,7 @@ def build(page: Page) -> gr.Dropdown:
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", value="a red circle", elem_id="prompt")
         seeds = gr.Textbox(label="Seeds", value="0-3", elem_id="seeds")
-        model = gr.Dropdown([ORIGINAL], value=ORIGINAL, label="Model (original, or a finished run)", elem_id="gen_model")
+        model = gr.Dropdown([ORIGINAL], value=ORIGINAL, label="Model (original, or a finished run)", elem_id="gen_model", allow_custom_value=True)
     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate_btn")
     # whole images: each 128 px sample in a cell that is at least as tall, never cropped
     gallery = gr.Gallery(label="Samples", columns=8, height="auto", object_fit="contain", elem_id="gallery")
