@@ -51,7 +51,8 @@ def shown_as_error(*kinds: type[Exception]):
     try:
         yield
     except (ValueError, *kinds) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        # a bare KeyError's str() is the repr of its key; its subclasses (UnknownJobError) say more
+        message = err.args[0] if type(err) is KeyError and err.args else err
         raise gr.Error(str(message)) from None
 
 
