@@ -80,12 +80,12 @@ def whole_number(**kwargs) -> gr.Number:
 
 def run_list_updates(page: Page, owner: str, current: list, newest: bool = False) -> list:
     """New choices for every run list; each keeps its choice while that run exists, else (or with
-    ``newest``) shows the newest run. The Generate list keeps "original" unless ``newest``."""
+    ``newest``) shows the newest run. The Generate list offers the runs but keeps its choice."""
     labels = [run.label for run in page.explorer.runs(owner)]
     updates = []
     for (_, with_original), value in zip(page.run_lists, current):
         choices = [ORIGINAL] + labels if with_original else labels
-        if newest and labels:
+        if newest and labels and not with_original:
             value = labels[0]
         elif value not in choices:
             value = choices[0] if choices else None

@@ -40,8 +40,8 @@ def status_text(job, public: bool) -> str:
         text += "  \nPress **Resume** to continue from the last checkpoint."
     if job.status == "done":
         where = "" if public else f" in `{job.artifacts.get('run_dir')}`"
-        text += (f": the run is saved{where}. Next: compare it in **Before / after**, generate with it in "
-                 "**Generate** or download it in **Export**; it is already chosen there.")
+        text += (f": the run is saved{where}. Next: compare it in **Before / after** or download it in "
+                 "**Export** (it is chosen there), or pick it in **Generate**'s model list.")
     if progress.get("targets"):
         text += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
                                                for c, t in progress["targets"].items())
