@@ -16,6 +16,7 @@ __all__ = ["build_app", "Settings"]
 
 def build_app(settings: Settings | None = None) -> gr.Blocks:
     ex = Explorer(settings or Settings())
+    ex.graph_dirs()  # first: a damaged graph it skips becomes a warning in the page header
     with gr.Blocks(title="AGE Explorer") as demo:
         gr.Markdown("# AGE Explorer\nSee and steer concept erasure in text-to-image diffusion models. "
                     + ex.status_line() + "".join(f"\n\n**Warning**: {w}" for w in ex.warnings))

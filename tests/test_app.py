@@ -139,7 +139,8 @@ def _erase(client, **changes):
     ({"iterations": 10**12}, "iterations must be a whole number from 1 to 100,000"),
     ({"preset": "imagenette"}, "sized for a GPU and this server runs on the CPU"),
     ({"method": "esd", "preset": "toy-esd", "target": "zebra 🦓"}, "has words the toy model does not know \\(zebra"),
-    ({"chosen": [], "free_text": "x" * 10_000}, "unknown concept 'xxxx"),
+    ({"chosen": [], "free_text": "x" * 10_000}, "concept 'xxxx.*is too long: at most 500 characters"),
+    ({"chosen": [], "free_text": "x" * 400}, "unknown concept 'xxxx"),
     ({"method": "esd", "preset": "toy"}, "preset 'toy' is for method 'age', not 'esd': pick one of toy-esd"),
     ({"method": "uce", "preset": "imagenette"}, "preset 'imagenette' is for method 'age', not 'uce': pick one of toy-uce"),
 ])
