@@ -11,53 +11,103 @@ import plotly.graph_objects as go
 PALETTE = ["#e4572e", "#29a36a", "#3d6fd9", "#d9a400", "#9b4fcf", "#17a2b8", "#6c757d", "#fd7e14", "#20c997", "#e83e8c"]
 
 
+# named colours a group label may be (the toy world's colours): such a group is drawn in its own colour
+NAMED = {"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4", "yellow": "#e6b800", "purple": "#9467bd",
+         "orange": "#ff7f0e", "black": "#222222", "white": "#dddddd", "brown": "#8c564b", "pink": "#e377c2"}
+OUT_EDGE, IN_EDGE = "#c0392b", "#2471a3"  # the selected concept's out-edges (what its erasure hurts), in-edges
+TOP_K = 3  # out-edges drawn per node: its strongest, so the graph stays readable
+
+
 def group_colours(labels: list[str]) -> dict[str, str]:
-    return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(dict.fromkeys(labels))}
+    groups = list(dict.fromkeys(labels))
+    if all(str(g).lower() in NAMED for g in groups):
+        return {g: NAMED[str(g).lower()] for g in groups}
+    return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
 
 
-def circle_layout(nodes: pd.DataFrame, group_col: str | None) -> dict[str, tuple[float, float]]:
-    """Concepts on a circle, group by group, so that groups sit together."""
-    order = list(nodes.sort_values(group_col, kind="stable").concept) if group_col else list(nodes.concept)
-    n = len(order)
-    return {c: (math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i, c in enumerate(order)}
+def cluster_layout(nodes: pd.DataFrame, group_col: str | None) -> dict[str, tuple[float, float]]:
+    """Groups as clusters: group centres on a circle, each group's concepts on a small circle around
+    its centre (one circle of all concepts when there is no grouping)."""
+    if not group_col:
+        n = len(nodes)
+        return {c: (math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i, c in enumerate(nodes.concept)}
+    groups = list(dict.fromkeys(nodes.sort_values(group_col, kind="stable")[group_col]))
+    pos = {}
+    for g, group in enumerate(groups):
+        angle = 2 * math.pi * g / len(groups) + math.pi / 2
+        cx, cy = 0.72 * math.cos(angle), 0.72 * math.sin(angle)
+        members = list(nodes[nodes[group_col] == group].concept)
+        radius = 0.0 if len(members) == 1 else 0.26
+        for m, concept in enumerate(members):
+            a = 2 * math.pi * m / len(members) + angle
+            pos[concept] = (cx + radius * math.cos(a), cy + radius * math.sin(a))
+    return pos
+
+
+def top_out_edges(edges: pd.DataFrame, threshold: float, kind: str, k: int = TOP_K) -> pd.DataFrame:
+    """Each erased concept's ``k`` strongest out-edges with Δ ≥ ``threshold`` (no self-edges)."""
+    shown = edges[(edges.erased != edges.affected) & (edges[kind] >= threshold)]
+    return shown.sort_values(kind, ascending=False).groupby("erased", sort=False).head(k)
 
 
 def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 0.2,
-                   group_col: str | None = None, selected: str | None = None, kind: str = "delta_top1") -> go.Figure:
-    """Directed spillover graph: colour = group, size = G_0, arrows = Delta above ``threshold``."""
-    pos = circle_layout(nodes, group_col)
+                   group_col: str | None = None, selected: str | None = None, kind: str = "delta_top1",
+                   k: int = TOP_K) -> go.Figure:
+    """Directed spillover graph: colour = group, size = G_0, arrows a → b = Δ(a → b), each node's
+    ``k`` strongest out-edges above ``threshold``; the selected concept's out- and in-edges in two colours."""
+    pos = cluster_layout(nodes, group_col)
     labels = list(nodes[group_col]) if group_col else ["concept"] * len(nodes)
     colours = group_colours(labels)
+    grouping = group_col[len("group_"):] if group_col and group_col.startswith("group_") else group_col
     fig = go.Figure()
-    shown = edges[(edges.erased != edges.affected) & (edges[kind] >= threshold)]
+    shown = top_out_edges(edges, threshold, kind, k)
+    centre_x = sum(x for x, _ in pos.values()) / len(pos)
+    centre_y = sum(y for _, y in pos.values()) / len(pos)
     mid_x, mid_y, mid_text = [], [], []
     for e in shown.itertuples():
         (x0, y0), (x1, y1) = pos[e.erased], pos[e.affected]
-        focus = selected in (e.erased, e.affected)
         weight = getattr(e, kind)
-        fig.add_annotation(x=x1 * 0.93 + x0 * 0.07, y=y1 * 0.93 + y0 * 0.07, ax=x0, ay=y0, xref="x", yref="y",
-                           axref="x", ayref="y", showarrow=True, arrowhead=2, arrowsize=0.8,
-                           arrowwidth=0.5 + 4 * weight, opacity=0.9 if focus or not selected else 0.15,
-                           arrowcolor="#c0392b" if focus else "#888")
+        colour = OUT_EDGE if e.erased == selected else IN_EDGE if e.affected == selected else "#999"
+        focus = selected in (e.erased, e.affected)
+        fig.add_annotation(x=x1 * 0.9 + x0 * 0.1, y=y1 * 0.9 + y0 * 0.1, ax=x0, ay=y0, xref="x", yref="y",
+                           axref="x", ayref="y", showarrow=True, arrowhead=2, arrowsize=1.0,
+                           arrowwidth=0.5 + 3 * weight, opacity=0.95 if focus or not selected else 0.12,
+                           arrowcolor=colour)
         mid_x.append((x0 + x1) / 2)
         mid_y.append((y0 + y1) / 2)
         mid_text.append(f"{e.erased} → {e.affected}: Δ = {weight:.2f}")
-    fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", marker=dict(size=6, opacity=0),
+    fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", marker=dict(size=8, opacity=0),
                              hovertext=mid_text, hoverinfo="text", name="edges", showlegend=False))
+    strongest = edges[edges.erased != edges.affected].sort_values(kind, ascending=False).groupby("erased").head(1)
+    worst = {r.erased: f"{r.affected} (Δ {getattr(r, kind):.2f})" for r in strongest.itertuples()}
     for group, colour in colours.items():
         members = nodes[[lbl == group for lbl in labels]]
         g0 = members.G0_top1.fillna(0.5)
+        xs, ys = [pos[c][0] for c in members.concept], [pos[c][1] for c in members.concept]
+        # labels point away from the graph's centre, so they do not sit on the edges or the nodes
+        places = [("top" if y >= centre_y else "bottom") + " " + ("right" if x >= centre_x else "left")
+                  for x, y in zip(xs, ys)]
         fig.add_trace(go.Scatter(
-            x=[pos[c][0] for c in members.concept], y=[pos[c][1] for c in members.concept], mode="markers+text",
-            text=list(members.concept), textposition="top center", customdata=list(members.concept),
-            marker=dict(size=list(12 + 22 * g0), color=colour,
+            x=xs, y=ys, mode="markers+text", text=list(members.concept), textposition=places,
+            textfont=dict(size=11), customdata=list(members.concept),
+            marker=dict(size=list(10 + 16 * g0), color=colour,
                         line=dict(width=[4 if c == selected else 1 for c in members.concept],
                                   color=["#111" if c == selected else "#fff" for c in members.concept])),
-            hovertext=[f"{c}<br>G₀ {g:.2f}" for c, g in zip(members.concept, g0)], hoverinfo="text",
-            name=str(group)))
-    fig.update_layout(xaxis=dict(visible=False, range=[-1.35, 1.35]), yaxis=dict(visible=False, range=[-1.3, 1.3], scaleanchor="x"),
-                      margin=dict(l=10, r=10, t=30, b=10), height=560, uirevision="graph", legend_title_text=group_col or "",
-                      title=f"Δ ≥ {threshold:.2f}: {len(shown)} edges", clickmode="event")
+            hovertext=[f"<b>{c}</b><br>G₀ {g:.2f}<br>erasing it hurts most: {worst.get(c, 'no row')}"
+                       for c, g in zip(members.concept, g0)], hoverinfo="text", name=str(group)))
+    # a weight legend: arrow width grows with Δ
+    for weight in (0.3, 0.6, 0.9):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#999", width=0.5 + 3 * weight),
+                                 name=f"Δ {weight:.1f}", legendgroup="weights", legendgrouptitle_text="edge Δ"))
+    if selected:
+        for colour, name in ((OUT_EDGE, f"{selected} → (its erasure hurts)"), (IN_EDGE, f"→ {selected}")):
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=colour, width=3), name=name,
+                                     legendgroup="selected", legendgrouptitle_text="selected"))
+    fig.update_layout(xaxis=dict(visible=False, range=[-1.45, 1.45]), yaxis=dict(visible=False, range=[-1.3, 1.3], scaleanchor="x"),
+                      margin=dict(l=10, r=10, t=40, b=10), height=560, uirevision="graph",
+                      legend=dict(title_text=grouping or "", groupclick="toggleitem"),
+                      title=f"Δ ≥ {threshold:.2f}, each concept's strongest {k} out-edges: {len(shown)} edges",
+                      clickmode="event")
     return fig
 
 
@@ -98,11 +148,14 @@ def umap_figure(coords: np.ndarray, nodes: pd.DataFrame, colour_values: pd.Serie
     return fig
 
 
-def scatter_figure(pairs: pd.DataFrame, measure: str, kind: str = "delta_top1") -> go.Figure:
+def scatter_figure(pairs: pd.DataFrame, measure: str, kind: str = "delta_top1", rho: float | None = None,
+                   p_value: float | None = None) -> go.Figure:
+    """Δ against one similarity measure, titled with its Spearman ρ and p-value when given."""
     fig = go.Figure(go.Scatter(x=pairs[measure], y=pairs[kind], mode="markers",
                                text=[f"{a} → {b}" for a, b in zip(pairs.a, pairs.b)],
                                hovertemplate="%{text}<br>%{x:.3f}, Δ %{y:.2f}<extra></extra>", marker=dict(size=7, opacity=0.7)))
-    fig.update_layout(title=f"{measure} vs Δ (each dot: erased → affected)", height=420,
+    correlation = f": Spearman ρ = {rho:+.2f} (p = {p_value:.2g}, {len(pairs)} pairs)" if rho is not None else ""
+    fig.update_layout(title=f"{measure} vs Δ{correlation}<br><sub>each dot: erased → affected</sub>", height=420,
                       xaxis_title=measure, yaxis_title="Δ (top-1)", margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
@@ -115,8 +168,9 @@ def loss_figure(history: list[dict]) -> go.Figure:
             if column in frame:
                 part = frame.dropna(subset=[column])
                 fig.add_trace(go.Scatter(x=part.step, y=part[column], mode="lines", name=column))
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="loss terms", yaxis_type="log",
-                      legend=dict(orientation="h"))
+    # plain numbers on the log axis (1e-4, not plotly's SI "100μ")
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="loss terms", legend=dict(orientation="h"),
+                      xaxis_title="step", yaxis=dict(type="log", exponentformat="e", title="loss"))
     return fig
 
 
@@ -124,8 +178,10 @@ def targets_figure(targets: dict[str, list]) -> go.Figure:
     fig = go.Figure()
     for concept, top in targets.items():
         fig.add_trace(go.Bar(x=[p for _, p in top], y=[w for w, _ in top], orientation="h", name=concept))
+    # π spreads over ~100 candidates (0.01-0.2 each), so the axis follows the data, not 0-1
+    largest = max((p for top in targets.values() for _, p in top), default=1.0)
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), title="π: current top targets",
-                      yaxis=dict(autorange="reversed"), xaxis=dict(range=[0, 1]))
+                      yaxis=dict(autorange="reversed"), xaxis=dict(range=[0, min(1.0, largest * 1.15)], title="π"))
     return fig
 
 

@@ -9,20 +9,20 @@ import logging
 import shutil
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 
-from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.app.cpu_split import CpuSplit
+from age_explorer.core.app.workflows import RunEntry, find_run, list_runs
+from age_explorer.core.backends import backend_for
+from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.device import resolve_device
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore
 from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
 from age_explorer.core.paths import assets_dir
-from age_explorer.core.runs import read_manifest
 
 
 log = logging.getLogger("age_explorer.explorer")
@@ -45,7 +45,6 @@ class Settings:
     # A shared server open to strangers (on by default on a Space): each session sees and cancels only
     # its own jobs and runs; shipped graphs stay shared. Off: one user's tool, everything shared.
     public: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Explorer:
@@ -65,7 +64,6 @@ class Explorer:
         if self.worker:
             self.worker.start()
         self._bundle: ModelBundle | None = None
-        self._bundle_error: str | None = None
         self._lock = threading.Lock()
         self._erased: dict[str, ModelBundle] = {}
         self._export_lock = threading.Lock()
@@ -102,6 +100,13 @@ class Explorer:
     def is_toy(self) -> bool:
         return self.settings.model == "toy"
 
+    @property
+    def model_kind(self) -> str:
+        """The backend of the served model ("toy", "stable-diffusion"), known without loading it."""
+        path = Path(self.settings.model)
+        backend = backend_for(self.settings.model, path if path.is_dir() else None)
+        return backend.name if backend else "stable-diffusion"
+
     def status_line(self) -> str:
         gpu = "a CUDA GPU" if self.device.startswith("cuda") else "the CPU (no GPU found)"
         if self.is_toy:
@@ -109,10 +114,13 @@ class Explorer:
         try:
             self.bundle()
         except Exception as err:  # shown on the page, the rest of the app still works
-            self._bundle_error = str(err)
             return (f"**Model {self.settings.model!r} could not be loaded**: {err}\n\n"
                     "Shipped graphs stay browsable; erasing and generating need the weights.")
         return f"Model: `{self.settings.model}` on {gpu}."
+
+    def toy_concepts(self) -> list[str]:
+        """The toy model's concepts (its erase list when no graph is shipped); none for other models."""
+        return self.bundle().backend.concept_set().concepts if self.is_toy else []
 
     def concept_set(self) -> ConceptSet:
         return load_concept_set("toy", self.bundle()) if self.is_toy else load_concept_set("netfive")
@@ -189,27 +197,21 @@ class Explorer:
         self.check_worker()
         self.store.resume(job_id)
 
-    def finished_runs(self, owner: str | None = None) -> dict[str, str]:
-        """Finished runs by label; in public mode only those of ``owner``'s session."""
-        runs = {}
-        for job in reversed(self.store.list(status="done")):
-            if self.settings.public and (owner is None or job.session != owner):
-                continue
-            if job.kind == "erase" and "run_dir" in job.artifacts:
-                cfg = job.config
-                label = f"{cfg['method'].upper()}: {', '.join(cfg['options']['concepts'])} ({job.id})"
-                runs[label] = job.artifacts["run_dir"]
-        return runs
+    def runs(self, owner: str | None = None) -> list[RunEntry]:
+        """Finished runs, newest first: the jobs' (in public mode only ``owner``'s) and DATA/runs/*."""
+        return list_runs(self.store, self.settings.model, owner, self.settings.public)
+
+    def run(self, label: str, owner: str | None = None) -> RunEntry:
+        """The finished run a page label names (ValueError when there is none, or not the caller's)."""
+        return find_run(self.runs(owner), label)
 
     def esd_counterpart(self, run_dir: str, manifest: dict, owner: str | None = None) -> str | None:
         """The newest finished ESD run of the same concepts, to show beside an AGE run."""
         if manifest.get("method") != "age":
             return None
-        for other in self.finished_runs(owner).values():
-            if other != run_dir:
-                theirs = read_manifest(Path(other))
-                if theirs.get("method") == "esd" and list(theirs["concepts"]) == list(manifest["concepts"]):
-                    return other
+        for other in self.runs(owner):
+            if other.path != run_dir and other.method == "esd" and list(other.concepts) == list(manifest["concepts"]):
+                return other.path
         return None
 
     # ---- exports -------------------------------------------------------------------------------
@@ -266,16 +268,3 @@ def before_after_rows(explorer: Explorer, manifest: dict) -> list[tuple[str, str
             seen.add(concept)
             unique.append((label, concept))
     return unique
-
-
-def prompt_for(explorer: Explorer, concept: str) -> str:
-    if explorer.is_toy:
-        world = explorer.bundle().backend.world
-        return world.prompt(concept) if concept in world.names else f"a photo of a {concept}"
-    return f"a photo of {concept}"
-
-
-def nodes_for(explorer: Explorer) -> pd.DataFrame | None:
-    for folder in explorer.graph_dirs().values():
-        return GraphStore(folder).nodes()
-    return None

@@ -3,7 +3,8 @@
 Serves the app on the embedded toy world with the shipped graphs and a fresh data dir, then walks
 through the views as a person would: the concept graph with a node selected, its heatmap, the
 difference between two graphs, UMAP and similarity-vs-Δ, an erasure in progress and done,
-before/after, generation and export.
+before/after, generation with the erased model and export (no refresh clicks: each tab lists
+the finished run by itself).
 
     python scripts/screenshots.py --out docs/screenshots [--iterations 60]
 """
@@ -11,6 +12,7 @@ before/after, generation and export.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import socket
 import sys
@@ -89,9 +91,8 @@ def main() -> int:
                 page.wait_for_timeout(1500)
                 page.screenshot(path=str(out / "04-erase-done.png"), full_page=True)
 
-                page.get_by_role("tab", name="Before / after").click()
-                page.get_by_role("button", name="Refresh runs").click()
-                page.wait_for_timeout(1000)
+                page.get_by_role("tab", name="Before / after").click()  # the new run is already chosen
+                expect(page.locator("#run_dd input")).to_have_value(re.compile("^AGE: "), timeout=30_000)
                 page.locator("#show_btn").click()
                 page.wait_for_selector("#before_after img", timeout=180_000)
                 expect(page.locator("#slider img").first).to_be_visible(timeout=60_000)
@@ -99,16 +100,16 @@ def main() -> int:
                 page.screenshot(path=str(out / "05-before-after.png"), full_page=True)
 
                 page.get_by_role("tab", name="Generate").click()
+                page.locator("#gen_model input").click()
+                page.get_by_role("option", name=re.compile("^AGE: ")).click()
+                page.keyboard.press("Escape")
                 page.locator("#generate_btn").click()
                 page.wait_for_selector("#gallery img", timeout=120_000)
                 page.wait_for_timeout(1000)
                 page.screenshot(path=str(out / "06-generate.png"), full_page=True)
 
                 page.get_by_role("tab", name="Export").click()
-                page.get_by_role("tab", name="Before / after").click()
-                page.get_by_role("button", name="Refresh runs").click()  # fills this tab's run list too
-                page.get_by_role("tab", name="Export").click()
-                page.wait_for_timeout(1000)
+                expect(page.locator("#export_run_dd input")).to_have_value(re.compile("^AGE: "), timeout=30_000)
                 page.locator("#export_btn").click()
                 page.wait_for_timeout(5000)
                 page.screenshot(path=str(out / "07-export.png"), full_page=True)

@@ -138,13 +138,16 @@ def _erase(client, **changes):
     ({"iterations": "abc"}, "Model steps \\(blank: preset\\): 'abc' is not a whole number"),
     ({"iterations": 10**12}, "iterations must be a whole number from 1 to 100,000"),
     ({"preset": "imagenette"}, "sized for a GPU and this server runs on the CPU"),
-    ({"method": "esd", "preset": "toy-esd", "target": "zebra 🦓"}, "does not know the target's words zebra"),
-    ({"chosen": [], "free_text": "x" * 10_000}, "unknown: 'xxxx"),
+    ({"method": "esd", "preset": "toy-esd", "target": "zebra 🦓"}, "has words the toy model does not know \\(zebra"),
+    ({"chosen": [], "free_text": "x" * 10_000}, "concept 'xxxx.*is too long: at most 500 characters"),
+    ({"chosen": [], "free_text": "x" * 400}, "unknown concept 'xxxx"),
+    ({"method": "esd", "preset": "toy"}, "preset 'toy' is for method 'age', not 'esd': pick one of toy-esd"),
+    ({"method": "uce", "preset": "imagenette"}, "preset 'imagenette' is for method 'age', not 'uce': pick one of toy-uce"),
 ])
 def test_bad_erase_inputs_are_one_short_line(client, changes, message):
     with pytest.raises(Exception, match=message) as caught:
         _erase(client, **changes)
-    assert len(str(caught.value)) < 400 and "\n" not in str(caught.value).strip()
+    assert len(str(caught.value)) < 600 and "\n" not in str(caught.value).strip()
 
 
 @pytest.mark.parametrize("seeds, message", [(str(2**64), "out of range"), ("0-1000000000", "at most 16 at a time")])
@@ -343,3 +346,56 @@ def test_push_refuses_folders_that_are_not_this_servers_exports(tmp_path):
                    "/etc", str(exports / "missing")):
         with pytest.raises(ValueError):
             explorer.owned_export(str(folder))
+
+
+def test_finished_runs_reach_generate_and_a_cli_run_appears(client, server, toy_bundle):
+    """The loop without a restart: a run finished by a job, and one written into DATA/runs by
+    `age-explorer erase --out` while the server runs, are offered to Before / after, Generate and Export."""
+    from age_explorer.core.erasure import erase, make_config
+
+    label = _finished_esd_run(client)
+    original = client.predict("a blue circle", "0", "original", api_name="/generate")
+    erased = client.predict("a blue circle", "0", label, api_name="/generate")
+    with Image.open(original[0]["image"]) as a, Image.open(erased[0]["image"]) as b:
+        assert a.tobytes() != b.tobytes()  # the run's weights, not the original's
+
+    erase(toy_bundle, make_config("esd", "toy-esd", concepts=["green square"], iterations=2),
+          server["data_dir"] / "runs" / "cli-green-square")
+    runs, export_runs = client.predict(api_name="/runs")
+    cli_label = "ESD: green square (cli-green-square)"
+    assert runs["value"] == cli_label and cli_label in [c for c, _ in export_runs["choices"]]
+    _, legend, _ = client.predict(cli_label, "0", api_name="/before_after")
+    assert "Rows: erased: green square" in legend
+    assert client.predict("a green square", "0", cli_label, api_name="/generate")
+    with pytest.raises(Exception, match="no finished run 'nope'"):
+        client.predict("a green square", "0", "nope", api_name="/generate")
+
+
+def test_presets_offered_fit_the_method_the_model_and_the_device():
+    from age_explorer.core.app.workflows import check_preset, preset_steps, presets_offered
+
+    assert presets_offered("age", "toy", "cpu") == ["toy", "toy-fast"]
+    assert presets_offered("esd", "toy", "cpu") == ["toy-esd"]
+    assert presets_offered("age", "stable-diffusion", "cpu") == []  # all sized for a GPU
+    assert presets_offered("age", "stable-diffusion", "cuda") == ["imagenette", "nudity", "artist"]
+    assert preset_steps("age", "toy") == 200 and preset_steps("uce", "toy-uce") is None
+    with pytest.raises(ValueError, match="not made for the toy model: pick one of toy-esd"):
+        check_preset("esd", "esd-x", "toy", "cuda")
+
+
+def test_status_follows_the_job_and_messages_keep_angle_brackets():
+    from types import SimpleNamespace
+
+    from age_explorer.explorer.tabs.common import plain
+    from age_explorer.explorer.tabs.erase import status_text
+
+    def job(**fields):
+        return SimpleNamespace(**{"status": "running", "error": None, "progress": {}, "cancel_requested": False,
+                                  "artifacts": {}, **fields})
+
+    assert status_text(job(cancel_requested=True), public=False).startswith("**cancelling**")
+    assert status_text(job(status="cancelled", cancel_requested=True), public=False).startswith("**cancelled**")
+    done = status_text(job(status="done", artifacts={"run_dir": "/data/jobs/abc/run"}), public=False)
+    assert "/data/jobs/abc/run" in done and "Before / after" in done and "Export" in done
+    assert "/data" not in status_text(job(status="done", artifacts={"run_dir": "/data/x"}), public=True)
+    assert plain("They are read as <unk>.") == "They are read as &lt;unk&gt;."

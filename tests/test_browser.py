@@ -1,8 +1,10 @@
 """The explorer in a real headless Chromium: graph drawn, a node click selects a concept, an
-erasure runs to completion and the before/after images appear. Screenshots go to
+erasure runs to completion, its run appears in Generate, Export and Before / after with no refresh
+click (and so does a run written into DATA/runs meanwhile), and the before/after images appear. Screenshots go to
 $AGE_EXPLORER_SCREENSHOTS (default: the test's temp folder)."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,14 +20,16 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture(scope="module")
-def page_url(tmp_path_factory, toy_bundle):
+def served(tmp_path_factory, toy_bundle):
     from tests.test_app import running_explorer
 
-    with running_explorer(tmp_path_factory.mktemp("data"), toy_bundle) as (_, url):
-        yield url
+    data_dir = tmp_path_factory.mktemp("data")
+    with running_explorer(data_dir, toy_bundle) as (_, url):
+        yield url, data_dir
 
 
-def test_explorer_in_chromium(page_url, tmp_path):
+def test_explorer_in_chromium(served, toy_bundle, tmp_path):
+    page_url, data_dir = served
     shots = Path(os.environ.get("AGE_EXPLORER_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -62,9 +66,27 @@ def test_explorer_in_chromium(page_url, tmp_path):
         playwright.expect(page.locator("#job_text")).to_contain_text("done", timeout=240_000)
         page.screenshot(path=str(shots / "03-erase-done.png"), full_page=True)
 
+        # the finished job says where its run went, and every tab that takes a run has it, no refresh click
+        playwright.expect(page.locator("#job_status")).to_contain_text("Next: compare it in Before / after")
+        playwright.expect(page.locator("#queue_line")).not_to_contain_text("queued")
+        page.get_by_role("tab", name="Generate").click()
+        playwright.expect(page.locator("#gen_model input")).to_have_value("original")
+        page.locator("#gen_model input").click()
+        playwright.expect(page.get_by_role("option", name=re.compile("^AGE: red circle"))).to_be_visible()
+        page.keyboard.press("Escape")
+        page.get_by_role("tab", name="Export").click()
+        playwright.expect(page.locator("#export_run_dd input")).to_have_value(re.compile("^AGE: red circle"))
+
+        # a run written by the CLI into DATA/runs while the page is open appears when a tab is opened
+        from age_explorer.core.erasure import erase, make_config
+
+        erase(toy_bundle, make_config("esd", "toy-esd", concepts=["green square"], iterations=2),
+              data_dir / "runs" / "cli-green-square")
         page.get_by_role("tab", name="Before / after").click()
-        page.get_by_role("button", name="Refresh runs").click()
-        page.wait_for_timeout(1000)
+        playwright.expect(page.locator("#run_dd input")).to_have_value(re.compile("^AGE: red circle"))
+        page.locator("#run_dd input").click()
+        playwright.expect(page.get_by_role("option", name="ESD: green square (cli-green-square)")).to_be_visible()
+        page.keyboard.press("Escape")
         page.locator("#show_btn").click()
         page.wait_for_selector("#before_after img", timeout=120_000)
         playwright.expect(page.locator("#before_after_legend")).to_contain_text("Rows: erased: red circle")

@@ -155,11 +155,11 @@ class ToyBackend(Backend):
             unknown = bundle.unknown_words(concept)
             if unknown:
                 raise ValueError(f"unknown concept {short(concept)} for the toy model (unknown words: "
-                                 f"{', '.join(unknown[:10])}); toy concepts: {', '.join(self.world.names)}")
+                                 f"{', '.join(w if len(w) <= 20 else short(w, 20) for w in unknown[:10])}); toy concepts: {', '.join(self.world.names)}")
         unknown = bundle.unknown_words(target or "")
         if unknown:
             raise ValueError(f"the target {short(target)} has words the toy model does not know "
-                             f"({', '.join(unknown[:10])}); its words: {', '.join(self.vocabulary(bundle))}")
+                             f"({', '.join(w if len(w) <= 20 else short(w, 20) for w in unknown[:10])}); its words: {', '.join(self.vocabulary(bundle))}")
 
     def save_pipeline(self, bundle: ModelBundle, folder: Path, dtype: torch.dtype | None = None) -> None:
         for item in self.path.iterdir():

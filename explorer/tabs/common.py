@@ -1,0 +1,123 @@
+"""What the tabs share: the page's per-session state, input helpers and the run lists of every tab."""
+
+from __future__ import annotations
+
+import html
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from age_explorer.core.erasure.config import short
+
+from ..service import Explorer, Settings
+
+# Model work from the page (generation, spillover, similarity) runs one request at a time, beside the
+# background job: on a CPU, parallel requests would split the cores until none makes progress.
+COMPUTE_SLOT = {"concurrency_limit": 1, "concurrency_id": "compute"}
+ORIGINAL = "original"  # the Generate tab's choice of the unerased model
+
+
+@dataclass
+class Page:
+    """The explorer shared by all sessions, plus the per-session state every tab may read or set."""
+
+    explorer: Explorer
+    api: str  # visibility of the page's own endpoints ("public", or "undocumented" beside MCP)
+    owner: gr.State  # the browser's secret, copied on load; empty for API clients
+    job_id: gr.State  # the session's erasure job
+    saved_job: gr.BrowserState  # the same, kept across page reloads
+    exported: gr.State  # export folders this session made, newest last
+    runs_changed: gr.State  # set to a job id when it finishes: every run list refreshes
+    # (dropdown, offers "original" first) per tab that takes a run; filled as the tabs are built. They
+    # take any value (allow_custom_value): the server checks a label against the runs on disk, which
+    # may be newer than the list a page or API client last saw
+    run_lists: list[tuple[gr.Dropdown, bool]] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return self.explorer.settings
+
+
+def owner_of(owner: str, request) -> str | None:
+    """Who a request acts for: the secret its browser keeps (set on page load), else, for API clients,
+    their Gradio session. Matters only in public mode."""
+    return owner or (request.session_hash if request is not None else None)
+
+
+@contextmanager
+def shown_as_error(*kinds: type[Exception]):
+    """An ordinary input error (``ValueError`` and ``kinds``) becomes one line on the page, with no traceback."""
+    try:
+        yield
+    except (ValueError, *kinds) as err:
+        # a bare KeyError's str() is the repr of its key; its subclasses (UnknownJobError) say more
+        message = err.args[0] if type(err) is KeyError and err.args else err
+        raise gr.Error(str(message)) from None
+
+
+def plain(text: str) -> str:
+    """Text for a toast or Markdown, with ``<`` and ``>`` escaped (``<unk>`` would vanish as a tag)."""
+    return html.escape(text, quote=False)
+
+
+def whole_number(**kwargs) -> gr.Number:
+    """A ``gr.Number`` whose non-numeric API input ("abc") is a readable error naming the field, not
+    Gradio's generic "upstream app has raised an exception". (Wrapped on the instance: a subclass
+    would make Gradio write a .pyi file next to this module.)"""
+    box = gr.Number(**kwargs)
+    parse = box.preprocess
+
+    def preprocess(payload):
+        try:
+            return parse(payload)
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"{box.label}: {short(payload)} is not a whole number") from None
+
+    box.preprocess = preprocess
+    return box
+
+
+def run_list_updates(page: Page, owner: str, current: list, newest: bool = False) -> list:
+    """New choices for every run list; each keeps its choice while that run exists, else (or with
+    ``newest``) shows the newest run. The Generate list offers the runs but keeps its choice."""
+    labels = [run.label for run in page.explorer.runs(owner)]
+    updates = []
+    for (_, with_original), value in zip(page.run_lists, current):
+        choices = [ORIGINAL] + labels if with_original else labels
+        if newest and labels and not with_original:
+            value = labels[0]
+        elif value not in choices:
+            value = choices[0] if choices else None
+        updates.append(gr.Dropdown(choices=choices, value=value))
+    return updates
+
+
+def wire_run_lists(page: Page, loaded, tabs: list[gr.Tab]) -> None:
+    """Every tab's run list follows the runs on disk, with no button: filled on page load (after the
+    owner is known), refreshed when a job of this page finishes (choosing the new run), and when a
+    tab that takes a run is opened (runs made meanwhile with the CLI in DATA/runs appear).
+    ``loaded``: the page-load event that sets the owner."""
+    lists = [dropdown for dropdown, _ in page.run_lists]
+
+    def refresh(owner, *current, request: gr.Request = None):
+        return run_list_updates(page, owner_of(owner, request), list(current))
+
+    def refresh_to_newest(owner, *current, request: gr.Request = None):
+        return run_list_updates(page, owner_of(owner, request), list(current), newest=True)
+
+    loaded.then(refresh, [page.owner, *lists], lists, api_visibility="private", show_progress="hidden")
+    page.runs_changed.change(refresh_to_newest, [page.owner, *lists], lists, api_visibility="private",
+                             show_progress="hidden")
+    for tab in tabs:
+        tab.select(refresh, [page.owner, *lists], lists, api_visibility="private", show_progress="hidden")
+
+
+def wire_runs_endpoint(page: Page, outputs: list[gr.Dropdown]) -> None:
+    """``/runs`` for API clients: the finished runs as the Before / after and Export lists, newest
+    chosen (the page refreshes its lists by itself)."""
+    def runs(owner="", request: gr.Request = None):
+        labels = [run.label for run in page.explorer.runs(owner_of(owner, request))]
+        return [gr.Dropdown(choices=labels, value=labels[0] if labels else None) for _ in outputs]
+
+    gr.Button(visible=False).click(runs, page.owner, outputs, api_name="runs", api_visibility=page.api)

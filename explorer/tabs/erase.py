@@ -1,0 +1,203 @@
+"""The Erase tab: a form whose method, preset and step count agree, a background job and its live
+progress; a finished job says where its run is and opens it in every tab that takes a run."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+
+import gradio as gr
+
+from age_explorer.core.app.workflows import plan_erase, preset_steps, presets_offered
+from age_explorer.core.backends import get_backend
+from age_explorer.core.erasure import METHODS
+
+from .. import plots
+from .common import Page, owner_of, plain, shown_as_error, whole_number
+
+PRESET_VOCAB = "(preset)"
+ACTIVE = ("queued", "running")
+
+
+def progress_html(job) -> str:
+    if job is None:
+        return "<div id='job_progress'></div>"
+    share = job.step / job.total if job.total else 0.0
+    eta = job.progress.get("eta")
+    eta_text = f", about {eta:.0f} s left" if eta and job.status == "running" else ""
+    return (f"<div id='job_progress' data-status='{job.status}' style='border:1px solid #ccc;border-radius:4px;height:22px'>"
+            f"<div style='width:{share * 100:.1f}%;height:100%;background:#3d6fd9'></div></div>"
+            f"<div id='job_text'>{job.status}: step {job.step}/{job.total}{eta_text}</div>")
+
+
+def status_text(job, public: bool) -> str:
+    """What the job is doing, or what became of it and what to do next."""
+    shown = "cancelling" if job.cancel_requested and job.status in ACTIVE else job.status
+    text = f"**{shown}**" + (f": {plain(job.error.splitlines()[0])}" if job.error else "")
+    progress = job.progress
+    if job.status in ("interrupted", "failed"):
+        text += "  \nPress **Resume** to continue from the last checkpoint."
+    if job.status == "done":
+        where = "" if public else f" in `{job.artifacts.get('run_dir')}`"
+        text += (f": the run is saved{where}. Next: compare it in **Before / after** or download it in "
+                 "**Export** (it is chosen there), or pick it in **Generate**'s model list.")
+    if progress.get("targets"):
+        text += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
+                                               for c, t in progress["targets"].items())
+    if progress.get("pick") is not None and progress.get("pick_is_neighbour") is not None:
+        text += f"  \nLast target used: {progress['pick']} ({'a neighbour' if progress['pick_is_neighbour'] else 'not a neighbour'})"
+    return text
+
+
+@dataclass
+class EraseTab:
+    reattach: object  # page load: (saved job, owner secret) -> (job id, timer, owner, owner secret)
+    timer: gr.Timer
+
+
+def build(page: Page, concepts: list[str]) -> EraseTab:
+    ex, settings = page.explorer, page.settings
+    kind = ex.model_kind
+    default_presets = get_backend(kind).default_presets
+
+    def presets_of(method):
+        offered = presets_offered(method, kind, ex.device)
+        preferred = default_presets.get(method)
+        return offered, preferred if preferred in offered else (offered[0] if offered else None)
+
+    def on_method(method):
+        offered, value = presets_of(method)
+        return gr.Dropdown(choices=offered, value=value), preset_steps(method, value)
+
+    def on_preset(method, preset):
+        return preset_steps(method, preset) if preset in presets_offered(method, kind, ex.device) else gr.skip()
+
+    def queue_text(job_id):
+        ahead = ex.store.queue_position(job_id) if job_id else 0
+        running = [j for j in ex.store.list(status="running") if j.id != job_id]
+        shown = f"{len(running)} other job(s)" if settings.public else ", ".join(j.id for j in running)  # ids are keys
+        return (f"Job `{job_id}` queued" + (f", {ahead} job(s) ahead" if ahead else "") +
+                (f"; running now: {shown}" if running else ""))
+
+    def start_erase(chosen, free_text, method, preset, iterations, lam, search, target, vocab=PRESET_VOCAB,
+                    own_candidates="", owner="", request: gr.Request = None):
+        names = list(chosen or []) + [c.strip() for c in (free_text or "").split(",") if c.strip()]
+        options = {}
+        if iterations is not None:
+            options["iterations"] = iterations if iterations != iterations or abs(iterations) == float("inf") else int(iterations)
+        if method == "age":
+            if lam is not None:
+                options["lam"] = float(lam)
+            options["target_search"] = search
+            candidates = [c.strip() for c in (own_candidates or "").split(",") if c.strip()]
+            if candidates:
+                options["candidates"] = candidates
+            elif vocab and vocab != PRESET_VOCAB:
+                options["vocab"] = vocab
+        elif target is not None:
+            options["target"] = target
+        if method != "uce":  # UCE is one closed-form edit: nothing to checkpoint
+            options["checkpoint_every"] = 25
+        with shown_as_error():
+            if not names:
+                raise ValueError("pick at least one concept to erase")
+            plan_erase(ex.bundle(), ex.device, names, method, preset or None, options)
+        job_id = ex.submit_erase(names, method, preset or None, options, owner=owner_of(owner, request))
+        return job_id, job_id, gr.Timer(active=True), [], queue_text(job_id)
+
+    def tick(job_id, history, owner="", request: gr.Request = None):
+        if not job_id:
+            return gr.Timer(active=False), progress_html(None), *[gr.skip()] * 4, history, gr.skip(), gr.skip()
+        try:
+            job = ex.poll(job_id, owner_of(owner, request))  # also restarts a dead worker, marks its job interrupted
+        except KeyError:
+            return gr.Timer(active=False), progress_html(None), "unknown job", *[gr.skip()] * 3, history, "", gr.skip()
+        progress = job.progress
+        if progress.get("losses") and (not history or history[-1]["step"] != job.step):
+            history = history + [{"step": job.step, **progress["losses"]}]
+        active = job.status in ACTIVE
+        # the queue line is true only while queued; afterwards the status line says what happened
+        queue_line = queue_text(job_id) if job.status == "queued" else ""
+        return (gr.Timer(active=active), progress_html(job), status_text(job, settings.public),
+                plots.loss_figure(history) if history else gr.skip(),
+                plots.targets_figure(progress["targets"]) if progress.get("targets") else gr.skip(),
+                progress.get("preview") or gr.skip(), history, queue_line,
+                job_id if job.status == "done" else gr.skip())
+
+    def job_status_json(job_id, owner="", request: gr.Request = None):
+        with shown_as_error(KeyError):
+            job = ex.job(job_id, owner_of(owner, request))
+        return json.dumps({k: v for k, v in job.__dict__.items() if k not in ("lease", "session")}, default=str)
+
+    def cancel(job_id, owner="", request: gr.Request = None):
+        if not job_id:
+            raise gr.Error("no job to cancel")
+        with shown_as_error(KeyError):
+            return f"Job `{job_id}`: {ex.cancel(job_id, owner_of(owner, request))}"
+
+    def resume(job_id, owner="", request: gr.Request = None):
+        if not job_id:
+            raise gr.Error("no job to resume")
+        with shown_as_error(KeyError):
+            ex.resume(job_id, owner_of(owner, request))
+        return f"Job `{job_id}` queued again; it continues from its last checkpoint", gr.Timer(active=True)
+
+    def reattach(saved_job, owner_token):
+        owner_token = owner_token or secrets.token_hex(16)  # this browser's secret: its jobs and runs
+        try:
+            if saved_job:
+                ex.job(saved_job, owner_token)
+                return saved_job, gr.Timer(active=True), owner_token, owner_token  # one tick redraws its state
+        except KeyError:  # a job of another store or session
+            pass
+        return "", gr.Timer(active=False), owner_token, owner_token
+
+    methods = list(METHODS.values())
+    offered, preset_value = presets_of("age")
+    with gr.Row():
+        erase_choice = gr.Dropdown(concepts if ex.is_toy else [], multiselect=True, label="Concepts to erase",
+                                   elem_id="erase_concepts")
+        free_text = gr.Textbox(label="or type concepts (comma-separated)", visible=not ex.is_toy)
+    with gr.Row():
+        method = gr.Radio([(m.display_name, m.name) for m in methods], value="age", label="Method", elem_id="method")
+        preset = gr.Dropdown(offered, value=preset_value, label="Preset (those that fit the method and this model)",
+                             elem_id="preset", allow_custom_value=True)
+        iterations = whole_number(value=preset_steps("age", preset_value), label="Model steps (blank: preset)",
+                                  precision=0, elem_id="iterations")
+        lam = gr.Number(value=1.0, label="λ (AGE)")
+        search = gr.Radio(["gumbel", "damage"], value="gumbel", label="AGE target search")
+        target = gr.Textbox(value="", label="ESD/UCE target")
+    with gr.Row():
+        vocab = gr.Dropdown([PRESET_VOCAB, "toy"] if ex.is_toy else [PRESET_VOCAB, "imagenet", "en3k"],
+                            value=PRESET_VOCAB, label="AGE candidate vocabulary")
+        own_candidates = gr.Textbox(label="or your own candidates (comma-separated)")
+    with gr.Row():
+        start_btn = gr.Button("Erase", variant="primary", elem_id="start_btn")
+        cancel_btn = gr.Button("Cancel", elem_id="cancel_btn")
+        resume_btn = gr.Button("Resume", elem_id="resume_btn")
+    queue_md = gr.Markdown(elem_id="queue_line")
+    progress_box = gr.HTML(progress_html(None), js_on_load=None)
+    status_md = gr.Markdown(elem_id="job_status")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss terms per step")
+        targets_plot = gr.Plot(label="π: AGE's current top targets")
+        preview = gr.Image(label="preview of the erased concept", height=160)
+    timer = gr.Timer(1.0, active=False)
+    history = gr.State([])
+
+    method.change(on_method, method, [preset, iterations], api_visibility="private")
+    preset.change(on_preset, [method, preset], iterations, api_visibility="private")
+    start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target,
+                                  vocab, own_candidates, page.owner],
+                    [page.job_id, page.saved_job, timer, history, queue_md], api_name="start_erase",
+                    api_visibility=page.api)
+    timer.tick(tick, [page.job_id, history, page.owner],
+               [timer, progress_box, status_md, loss_plot, targets_plot, preview, history, queue_md, page.runs_changed],
+               show_progress="hidden", api_visibility="private")
+    job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
+    job_box.submit(job_status_json, [job_box, page.owner], job_json, api_name="job_status", api_visibility=page.api)
+    # the next tick replaces the cancel line; the status line says "cancelling" till the job stops
+    cancel_btn.click(cancel, [page.job_id, page.owner], queue_md, api_name="cancel", api_visibility=page.api)
+    resume_btn.click(resume, [page.job_id, page.owner], [queue_md, timer], api_name="resume", api_visibility=page.api)
+    return EraseTab(reattach, timer)

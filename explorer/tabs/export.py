@@ -1,0 +1,62 @@
+"""The Export tab: a finished run as its delta (with manifest and model card) or a zipped diffusers
+folder, and a push of this session's export to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from age_explorer.core.export import push_to_hub
+
+from .common import Page, owner_of, shown_as_error
+
+
+def build(page: Page) -> gr.Dropdown:
+    """The tab's components; returns its run list."""
+    ex, settings = page.explorer, page.settings
+
+    def do_export(run_label, fmt, exported, owner="", request: gr.Request = None):
+        if not run_label:
+            raise gr.Error("no finished run to export")
+        with shown_as_error(FileExistsError, RuntimeError, OSError):
+            folder = ex.export(ex.run(run_label, owner_of(owner, request)).path, fmt)
+        # the session remembers what it exported: a push takes nothing else, never a client's path
+        exported = list(exported or []) + [str(folder)]
+        if fmt == "delta":
+            return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], str(folder), exported
+        return [str(ex.export_zip(folder))], str(folder), exported
+
+    def do_push(exported, repo_id, token):
+        if not exported:
+            raise gr.Error("export a run on this page first, then push it")
+        token = (token or "").strip()
+        if not token and not settings.allow_server_token:
+            raise gr.Error("paste a Hugging Face token with write access into the Hub token field: "
+                           "this server does not lend its own token")
+        if not token and not os.environ.get("HF_TOKEN"):
+            raise gr.Error("paste a Hugging Face token with write access into the Hub token field: "
+                           "this server has no HF_TOKEN")
+        with shown_as_error(RuntimeError, OSError):
+            folder = ex.owned_export(exported[-1])
+            url = push_to_hub(folder, (repo_id or "").strip(), token=token or None, env_token=settings.allow_server_token)
+        return f"Pushed `{folder.name}` to `{repo_id.strip()}`: {url}"
+
+    with gr.Row():
+        run_dd = gr.Dropdown([], label="Finished run", elem_id="export_run_dd", allow_custom_value=True)
+        fmt = gr.Radio(["delta", "diffusers"], value="delta", label="Format")
+        export_btn = gr.Button("Export", variant="primary", elem_id="export_btn")
+    files = gr.File(label="Download", file_count="multiple", elem_id="export_files")
+    export_folder = gr.Textbox(label="Export folder", interactive=False)
+    with gr.Row():
+        repo = gr.Textbox(label="Hub repo id (owner/name)")
+        token = gr.Textbox(label="Hub token (write access)" + (
+            "; empty: the server's HF_TOKEN" if settings.allow_server_token else ""), type="password")
+        push_btn = gr.Button("Push to the Hub")
+    push_md = gr.Markdown()
+    page.run_lists.append((run_dd, False))
+
+    export_btn.click(do_export, [run_dd, fmt, page.exported, page.owner], [files, export_folder, page.exported],
+                     api_name="export", api_visibility=page.api)
+    push_btn.click(do_push, [page.exported, repo, token], push_md, api_name="push", api_visibility=page.api)
+    return run_dd

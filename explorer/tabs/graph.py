@@ -1,0 +1,148 @@
+"""The Concept graph tab: the clickable spillover network, the selected concept's row, the Δ
+heatmap, the difference of two graphs, UMAP of the prompts and similarity against Δ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from age_explorer.core.app.workflows import prompt_for
+from age_explorer.core.graph.store import GraphStore
+
+from .. import plots
+from ..components import concept_graph
+from .common import COMPUTE_SLOT, Page
+
+EMPTY_FIG = "{}"
+DEFAULT_THRESHOLD = 0.3
+
+
+@dataclass
+class GraphTab:
+    graph_dd: gr.Dropdown  # other tabs add graphs to it (a spillover row measured from the page)
+    concepts: list[str]
+
+
+def build(page: Page) -> GraphTab:
+    ex = page.explorer
+    graphs = ex.graph_dirs()
+    names = list(graphs)
+    first = GraphStore(graphs[names[0]]) if names else None
+    concepts = list(first.nodes().concept) if first else []
+    groupings = [c[len("group_"):] for c in first.nodes().columns if c.startswith("group_")] if first else []
+
+    def store_of(name: str) -> GraphStore:
+        if name not in graphs:
+            graphs.update(ex.graph_dirs())  # a graph computed since the page was built
+        return GraphStore(graphs[name])
+
+    def graph_outputs(name, threshold, grouping, selected):
+        if not name:
+            return EMPTY_FIG, None, "No graph yet: compute one with `age-explorer graph`.", None
+        store = store_of(name)
+        nodes, edges = store.nodes(), store.edges()
+        col = f"group_{grouping}" if grouping else None
+        fig = plots.network_figure(nodes, edges, threshold, col, selected)
+        heat = plots.heatmap_figure(store.matrix(), nodes, col, f"Δ (rows = erased): {name}")
+        details, bar = details_of(store, selected)
+        return fig.to_json(), heat, details, bar
+
+    def details_of(store, selected):
+        meta = store.meta()
+        text = (f"**{meta['method'].upper()}** (preset {meta.get('preset')}, target {meta.get('target')!r}), "
+                f"{len(store.rows_done())} rows, {meta['images_per_concept']} images per concept, "
+                f"classifier {meta['evaluator']}.")
+        if not selected:
+            return text + " Click a node or pick a concept.", None
+        nodes = store.nodes().set_index("concept")
+        if selected not in nodes.index:
+            return text + f"\n\n{selected!r} is not in this graph.", None
+        text += f"\n\n**{selected}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
+        edges = store.edges()
+        row = edges[edges.erased == selected]
+        if len(row):
+            worst = row[row.affected != selected].nlargest(3, "delta_top1")
+            text += " Erasing it hurts most: " + ", ".join(f"{r.affected} (Δ {r.delta_top1:.2f})" for r in worst.itertuples())
+            return text, plots.spillover_bar_figure(row, selected)
+        return text + " (no row for it in this graph)", None
+
+    def on_node_click(evt: gr.SelectData):
+        return evt.value
+
+    def difference(name_a, name_b, grouping):
+        if not name_a or not name_b or name_b == "(none)":
+            return None
+        a, b = store_of(name_a), store_of(name_b)
+        col = f"group_{grouping}" if grouping else None
+        return plots.difference_figure(a.matrix(), b.matrix(), a.nodes(), col, f"Δ {name_a} − Δ {name_b}")
+
+    umap_cache: dict = {}
+
+    def umap_view(name, selected, progress=gr.Progress()):
+        if not name:
+            return None
+        store = store_of(name)
+        nodes = store.nodes()
+        key = tuple(nodes.concept)
+        if key not in umap_cache:
+            import umap
+
+            progress(0.1, desc="computing UMAP; its first use on a server compiles umap-learn (minutes)")
+            bundle = ex.bundle()
+            states = bundle.encode([prompt_for(bundle, c) for c in key]).float().flatten(1).cpu().numpy()
+            umap_cache[key] = umap.UMAP(n_neighbors=min(8, len(key) - 1), random_state=0).fit_transform(states)
+        edges = store.edges()
+        row = edges[edges.erased == selected].set_index("affected").delta_top1 if selected else None
+        return plots.umap_figure(umap_cache[key], nodes, row, "UMAP of prompt embeddings"
+                                 + (f", coloured by Δ of erasing {selected}" if selected else ""))
+
+    similarity_cache: dict = {}
+
+    def scatter_view(name, measure, progress=gr.Progress()):
+        if not name:
+            return None
+        from age_explorer.core.graph.analysis import similarity_measures, similarity_vs_delta
+        from age_explorer.core.graph.concept_sets import ConceptSet
+
+        store = store_of(name)
+        if name not in similarity_cache:
+            progress(0.2, desc="similarity measures")
+            with ex.compute():
+                similarity_cache[name] = similarity_measures(ex.bundle(), ConceptSet.from_dict(store.meta()["concept_set"]))
+        similarity = similarity_cache[name]
+        pairs = store.edges().rename(columns={"erased": "a", "affected": "b"}).merge(similarity, on=["a", "b"])
+        correlation = similarity_vs_delta(store, similarity).set_index("measure").loc[measure]
+        return plots.scatter_figure(pairs, measure, rho=correlation.spearman, p_value=correlation.p_value)
+
+    with gr.Row():
+        graph_dd = gr.Dropdown(names, value=names[0] if names else None, label="Graph", elem_id="graph_dd")
+        group_radio = gr.Radio(groupings, value=groupings[0] if groupings else None, label="Group by")
+        threshold = gr.Slider(0, 1, DEFAULT_THRESHOLD, step=0.05, label="Show edges with Δ ≥", elem_id="threshold")
+        concept_dd = gr.Dropdown(concepts, value=None, label="Concept", elem_id="concept_dd")
+    init = graph_outputs(names[0] if names else None, DEFAULT_THRESHOLD, groupings[0] if groupings else None, None)
+    graph_view = concept_graph(init[0])
+    details = gr.Markdown(init[2], elem_id="graph_details")
+    row_plot = gr.Plot(label="Spillover of the selected concept")
+    heatmap = gr.Plot(init[1], label="Δ heatmap")
+    with gr.Row():
+        other_dd = gr.Dropdown(["(none)"] + names, value="(none)", label="Compare with", elem_id="compare_dd")
+    diff_plot = gr.Plot(label="Difference of two graphs", elem_id="diff_plot")
+    with gr.Row():
+        umap_btn = gr.Button("UMAP of the concepts", elem_id="umap_btn")
+        measure = gr.Radio(["text_l2", "text_cosine", "output_distance"], value="text_l2", label="Similarity measure")
+        scatter_btn = gr.Button("Similarity vs Δ", elem_id="scatter_btn")
+    umap_plot = gr.Plot(label="UMAP of the concepts' prompt embeddings", elem_id="umap_plot")
+    scatter_plot = gr.Plot(label="Similarity against Δ", elem_id="scatter_plot")
+
+    inputs, outputs = [graph_dd, threshold, group_radio, concept_dd], [graph_view, heatmap, details, row_plot]
+    # a typed threshold (Enter) redraws too; always_last: a drag does not queue one redraw per step
+    for trigger in (graph_dd.change, threshold.change, group_radio.change):
+        trigger(graph_outputs, inputs, outputs, api_visibility="private", trigger_mode="always_last")
+    concept_dd.change(graph_outputs, inputs, outputs, api_name="select_concept", api_visibility=page.api)
+    graph_view.select(on_node_click, None, concept_dd, api_visibility="private")
+    other_dd.change(difference, [graph_dd, other_dd, group_radio], diff_plot, api_visibility="private")
+    umap_btn.click(umap_view, [graph_dd, concept_dd], umap_plot, api_name="umap", api_visibility=page.api)
+    scatter_btn.click(scatter_view, [graph_dd, measure], scatter_plot, api_name="similarity", api_visibility=page.api,
+                      **COMPUTE_SLOT)
+    return GraphTab(graph_dd, concepts)
