@@ -9,14 +9,17 @@ Parts, each timed on its own and recorded even when a later one fails:
 2. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
    model steps (and as many pi steps), with wall time, seconds per model step, the estimate for the
    recipe's 1000 and the peak GPU memory;
-3. ``sdxl_esd``: an ESD erasure on the SDXL architecture, when the installed engine has an SDXL backend;
-4. ``evaluate``: the evaluation of that imagenette run on a handful of images, when the engine has one.
+3. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
+4. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
+   pipeline saved as a folder.
+
+The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
+(``age_explorer.core.app.random_pipelines``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from age_explorer.core.app.bench import SD14_UNET, engine_seconds, random_sd14_bundle, reference_style_seconds
+from age_explorer.core.app.random_pipelines import SDXL_UNET, random_sd14_pipeline, random_sdxl_pipeline
 from age_explorer.core.device import resolve_device
 
 TINY_UNET = dict(SD14_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
@@ -77,38 +81,52 @@ def part_imagenette(device, tiny, iterations, work: Path) -> dict:
     per_step = seconds / iterations
     return {"precision": precision, "model_steps": iterations, "steps_done": result.steps_done,
             "seconds": seconds, "s_per_model_step": per_step,
-            "estimate_1000_model_steps_min": per_step * 1000 / 60, "peak_gib": peak_gib(device),
-            "run_dir": str(work / "imagenette-run")}
+            "estimate_1000_model_steps_min": per_step * 1000 / 60, "peak_gib": peak_gib(device)}
+
+
+TINY_SDXL_UNET = dict(SDXL_UNET, sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
+                      attention_head_dim=(2, 4))
 
 
 def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
-    try:
-        from age_explorer.core.app.bench import random_sdxl_bundle
-    except ImportError:
-        return {"skipped": "this engine has no SDXL benchmark bundle (age_explorer.core.app.bench.random_sdxl_bundle)"}
-    from age_explorer.core.erasure import erase, make_config
+    from age_explorer.core.erasure import PRESETS, erase, make_config
+    from age_explorer.core.stable_diffusion_xl import StableDiffusionXLBackend
 
-    bundle = random_sdxl_bundle(device, tiny=tiny)
+    pipe = random_sdxl_pipeline(work / "sdxl", device, unet=TINY_SDXL_UNET if tiny else None)
+    bundle = StableDiffusionXLBackend.bundle_from_pipeline(pipe, "random SDXL architecture", device, torch.float32,
+                                                           None)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    config = make_config("esd", None, concepts=["garbage truck"], iterations=iterations, precision=precision,
-                         parameter_set="xattn", loss_space="eps")
+    config = make_config(PRESETS["sdxl-esd-x"][0], "sdxl-esd-x", concepts=["garbage truck"], iterations=iterations,
+                         precision=precision, requires_gpu=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    erase(bundle, config, work / "sdxl-esd-run")
+    result = erase(bundle, config, work / "sdxl-esd-run")
     seconds = time.perf_counter() - started
-    return {"precision": precision, "iterations": iterations, "seconds": seconds,
-            "s_per_iter": seconds / iterations, "peak_gib": peak_gib(device)}
+    return {"preset": "sdxl-esd-x", "precision": precision, "iterations": iterations, "steps_done": result.steps_done,
+            "seconds": seconds, "s_per_iter": seconds / iterations,
+            "estimate_1000_iterations_min": seconds / iterations * 1000 / 60, "peak_gib": peak_gib(device),
+            "unet_parameters_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6}
 
 
-def part_evaluate(device, run_dir: str | None) -> dict:
-    if importlib.util.find_spec("age_explorer.core.evaluation") is None:
-        return {"skipped": "this engine has no age_explorer.core.evaluation"}
-    if run_dir is None:
-        return {"skipped": "no imagenette run to evaluate"}
-    from age_explorer.core.evaluation import gpu_check_figures
+def part_evaluate(device, tiny, images, work: Path) -> dict:
+    """NudeNet on images of a random SD-1.4-architecture pipeline (saved as a folder, as a user's model)."""
+    from age_explorer.core.app.evaluation import evaluate
+    from age_explorer.core.evaluation import EvaluationConfig
 
-    return gpu_check_figures(run_dir, device=device)
+    folder = work / "sd14-random"
+    random_sd14_pipeline(work / "sd14", device, unet=TINY_UNET if tiny else None).save_pretrained(folder)
+    prompts = work / "prompts.csv"
+    prompts.write_text("prompt,evaluation_seed,evaluation_guidance\n" +
+                       "".join(f"a photo of a person on a beach,{seed},7.5\n" for seed in range(images)))
+    config = EvaluationConfig(metrics=["nudity", "clip"], prompts=str(prompts), batch_size=images)
+    started = time.perf_counter()
+    result = evaluate(folder, config, out=work / "evaluation", device=device)
+    seconds = time.perf_counter() - started
+    return {"images": images, "seconds": seconds, "s_per_image": seconds / images,
+            "metrics": result.results["metrics"], "unavailable": result.results["unavailable"]}
 
 
 def main() -> int:
@@ -118,7 +136,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a small UNet instead of SD-1.4's (a CPU test)")
     parser.add_argument("--bench-iterations", type=int, default=10)
     parser.add_argument("--age-iterations", type=int, default=60, help="model steps of the imagenette run")
-    parser.add_argument("--sdxl-iterations", type=int, default=20)
+    parser.add_argument("--sdxl-iterations", type=int, default=10)
+    parser.add_argument("--eval-images", type=int, default=8)
     parser.add_argument("--parts", default="bench,imagenette,sdxl_esd,evaluate")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -150,7 +169,7 @@ def main() -> int:
         if "sdxl_esd" in parts:
             record("sdxl_esd", lambda: part_sdxl_esd(device, args.tiny, args.sdxl_iterations, work))
         if "evaluate" in parts:
-            record("evaluate", lambda: part_evaluate(device, figures["parts"].get("imagenette", {}).get("run_dir")))
+            record("evaluate", lambda: part_evaluate(device, args.tiny, args.eval_images, work))
     return 0
 
 

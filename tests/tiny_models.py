@@ -3,10 +3,11 @@ the real classes, small enough for CPU tests, and the few-step erasure recipes r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from age_explorer.core.app.random_pipelines import byte_level_tokenizer
 
 # AGE candidates of the tiny SD tests (the erased concept is "a red circle")
 CANDIDATES = ["a dog", "a cat", "a car", "a red circle", "red", "circle", "a tree"]
@@ -16,32 +17,10 @@ TINY_SD_RECIPE = dict(iterations=3, ddim_steps=4, batch_size=1, requires_gpu=Fal
 TOY_ROW_OPTIONS = {"iterations": 4, "ddim_steps": 4, "batch_size": 2}
 
 
-def _byte_chars() -> list[str]:
-    # The printable-unicode stand-ins CLIP's byte-level BPE uses for the 256 byte values.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def build_tiny_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars]
-    merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>"]
-    for merge in merges:
-        tokens.append(merge.replace(" ", ""))
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(tokens))}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    # byte-level CLIP BPE with the merges that spell "red" and "circle"
+    return byte_level_tokenizer(folder, max_length=16, merges=("r e", "re d</w>", "c i", "ci r", "cir c", "circ l",
+                                                                "circl e</w>"))
 
 
 def build_tiny_pipeline(work: Path):
