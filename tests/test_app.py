@@ -320,7 +320,7 @@ def test_push_sends_only_this_sessions_export_with_the_callers_token(server, mon
         message = owner.predict("someone/erased-blue-circle", "hf_owner_token", api_name="/push")
     assert "Pushed" in message and folder.rsplit("/", 1)[-1] in message
     assert hub.repos == ["someone/erased-blue-circle"]
-    assert set(hub.files) == {"README.md", "delta.safetensors", "manifest.json"}
+    assert set(hub.files) == {"README.md", "before_after.png", "delta.safetensors", "manifest.json"}
     posts = [r for r in hub.requests if r["method"] == "POST"]
     assert posts and all(r["authorization"] == "Bearer hf_owner_token" for r in posts)
     # a second export of the same run gets its own folder instead of replacing the first
