@@ -59,9 +59,10 @@ class StableDiffusionBackend(Backend):
                                             f"{type(err).__name__}: {first}") from None
             if not isinstance(err, (OSError, ValueError)):
                 raise
-            where = "the local Hugging Face cache" if local_files_only else "the local cache or the Hub"
+            why = ("its files are not in the local Hugging Face cache" if local_files_only else
+                   f"it is not in the local cache and the Hub did not provide it ({err.__class__.__name__})")
             raise ModelUnavailableError(
-                f"could not load Stable Diffusion model {source!r} from {where}: {err.__class__.__name__}. "
+                f"could not load Stable Diffusion model {source!r}: {why}. "
                 f"To use it offline, download it on a machine with internet access "
                 f"(`hf download {source}` or `huggingface-cli download {source}`) and copy the Hugging Face "
                 f"cache folder (HF_HOME) here, or save the pipeline with `save_pretrained(FOLDER)` and pass "

@@ -113,9 +113,11 @@ class Explorer:
             return f"Model: the embedded toy world (5 shapes × 5 colours) on {gpu}."
         try:
             self.bundle()
-        except Exception as err:  # shown on the page, the rest of the app still works
+        except Exception as err:  # shown on the page and in the log; the rest of the app still works
+            log.warning("model %r could not be loaded: %s", self.settings.model, err)
             return (f"**Model {self.settings.model!r} could not be loaded**: {err}\n\n"
-                    "Shipped graphs stay browsable; erasing and generating need the weights.")
+                    "Graphs computed for this model in the data folder stay browsable (the shipped graphs are "
+                    "the toy model's: start with `--model toy`); erasing and generating need the weights.")
         return f"Model: `{self.settings.model}` on {gpu}."
 
     def toy_concepts(self) -> list[str]:

@@ -399,3 +399,22 @@ def test_status_follows_the_job_and_messages_keep_angle_brackets():
     assert "/data/jobs/abc/run" in done and "Before / after" in done and "Export" in done
     assert "/data" not in status_text(job(status="done", artifacts={"run_dir": "/data/x"}), public=True)
     assert plain("They are read as <unk>.") == "They are read as &lt;unk&gt;."
+
+
+def test_a_model_without_weights_is_explained_in_the_page_the_log_and_generate(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    demo = build_app(Settings(model="CompVis/stable-diffusion-v1-4", device="cpu", data_dir=str(tmp_path / "data"),
+                              start_worker=False))
+    page = json.dumps(demo.config, default=str)
+    assert "could not be loaded" in page and "not in the local Hugging Face cache" in page
+    assert "OSError" not in page and "EntryNotFound" not in page
+    assert any("could not be loaded" in r.getMessage() for r in caplog.records)  # the terminal says it too
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="not in the local Hugging Face cache"):
+            client.predict("a church", "0", "original", api_name="/generate")
+    finally:
+        demo.close()

@@ -29,7 +29,8 @@ def build(page: Page) -> gr.Dropdown:
                 raise ValueError("the prompt is empty: type something such as 'a red circle'")
             run = None if model_choice in (None, "", ORIGINAL) else ex.run(model_choice, owner_of(owner, request))
         progress(0, desc="loading model")
-        bundle = ex.erased_bundle(run.path) if run else ex.bundle()
+        with shown_as_error():
+            bundle = ex.erased_bundle(run.path) if run else ex.bundle()
         with warnings.catch_warnings(record=True) as caught, ex.compute():
             warnings.simplefilter("always", PromptWarning)
             images = generate(bundle, [prompt], seed_list,
