@@ -33,6 +33,8 @@ class Backend:
     folder_hint: ClassVar[str]  # what a model folder of the family holds, for error messages
     # method -> preset used when none is given (e.g. {"age": "toy"}); empty: the method's defaults
     default_presets: ClassVar[dict[str, str]] = {}
+    # presets named "<prefix>" or "<prefix>-..." are the family's own (e.g. toy-esd); None: the paper's SD presets
+    preset_prefix: ClassVar[str | None] = None
     # steps between preview images written by a background erasure (0: none; they cost a generation)
     preview_every: ClassVar[int] = 0
     # whether the family ships its own classifier for G(c) (then it is the default evaluator, named after it)

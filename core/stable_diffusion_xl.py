@@ -28,6 +28,7 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
     name = "stable-diffusion-xl"
     folder_hint = "a diffusers StableDiffusionXLPipeline folder (SDXL)"
     default_presets = {"age": "sdxl-imagenette", "esd": "sdxl-esd-x"}
+    preset_prefix = "sdxl"
     card_tags = ("stable-diffusion-xl", "text-to-image")
     card_pipeline_hint = " Load it with `diffusers.StableDiffusionXLPipeline.from_pretrained(folder)`."
     pipeline_classes = ("StableDiffusionXLPipeline",)

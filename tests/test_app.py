@@ -378,6 +378,8 @@ def test_presets_offered_fit_the_method_the_model_and_the_device():
     assert presets_offered("esd", "toy", "cpu") == ["toy-esd"]
     assert presets_offered("age", "stable-diffusion", "cpu") == []  # all sized for a GPU
     assert presets_offered("age", "stable-diffusion", "cuda") == ["imagenette", "nudity", "artist"]
+    assert presets_offered("age", "stable-diffusion-xl", "cuda") == ["sdxl-imagenette", "sdxl-nudity", "sdxl-artist"]
+    assert presets_offered("esd", "stable-diffusion-xl", "cuda") == ["sdxl-esd-x"]
     assert preset_steps("age", "toy") == 200 and preset_steps("uce", "toy-uce") is None
     with pytest.raises(ValueError, match="not made for the toy model: pick one of toy-esd"):
         check_preset("esd", "esd-x", "toy", "cuda")

@@ -82,7 +82,8 @@ def test_export_out_is_the_folder_and_force_keeps_other_files(tmp_path, capsys):
     assert main(["erase", "--concept", "red circle", "--method", "uce", "--out", str(run)]) == 0
     out = tmp_path / "my-export"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "delta.safetensors", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "before_after.png", "delta.safetensors",
+                                                     "manifest.json"]
     assert main(["export", str(run), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     (out / "notes.txt").write_text("mine")
@@ -96,8 +97,9 @@ def test_export_out_is_the_folder_and_force_keeps_other_files(tmp_path, capsys):
 
 # Text fields need a valid value other than their default; the other types get one from their default.
 TEXT_VALUES = {"prompt_template": "a {c}", "parameter_set": "noxattn", "loss_space": "eps", "xt_source": "pool",
-               "precision": "bf16", "vocab": "toy", "target_search": "damage", "target": "a blue square", "pi_mode": "uniform",
+               "precision": "bf16", "vocab": "toy", "target_search": "damage", "target": "a blue square", "pi_mode": "uniform", "token_alignment": "all",
                "preset": None}  # preset: the method's first preset, below
+NUMBER_VALUES = {"preserve_scale": 0.5}  # numbers whose default is None ("computed")
 LIST_VALUES = {"concepts": ["red circle", "blue ring"], "synonyms": ["crimson"], "preserve": ["green square"],
                "deviations": ["a note"], "candidates": ["red square", "ring"]}
 
@@ -117,6 +119,8 @@ def _changed(field, method_name):
         return LIST_VALUES[name], [arg for value in LIST_VALUES[name] for arg in (flag, value)]
     if name in TEXT_VALUES:
         return TEXT_VALUES[name], [flag, TEXT_VALUES[name]]
+    if name in NUMBER_VALUES:
+        return NUMBER_VALUES[name], [flag, str(NUMBER_VALUES[name])]
     if isinstance(field.default, bool):
         return not field.default, [flag if not field.default else "--no-" + flag[2:]]
     if name == "neighbour_groups":

@@ -73,10 +73,11 @@ def find_run(runs: list[RunEntry], label: str) -> RunEntry:
 
 # ---- presets ------------------------------------------------------------------------------------
 def preset_family(preset: str) -> str | None:
-    """The backend a preset is named after (``toy``, ``toy-esd`` → toy), or None for the paper's
-    Stable Diffusion presets (imagenette, esd-x, ...)."""
-    for name in backends():
-        if preset == name or preset.startswith(name + "-"):
+    """The backend a preset is named after (``toy``, ``toy-esd`` → toy; ``sdxl-esd-x`` → SDXL), or None
+    for the paper's Stable Diffusion presets (imagenette, esd-x, ...)."""
+    for name, backend in backends().items():
+        prefix = backend.preset_prefix
+        if prefix and (preset == prefix or preset.startswith(prefix + "-")):
             return name
     return None
 

@@ -41,6 +41,7 @@ class ToyBackend(Backend):
     name = TOY
     folder_hint = "a toy model folder (concepts.json and unet/)"
     default_presets = {"age": "toy", "esd": "toy-esd", "uce": "toy-uce"}
+    preset_prefix = "toy"
     preview_every = 50
     has_evaluator = True
     card_license = "apache-2.0"
