@@ -100,7 +100,7 @@ class EraseConfig(MethodConfig):
     negative_guidance: float = _help("eta: how far the erased concept is pushed past the target", 1.0)
     start_guidance: float = _help("CFG scale of the 'sample till t' latents", 3.0)
     ddim_steps: int = _help("DDIM schedule of the 'sample till t' latents", 50)
-    loss_space: str = _help("x0 (paper) or eps; x0 weights steps by (1-a)/a", "x0")
+    loss_space: str = _help("x0 (AGE's paper) or eps; x0 weights steps by (1-a)/a", "x0")
     xt_source: str = _help("sample: DDIM till t with the current model (paper); pool: frozen samples re-noised (fast)", "sample")
     pool_size: int = _help("frozen samples per concept in pool mode", 16)
     precision: str = _help("fp32, or bf16 autocast for the UNet passes", "fp32")
@@ -144,6 +144,8 @@ class ESDConfig(EraseConfig):
     method: ClassVar[str] = "esd"
 
     target: str = _help("fixed target prompt ('' = the empty prompt, as ESD)", "")
+    # ESD's own code (train-esd.py) matches noise predictions; AGE's paper writes its loss in x0 space
+    loss_space: str = _help("eps (ESD's code) or x0 (AGE's paper); x0 weights steps by (1-a)/a", "eps")
     preserve_weight: float = _help("weight of preserving the empty prompt (train-naive.py uses 0.1; ESD 0)", 0.0)
 
     def __post_init__(self):
