@@ -155,7 +155,7 @@ class ModelBundle:
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def sampling_scheduler(self) -> DDIMScheduler:
-        return DDIMScheduler.from_config(self.scheduler_config)
+        return ddim_scheduler(self.scheduler_config)
 
     @property
     def prediction_type(self) -> str:
@@ -168,6 +168,29 @@ class ModelBundle:
     def graph_identity(self) -> dict:
         """Which model a measurement was made with: a graph records these and refuses rows of another."""
         return {"model": self.base_source or self.source, "model_revision": self.revision, "model_kind": self.kind}
+
+
+# DDIM's numerics where the base's scheduler config does not state them: the values a plain
+# StableDiffusionPipeline samples with when its scheduler is DDIM built from that config. The pipeline
+# turns clip_sample off (clipping the x0 estimate to [-1, 1] suits pixels, not latents) and sets
+# steps_offset to 1; the others are DDIMScheduler's own defaults, written out so that no field that
+# decides the numerics is left to a library default. A value the config states is kept (the toy model's
+# clip_sample=True). The beta schedule always comes from the config: every scheduler config states it.
+DDIM_UNSTATED = {"clip_sample": False, "steps_offset": 1, "set_alpha_to_one": True, "clip_sample_range": 1.0,
+                 "thresholding": False, "timestep_spacing": "leading", "prediction_type": "epsilon",
+                 "rescale_betas_zero_snr": False}
+
+
+def ddim_scheduler(config: dict) -> DDIMScheduler:
+    """The project's DDIM sampler for a base's scheduler config (of any scheduler class).
+
+    A key listed in the config's ``_use_default_values`` was not in the base's file: the class filled
+    in its own default, and ``from_config`` would drop it and take DDIM's (clip_sample=True), even
+    where the pipeline had corrected it to False. Such keys count as unstated.
+    """
+    defaulted = set(config.get("_use_default_values", ()))
+    stated = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
+    return DDIMScheduler.from_config({**DDIM_UNSTATED, **stated})
 
 
 def load_bundle(model: str | os.PathLike = "toy", device: str | torch.device | None = "auto",

@@ -96,8 +96,9 @@ def test_export_out_is_the_folder_and_force_keeps_other_files(tmp_path, capsys):
 # ---- erase: every config field of every registered method has a flag, and its value lands in the config ----
 
 # Text fields need a valid value other than their default; the other types get one from their default.
-TEXT_VALUES = {"prompt_template": "a {c}", "parameter_set": "noxattn", "loss_space": "eps", "xt_source": "pool",
-               "precision": "bf16", "vocab": "toy", "target_search": "damage", "target": "a blue square", "pi_mode": "uniform", "token_alignment": "all",
+TEXT_VALUES = {"prompt_template": "a {c}", "parameter_set": "noxattn", "xt_source": "pool", "precision": "bf16",
+               "vocab": "toy", "target_search": "damage", "target": "a blue square", "pi_mode": "uniform",
+               "token_alignment": "all",
                "preset": None}  # preset: the method's first preset, below
 NUMBER_VALUES = {"preserve_scale": 0.5}  # numbers whose default is None ("computed")
 LIST_VALUES = {"concepts": ["red circle", "blue ring"], "synonyms": ["crimson"], "preserve": ["green square"],
@@ -117,6 +118,9 @@ def _changed(field, method_name):
         return LIST_VALUES[name], ["--candidates", "CANDIDATES_FILE"]
     if name in LIST_VALUES:
         return LIST_VALUES[name], [arg for value in LIST_VALUES[name] for arg in (flag, value)]
+    if name == "loss_space":  # eps is ESD's default, x0 AGE's
+        other = "x0" if field.default == "eps" else "eps"
+        return other, [flag, other]
     if name in TEXT_VALUES:
         return TEXT_VALUES[name], [flag, TEXT_VALUES[name]]
     if name in NUMBER_VALUES:

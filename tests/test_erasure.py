@@ -233,3 +233,24 @@ def test_corrupted_delta_is_detected(sd, tmp_path):
 def test_select_parameters_rejects_unknown_sets(sd):
     with pytest.raises(ValueError, match="unknown parameter set"):
         select_parameters(sd.unet, "nope")
+
+
+def test_esd_matches_noise_predictions_by_default_and_x0_is_an_option(sd, tmp_path):
+    """ESD's own code compares noise predictions: eps is its default everywhere (no preset, the CLI,
+    the explorer), x0 (AGE's paper) an option; AGE keeps x0."""
+    from age_explorer.core.erasure.esd import ESDRun
+
+    default = make_config("esd", None, concepts=["a red circle"], **TINY)
+    assert default.loss_space == "eps" and make_config("age", None, concepts=["x"]).loss_space == "x0"
+    assert all(make_config("esd", p, concepts=["x"]).loss_space == "eps" for p in ("esd-x", "esd-u", "toy-esd"))
+    run = ESDRun(sd, default, tmp_path / "probe")
+    out, z = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    assert run.to_loss_space(out, z, torch.tensor([500])) is out  # the loss is on eps itself
+    run.predictor.restore()
+
+    first = {}
+    for space in ("eps", "x0"):
+        config = make_config("esd", None, concepts=["a red circle"], loss_space=space, **TINY)
+        result = erase(sd, config, tmp_path / space, callbacks=[lambda r, s=space: first.setdefault(s, r.losses)])
+        assert result.manifest["loss_space"] == space
+    assert first["eps"]["erase"] != first["x0"]["erase"]  # the same draws, another space

@@ -74,8 +74,11 @@ def build_tiny_sdxl_pipeline(work: Path):
                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32,
                         sample_size=16, scaling_factor=0.13025)
-    # SDXL 1.0 ships Euler with this config; the project samples DDIM from the same config
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
+    # SDXL 1.0 ships Euler with this config, DDIM's fields included (Euler keeps keys it does not use);
+    # the project samples DDIM from the same config
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear", clip_sample=False, set_alpha_to_one=False,
+        skip_prk_steps=True, sample_max_value=1.0))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)

@@ -92,8 +92,7 @@ def random_sdxl_pipeline(work: Path, device: torch.device, text_layers: int = 2,
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 1280, text_layers, 20, 1280))
         model = UNet2DConditionModel(**unet)
         vae = AutoencoderKL(**dict(SD_VAE, sample_size=1024), scaling_factor=0.13025)
-    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD14_SCHEDULER.items()
-                                          if k not in ("clip_sample", "set_alpha_to_one")},
-                                       timestep_spacing="leading")
+    # SDXL 1.0's scheduler config: Euler, with the DDIM fields (clip_sample, set_alpha_to_one) it keeps unused
+    scheduler = EulerDiscreteScheduler.from_config(dict(SD14_SCHEDULER, timestep_spacing="leading"))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=model, scheduler=scheduler)
