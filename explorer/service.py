@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from age_explorer.core.app.cpu_split import CpuSplit
+from age_explorer.core.app.evaluation import default_out as evaluation_dir
 from age_explorer.core.app.workflows import RunEntry, find_run, list_runs
 from age_explorer.core.backends import backend_for
 from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
@@ -159,13 +160,27 @@ class Explorer:
         return GraphStore(self.data_dir / "graphs" / f"page-{method}")
 
     # ---- jobs ------------------------------------------------------------------------------------
-    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict,
-                     owner: str | None = None) -> str:
+    def submit(self, kind: str, config: dict, owner: str | None = None) -> str:
+        """Queue a job of ``kind`` for this server's worker (restarted first if it died)."""
         if self.worker:
             self.worker.ensure_alive()
-        return self.store.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
-                                           "options": {"concepts": concepts, **options}}, device=self.device,
-                                 session=owner)
+        return self.store.submit(kind, config, device=self.device, session=owner)
+
+    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict,
+                     owner: str | None = None) -> str:
+        return self.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
+                                     "options": {"concepts": concepts, **options}}, owner)
+
+    def submit_attack(self, run_dir: str, config, owner: str | None = None) -> str:
+        """A recovery attack (a checked ``AttackConfig``) on a finished run; it writes ``RUN/attacks/``."""
+        options = {k: v for k, v in config.to_dict().items() if k != "attack"}
+        return self.submit("attack", {"run_dir": run_dir, "attack": config.attack, "options": options}, owner)
+
+    def submit_evaluate(self, run_dir: str, config, owner: str | None = None) -> str:
+        """An evaluation (a checked ``EvaluationConfig``) of a finished run into ``RUN/evaluation``, as
+        ``age-explorer evaluate RUN`` writes it."""
+        return self.submit("evaluate", {"model": run_dir, "out": str(evaluation_dir(run_dir)),
+                                        "config": config.to_dict()}, owner)
 
     def job(self, job_id: str, owner: str | None = None):
         """A job the caller may see: in public mode only its own session's, and another's reads as unknown."""
