@@ -20,6 +20,7 @@ from age_explorer.core.app.workflows import RunEntry, find_run, list_runs
 from age_explorer.core.backends import backend_for
 from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.device import resolve_device
+from age_explorer.core.export_lora import DEFAULT_RANK
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore
 from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
@@ -234,8 +235,9 @@ class Explorer:
     def exports_dir(self) -> Path:
         return self.data_dir / "exports"
 
-    def export(self, run_dir: str, fmt: str) -> Path:
-        """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another."""
+    def export(self, run_dir: str, fmt: str, rank: int | str | None = DEFAULT_RANK) -> Path:
+        """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another.
+        ``rank``: the rank of a LoRA export."""
         from age_explorer.core.export import export_run
 
         run = Path(run_dir)
@@ -245,7 +247,7 @@ class Explorer:
             while (self.exports_dir / name).exists():
                 n += 1
                 name = f"{base}-{n}"
-            return export_run(run, self.exports_dir, fmt=fmt, name=name)
+            return export_run(run, self.exports_dir, fmt=fmt, name=name, rank=rank)
 
     def owned_export(self, folder: str) -> Path:
         """``folder`` if it is an export this server wrote: a real folder directly in the exports folder
