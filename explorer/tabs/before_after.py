@@ -139,7 +139,8 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
     spill_md = gr.Markdown()
     page.run_lists.append((run_dd, False))
 
-    eval_job, eval_timer = gr.State(""), gr.Timer(1.0, active=False)
+    # the session's evaluation job; a component, so API clients get its id
+    eval_job, eval_timer = gr.Textbox(visible=False), gr.Timer(1.0, active=False)
     run_dd.change(on_run, [run_dd, page.owner], [eval_summary, eval_table], api_visibility="private")
     gr.Button(visible=False).click(evaluation_of, [run_dd, page.owner], [eval_summary, eval_table],
                                    api_name="evaluation", api_visibility=page.api)

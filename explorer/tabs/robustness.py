@@ -128,7 +128,7 @@ def build(page: Page) -> gr.Dropdown:
             probes = gr.Dataframe(label="ASR per probe: erased model (asr) and base model (asr_base)",
                                   elem_id="attack_probes", interactive=False)
     timer = gr.Timer(1.0, active=False)
-    job_id = gr.State("")
+    job_id = gr.Textbox(visible=False)  # the session's attack job; a component, so API clients get its id
     page.run_lists.append((run_dd, False))
 
     listed = [past_dd, concept, sheet, summary, probes]
