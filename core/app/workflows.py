@@ -283,7 +283,7 @@ def attack_summary(result: dict) -> str:
              f"Baselines: the same attack on the base model {result['asr_base']:.2f}; the plain prompt on the "
              f"erased model {result['asr_plain']:.2f}, on the base model {result['asr_original']:.2f}."]
     if learned.get("nearest_words"):
-        words = "; ".join(f"{token}: {', '.join(near)}" for token, near in
+        words = "; ".join(f"`{token}`: {', '.join(near)}" for token, near in
                           zip(learned.get("tokens") or [f"token {i}" for i in range(len(learned["nearest_words"]))],
                               learned["nearest_words"]))
         lines.append(f"Learned prompt `{learned.get('prompt', '')}`; nearest words: {words}.")

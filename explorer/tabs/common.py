@@ -88,11 +88,13 @@ def progress_html(job, prefix: str = "job") -> str:
     eta = job.progress.get("eta")
     eta_text = f", about {eta:.0f} s left" if eta and job.status == "running" else ""
     stage = job.progress.get("stage")
-    what = f"{html.escape(stage)} {job.step}/{job.total}" if stage and job.status == "running" else \
-        f"step {job.step}/{job.total}"
+    if stage:  # a stage's count means nothing once the job has ended
+        what = f": {html.escape(stage)} {job.step}/{job.total}" if job.status == "running" else ""
+    else:
+        what = f": step {job.step}/{job.total}"
     return (f"<div id='{prefix}_progress' data-status='{job.status}' style='border:1px solid #ccc;border-radius:4px;height:22px'>"
             f"<div style='width:{share * 100:.1f}%;height:100%;background:#3d6fd9'></div></div>"
-            f"<div id='{prefix}_text'>{job.status}: {what}{eta_text}</div>")
+            f"<div id='{prefix}_text'>{job.status}{what}{eta_text}</div>")
 
 
 def job_line(job) -> str:
