@@ -89,22 +89,25 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
 
     def tick(job_id, run_label, owner="", request: gr.Request = None):
         if not job_id:
-            return gr.Timer(active=False), progress_html(None, "eval"), *[gr.skip()] * 3
+            return gr.Timer(active=False), progress_html(None, "eval"), *[gr.skip()] * 4
         try:
             job = ex.poll(job_id, owner_of(owner, request))
         except KeyError:
-            return gr.Timer(active=False), progress_html(None, "eval"), "unknown job", gr.skip(), gr.skip()
+            return gr.Timer(active=False), progress_html(None, "eval"), "unknown job", *[gr.skip()] * 3
+        # the queue line is true only while queued; afterwards the status line says what happened
         status, bar = job_line(job), progress_html(job, "eval")
+        queue_line = gr.skip() if job.status == "queued" else ""
         if job.status != "done":
-            return gr.Timer(active=job.status in ACTIVE), bar, status, gr.skip(), gr.skip()
+            return gr.Timer(active=job.status in ACTIVE), bar, status, queue_line, gr.skip(), gr.skip()
         try:  # shown when its run is still the chosen one
             chosen = bool(run_label) and run_path(run_label, owner, request) == job.config["model"]
         except gr.Error:
             chosen = False
         if not chosen:
-            return gr.Timer(active=False), bar, status + ": choose its run again to see it", gr.skip(), gr.skip()
+            return gr.Timer(active=False), bar, status + ": choose its run again to see it", queue_line, gr.skip(), \
+                gr.skip()
         shown = evaluation_view(job.artifacts["evaluation_dir"])
-        return gr.Timer(active=False), bar, status, shown.summary, shown.table
+        return gr.Timer(active=False), bar, status, queue_line, shown.summary, shown.table
 
     def cancel(job_id, owner="", request: gr.Request = None):
         if not job_id:
@@ -146,8 +149,9 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
                                    api_name="evaluation", api_visibility=page.api)
     evaluate_btn.click(start_evaluate, [run_dd, images_per_class, page.owner], [eval_job, eval_timer, eval_queue],
                        api_name="evaluate", api_visibility=page.api)
-    eval_timer.tick(tick, [eval_job, run_dd, page.owner], [eval_timer, eval_progress, eval_status, eval_summary,
-                                                           eval_table], show_progress="hidden", api_visibility="private")
+    eval_timer.tick(tick, [eval_job, run_dd, page.owner], [eval_timer, eval_progress, eval_status, eval_queue,
+                                                           eval_summary, eval_table], show_progress="hidden",
+                    api_visibility="private")
     cancel_btn.click(cancel, [eval_job, page.owner], eval_queue, api_name="cancel_evaluate", api_visibility=page.api)
     show_btn.click(show_before_after, [run_dd, seeds, page.owner], [sheet, legend, slider], api_name="before_after",
                    api_visibility=page.api, **COMPUTE_SLOT)

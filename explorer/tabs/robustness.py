@@ -76,14 +76,16 @@ def build(page: Page) -> gr.Dropdown:
 
     def tick(job_id, run_label, owner="", request: gr.Request = None):
         if not job_id:
-            return gr.Timer(active=False), progress_html(None, "attack"), *[gr.skip()] * 5
+            return gr.Timer(active=False), progress_html(None, "attack"), *[gr.skip()] * 6
         try:
             job = ex.poll(job_id, owner_of(owner, request))  # also restarts a dead worker
         except KeyError:
-            return gr.Timer(active=False), progress_html(None, "attack"), "unknown job", *[gr.skip()] * 4
+            return gr.Timer(active=False), progress_html(None, "attack"), "unknown job", *[gr.skip()] * 5
+        # the queue line is true only while queued; afterwards the status line says what happened
         status, bar = job_line(job), progress_html(job, "attack")
+        queue_line = gr.skip() if job.status == "queued" else ""
         if job.status != "done":
-            return gr.Timer(active=job.status in ACTIVE), bar, status, *[gr.skip()] * 4
+            return gr.Timer(active=job.status in ACTIVE), bar, status, queue_line, *[gr.skip()] * 4
         # the finished attack is shown; the list is refreshed when its run is the one chosen
         folder = Path(job.artifacts["attack_dir"])
         listed, entry = listing(job.config["run_dir"], folder.name)
@@ -91,7 +93,7 @@ def build(page: Page) -> gr.Dropdown:
             same_run = bool(run_label) and run_of(run_label, owner, request).path == job.config["run_dir"]
         except gr.Error:
             same_run = False
-        return (gr.Timer(active=False), bar, status + f": written to `{folder.name}` in the run's attacks.",
+        return (gr.Timer(active=False), bar, status + f": written to `{folder.name}` in the run's attacks.", queue_line,
                 listed if same_run else gr.skip(), *shown(entry))
 
     def cancel(job_id, owner="", request: gr.Request = None):
@@ -141,7 +143,7 @@ def build(page: Page) -> gr.Dropdown:
     attack.input(on_attack, attack, [steps, seeds], api_visibility="private")
     start_btn.click(start_attack, [run_dd, attack, steps, seeds, concept, page.owner], [job_id, timer, queue_md],
                     api_name="start_attack", api_visibility=page.api)
-    timer.tick(tick, [job_id, run_dd, page.owner], [timer, progress_box, status_md, *listed[:1], *listed[2:]],
+    timer.tick(tick, [job_id, run_dd, page.owner], [timer, progress_box, status_md, queue_md, *listed[:1], *listed[2:]],
                show_progress="hidden", api_visibility="private")
     cancel_btn.click(cancel, [job_id, page.owner], queue_md, api_name="cancel_attack", api_visibility=page.api)
     return run_dd
