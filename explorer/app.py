@@ -8,7 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .service import Explorer, Settings
-from .tabs import before_after, erase, export, generate, graph, queries
+from .tabs import before_after, erase, export, generate, graph, queries, robustness
 from .tabs.common import Page, wire_run_lists, wire_runs_endpoint
 
 __all__ = ["build_app", "Settings"]
@@ -33,6 +33,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 erase_tab = erase.build(page, graph_tab.concepts or ex.toy_concepts())
             with gr.Tab("Before / after", id="compare") as compare_tab:
                 compare_runs = before_after.build(page, graph_tab)
+            with gr.Tab("Robustness", id="robustness") as robustness_tab:
+                robustness.build(page)
             with gr.Tab("Generate", id="generate") as generate_tab:
                 generate.build(page)
             with gr.Tab("Export", id="export") as export_tab:
@@ -40,7 +42,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         queries.build(page)
         loaded = demo.load(erase_tab.reattach, [page.saved_job, owner_token],
                            [page.job_id, erase_tab.timer, page.owner, owner_token], api_visibility="private")
-        wire_run_lists(page, loaded, [compare_tab, generate_tab, export_tab])
+        wire_run_lists(page, loaded, [compare_tab, robustness_tab, generate_tab, export_tab])
         wire_runs_endpoint(page, [compare_runs, export_runs])
     demo.explorer = ex
     return demo

@@ -16,6 +16,28 @@ NAMED = {"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4", "yellow": "#e6
          "orange": "#ff7f0e", "black": "#222222", "white": "#dddddd", "brown": "#8c564b", "pink": "#e377c2"}
 OUT_EDGE, IN_EDGE = "#c0392b", "#2471a3"  # the selected concept's out-edges (what its erasure hurts), in-edges
 TOP_K = 3  # out-edges drawn per node: its strongest, so the graph stays readable
+# the recovery layer: a ring around each attacked concept, wider and darker as more of it comes back
+# (a colour no toy-world group has, so rings never read as a group)
+RECOVERY_ATTACK = "embedding"  # the strongest attack on the toy world (docs/robustness.md)
+RECOVERY_SCALE = [[0.0, "#e8a3c2"], [1.0, "#9c0f4d"]]
+
+
+def recovery_by_concept(recovery: pd.DataFrame | None) -> dict[str, dict[str, float]]:
+    """``recovery.csv`` rows as concept -> {attack: ASR on the erased model}."""
+    rates: dict[str, dict[str, float]] = {}
+    for r in recovery.itertuples() if recovery is not None else []:
+        rates.setdefault(r.erased, {})[r.attack] = float(r.asr)
+    return rates
+
+
+def recovery_text(rates: dict[str, float], attack: str = RECOVERY_ATTACK) -> str:
+    """Hover lines of a concept's recovery: the ringed attack first, then the others."""
+    order = [attack] + sorted(a for a in rates if a != attack)
+    return "".join(f"<br>recovery ASR ({a}) {rates[a]:.2f}" for a in order if a in rates)
+
+
+def recovery_ring_width(asr: float) -> float:
+    return 1.5 + 4.5 * asr
 
 
 def group_colours(labels: list[str]) -> dict[str, str]:
@@ -52,9 +74,12 @@ def top_out_edges(edges: pd.DataFrame, threshold: float, kind: str, k: int = TOP
 
 def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 0.2,
                    group_col: str | None = None, selected: str | None = None, kind: str = "delta_top1",
-                   k: int = TOP_K) -> go.Figure:
+                   k: int = TOP_K, recovery: pd.DataFrame | None = None,
+                   attack: str = RECOVERY_ATTACK) -> go.Figure:
     """Directed spillover graph: colour = group, size = G_0, arrows a → b = Δ(a → b), each node's
-    ``k`` strongest out-edges above ``threshold``; the selected concept's out- and in-edges in two colours."""
+    ``k`` strongest out-edges above ``threshold``; the selected concept's out- and in-edges in two colours.
+    ``recovery`` (a graph's ``recovery.csv``): a ring around each concept ``attack`` was run on, wider and
+    darker with its ASR, so spillover and recovery show together; every attack's ASR in the hover text."""
     pos = cluster_layout(nodes, group_col)
     labels = list(nodes[group_col]) if group_col else ["concept"] * len(nodes)
     colours = group_colours(labels)
@@ -80,6 +105,17 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
                              hovertext=mid_text, hoverinfo="text", name="edges", showlegend=False))
     strongest = edges[edges.erased != edges.affected].sort_values(kind, ascending=False).groupby("erased").head(1)
     worst = {r.erased: f"{r.affected} (Δ {getattr(r, kind):.2f})" for r in strongest.itertuples()}
+    rates = recovery_by_concept(recovery)
+    g0_of = nodes.set_index("concept").G0_top1.fillna(0.5)
+    ringed = [c for c in nodes.concept if attack in rates.get(c, {})]
+    if ringed:  # drawn under the nodes; a click on a ring selects its concept as a click on the node does
+        asr = [rates[c][attack] for c in ringed]
+        fig.add_trace(go.Scatter(
+            x=[pos[c][0] for c in ringed], y=[pos[c][1] for c in ringed], mode="markers", customdata=ringed,
+            marker=dict(symbol="circle-open", size=[10 + 16 * g0_of[c] + 10 for c in ringed], color=asr,
+                        colorscale=RECOVERY_SCALE, cmin=0, cmax=1, line=dict(width=[recovery_ring_width(a) for a in asr])),
+            hovertext=[f"<b>{c}</b>{recovery_text(rates[c], attack)}" for c in ringed], hoverinfo="text",
+            name=f"recovery ({attack})", showlegend=False))
     for group, colour in colours.items():
         members = nodes[[lbl == group for lbl in labels]]
         g0 = members.G0_top1.fillna(0.5)
@@ -94,11 +130,18 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
                         line=dict(width=[4 if c == selected else 1 for c in members.concept],
                                   color=["#111" if c == selected else "#fff" for c in members.concept])),
             hovertext=[f"<b>{c}</b><br>G₀ {g:.2f}<br>erasing it hurts most: {worst.get(c, 'no row')}"
-                       for c, g in zip(members.concept, g0)], hoverinfo="text", name=str(group)))
+                       + recovery_text(rates.get(c, {}), attack) for c, g in zip(members.concept, g0)],
+            hoverinfo="text", name=str(group)))
     # a weight legend: arrow width grows with Δ
     for weight in (0.3, 0.6, 0.9):
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#999", width=0.5 + 3 * weight),
                                  name=f"Δ {weight:.1f}", legendgroup="weights", legendgrouptitle_text="edge Δ"))
+    if ringed:  # a ring legend as the width legend: ring width and colour grow with the ASR
+        for rate in (0.0, 0.5, 1.0):
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"ASR {rate:.1f}",
+                                     marker=dict(symbol="circle-open", size=14, color=[rate], colorscale=RECOVERY_SCALE,
+                                                 cmin=0, cmax=1, line=dict(width=recovery_ring_width(rate))),
+                                     legendgroup="recovery", legendgrouptitle_text=f"recovery ASR ({attack})"))
     if selected:
         for colour, name in ((OUT_EDGE, f"{selected} → (its erasure hurts)"), (IN_EDGE, f"→ {selected}")):
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=colour, width=3), name=name,

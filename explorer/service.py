@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from age_explorer.core.app.cpu_split import CpuSplit
+from age_explorer.core.app.evaluation import default_out as evaluation_dir
 from age_explorer.core.app.workflows import RunEntry, find_run, list_runs
 from age_explorer.core.backends import backend_for
 from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.device import resolve_device
+from age_explorer.core.export_lora import DEFAULT_RANK
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore
 from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
@@ -161,13 +163,27 @@ class Explorer:
         return GraphStore(self.data_dir / "graphs" / f"page-{method}")
 
     # ---- jobs ------------------------------------------------------------------------------------
-    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict,
-                     owner: str | None = None) -> str:
+    def submit(self, kind: str, config: dict, owner: str | None = None) -> str:
+        """Queue a job of ``kind`` for this server's worker (restarted first if it died)."""
         if self.worker:
             self.worker.ensure_alive()
-        return self.store.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
-                                           "options": {"concepts": concepts, **options}}, device=self.device,
-                                 session=owner)
+        return self.store.submit(kind, config, device=self.device, session=owner)
+
+    def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict,
+                     owner: str | None = None) -> str:
+        return self.submit("erase", {"model": self.settings.model, "method": method, "preset": preset,
+                                     "options": {"concepts": concepts, **options}}, owner)
+
+    def submit_attack(self, run_dir: str, config, owner: str | None = None) -> str:
+        """A recovery attack (a checked ``AttackConfig``) on a finished run; it writes ``RUN/attacks/``."""
+        options = {k: v for k, v in config.to_dict().items() if k != "attack"}
+        return self.submit("attack", {"run_dir": run_dir, "attack": config.attack, "options": options}, owner)
+
+    def submit_evaluate(self, run_dir: str, config, owner: str | None = None) -> str:
+        """An evaluation (a checked ``EvaluationConfig``) of a finished run into ``RUN/evaluation``, as
+        ``age-explorer evaluate RUN`` writes it."""
+        return self.submit("evaluate", {"model": run_dir, "out": str(evaluation_dir(run_dir)),
+                                        "config": config.to_dict()}, owner)
 
     def job(self, job_id: str, owner: str | None = None):
         """A job the caller may see: in public mode only its own session's, and another's reads as unknown."""
@@ -221,8 +237,9 @@ class Explorer:
     def exports_dir(self) -> Path:
         return self.data_dir / "exports"
 
-    def export(self, run_dir: str, fmt: str) -> Path:
-        """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another."""
+    def export(self, run_dir: str, fmt: str, rank: int | str | None = DEFAULT_RANK) -> Path:
+        """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another.
+        ``rank``: the rank of a LoRA export."""
         from age_explorer.core.export import export_run
 
         run = Path(run_dir)
@@ -232,7 +249,7 @@ class Explorer:
             while (self.exports_dir / name).exists():
                 n += 1
                 name = f"{base}-{n}"
-            return export_run(run, self.exports_dir, fmt=fmt, name=name)
+            return export_run(run, self.exports_dir, fmt=fmt, name=name, rank=rank)
 
     def owned_export(self, folder: str) -> Path:
         """``folder`` if it is an export this server wrote: a real folder directly in the exports folder

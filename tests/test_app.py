@@ -420,3 +420,104 @@ def test_a_model_without_weights_is_explained_in_the_page_the_log_and_generate(t
             client.predict("a church", "0", "original", api_name="/generate")
     finally:
         demo.close()
+
+
+def _wait(client, job_id, deadline_s=300) -> dict:
+    deadline = time.time() + deadline_s
+    while (status := json.loads(client.predict(job_id, api_name="/job_status")))["status"] not in (
+            "done", "failed", "cancelled"):
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+    return status
+
+
+def test_a_recovery_attack_from_the_robustness_tab(client):
+    """Run attack -> background job -> the contact sheet, ASR with its baselines and the learned words;
+    the attack stays listed under its run, and a second one gets a folder of its own."""
+    label = _finished_esd_run(client)
+    past, concept, sheet, summary, probes = client.predict(label, api_name="/attacks")
+    assert past["choices"] == [] and concept["value"] == "blue circle" and "No attack of this run yet" in summary
+
+    job_id, *_ = client.predict(label, "embedding", 4, "1000-1001", api_name="/start_attack")
+    status = _wait(client, job_id)
+    assert status["status"] == "done", status["error"]
+    assert status["kind"] == "attack" and status["artifacts"]["attack_dir"].endswith("attacks/embedding-blue-circle")
+    assert status["progress"]["stage"] == "base model, plain prompt"
+
+    past, _, sheet, summary, probes = client.predict(label, api_name="/attacks")
+    assert [value for _, value in past["choices"]] == ["embedding-blue-circle"]
+    with Image.open(sheet) as picture:  # four labelled rows of 2 images
+        assert picture.height > 4 * 32
+    assert "ASR" in summary and "same attack on the base model" in summary and "plain prompt on the erased model" in summary
+    assert "nearest words" in summary and "<attack-0>" in summary
+    assert probes["headers"] == ["probe", "kind", "seeds", "asr", "asr_base"]
+
+    again, *_ = client.predict(label, "prompts", None, "1000", api_name="/start_attack")
+    assert _wait(client, again)["status"] == "done"
+    past, *_ = client.predict(label, api_name="/attacks")
+    assert [value for _, value in past["choices"]] == ["prompts-blue-circle", "embedding-blue-circle"]
+    _, shown, _ = client.predict(label, "embedding-blue-circle", api_name="/show_attack")
+    assert "**embedding** attack on **blue circle**" in shown
+
+
+def test_an_attack_is_cancelled_within_a_step_and_writes_nothing(client):
+    label = _finished_esd_run(client)
+    job_id, *_ = client.predict(label, "embedding", 5000, "1000", api_name="/start_attack")
+    deadline = time.time() + 120
+    while json.loads(client.predict(job_id, api_name="/job_status"))["progress"].get("stage") != "optimise":
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert "cancel" in client.predict(job_id, api_name="/cancel_attack")
+    status = _wait(client, job_id, 60)
+    assert status["status"] == "cancelled" and status["step"] < 5000
+    past, *_ = client.predict(label, api_name="/attacks")
+    assert past["choices"] == []
+
+
+@pytest.mark.parametrize("attack, steps, seeds, message", [
+    ("embedding", 0, "1000", "steps must be a whole number from 1 to 5,000"),
+    ("embedding", 10, "5-1", "below the start"),
+    ("embedding", 10, "0-99", "at most 64"),
+    ("embedding", 10, "0-3", "overlap"),  # the training images' seeds
+    ("nope", 10, "1000", "'nope' .* is not in the list of choices"),  # the radio refuses it
+])
+def test_bad_attack_inputs_are_one_line(client, attack, steps, seeds, message):
+    label = client.predict(api_name="/runs")[0]["value"] or _finished_esd_run(client)
+    with pytest.raises(Exception, match=message) as caught:
+        client.predict(label, attack, steps, seeds, api_name="/start_attack")
+    assert "\n" not in str(caught.value).strip()
+
+
+def test_evaluate_beside_before_after(client):
+    label = _finished_esd_run(client)
+    summary, table = client.predict(label, api_name="/evaluation")
+    assert "No evaluation of this run yet" in summary
+    job_id, *_ = client.predict(label, 2, api_name="/evaluate")
+    status = _wait(client, job_id)
+    assert status["status"] == "done" and status["kind"] == "evaluate", status["error"]
+    summary, table = client.predict(label, api_name="/evaluation")
+    assert "ESR-1" in summary and "PSR-1" in summary and "2 images per class" in summary
+    assert table["headers"] == ["class", "role", "top1", "top5", "images"] and len(table["data"]) == 25
+    assert sum(row[1] == "erased" for row in table["data"]) == 1
+    with pytest.raises(Exception, match="images per class must be a whole number from 1 to 64"):
+        client.predict(label, 1000, api_name="/evaluate")
+
+
+def test_lora_export_with_a_rank(client):
+    label = _finished_esd_run(client)
+    files, folder = client.predict(label, "lora", "4", api_name="/export")
+    names = {str(f).rsplit("/", 1)[-1] for f in files}
+    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"} <= names
+    assert json.loads(open(f"{folder}/export_manifest.json").read())["lora"]["requested_rank"] == 4
+    with pytest.raises(Exception, match="bad LoRA rank"):
+        client.predict(label, "lora", "abc", api_name="/export")
+
+
+def test_the_graph_shows_its_recovery_layer(client):
+    graph, _, details, _ = client.predict("toy-esd (shipped)", 0.3, "shape", "purple ring", api_name="/select_concept")
+    traces = {trace.get("name"): trace for trace in json.loads(graph)["data"]}
+    rings = traces["recovery (embedding)"]
+    assert "purple ring" in rings["customdata"] and traces["ASR 1.0"]["legendgrouptitle"]["text"] == \
+        "recovery ASR (embedding)"
+    assert any("recovery ASR (embedding) 0.62" in text for text in rings["hovertext"])
+    assert "Recovery layer" in details and "Recovery ASR: embedding 0.62" in details

@@ -93,3 +93,34 @@ def test_explorer_in_chromium(served, toy_bundle, tmp_path):
         playwright.expect(page.locator("#slider img").first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(shots / "04-before-after.png"), full_page=True)
         browser.close()
+
+
+def test_robustness_tab_after_an_attack(served, toy_bundle, tmp_path):
+    """A run's recovery attack from the page: progress while it runs, then its contact sheet, ASR and
+    learned words; the attack is listed under the run."""
+    from age_explorer.core.erasure import erase, make_config
+
+    page_url, data_dir = served
+    shots = Path(os.environ.get("AGE_EXPLORER_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    erase(toy_bundle, make_config("esd", "toy-esd", concepts=["purple ring"], iterations=60),
+          data_dir / "runs" / "esd-purple-ring")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(page_url)
+        page.get_by_role("tab", name="Robustness").click()
+        playwright.expect(page.locator("#attack_run_dd input")).to_have_value("ESD: purple ring (esd-purple-ring)",
+                                                                               timeout=30_000)
+        playwright.expect(page.locator("#attack_summary")).to_contain_text("No attack of this run yet")
+        page.locator("#attack_steps input").fill("40")
+        page.locator("#attack_seeds textarea, #attack_seeds input").first.fill("1000-1003")
+        page.locator("#attack_btn").click()
+        playwright.expect(page.locator("#attack_text")).to_contain_text("running", timeout=60_000)
+        playwright.expect(page.locator("#attack_text")).to_contain_text("done", timeout=300_000)
+        page.wait_for_selector("#attack_sheet img", timeout=60_000)
+        playwright.expect(page.locator("#attack_summary")).to_contain_text("nearest words")
+        playwright.expect(page.locator("#attack_past input")).to_have_value(re.compile("^embedding on purple ring"))
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shots / "05-robustness.png"), full_page=True)
+        browser.close()

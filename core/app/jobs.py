@@ -560,5 +560,55 @@ def run_generate_job(ctx: JobContext) -> dict:
     return {"images": str(out)}
 
 
+class StageProgress:
+    """The ``(stage, done, total)`` callbacks of attacks and evaluation as job progress: the job's step
+    and total are the current stage's, and the progress names the stage with its own ETA."""
+
+    def __init__(self, ctx: JobContext):
+        self.ctx, self.stage, self.started = ctx, None, time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.stage, self.started = stage, time.monotonic()
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (total - done) if done else None
+        self.ctx.report(done, total, {"stage": stage, "eta": eta}, force=done == 1)
+
+
+def run_attack_job(ctx: JobContext) -> dict:
+    """config: {"run_dir": ..., "attack": ..., "options": {...AttackConfig fields...}}. The attack folder
+    goes under the run (``RUN/attacks/``), in a name no earlier attack holds."""
+    from ..attacks import AttackStopped, make_attack_config, run_attack
+    from ..attacks.common import AttackTarget
+    from .workflows import free_attack_folder
+
+    cfg = ctx.job.config
+    config = make_attack_config(cfg["attack"], **cfg.get("options", {}))
+    target = AttackTarget(cfg["run_dir"], device=ctx.device)
+    out = free_attack_folder(cfg["run_dir"], cfg["attack"], target.concept(config.concept))
+    try:
+        result = run_attack(cfg["run_dir"], cfg["attack"], config, out=out, target=target,
+                            progress=StageProgress(ctx), stop=ctx.should_stop)
+    except AttackStopped:
+        raise JobCancelled() from None
+    return {"attack_dir": str(result.out_dir)}
+
+
+def run_evaluate_job(ctx: JobContext) -> dict:
+    """config: {"model": a run folder (or model), "out": result folder, "config": {...EvaluationConfig...}}.
+    The result folder is replaced only once every metric is done."""
+    from ..evaluation.config import EvaluationConfig
+    from .evaluation import evaluate
+
+    cfg = ctx.job.config
+    try:
+        done = evaluate(cfg["model"], EvaluationConfig(**cfg["config"]), out=cfg["out"], device=ctx.device, force=True,
+                        progress=StageProgress(ctx), stop=ctx.should_stop, log=lambda message: None)
+    except InterruptedError:
+        raise JobCancelled() from None
+    return {"evaluation_dir": str(done.out_dir)}
+
+
 def default_runners() -> dict[str, Runner]:
-    return {"erase": run_erase_job, "generate": run_generate_job}
+    return {"erase": run_erase_job, "generate": run_generate_job, "attack": run_attack_job,
+            "evaluate": run_evaluate_job}

@@ -1,14 +1,19 @@
 """The explorer's journey as workflows with no UI: which runs exist, which presets fit, a checked
-erasure request, before/after images and a spillover row. The explorer's tabs call these; the CLI
-and scripts can call them too. They use the engine and never re-implement it.
+erasure request, before/after images, a spillover row, checked recovery-attack and evaluation requests
+and their results. The explorer's tabs call these; the CLI and scripts can call them too. They use the
+engine and never re-implement it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from ..backends import backends
 from ..bundle import ModelBundle, PromptWarning
@@ -19,7 +24,7 @@ from ..graph.sweep import RowRecipe, measure_row, open_graph
 from ..graph.store import GraphStore
 from ..imageio import contact_sheet, to_pil
 from ..runs import CorruptRunError, read_manifest
-from ..sampling import generate
+from ..sampling import generate, parse_seeds
 from .jobs import JobStore
 
 RUNS_FOLDER = "runs"  # runs made with `age-explorer erase --out DATA/runs/NAME` live here
@@ -196,3 +201,140 @@ def spillover_row(bundle: ModelBundle, erased: ModelBundle, run_dir: str | Path,
     store.add_row(concept, row, time.time() - start)
     row.to_csv(Path(run_dir) / "spillover.csv", index=False)
     return row, GraphStore(graph_dir)
+
+
+# ---- recovery attacks on a run ------------------------------------------------------------------
+# an attack from the page runs on the server's device: bounds that keep one request to minutes on a CPU
+MAX_ATTACK_STEPS = 5_000
+MAX_ATTACK_SEEDS = 64
+
+
+@dataclass(frozen=True)
+class PastAttack:
+    """An attack folder of a run (``RUN/attacks/NAME``) with its ``attack.json``."""
+
+    label: str  # what the page lists, e.g. "embedding on red circle: ASR 0.62 (embedding-red-circle)"
+    folder: str
+    result: dict
+
+
+def attack_defaults(attack: str) -> tuple[int | None, str]:
+    """(optimisation steps, evaluation seeds) of an attack's config; steps None for the prompt probes."""
+    from ..attacks import make_attack_config
+
+    config = make_attack_config(attack)
+    return getattr(config, "steps", None), config.seeds
+
+
+def plan_attack(attack: str, steps: float | None, seeds: str, concept: str | None, run_concepts: list[str]):
+    """The validated config of an attack on a run that erased ``run_concepts``, asked for from a form,
+    or a ValueError of one line. ``steps`` applies to the optimising attacks; blank keeps the attack's
+    default; no ``concept`` attacks the run's first."""
+    from ..attacks import ATTACKS, make_attack_config
+
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {short(attack)}; choose one of {', '.join(ATTACKS)}")
+    if concept and concept not in run_concepts:
+        raise ValueError(f"{short(concept)} is not a concept of the run (it erased: {', '.join(run_concepts)})")
+    options = {"seeds": (seeds or "").strip() or None, "concept": concept or None}
+    if steps is not None and hasattr(ATTACKS[attack].config_class, "steps"):
+        if not (math.isfinite(steps) and steps == int(steps) and 1 <= steps <= MAX_ATTACK_STEPS):
+            raise ValueError(f"steps must be a whole number from 1 to {MAX_ATTACK_STEPS:,}")
+        options["steps"] = int(steps)
+    if options["seeds"] is not None:
+        parse_seeds(options["seeds"], limit=MAX_ATTACK_SEEDS)
+    return make_attack_config(attack, **options)
+
+
+def free_attack_folder(run_dir: str | Path, attack: str, concept: str) -> Path:
+    """Where the next attack of a run goes: ``RUN/attacks/ATTACK-CONCEPT`` as the CLI writes it (so
+    ``--compare`` and the graph's recovery layer find it), or ``...-2``, ``-3`` once that is taken:
+    an attack never replaces an earlier one."""
+    from ..attacks import _slug
+
+    base = Path(run_dir) / "attacks" / f"{attack}-{_slug(concept)}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+def past_attacks(run_dir: str | Path) -> list[PastAttack]:
+    """The finished attacks of a run, newest first (a damaged or foreign folder is skipped)."""
+    from ..attacks import RESULT, read_result
+
+    folder = Path(run_dir) / "attacks"
+    found = []
+    for result_file in folder.glob(f"*/{RESULT}") if folder.is_dir() else []:
+        try:
+            data = read_result(result_file.parent)
+        except (ValueError, KeyError, OSError):
+            continue
+        label = f"{data['attack']} on {data['concept']}: ASR {data['asr']:.2f} ({result_file.parent.name})"
+        found.append((result_file.stat().st_mtime, PastAttack(label, str(result_file.parent), data)))
+    return [entry for _, entry in sorted(found, key=lambda item: -item[0])]
+
+
+def attack_summary(result: dict) -> str:
+    """An attack's numbers in words: ASR against its two baselines, what it learned, what it cost."""
+    learned = result.get("learned", {})
+    lines = [f"**{result['attack']}** attack on **{result['concept']}** ({result.get('run_description', '')}): "
+             f"ASR **{result['asr']:.2f}** on the erased model (best probe {result['asr_best']:.2f}).",
+             f"Baselines: the same attack on the base model {result['asr_base']:.2f}; the plain prompt on the "
+             f"erased model {result['asr_plain']:.2f}, on the base model {result['asr_original']:.2f}."]
+    if learned.get("nearest_words"):
+        words = "; ".join(f"`{token}`: {', '.join(near)}" for token, near in
+                          zip(learned.get("tokens") or [f"token {i}" for i in range(len(learned["nearest_words"]))],
+                              learned["nearest_words"]))
+        lines.append(f"Learned prompt `{learned.get('prompt', '')}`; nearest words: {words}.")
+    if learned.get("best_probe"):
+        lines.append(f"Best probe: `{learned['best_probe']}`.")
+    config = result.get("config", {})
+    steps = f"{config['steps']} steps, " if "steps" in config else ""
+    lines.append(f"{steps}{result['images_per_probe']} images per probe (seeds {result['seeds']}), judged by "
+                 f"{result['evaluator']}; {result['seconds']:.1f} s on the erased model, {result['seconds_total']:.1f} s "
+                 f"in all.")
+    return "  \n".join(lines)
+
+
+# ---- evaluation of a run ------------------------------------------------------------------------
+# ESR/PSR from the page: a few images per class fit a CPU (the paper's 500 are the CLI's default)
+PAGE_IMAGES_PER_CLASS = 8
+MAX_PAGE_IMAGES_PER_CLASS = 64
+
+
+def plan_evaluation(images_per_class: float | None):
+    """The config of an object-erasure evaluation (ESR/PSR) asked for from a form, or a ValueError."""
+    from ..evaluation.config import EvaluationConfig
+
+    n = PAGE_IMAGES_PER_CLASS if images_per_class is None else images_per_class
+    if not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_PAGE_IMAGES_PER_CLASS):
+        raise ValueError(f"images per class must be a whole number from 1 to {MAX_PAGE_IMAGES_PER_CLASS}")
+    return EvaluationConfig(metrics=["objects"], images_per_class=int(n))
+
+
+@dataclass
+class EvaluationView:
+    summary: str  # the headline metrics in words
+    table: pd.DataFrame  # per class: role, top-1, top-5, images
+
+
+def evaluation_view(folder: str | Path) -> EvaluationView:
+    """An evaluation result folder as the page shows it."""
+    from ..evaluation.results import read_results
+
+    data = read_results(folder)
+    metrics = data["metrics"]
+    objects = data.get("objects", {})
+    summary = ", ".join(f"{name} **{100 * metrics[name]:.1f}%**" for name in ("ESR-1", "ESR-5", "PSR-1", "PSR-5")
+                        if name in metrics)
+    manifest_file = Path(folder) / "manifest.json"
+    seconds = json.loads(manifest_file.read_text()).get("seconds") if manifest_file.is_file() else None
+    summary += (f"  \nESR: share of the erased class's images no longer classified as it; PSR: share of the other "
+                f"classes' images still classified right. {len(objects.get('seeds', []))} images per class, "
+                f"classifier {objects.get('classifier')}" + (f", {seconds:.0f} s." if seconds is not None else "."))
+    table = pd.DataFrame(objects.get("per_class", []))
+    if len(table):
+        table = table[["class", "role", "top1", "top5", "images"]].round(3)
+    return EvaluationView(summary, table)

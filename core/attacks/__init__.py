@@ -132,9 +132,11 @@ def run_attack(run_dir: str | Path, attack: str, config: AttackConfig | None = N
     if cache is not None and key in cache:
         base_images, base_hits, original_images, original_hits = cache[key]
     else:
+        # the optimisation redone on the base weights reports its stages as the base model's
+        base_progress = (lambda stage, done, total: progress(f"base model, {stage}", done, total)) if progress else None
         with target.weights("base"):
-            base_probes = runner.learn(target, concept, config, progress, stop)[0] if runner.depends_on_weights \
-                else probes
+            base_probes = runner.learn(target, concept, config, base_progress, stop)[0] \
+                if runner.depends_on_weights else probes
             base_images, base_hits = _images(target, "base", base_probes, config, judge, progress, stop,
                                              "base model, attack")
             original_images, original_hits = _images(target, "base", plain, config, judge, progress, stop,

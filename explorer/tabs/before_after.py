@@ -1,5 +1,5 @@
-"""The Before / after tab: a finished run's images beside the original model's, same seeds, and its
-spillover row measured into the page's graph."""
+"""The Before / after tab: a finished run's images beside the original model's, same seeds, its
+evaluation (ESR/PSR, a background job) beside them, and its spillover row measured into the page's graph."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from age_explorer.core.app.workflows import before_after, spillover_row
+from age_explorer.core.app.evaluation import default_out as evaluation_dir
+from age_explorer.core.app.workflows import (PAGE_IMAGES_PER_CLASS, before_after, evaluation_view, plan_evaluation,
+                                             spillover_row)
 from age_explorer.core.runs import read_manifest
 from age_explorer.core.sampling import parse_seeds
 
 from .. import plots
 from ..service import before_after_rows
 from ..space import gpu
-from .common import COMPUTE_SLOT, Page, owner_of, shown_as_error
+from .common import ACTIVE, COMPUTE_SLOT, Page, job_line, owner_of, progress_html, shown_as_error, whole_number
 from .graph import GraphTab
 
 MAX_SEEDS = 8
@@ -59,19 +61,98 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
             f"Erased concept: G {own.G_before_top1.iloc[0]:.2f} → {own.G_after_top1.iloc[0]:.2f}."
         ), gr.Dropdown(choices=list(ex.graph_dirs()))
 
+    def run_path(run_label, owner, request) -> str:
+        if not run_label:
+            raise gr.Error("no finished run yet: erase a concept first")
+        with shown_as_error():
+            return ex.run(run_label, owner_of(owner, request)).path
+
+    def evaluation_of(run_label, owner="", request: gr.Request = None):
+        """The run's last evaluation (``RUN/evaluation``), or a line saying there is none yet."""
+        folder = evaluation_dir(run_path(run_label, owner, request))
+        if not (folder / "results.json").is_file():
+            return "No evaluation of this run yet: press **Evaluate**.", None
+        with shown_as_error():
+            shown = evaluation_view(folder)
+        return shown.summary, shown.table
+
+    def on_run(run_label, owner="", request: gr.Request = None):
+        return evaluation_of(run_label, owner, request) if run_label else ("", None)
+
+    def start_evaluate(run_label, images_per_class, owner="", request: gr.Request = None):
+        run_dir = run_path(run_label, owner, request)
+        with shown_as_error():
+            config = plan_evaluation(images_per_class)
+        job_id = ex.submit_evaluate(run_dir, config, owner=owner_of(owner, request))
+        return job_id, gr.Timer(active=True), f"Job `{job_id}` queued: ESR/PSR of {run_label}, " \
+                                              f"{config.images_per_class} images per class."
+
+    def tick(job_id, run_label, owner="", request: gr.Request = None):
+        if not job_id:
+            return gr.Timer(active=False), progress_html(None, "eval"), *[gr.skip()] * 4
+        try:
+            job = ex.poll(job_id, owner_of(owner, request))
+        except KeyError:
+            return gr.Timer(active=False), progress_html(None, "eval"), "unknown job", *[gr.skip()] * 3
+        # the queue line is true only while queued; afterwards the status line says what happened
+        status, bar = job_line(job), progress_html(job, "eval")
+        queue_line = gr.skip() if job.status == "queued" else ""
+        if job.status != "done":
+            return gr.Timer(active=job.status in ACTIVE), bar, status, queue_line, gr.skip(), gr.skip()
+        try:  # shown when its run is still the chosen one
+            chosen = bool(run_label) and run_path(run_label, owner, request) == job.config["model"]
+        except gr.Error:
+            chosen = False
+        if not chosen:
+            return gr.Timer(active=False), bar, status + ": choose its run again to see it", queue_line, gr.skip(), \
+                gr.skip()
+        shown = evaluation_view(job.artifacts["evaluation_dir"])
+        return gr.Timer(active=False), bar, status, queue_line, shown.summary, shown.table
+
+    def cancel(job_id, owner="", request: gr.Request = None):
+        if not job_id:
+            raise gr.Error("no evaluation to cancel")
+        with shown_as_error(KeyError):
+            return f"Job `{job_id}`: {ex.cancel(job_id, owner_of(owner, request))}"
+
     with gr.Row():
         run_dd = gr.Dropdown([], label="Finished run", elem_id="run_dd", allow_custom_value=True)
         seeds = gr.Textbox("0-3", label="Seeds")
         show_btn = gr.Button("Show before / after", variant="primary", elem_id="show_btn")
-    sheet = gr.Image(label="original | erased (| ESD of the same concepts, when run), same seeds",
-                     type="pil", elem_id="before_after", show_label=True, interactive=False)
-    legend = gr.Markdown(elem_id="before_after_legend")
+    with gr.Row():
+        with gr.Column(scale=3):
+            sheet = gr.Image(label="original | erased (| ESD of the same concepts, when run), same seeds",
+                             type="pil", elem_id="before_after", show_label=True, interactive=False)
+            legend = gr.Markdown(elem_id="before_after_legend")
+        with gr.Column(scale=2):
+            with gr.Row():
+                images_per_class = whole_number(value=PAGE_IMAGES_PER_CLASS, precision=0, elem_id="eval_images",
+                                                label="Images per class (the paper: 500)")
+                evaluate_btn = gr.Button("Evaluate (ESR / PSR)", elem_id="evaluate_btn")
+                cancel_btn = gr.Button("Cancel", elem_id="evaluate_cancel_btn")
+            eval_queue = gr.Markdown(elem_id="eval_queue")
+            eval_progress = gr.HTML(progress_html(None, "eval"))
+            eval_status = gr.Markdown(elem_id="eval_status")
+            eval_summary = gr.Markdown(elem_id="eval_summary")
+            eval_table = gr.Dataframe(label="Per class: top-1 and top-5 hit rates", elem_id="eval_table",
+                                      interactive=False)
     slider = gr.ImageSlider(label="one pair: original | erased", type="pil", elem_id="slider")
     spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
     spill_plot = gr.Plot(label="Spillover of the erased concept")
     spill_md = gr.Markdown()
     page.run_lists.append((run_dd, False))
 
+    # the session's evaluation job; a component, so API clients get its id
+    eval_job, eval_timer = gr.Textbox(visible=False), gr.Timer(1.0, active=False)
+    run_dd.change(on_run, [run_dd, page.owner], [eval_summary, eval_table], api_visibility="private")
+    gr.Button(visible=False).click(evaluation_of, [run_dd, page.owner], [eval_summary, eval_table],
+                                   api_name="evaluation", api_visibility=page.api)
+    evaluate_btn.click(start_evaluate, [run_dd, images_per_class, page.owner], [eval_job, eval_timer, eval_queue],
+                       api_name="evaluate", api_visibility=page.api)
+    eval_timer.tick(tick, [eval_job, run_dd, page.owner], [eval_timer, eval_progress, eval_status, eval_queue,
+                                                           eval_summary, eval_table], show_progress="hidden",
+                    api_visibility="private")
+    cancel_btn.click(cancel, [eval_job, page.owner], eval_queue, api_name="cancel_evaluate", api_visibility=page.api)
     show_btn.click(show_before_after, [run_dd, seeds, page.owner], [sheet, legend, slider], api_name="before_after",
                    api_visibility=page.api, **COMPUTE_SLOT)
     spill_btn.click(measure_row, [run_dd, page.owner], [spill_plot, spill_md, graph_tab.graph_dd], api_name="spillover",

@@ -17,6 +17,7 @@ from ..service import Explorer, Settings
 # background job: on a CPU, parallel requests would split the cores until none makes progress.
 COMPUTE_SLOT = {"concurrency_limit": 1, "concurrency_id": "compute"}
 ORIGINAL = "original"  # the Generate tab's choice of the unerased model
+ACTIVE = ("queued", "running")  # job states a page keeps polling
 
 
 @dataclass
@@ -78,6 +79,30 @@ def whole_number(**kwargs) -> gr.Number:
 
     box.preprocess = preprocess
     return box
+
+
+def progress_html(job, prefix: str = "job") -> str:
+    """A job's progress bar and line (elements ``PREFIX_progress`` and ``PREFIX_text``). A job that
+    reports stages (attack, evaluation) shows the stage; an erasure its model step."""
+    if job is None:
+        return f"<div id='{prefix}_progress'></div>"
+    share = job.step / job.total if job.total else 0.0
+    eta = job.progress.get("eta")
+    eta_text = f", about {eta:.0f} s left" if eta and job.status == "running" else ""
+    stage = job.progress.get("stage")
+    if stage:  # a stage's count means nothing once the job has ended
+        what = f": {html.escape(stage)} {job.step}/{job.total}" if job.status == "running" else ""
+    else:
+        what = f": step {job.step}/{job.total}"
+    return (f"<div id='{prefix}_progress' data-status='{job.status}' style='border:1px solid #ccc;border-radius:4px;height:22px'>"
+            f"<div style='width:{share * 100:.1f}%;height:100%;background:#3d6fd9'></div></div>"
+            f"<div id='{prefix}_text'>{job.status}{what}{eta_text}</div>")
+
+
+def job_line(job) -> str:
+    """What a background job is doing or what became of it, in one Markdown line."""
+    shown = "cancelling" if job.cancel_requested and job.status in ACTIVE else job.status
+    return f"**{shown}**" + (f": {plain(job.error.splitlines()[0])}" if job.error else "")
 
 
 def run_list_updates(page: Page, owner: str, current: list, newest: bool = False) -> list:

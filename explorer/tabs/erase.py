@@ -14,27 +14,14 @@ from age_explorer.core.backends import get_backend
 from age_explorer.core.erasure import METHODS
 
 from .. import plots
-from .common import Page, owner_of, plain, shown_as_error, whole_number
+from .common import ACTIVE, Page, job_line, owner_of, progress_html, shown_as_error, whole_number
 
 PRESET_VOCAB = "(preset)"
-ACTIVE = ("queued", "running")
-
-
-def progress_html(job) -> str:
-    if job is None:
-        return "<div id='job_progress'></div>"
-    share = job.step / job.total if job.total else 0.0
-    eta = job.progress.get("eta")
-    eta_text = f", about {eta:.0f} s left" if eta and job.status == "running" else ""
-    return (f"<div id='job_progress' data-status='{job.status}' style='border:1px solid #ccc;border-radius:4px;height:22px'>"
-            f"<div style='width:{share * 100:.1f}%;height:100%;background:#3d6fd9'></div></div>"
-            f"<div id='job_text'>{job.status}: step {job.step}/{job.total}{eta_text}</div>")
 
 
 def status_text(job, public: bool) -> str:
     """What the job is doing, or what became of it and what to do next."""
-    shown = "cancelling" if job.cancel_requested and job.status in ACTIVE else job.status
-    text = f"**{shown}**" + (f": {plain(job.error.splitlines()[0])}" if job.error else "")
+    text = job_line(job)
     progress = job.progress
     if job.status in ("interrupted", "failed"):
         text += "  \nPress **Resume** to continue from the last checkpoint."

@@ -1,5 +1,6 @@
-"""The Export tab: a finished run as its delta (with manifest and model card) or a zipped diffusers
-folder, and a push of this session's export to the Hugging Face Hub."""
+"""The Export tab: a finished run as its delta (with manifest and model card), a LoRA of a chosen rank
+(diffusers/PEFT and kohya files) or a zipped diffusers folder, and a push of this session's export to
+the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 
 import gradio as gr
 
-from age_explorer.core.export import push_to_hub
+from age_explorer.core.export import FORMATS, push_to_hub
+from age_explorer.core.export_lora import DEFAULT_RANK, FULL_RANK
 
 from .common import Page, owner_of, shown_as_error
 
@@ -16,15 +18,19 @@ def build(page: Page) -> gr.Dropdown:
     """The tab's components; returns its run list."""
     ex, settings = page.explorer, page.settings
 
-    def do_export(run_label, fmt, exported, owner="", request: gr.Request = None):
+    def do_export(run_label, fmt, exported, rank=str(DEFAULT_RANK), owner="", request: gr.Request = None):
         if not run_label:
             raise gr.Error("no finished run to export")
         with shown_as_error(FileExistsError, RuntimeError, OSError):
-            folder = ex.export(ex.run(run_label, owner_of(owner, request)).path, fmt)
+            # the rank is read only for a LoRA: a stray value in the hidden field cannot fail a delta export
+            folder = ex.export(ex.run(run_label, owner_of(owner, request)).path, fmt,
+                               rank=rank if fmt == "lora" else DEFAULT_RANK)
         # the session remembers what it exported: a push takes nothing else, never a client's path
         exported = list(exported or []) + [str(folder)]
         if fmt == "delta":
             return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], str(folder), exported
+        if fmt == "lora":  # a few small files: each one downloadable as it is
+            return sorted(str(f) for f in folder.iterdir() if f.is_file()), str(folder), exported
         return [str(ex.export_zip(folder))], str(folder), exported
 
     def do_push(exported, repo_id, token):
@@ -44,7 +50,9 @@ def build(page: Page) -> gr.Dropdown:
 
     with gr.Row():
         run_dd = gr.Dropdown([], label="Finished run", elem_id="export_run_dd", allow_custom_value=True)
-        fmt = gr.Radio(["delta", "diffusers"], value="delta", label="Format")
+        fmt = gr.Radio(list(FORMATS), value="delta", label="Format", elem_id="export_format")
+        rank = gr.Textbox(str(DEFAULT_RANK), label=f"LoRA rank (a whole number, or '{FULL_RANK}')", visible=False,
+                          elem_id="export_rank")
         export_btn = gr.Button("Export", variant="primary", elem_id="export_btn")
     files = gr.File(label="Download", file_count="multiple", elem_id="export_files")
     export_folder = gr.Textbox(label="Export folder", interactive=False)
@@ -56,7 +64,8 @@ def build(page: Page) -> gr.Dropdown:
     push_md = gr.Markdown()
     page.run_lists.append((run_dd, False))
 
-    export_btn.click(do_export, [run_dd, fmt, page.exported, page.owner], [files, export_folder, page.exported],
+    fmt.change(lambda chosen: gr.Textbox(visible=chosen == "lora"), fmt, rank, api_visibility="private")
+    export_btn.click(do_export, [run_dd, fmt, page.exported, rank, page.owner], [files, export_folder, page.exported],
                      api_name="export", api_visibility=page.api)
     push_btn.click(do_push, [page.exported, repo, token], push_md, api_name="push", api_visibility=page.api)
     return run_dd

@@ -1,5 +1,6 @@
-"""The Concept graph tab: the clickable spillover network, the selected concept's row, the Δ
-heatmap, the difference of two graphs, UMAP of the prompts and similarity against Δ."""
+"""The Concept graph tab: the clickable spillover network (with the recovery layer's ASR as rings,
+when the graph has one), the selected concept's row, the Δ heatmap, the difference of two graphs, UMAP
+of the prompts and similarity against Δ."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def build(page: Page) -> GraphTab:
         store = store_of(name)
         nodes, edges = store.nodes(), store.edges()
         col = f"group_{grouping}" if grouping else None
-        fig = plots.network_figure(nodes, edges, threshold, col, selected)
+        fig = plots.network_figure(nodes, edges, threshold, col, selected, recovery=store.recovery())
         heat = plots.heatmap_figure(store.matrix(), nodes, col, f"Δ (rows = erased): {name}")
         details, bar = details_of(store, selected)
         return fig.to_json(), heat, details, bar
@@ -53,12 +54,19 @@ def build(page: Page) -> GraphTab:
         text = (f"**{meta['method'].upper()}** (preset {meta.get('preset')}, target {meta.get('target')!r}), "
                 f"{len(store.rows_done())} rows, {meta['images_per_concept']} images per concept, "
                 f"classifier {meta['evaluator']}.")
+        recovery = store.recovery()
+        rates = plots.recovery_by_concept(recovery)
+        if rates:
+            text += (f" Recovery layer: {len(rates)} erased concepts attacked ({', '.join(sorted(set(recovery.attack)))}); "
+                     f"rings show the {plots.RECOVERY_ATTACK} attack's ASR.")
         if not selected:
             return text + " Click a node or pick a concept.", None
         nodes = store.nodes().set_index("concept")
         if selected not in nodes.index:
             return text + f"\n\n{selected!r} is not in this graph.", None
         text += f"\n\n**{selected}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
+        if selected in rates:
+            text += " Recovery ASR: " + ", ".join(f"{a} {v:.2f}" for a, v in sorted(rates[selected].items())) + "."
         edges = store.edges()
         row = edges[edges.erased == selected]
         if len(row):
