@@ -74,3 +74,20 @@ def test_the_erase_command_checks_the_target(tmp_path, capsys):
 def test_the_check_size_is_bounded(tmp_path, capsys, value):
     assert main(["erase", "--concept", CONCEPT, "--target-check-images", value, "--out", str(tmp_path / "r")]) == 2
     assert "--target-check-images must be a whole number from 0 (skip) to 1024" in capsys.readouterr().err
+
+
+def test_an_explorer_job_records_the_check_and_its_page_shows_the_note(tmp_path):
+    from age_explorer.core.app.jobs import run_erase_job
+    from age_explorer.explorer.tabs.erase import status_text
+
+    ctx = types.SimpleNamespace(
+        job=types.SimpleNamespace(resume=False, config={
+            "model": "toy", "method": "age", "preset": "toy-fast",
+            "options": {"concepts": [CONCEPT], "candidates": CANDIDATES, "iterations": 2}}),
+        work_dir=tmp_path, device="cpu", report=lambda *args, **kwargs: None, should_stop=lambda: False)
+    artifacts = run_erase_job(ctx)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert artifacts["target_notes"] == notes(manifest["target_preservation"])
+    shown = types.SimpleNamespace(status="done", error=None, progress={}, cancel_requested=False,
+                                  artifacts={"run_dir": "/r", "target_notes": ["top-1 target 'a' <b>"]})
+    assert "Note: top-1 target 'a' &lt;b&gt;" in status_text(shown, public=True)
