@@ -1,4 +1,4 @@
-"""Target-search study (issue 17): AGE search variants and ablations × erased concepts on the toy world.
+"""Target-search study: AGE search variants and ablations × erased concepts on the toy world.
 
 Each row erases one concept with one variant, then measures G after (N images, seeds 1000..,
 "a photo of a {concept}", the toy classifier top-1: the settings of the shipped graphs) for the
@@ -77,6 +77,7 @@ def run_row(variant: str, concept: str, preset: str, iterations: int | None, ima
     """Erase ``concept`` with ``variant`` and measure the row (in a worker process)."""
     from age_explorer.core.bundle import load_bundle
     from age_explorer.core.erasure import erase, make_config
+    from age_explorer.core.erasure.preservation import target_preservation
     from age_explorer.core.graph.capability import CapabilitySpec, capability
 
     bundle, concept_set, evaluator = _worker["bundle"], _worker["concept_set"], _worker["evaluator"]
@@ -104,13 +105,15 @@ def run_row(variant: str, concept: str, preset: str, iterations: int | None, ima
     erased = load_bundle(str(run_dir), device=bundle.device)
     after = capability(erased, concept_set, evaluator, spec, measured)
     g = dict(zip(after.concept, after.G_top1))
+    # the top-1 target's record as an AGE run's manifest holds it (core/erasure/preservation.py)
+    kept = target_preservation(manifest, g, images).get(concept, {})
     row = {"variant": variant, "concept": concept, "preset": own_preset or preset,
            "iterations": options.get("iterations"), "images": images,
            "G_after": g[concept],
            "G_after_same_shape": _mean(g, world.same_shape(concept)),
            "G_after_same_colour": _mean(g, world.same_colour(concept)),
            "top1_target": top1, "top1_pi": targets[0][1] if targets else None,
-           "top1_target_G_after": g.get(top1) if top1 in world.names else None}
+           "top1_target_G_after": kept.get("G_after"), "top1_target_note": kept.get("note")}
     picks = manifest.get("neighbour_picks")
     if picks:
         row.update(neighbour_share=picks["share"], neighbour_share_last_quarter=picks["share_last_quarter"],

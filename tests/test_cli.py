@@ -194,6 +194,7 @@ def test_every_config_field_is_a_flag_that_lands_in_the_config(method, field, er
     ("uce", ["--lambda", "0.25"], "lam", 0.25),
     ("esd", ["--eta", "2"], "negative_guidance", 2.0),
     ("age", ["--search", "damage"], "target_search", "damage"),
+    ("age", ["--search", "damage_floor"], "target_search", "damage_floor"),
     ("esd", ["--param-set", "noxattn"], "parameter_set", "noxattn"),
     ("age", ["--synonym", "crimson"], "synonyms", ["crimson"]),
     ("age", ["--preset", "imagenette", "--allow-cpu"], "requires_gpu", False),

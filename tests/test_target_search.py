@@ -1,4 +1,4 @@
-"""AGE's target-search options and ablations (issue 17): validation, and that each does what it says."""
+"""AGE's target-search options and ablations: validation, and that each does what it says."""
 
 import json
 import math
@@ -152,3 +152,31 @@ def test_study_script_runs_and_resumes(tmp_path):
     assert len(rows) == 1 and rows.top1_target_G_after.notna().all() and rows.neighbour_share.iloc[0] == 1.0
     assert (tmp_path / "table.md").read_text().startswith("| variant |")
     assert main(args) == 0 and len(pd.read_csv(tmp_path / "rows.csv")) == 1  # resumed: nothing re-run
+
+
+def test_damage_floor_is_the_damage_search_with_the_floor_by_name():
+    from age_explorer.core.erasure.config import DAMAGE_FLOOR, TARGET_SEARCHES
+
+    assert "damage_floor" in TARGET_SEARCHES and DAMAGE_FLOOR == 0.5
+    named = make_config("age", "toy-fast", concepts=[CONCEPT], target_search="damage_floor")
+    spelled = make_config("age", "toy-fast", concepts=[CONCEPT], target_search="damage", near_copy_floor=0.5)
+    assert named.near_copy_floor == 0.5
+    # the same settings as the damage search with the floor spelled out (the study's damage-floor rows)
+    differ = {k for k, v in named.to_dict().items() if spelled.to_dict()[k] != v}
+    assert differ == {"target_search"}
+    assert make_config("age", "toy-fast", concepts=[CONCEPT], target_search="damage_floor",
+                       near_copy_floor=0.3).near_copy_floor == 0.3
+    with pytest.raises(ValueError, match="fixes pi, so it has no target search"):
+        make_config("age", "toy-fast", concepts=[CONCEPT], target_search="damage_floor", pi_mode="uniform")
+    from age_explorer.core.erasure import AGEConfig
+
+    assert "damage_floor" in AGEConfig.field_help()["target_search"]
+
+
+def test_damage_floor_runs_the_damage_search_without_near_copies(toy_bundle, tmp_path):
+    manifest, reports, targets = _run(toy_bundle, tmp_path, "named", target_search="damage_floor")
+    assert manifest["config"]["near_copy_floor"] == 0.5
+    median = sorted(targets.output_distance)[(len(targets) - 1) // 2]
+    dropped = targets[targets.output_distance < 0.5 * median]
+    assert not dropped.allowed.any() and not {r.pick for r in reports} & set(dropped.candidate)
+    assert all("max_damage" in r.losses for r in reports if r.phase == "pi")

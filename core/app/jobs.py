@@ -529,7 +529,12 @@ def run_erase_job(ctx: JobContext) -> dict:
     result = erase(bundle, config, run_dir, callbacks=[on_step], stop=ctx.should_stop, resume=resume)
     if result.status == "stopped":
         raise JobCancelled()
-    return {"run_dir": str(run_dir)}
+    artifacts = {"run_dir": str(run_dir)}
+    if config.method == "age":  # the top-1 targets' own G after, where the model's classifier can judge them
+        from ..erasure.preservation import check_target_preservation, notes
+
+        artifacts["target_notes"] = notes(check_target_preservation(bundle, run_dir))
+    return artifacts
 
 
 def _write_preview(bundle, config, work_dir: Path, step: int) -> Path:

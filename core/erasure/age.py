@@ -17,6 +17,8 @@ Target search (``target_search``):
 - ``damage`` (beyond the paper): each pi step measures the preservation damage
   || e_theta(x, T_k) - e*(x, T_k) ||^2 of every candidate k on the erased concept's latents and
   ascends E_softmax(pi)[damage]. Affordable when the candidate set is small or prefiltered.
+- ``damage_floor`` (beyond the paper): the damage search with ``near_copy_floor`` at 0.5 unless set
+  (``config.DAMAGE_FLOOR``): the damage search's near copies are the candidates it must not pick.
 
 - ``two_stage`` (beyond the paper): the damage search for the first ``damage_stage_fraction`` of the
   run, then pi is reset to uniform over the ``neighbourhood_size`` candidates it ranked highest and
@@ -276,7 +278,7 @@ class AGERun(FineTuneRun):
                 losses.update(self._erasure_check())
         elif self.pi_frozen:  # an ablation: pi is not searched
             losses, phase = {}, "pi"
-        elif cfg.target_search == "damage" or not self.neighbourhood_chosen:
+        elif cfg.target_search in ("damage", "damage_floor") or not self.neighbourhood_chosen:
             losses = self._damage_pi_step(k, concept, c_e, shared)
             phase = "pi"
         else:

@@ -29,6 +29,7 @@ def status_text(job, public: bool) -> str:
         where = "" if public else f" in `{job.artifacts.get('run_dir')}`"
         text += (f": the run is saved{where}. Next: compare it in **Before / after** or download it in "
                  "**Export** (it is chosen there), or pick it in **Generate**'s model list.")
+        text += "".join(f"  \nNote: {plain(line)}" for line in job.artifacts.get("target_notes", []))
     if progress.get("targets"):
         text += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
                                                for c, t in progress["targets"].items())
@@ -153,7 +154,9 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
         iterations = whole_number(value=preset_steps("age", preset_value), label="Model steps (blank: preset)",
                                   precision=0, elem_id="iterations")
         lam = gr.Number(value=1.0, label="λ (AGE)")
-        search = gr.Radio(["gumbel", "damage"], value="gumbel", label="AGE target search")
+        search = gr.Radio([("gumbel (the paper)", "gumbel"), ("damage", "damage"),
+                           ("damage + near-copy floor (better search)", "damage_floor")],
+                          value="gumbel", label="AGE target search")
         target = gr.Textbox(value="", label="ESD/UCE target")
     with gr.Row():
         vocab = gr.Dropdown([PRESET_VOCAB, "toy"] if ex.is_toy else [PRESET_VOCAB, "imagenet", "en3k"],

@@ -17,6 +17,7 @@ EARLIER_SPELLINGS = {"concepts": ["--concept"], "lam": ["--lambda"], "negative_g
 # Fields whose flag is not the generated one: the preset is make_config's own argument (with 'none' and
 # the backend's default), and explicit candidates come from a file, one per line.
 OWN_FLAGS = {"preset", "candidates"}
+MAX_CHECK_IMAGES = 1024  # images of the top-1 target's check (the graphs use 32)
 
 
 def config_classes() -> dict[str, type]:
@@ -44,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     parser.add_argument("--force", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--target-check-images", type=int, default=32, metavar="N", help=(
+        "after an AGE run, measure each erased concept's top-1 target's G after on N images with the model's "
+        "classifier when the target is one of its concepts (the toy world), record it in the manifest and "
+        "say why when it is below 0.9; 0 skips it (default 32, the graphs' N)"))
     parser.add_argument("--out", required=True, help="run folder")
     parser.set_defaults(func=run, config_fields=fields)
 
@@ -71,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from ...erasure import erase, make_config
 
     overrides = erase_overrides(args)  # before the model loads
+    if not 0 <= args.target_check_images <= MAX_CHECK_IMAGES:
+        raise ValueError(f"--target-check-images must be a whole number from 0 (skip) to {MAX_CHECK_IMAGES}, "
+                         f"got {args.target_check_images}")
     use_threads(args.threads)
     bundle = load_model(args)
     preset = args.preset if args.preset != "none" else None
@@ -103,6 +111,15 @@ def run(args: argparse.Namespace) -> int:
         n = m["neighbour_picks"]
         print(f"  picks that are real neighbours: {n['share']:.2f} (last quarter {n['share_last_quarter']:.2f}, "
               f"chance {n['chance']:.2f})")
+    if result.status == "done" and args.method == "age" and args.target_check_images:
+        from ...erasure.preservation import check_target_preservation, notes
+
+        record = check_target_preservation(bundle, result.run_dir, args.target_check_images)
+        for concept, entry in record.items():
+            print(f"  {concept}: top-1 target {entry['target']} keeps G {entry['G_after']:.2f} "
+                  f"({entry['images']} images)")
+        for line in notes(record):
+            print(f"  note: {line}")
     return 0
 
 
