@@ -48,5 +48,7 @@ def build(page: Page) -> None:
         """
         return answer(tools.nearest_concepts, concept, int(k), graph)
 
+    # They read small files and load no model: answered directly, outside the queue, so a query never
+    # waits behind other users' plotting and generation (one POST instead of the queue's round trips).
     for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):
-        gr.api(query, api_name=query.__name__)
+        gr.api(query, api_name=query.__name__, queue=False)
