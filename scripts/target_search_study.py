@@ -41,7 +41,8 @@ VARIANTS: dict[str, tuple[str, str | None, dict, str]] = {
                      "ablation: one fixed target, the candidate an ESD-'' probe damages most"),
     "damage": ("age", None, {"target_search": "damage"}, "AGE, the damage-scored search"),
     "damage-floor": ("age", None, {"target_search": "damage", "near_copy_floor": 0.5},
-                     "damage search without near copies (output distance under half the median)"),
+                     "damage search without near copies (output distance under half the median): the "
+                     "settings of target_search=damage_floor"),
     "two-stage": ("age", None, {"target_search": "two_stage"},
                   "damage search picks 5 candidates, then the paper's search within them"),
     "damage-constrained": ("age", None, {"target_search": "damage", "erase_check_every": 25},

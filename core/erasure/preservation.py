@@ -33,7 +33,7 @@ def why_not_preserved(concept: str, target: str, g_after: float, manifest: dict)
     reasons = []
     near = next((n for n in manifest.get("near_copy", {}).get(concept, []) if n["candidate"] == target), None)
     if near is not None and near["output_vs_median"] < NEAR_COPY_SHARE:
-        reasons.append(f"it is a near copy (its output on {concept!r}'s latents is {near['output_vs_median']:.2f} "
+        reasons.append(f"it is a near copy (its output on the latents of {concept!r} is {near['output_vs_median']:.2f} "
                        f"of the median candidate's distance, rank {near['output_rank']})")
     shared = [w for w in target.lower().split() if w in concept.lower().split()]
     if shared:
