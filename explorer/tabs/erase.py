@@ -14,7 +14,7 @@ from age_explorer.core.backends import get_backend
 from age_explorer.core.erasure import METHODS
 
 from .. import plots
-from .common import ACTIVE, Page, job_line, owner_of, progress_html, shown_as_error, whole_number
+from .common import ACTIVE, Page, job_line, owner_of, plain, progress_html, shown_as_error, whole_number
 
 PRESET_VOCAB = "(preset)"
 
