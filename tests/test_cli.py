@@ -217,7 +217,7 @@ def test_a_flag_of_another_method_is_one_line_naming_the_flag(tmp_path, capsys, 
 
 
 def test_help_imports_neither_torch_nor_diffusers():
-    """`age-explorer --help` builds every command's entry without the engine (issue 14: it took 34 s)."""
+    """`age-explorer --help` builds every command's entry without the engine (it once took 34 s)."""
     import subprocess
     import sys
 

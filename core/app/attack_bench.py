@@ -16,7 +16,7 @@ from ..sampling import initial_latents, sample_latents
 from ..attacks import ATTACKS, make_attack_config, run_attack
 from ..attacks.common import AttackTarget
 
-TOY_TARGETS = {"prompts": 15.0, "embedding": 180.0, "perturb": 180.0}  # seconds on 2 CPU cores (issue 13)
+TOY_TARGETS = {"prompts": 15.0, "embedding": 180.0, "perturb": 180.0}  # the targets, seconds on 2 CPU cores
 
 
 def toy_attack_seconds(concept: str = "red circle", steps: int | None = None) -> list[dict]:
