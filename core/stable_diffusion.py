@@ -104,7 +104,10 @@ class StableDiffusionBackend(Backend):
     @classmethod
     def card_usage(cls, fmt: str) -> list[str]:
         sampler = ["from diffusers import DDIMScheduler",
-                   "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler of AGE Explorer"]
+                   # without _use_default_values, from_config keeps what the pipeline set (clip_sample=False
+                   # for a base whose config lacks it) instead of DDIM's own defaults
+                   "config = {k: v for k, v in pipe.scheduler.config.items() if k != \"_use_default_values\"}",
+                   "pipe.scheduler = DDIMScheduler.from_config(config)  # the sampler of AGE Explorer"]
         load = ["import torch",
                 f"from diffusers import {cls.pipeline_loader().__name__}",
                 f"pipe = {cls.pipeline_loader().__name__}.from_pretrained(BASE_MODEL, dtype=torch.float32)"]
@@ -124,7 +127,7 @@ class StableDiffusionBackend(Backend):
         else:
             return []
         return [f"## {title}", "", "```python", *load, *apply, "```", "",
-                "AGE Explorer samples with DDIM built from the base's scheduler config; with these two lines a "
+                "AGE Explorer samples with DDIM built from the base's scheduler config; with these lines a "
                 "plain `pipe(prompt)` with the same steps, guidance and seed reproduces its images:", "",
                 "```python", *sampler, "```", ""]
 

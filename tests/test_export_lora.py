@@ -33,7 +33,8 @@ torch.set_num_threads(1)
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
 if sys.argv[2] != "-":
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the card's two lines
+    config = {{k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}}  # the card's lines
+    pipe.scheduler = DDIMScheduler.from_config(config)
     pipe.load_lora_weights(sys.argv[2])
 images = torch.cat([pipe({PROMPT!r}, num_inference_steps={STEPS}, guidance_scale={GUIDANCE}, height=16, width=16,
                          generator=torch.Generator().manual_seed(s), output_type="pt").images for s in {SEEDS!r}])
@@ -186,7 +187,7 @@ def test_cards_say_what_each_format_is(sd_run, tmp_path):
     front = delta.split("---")[1]
     assert "library_name" not in front and "base_model:" not in front and "creativeml" not in front
     assert "load_file(\"delta.safetensors\")" in delta and "load_state_dict(delta, strict=False)" in delta
-    assert "DDIMScheduler.from_config(pipe.scheduler.config)" in delta
+    assert "DDIMScheduler.from_config(config)" in delta and '!= "_use_default_values"' in delta
     assert "3 model steps and 3 pi steps" in delta  # TINY: 3 iterations, pgd_num_steps 2
     lora = (export_run(sd_run, tmp_path, fmt="lora", rank=4) / "README.md").read_text()
     assert "library_name: diffusers" in lora and "  - lora" in lora and "rank **4**" in lora
