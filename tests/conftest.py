@@ -24,21 +24,21 @@ def toy_bundle():
     return load_bundle("toy", device="cpu")
 
 
+def _saved_pipeline(tmp_path_factory, build, name: str):
+    work = tmp_path_factory.mktemp(name)
+    build(work).save_pretrained(work / "pipeline")
+    return work / "pipeline"
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     from tests.tiny_models import build_tiny_pipeline
 
-    work = tmp_path_factory.mktemp("tiny_sd")
-    pipe = build_tiny_pipeline(work)
-    pipe.save_pretrained(work / "pipeline")
-    return work / "pipeline"
+    return _saved_pipeline(tmp_path_factory, build_tiny_pipeline, "tiny_sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     from tests.tiny_models import build_tiny_sdxl_pipeline
 
-    work = tmp_path_factory.mktemp("tiny_sdxl")
-    pipe = build_tiny_sdxl_pipeline(work)
-    pipe.save_pretrained(work / "pipeline")
-    return work / "pipeline"
+    return _saved_pipeline(tmp_path_factory, build_tiny_sdxl_pipeline, "tiny_sdxl")
