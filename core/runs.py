@@ -4,7 +4,8 @@ A run folder holds ``delta.safetensors`` (only the changed parameters), ``manife
 preset, deviations, seeds, versions, base model and a fingerprint of the weights it changed) and
 ``history.csv``, and ``history.jsonl``, each step's report appended as it happens (``read_history``).
 ``load_bundle(run_dir)`` loads the base and applies the delta, so "generate with the
-erased model", graph rows and export are the same operation.
+erased model", graph rows and export are the same operation; ``run_weights(bundle, run_dir)`` swaps
+a run's delta into an already loaded base for a while (the explorer, graph rows).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import csv
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -83,8 +86,8 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
-def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
-    """Overwrite the base UNet's weights with the run's, after checking the delta and the base."""
+def read_delta(bundle, run_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The run's changed weights, after checking the delta's checksum and that it fits ``bundle``'s base."""
     path = run_dir / manifest.get("delta_file", DELTA)
     if not path.is_file():
         raise CorruptRunError(f"{path} is missing")
@@ -102,9 +105,39 @@ def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
     base_print = fingerprint({n: params[n] for n in delta})
     if manifest.get("base_fingerprint") not in (None, base_print):
         raise CorruptRunError(f"the run in {run_dir} was made on other base weights than {bundle.source!r}")
+    return delta
+
+
+def _copy_into(bundle, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(bundle.unet.named_parameters())
     with torch.no_grad():
-        for name, value in delta.items():
+        for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
+    """Overwrite the base UNet's weights with the run's, after checking the delta and the base."""
+    _copy_into(bundle, read_delta(bundle, run_dir, manifest))
+
+
+@contextmanager
+def run_weights(bundle, run_dir: str | Path) -> Iterator:
+    """``bundle`` (a loaded base model) with a finished run's delta swapped into its UNet for the block,
+    and its own weights back afterwards, even on error: viewing a run costs its delta, not a second
+    copy of the base. The caller keeps other users of ``bundle`` out for the block's duration."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest.get("base_revision") and bundle.revision and manifest["base_revision"] != bundle.revision:
+        raise ValueError(f"run {run_dir} was made on revision {manifest['base_revision']} of "
+                         f"{manifest['base_model']}, not on the loaded revision {bundle.revision}")
+    delta = read_delta(bundle, run_dir, manifest)
+    params = dict(bundle.unet.named_parameters())
+    own = {name: params[name].detach().clone() for name in delta}
+    _copy_into(bundle, delta)
+    try:
+        yield bundle
+    finally:
+        _copy_into(bundle, own)
 
 
 class HistoryLog:

@@ -25,6 +25,7 @@ from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore
 from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
 from age_explorer.core.paths import assets_dir
+from age_explorer.core.runs import run_weights
 
 
 log = logging.getLogger("age_explorer.explorer")
@@ -67,7 +68,7 @@ class Explorer:
             self.worker.start()
         self._bundle: ModelBundle | None = None
         self._lock = threading.Lock()
-        self._erased: dict[str, ModelBundle] = {}
+        self._weights_lock = threading.RLock()
         self._export_lock = threading.Lock()
 
     @contextmanager
@@ -90,13 +91,18 @@ class Explorer:
                 self._bundle = load_bundle(self.settings.model, device=self.device, dtype=self.settings.dtype)
             return self._bundle
 
-    def erased_bundle(self, run_dir: str) -> ModelBundle:
-        with self._lock:
-            if run_dir not in self._erased:
-                if len(self._erased) >= 4:
-                    self._erased.pop(next(iter(self._erased)))
-                self._erased[run_dir] = load_bundle(run_dir, device=self.device, dtype=self.settings.dtype)
-            return self._erased[run_dir]
+    @contextmanager
+    def model(self, run_dir: str | None = None):
+        """The served model for one request's work: the original, or with ``run_dir``'s delta swapped in
+        (``core.runs.run_weights``), so viewing a run never loads a second copy of the base. Requests
+        take turns: while one holds the model, its weights may be a run's."""
+        bundle = self.bundle()
+        with self._weights_lock:
+            if run_dir is None:
+                yield bundle
+            else:
+                with run_weights(bundle, run_dir):
+                    yield bundle
 
     @property
     def is_toy(self) -> bool:

@@ -76,10 +76,10 @@ def _init_worker(device: str) -> None:
 
 def run_row(variant: str, concept: str, preset: str, iterations: int | None, images: int, out: str) -> dict:
     """Erase ``concept`` with ``variant`` and measure the row (in a worker process)."""
-    from age_explorer.core.bundle import load_bundle
     from age_explorer.core.erasure import erase, make_config
     from age_explorer.core.erasure.preservation import target_preservation
     from age_explorer.core.graph.capability import CapabilitySpec, capability
+    from age_explorer.core.runs import run_weights
 
     bundle, concept_set, evaluator = _worker["bundle"], _worker["concept_set"], _worker["evaluator"]
     world = bundle.backend.world
@@ -103,8 +103,8 @@ def run_row(variant: str, concept: str, preset: str, iterations: int | None, ima
     if top1 in world.names and top1 not in measured:
         measured.append(top1)
     spec = CapabilitySpec(images_per_concept=images).resolved(bundle)
-    erased = load_bundle(str(run_dir), device=bundle.device)
-    after = capability(erased, concept_set, evaluator, spec, measured)
+    with run_weights(bundle, run_dir):
+        after = capability(bundle, concept_set, evaluator, spec, measured)
     g = dict(zip(after.concept, after.G_top1))
     # the top-1 target's record as an AGE run's manifest holds it (core/erasure/preservation.py)
     kept = target_preservation(manifest, g, images).get(concept, {})

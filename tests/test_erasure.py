@@ -9,7 +9,7 @@ from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.erasure.age import gumbel_softmax
 from age_explorer.core.erasure.params import PARAMETER_SETS, select_parameters
-from age_explorer.core.runs import CorruptRunError
+from age_explorer.core.runs import CorruptRunError, run_weights
 from age_explorer.core.sampling import generate
 from tests.tiny_models import CANDIDATES
 from tests.tiny_models import TINY_SD_RECIPE as TINY
@@ -228,6 +228,37 @@ def test_corrupted_delta_is_detected(sd, tmp_path):
     delta.write_bytes(delta.read_bytes()[:-100])
     with pytest.raises(CorruptRunError, match="checksum"):
         load_bundle(str(tmp_path / "run"), device="cpu")
+
+
+def test_a_run_swapped_into_its_base_is_the_loaded_run_and_the_base_comes_back(sd, tmp_path):
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, lr=1e-2, **TINY)
+    erase(sd, config, tmp_path / "run")
+    before = _snapshot(sd)
+    base_image = generate(sd, ["a red circle"], [0], steps=3)
+    loaded = load_bundle(str(tmp_path / "run"), device="cpu")
+    with run_weights(sd, tmp_path / "run") as swapped:
+        assert swapped is sd
+        for name, p in loaded.unet.named_parameters():
+            assert torch.equal(dict(sd.unet.named_parameters())[name], p), name
+        assert torch.equal(generate(sd, ["a red circle"], [0], steps=3),
+                           generate(loaded, ["a red circle"], [0], steps=3))
+    assert all(torch.equal(p, before[n]) for n, p in sd.unet.named_parameters())
+    with pytest.raises(RuntimeError, match="inside"):  # an error in the block also gives the base back
+        with run_weights(sd, tmp_path / "run"):
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, before[n]) for n, p in sd.unet.named_parameters())
+    assert torch.equal(generate(sd, ["a red circle"], [0], steps=3), base_image)
+
+
+def test_a_damaged_run_is_refused_before_the_base_changes(sd, tmp_path):
+    erase(sd, make_config("esd", None, concepts=["a red circle"], **TINY), tmp_path / "run")
+    before = _snapshot(sd)
+    delta = tmp_path / "run" / "delta.safetensors"
+    delta.write_bytes(delta.read_bytes()[:-100])
+    with pytest.raises(CorruptRunError, match="checksum"):
+        with run_weights(sd, tmp_path / "run"):
+            pass
+    assert all(torch.equal(p, before[n]) for n, p in sd.unet.named_parameters())
 
 
 def test_select_parameters_rejects_unknown_sets(sd):

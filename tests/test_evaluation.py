@@ -60,7 +60,7 @@ def test_esr_psr_are_a_graph_row_of_the_same_run_and_seeds(toy_run, subset_csv, 
     concept_set = load_concept_set(str(subset_csv), base)
     evaluator = load_evaluator("toy", base, concept_set)
     nodes = pd.DataFrame({"concept": SUBSET, "G0_top1": 1.0, "G0_topk": 1.0})
-    row = measure_row(base, load_bundle(str(toy_run), device="cpu"), concept_set, evaluator,
+    row = measure_row(load_bundle(str(toy_run), device="cpu"), concept_set, evaluator,
                       CapabilitySpec(images_per_concept=4, seed=1000, template=config.template), "red circle",
                       nodes).set_index("affected")
     for name in SUBSET:  # the same images, so the same hit rates, class by class

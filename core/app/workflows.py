@@ -10,6 +10,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..graph.concept_sets import ConceptSet
 from ..graph.sweep import RowRecipe, measure_row, open_graph
 from ..graph.store import GraphStore
 from ..imageio import contact_sheet, to_pil
-from ..runs import CorruptRunError, read_manifest
+from ..runs import CorruptRunError, read_manifest, run_weights
 from ..sampling import generate, parse_seeds
 from .jobs import JobStore
 
@@ -157,33 +158,36 @@ class BeforeAfter:
     pair: tuple  # (original, erased) of the first row's first seed, for a slider
 
 
-def before_after(models: list[tuple[str, ModelBundle]], rows: list[tuple[str, str]], seeds: list[int],
-                 seeds_text: str, progress=None) -> BeforeAfter:
-    """The same seeds through each model (original first), as one labelled contact sheet."""
-    base = models[0][1]
-    prompts = [prompt_for(base, concept) for _, concept in rows]
+def before_after(bundle: ModelBundle, columns: list[tuple[str, str | None]], rows: list[tuple[str, str]],
+                 seeds: list[int], seeds_text: str, progress=None) -> BeforeAfter:
+    """The same seeds through each column's model, as one labelled contact sheet. ``bundle`` is the base
+    model; a column is ``(name, run folder)``, whose delta is swapped into it, or ``(name, None)`` for the
+    base itself (the first column: the original)."""
+    prompts = [prompt_for(bundle, concept) for _, concept in rows]
     images = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptWarning)
-        for i, (name, bundle) in enumerate(models):
+        for i, (name, run_dir) in enumerate(columns):
             if progress:
-                progress(i / len(models), f"{name} model")
-            images.append(generate(bundle, prompts, seeds))
+                progress(i / len(columns), f"{name} model")
+            with run_weights(bundle, run_dir) if run_dir else nullcontext():
+                images.append(generate(bundle, prompts, seeds))
     n = len(seeds)
     strips = [[batch[i * n:(i + 1) * n] for batch in images] for i in range(len(rows))]
     row_labels = [f"{label}: {concept}" for label, concept in rows]
-    column_labels = [name for name, _ in models]
-    sheet = contact_sheet(strips, row_labels, column_labels, image_px=64 if base.kind == "toy" else 128)
+    column_labels = [name for name, _ in columns]
+    sheet = contact_sheet(strips, row_labels, column_labels, image_px=64 if bundle.kind == "toy" else 128)
     legend = (f"Seeds {seeds_text.strip()}, left to right in each strip. Columns: {', '.join(column_labels)}. "
               f"Rows: {'; '.join(row_labels)}.")
     return BeforeAfter(sheet, legend, (to_pil(images[0][0], 256), to_pil(images[1][0], 256)))
 
 
-def spillover_row(bundle: ModelBundle, erased: ModelBundle, run_dir: str | Path, concept_set: ConceptSet,
+def spillover_row(bundle: ModelBundle, run_dir: str | Path, concept_set: ConceptSet,
                   graph_dir: Path, images_per_concept: int, progress=None):
-    """Measure the row of a finished run (Δ of every concept of ``concept_set``) and add it to the
-    graph in ``graph_dir``, opened as ``age-explorer graph`` opens one (G₀ measured on first use).
-    Also writes ``spillover.csv`` into the run folder. Returns the row and the graph."""
+    """Measure the row of a finished run (Δ of every concept of ``concept_set``; ``bundle`` is the base
+    model, into which the run's delta is swapped) and add it to the graph in ``graph_dir``, opened as
+    ``age-explorer graph`` opens one (G₀ measured on first use). Also writes ``spillover.csv`` into the
+    run folder. Returns the row and the graph."""
     manifest = read_manifest(Path(run_dir))
     concept = manifest["concepts"][0]
     if concept not in concept_set.concepts:
@@ -197,7 +201,8 @@ def spillover_row(bundle: ModelBundle, erased: ModelBundle, run_dir: str | Path,
     if progress:
         progress(0.5, "G of the erased model")
     start = time.time()
-    row = measure_row(bundle, erased, concept_set, evaluator, spec, concept, nodes)
+    with run_weights(bundle, run_dir):
+        row = measure_row(bundle, concept_set, evaluator, spec, concept, nodes)
     store.add_row(concept, row, time.time() - start)
     row.to_csv(Path(run_dir) / "spillover.csv", index=False)
     return row, GraphStore(graph_dir)

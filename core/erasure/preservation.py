@@ -70,22 +70,21 @@ def measurable_targets(bundle, manifest: dict) -> list[str]:
 
 def check_target_preservation(bundle, run_dir: str | Path, images: int = 32) -> dict[str, dict]:
     """Measure the top-1 targets' G after on the erased model in ``run_dir`` (made from ``bundle``, the
-    base model) and record them in its manifest; {} and nothing written when no target is a concept
-    the backend can judge (the erased model is then never loaded)."""
-    from ..bundle import load_bundle
+    base model, into which the run's delta is swapped for the measurement) and record them in its
+    manifest; {} and nothing written when no target is a concept the backend can judge."""
     from ..graph.capability import CapabilitySpec, capability
     from ..manifest import write_json_atomic
-    from ..runs import MANIFEST
+    from ..runs import MANIFEST, run_weights
 
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / MANIFEST).read_text())
     targets = measurable_targets(bundle, manifest)
     if not targets:
         return {}
-    erased = load_bundle(str(run_dir), device=str(bundle.device))
-    concept_set = erased.backend.concept_set()
-    spec = CapabilitySpec(images_per_concept=images).resolved(erased)
-    after = capability(erased, concept_set, erased.backend.evaluator(erased, concept_set), spec, targets)
+    concept_set = bundle.backend.concept_set()
+    spec = CapabilitySpec(images_per_concept=images).resolved(bundle)
+    with run_weights(bundle, run_dir):
+        after = capability(bundle, concept_set, bundle.backend.evaluator(bundle, concept_set), spec, targets)
     record = target_preservation(manifest, dict(zip(after.concept, after.G_top1)), images)
     manifest["target_preservation"] = record
     write_json_atomic(run_dir / MANIFEST, manifest)

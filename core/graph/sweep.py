@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import ModelBundle, load_bundle
 from ..manifest import environment_versions
+from ..runs import run_weights
 from .capability import CapabilitySpec, capability, default_evaluator_name, load_evaluator
 from .concept_sets import ConceptSet
 from .store import GraphStore
@@ -40,9 +41,10 @@ class RowRecipe:
         return make_config(self.method, self.preset, concepts=[concept], **self.options)
 
 
-def measure_row(bundle: ModelBundle, erased_bundle: ModelBundle, concept_set: ConceptSet, evaluator,
-                spec: CapabilitySpec, erased: str, nodes: pd.DataFrame) -> pd.DataFrame:
-    """Delta of every concept after erasing ``erased`` (``erased_bundle`` is the erased model)."""
+def measure_row(erased_bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: CapabilitySpec,
+                erased: str, nodes: pd.DataFrame) -> pd.DataFrame:
+    """Delta of every concept after erasing ``erased`` (``erased_bundle`` is the erased model; G₀ is in
+    ``nodes``)."""
     after = capability(erased_bundle, concept_set, evaluator, spec)
     row = nodes[["concept", "G0_top1", "G0_topk"]].merge(after, on="concept")
     return pd.DataFrame({"erased": erased, "affected": row.concept,
@@ -60,8 +62,8 @@ def compute_row(bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: C
     start = time.time()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         erase(bundle, recipe.config(erased), Path(tmp) / "run")
-        erased_bundle = load_bundle(str(Path(tmp) / "run"), device=bundle.device, dtype=bundle.dtype)
-        row = measure_row(bundle, erased_bundle, concept_set, evaluator, spec, erased, nodes)
+        with run_weights(bundle, Path(tmp) / "run"):
+            row = measure_row(bundle, concept_set, evaluator, spec, erased, nodes)
     return row, time.time() - start
 
 

@@ -34,12 +34,12 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
             seeds = parse_seeds(seeds_text, limit=MAX_SEEDS)
             run_dir = ex.run(run_label, owner_of(owner, request)).path
         manifest = read_manifest(Path(run_dir))
-        models = [("original", ex.bundle()), ("erased", ex.erased_bundle(run_dir))]
+        columns = [("original", None), ("erased", run_dir)]
         esd_dir = ex.esd_counterpart(run_dir, manifest, owner_of(owner, request))
         if esd_dir:
-            models.append(("ESD " + repr(read_manifest(Path(esd_dir))["config"].get("target", "")), ex.erased_bundle(esd_dir)))
-        with ex.compute():
-            shown = before_after(models, before_after_rows(ex, manifest), seeds, seeds_text,
+            columns.append(("ESD " + repr(read_manifest(Path(esd_dir))["config"].get("target", "")), esd_dir))
+        with shown_as_error(), ex.model() as bundle, ex.compute():
+            shown = before_after(bundle, columns, before_after_rows(ex, manifest), seeds, seeds_text,
                                  progress=lambda share, desc: progress(share, desc=desc))
         return shown.sheet, shown.legend, shown.pair
 
@@ -50,9 +50,9 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
         with shown_as_error():
             run_dir = ex.run(run_label, owner_of(owner, request)).path
             method = read_manifest(Path(run_dir))["method"]
-            with ex.compute():
-                row, store = spillover_row(ex.bundle(), ex.erased_bundle(run_dir), run_dir, ex.concept_set(),
-                                           ex.user_graph(method).folder, settings.spillover_images,
+            with ex.model() as bundle, ex.compute():
+                row, store = spillover_row(bundle, run_dir, ex.concept_set(), ex.user_graph(method).folder,
+                                           settings.spillover_images,
                                            progress=lambda share, desc: progress(share, desc=desc))
         erased = row.erased.iloc[0]
         own = row[row.affected == erased]

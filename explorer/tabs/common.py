@@ -10,6 +10,7 @@ import gradio as gr
 
 from age_explorer.core.bundle import ModelUnavailableError
 from age_explorer.core.erasure.config import short
+from age_explorer.core.runs import CorruptRunError
 
 from ..service import Explorer, Settings
 
@@ -49,11 +50,11 @@ def owner_of(owner: str, request) -> str | None:
 
 @contextmanager
 def shown_as_error(*kinds: type[Exception]):
-    """An ordinary input error (``ValueError`` and ``kinds``), or a model whose weights cannot be loaded,
-    becomes one line on the page, with no traceback."""
+    """An ordinary input error (``ValueError`` and ``kinds``), a model whose weights cannot be loaded, or a
+    damaged run folder becomes one line on the page, with no traceback."""
     try:
         yield
-    except (ValueError, ModelUnavailableError, *kinds) as err:
+    except (ValueError, ModelUnavailableError, CorruptRunError, *kinds) as err:
         # a bare KeyError's str() is the repr of its key; its subclasses (UnknownJobError) say more
         message = err.args[0] if type(err) is KeyError and err.args else err
         raise gr.Error(str(message)) from None

@@ -29,9 +29,8 @@ def build(page: Page) -> gr.Dropdown:
                 raise ValueError("the prompt is empty: type something such as 'a red circle'")
             run = None if model_choice in (None, "", ORIGINAL) else ex.run(model_choice, owner_of(owner, request))
         progress(0, desc="loading model")
-        with shown_as_error():
-            bundle = ex.erased_bundle(run.path) if run else ex.bundle()
-        with warnings.catch_warnings(record=True) as caught, ex.compute():
+        with shown_as_error(), ex.model(run.path if run else None) as bundle, \
+                warnings.catch_warnings(record=True) as caught, ex.compute():
             warnings.simplefilter("always", PromptWarning)
             images = generate(bundle, [prompt], seed_list,
                               progress=lambda done, total: progress(done / total, desc="generating"))

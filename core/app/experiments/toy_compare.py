@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from age_explorer.core.bundle import ModelBundle, load_bundle
+from age_explorer.core.bundle import ModelBundle
 from age_explorer.core.erasure import erase
 from age_explorer.core.graph.capability import CapabilitySpec, capability
 from age_explorer.core.graph.concept_sets import load_concept_set
 from age_explorer.core.graph.sweep import RowRecipe, measure_row, open_graph
-from age_explorer.core.runs import is_run_dir
+from age_explorer.core.runs import is_run_dir, run_weights
 
 
 def read_manifest_status(run_dir: Path) -> str | None:
@@ -99,13 +99,13 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
                 manifest = erase(bundle, recipes[variant].config(concept), run_dir,
                                  resume=(run_dir / "checkpoint").exists()).manifest
                 erase_seconds = time.time() - start
-            erased = load_bundle(str(run_dir), device=bundle.device)
-            if concept in store.rows_done():
-                measured = store.edges()[lambda e: e.erased == concept]
-            else:
-                measured = measure_row(bundle, erased, concept_set, evaluator, spec, concept, nodes)
-                store.add_row(concept, measured, time.time() - start)
-            para = capability(erased, concept_set, evaluator, para_spec, [concept])
+            with run_weights(bundle, run_dir):
+                if concept in store.rows_done():
+                    measured = store.edges()[lambda e: e.erased == concept]
+                else:
+                    measured = measure_row(bundle, concept_set, evaluator, spec, concept, nodes)
+                    store.add_row(concept, measured, time.time() - start)
+                para = capability(bundle, concept_set, evaluator, para_spec, [concept])
             g = dict(zip(measured.affected, measured.G_after_top1))
             delta = {c: g0[c] - g[c] for c in world.names}
             row = {"variant": variant, "concept": concept,
