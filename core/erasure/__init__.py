@@ -91,11 +91,10 @@ def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
         "versions": environment_versions(),
         **result.extra,
     }
-    steps = [row for row in history if row["phase"] != "pi_distribution"]
-    if steps:
-        pd.DataFrame(steps).to_csv(run_dir / HISTORY_TABLE, index=False)
+    if history:
+        pd.DataFrame(history).to_csv(run_dir / HISTORY_TABLE, index=False)
     pi_rows = [{"step": row["step"], "concept": row["concept"], "candidate": name, "pi": p}
-               for row in history if row["phase"] == "pi_distribution" for name, p in row["pi"].items()]
+               for row in result.pi_history for name, p in row["pi"].items()]
     if pi_rows:
         pd.DataFrame(pi_rows).to_csv(run_dir / "pi_history.csv", index=False)
     if result.status == "done":

@@ -391,8 +391,8 @@ class AGERun(FineTuneRun):
         """pi over training, for the 'target over time' view (kept in the checkpoint's history)."""
         for k, cs in enumerate(self.candidates):
             probs = self.probabilities(k).tolist()
-            self.history.append({"step": step, "phase": "pi_distribution", "concept": cs.concept,
-                                 "pi": {n: round(p, 5) for n, p in zip(cs.names, probs)}})
+            self.pi_history.append({"step": step, "concept": cs.concept,
+                                    "pi": {n: round(p, 5) for n, p in zip(cs.names, probs)}})
 
     # ---- state and results -----------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:

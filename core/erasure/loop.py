@@ -129,7 +129,8 @@ class FineTuneRun:
         self.alphas = bundle.train_scheduler().alphas_cumprod.to(bundle.device)
         self.erased_states = bundle.encode([config.prompt_template.format(c=c) for c in config.concepts])
         self.uncond = bundle.unconditional()
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one row per step
+        self.pi_history: list[dict] = []  # a method's target distribution over steps: {"step", "concept", "pi"}
         self.start_step = 0
         self.pools: dict[str, torch.Tensor] = {}
 
@@ -253,7 +254,7 @@ class FineTuneRun:
             tensors[f"extra/{key}"] = value.detach().cpu().contiguous()
         for key, value in self.pools.items():
             tensors[f"pool/{key}"] = value.detach().cpu().contiguous()
-        meta = {"next_step": next_step, "history": self.history,
+        meta = {"next_step": next_step, "history": self.history, "pi_history": self.pi_history,
                 "config": self.cfg.to_dict()}
         tmp = self.run_dir / ".checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -293,7 +294,10 @@ class FineTuneRun:
         self.generator.set_state(tensors["rng"])
         self.load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra/")})
         self.pools = {k[5:]: v.to(self.bundle.device, self.bundle.dtype) for k, v in tensors.items() if k.startswith("pool/")}
-        self.history = meta["history"]
+        # checkpoints written before pi_history kept the π snapshots among the step rows
+        self.history = [row for row in meta["history"] if row["phase"] != "pi_distribution"]
+        self.pi_history = meta.get("pi_history") or [{"step": row["step"], "concept": row["concept"], "pi": row["pi"]}
+                                                    for row in meta["history"] if row["phase"] == "pi_distribution"]
         self.start_step = int(meta["next_step"])
 
 
@@ -344,7 +348,7 @@ def fine_tune_runner(run_class: type[FineTuneRun]):
             changed = job.predictor.changed()
             return MethodResult(outcome["status"], outcome["steps_done"], changed,
                                 {n: job.predictor.original[n] for n in changed},
-                                job.extra_results(Path(run_dir)), job.history)
+                                job.extra_results(Path(run_dir)), job.history, job.pi_history)
         finally:
             job.predictor.restore()
     return run

@@ -25,7 +25,8 @@ class MethodResult:
     changed: dict[str, torch.Tensor]  # name -> new value (CPU)
     originals: dict[str, torch.Tensor]  # name -> value before the run, for the changed names
     extra: dict = field(default_factory=dict)  # method-specific manifest fields
-    history: list[dict] = field(default_factory=list)  # one row per step (and pi snapshots)
+    history: list[dict] = field(default_factory=list)  # one row per step
+    pi_history: list[dict] = field(default_factory=list)  # {"step", "concept", "pi": {candidate: p}} snapshots
 
 
 class Runner(Protocol):
