@@ -66,6 +66,20 @@ def test_explorer_in_chromium(served, toy_bundle, tmp_path):
         playwright.expect(page.locator("#job_text")).to_contain_text("done", timeout=240_000)
         page.screenshot(path=str(shots / "03-erase-done.png"), full_page=True)
 
+        # a reloaded page re-attaches to its job and draws the whole loss curve from the run's history
+        from age_explorer.core.runs import read_history
+
+        run_dir = next((data_dir / "jobs").glob("*/run"))
+        steps = sorted({row["step"] for row in read_history(run_dir) if row.get("losses")})
+        assert len(steps) > 1
+        page.reload()
+        page.get_by_role("tab", name="Erase").click()
+        page.wait_for_function("() => { const d = document.querySelector('#loss_plot .js-plotly-plot');"
+                               " return d && d.data && d.data.length > 0; }", timeout=60_000)
+        drawn = page.evaluate("() => [...new Set(document.querySelector('#loss_plot .js-plotly-plot').data"
+                              ".flatMap(trace => Array.from(trace.x)))].sort((a, b) => a - b)")
+        assert drawn == steps
+
         # the finished job says where its run went, and every tab that takes a run has it, no refresh click
         playwright.expect(page.locator("#job_status")).to_contain_text("Next: compare it in Before / after")
         playwright.expect(page.locator("#queue_line")).not_to_contain_text("queued")

@@ -168,6 +168,10 @@ class JobStore:
                 db.execute("ROLLBACK")
             raise
 
+    def work_dir(self, job_id: str) -> Path:
+        """Where a job writes: ``DATA/jobs/<id>``; an erase job's run folder is its ``run`` (``erase_run_dir``)."""
+        return self.data_dir / "jobs" / job_id
+
     # ---- writing ---------------------------------------------------------------------------------
     def submit(self, kind: str, config: dict, device: str = "cpu", session: str | None = None) -> str:
         job_id = uuid.uuid4().hex  # 122 random bits: an id cannot be guessed
@@ -376,7 +380,7 @@ class Worker:
         job = self.store.claim_next(self.device)
         if job is None:
             return None
-        work_dir = self.store.data_dir / "jobs" / job.id
+        work_dir = self.store.work_dir(job.id)
         ctx = JobContext(job, self.store, work_dir, self.device, self.progress_interval, self.keep_going)
         beating = threading.Event()
         heart = threading.Thread(target=self._beat, args=(ctx, beating), daemon=True)
@@ -441,11 +445,15 @@ class WorkerProcess:
     waits for the GIL behind every request thread (measured: an erasure ran ~30 times slower on a
     2-core machine with 10 users browsing). The child shares only the job store (SQLite); cancelling,
     progress and re-attaching go through it as before. ``threads``: the child's PyTorch CPU threads
-    (see ``age_explorer.core.app.cpu_split``). ``stop`` waits up to ``timeout`` for the job in progress, then ends the
+    (see ``age_explorer.core.app.cpu_split``). ``niceness``: the child runs at a lower CPU priority, so
+    that on a busy CPU the pages' requests go first and a job takes the time they leave (a job's result
+    does not depend on its speed). ``stop`` waits up to ``timeout`` for the job in progress, then ends the
     process; a job cut short is marked interrupted, and resumes from its checkpoint."""
 
-    def __init__(self, data_dir: str | Path, device: str, threads: int | None = None, poll_interval: float = 0.2):
+    def __init__(self, data_dir: str | Path, device: str, threads: int | None = None, poll_interval: float = 0.2,
+                 niceness: int = 10):
         self.data_dir, self.device, self.threads, self.poll_interval = Path(data_dir), device, threads, poll_interval
+        self.niceness = niceness
         self._ctx = multiprocessing.get_context("spawn")  # fork would copy a server's threads and CUDA state
         # A lock-free flag, not an Event: a child killed inside Event.wait leaves its condition locked,
         # and the next set() would wait forever.
@@ -455,7 +463,7 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         self.process = self._ctx.Process(target=_serve_in_process, name=f"age-worker-{self.device}", daemon=True,
                                          args=(str(self.data_dir), self.device, self.threads, self.poll_interval,
-                                               self._stop))
+                                               self._stop, self.niceness))
         self.process.start()
         return self
 
@@ -476,9 +484,12 @@ class WorkerProcess:
                 self.process.join(5)
 
 
-def _serve_in_process(data_dir: str, device: str, threads: int | None, poll_interval: float, stop) -> None:
+def _serve_in_process(data_dir: str, device: str, threads: int | None, poll_interval: float, stop,
+                      niceness: int = 0) -> None:
     import torch
 
+    if niceness and hasattr(os, "nice"):
+        os.nice(niceness)
     if threads:
         torch.set_num_threads(threads)
     worker = Worker(JobStore(data_dir), device, poll_interval=poll_interval)
@@ -503,6 +514,11 @@ def _bundle(model: str, device: str):
         return _BUNDLES[key]
 
 
+def erase_run_dir(work_dir: Path) -> Path:
+    """The run folder an erase job writes in its work folder (``JobStore.work_dir``)."""
+    return work_dir / "run"
+
+
 def run_erase_job(ctx: JobContext) -> dict:
     """config: {"model": ..., "method": ..., "preset": ..., "options": {...concepts...}}."""
     from ..erasure import erase, make_config
@@ -510,7 +526,7 @@ def run_erase_job(ctx: JobContext) -> dict:
     cfg = ctx.job.config
     config = make_config(cfg["method"], cfg.get("preset"), **cfg.get("options", {}))
     bundle = _bundle(cfg.get("model", "toy"), ctx.device)
-    run_dir = ctx.work_dir / "run"
+    run_dir = erase_run_dir(ctx.work_dir)
     resume = ctx.job.resume and (run_dir / "checkpoint").exists()
 
     preview_every = int(cfg.get("preview_every", bundle.backend.preview_every))

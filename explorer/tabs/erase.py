@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from age_explorer.core.app.jobs import erase_run_dir
 from age_explorer.core.app.workflows import plan_erase, preset_steps, presets_offered
 from age_explorer.core.backends import get_backend
 from age_explorer.core.erasure import METHODS
+from age_explorer.core.runs import read_history
 
 from .. import plots
 from .common import ACTIVE, Page, job_line, owner_of, plain, progress_html, shown_as_error, whole_number
@@ -92,25 +94,26 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
                 raise ValueError("pick at least one concept to erase")
             plan_erase(ex.bundle(), ex.device, names, method, preset or None, options)
         job_id = ex.submit_erase(names, method, preset or None, options, owner=owner_of(owner, request))
-        return job_id, job_id, gr.Timer(active=True), [], queue_text(job_id)
+        return job_id, job_id, gr.Timer(active=True), queue_text(job_id)
 
-    def tick(job_id, history, owner="", request: gr.Request = None):
+    def tick(job_id, owner="", request: gr.Request = None):
         if not job_id:
-            return gr.Timer(active=False), progress_html(None), *[gr.skip()] * 4, history, gr.skip(), gr.skip()
+            return gr.Timer(active=False), progress_html(None), *[gr.skip()] * 4, gr.skip(), gr.skip()
         try:
             job = ex.poll(job_id, owner_of(owner, request))  # also restarts a dead worker, marks its job interrupted
         except KeyError:
-            return gr.Timer(active=False), progress_html(None), "unknown job", *[gr.skip()] * 3, history, "", gr.skip()
+            return gr.Timer(active=False), progress_html(None), "unknown job", *[gr.skip()] * 3, "", gr.skip()
         progress = job.progress
-        if progress.get("losses") and (not history or history[-1]["step"] != job.step):
-            history = history + [{"step": job.step, **progress["losses"]}]
+        # the whole curve from the run folder's history, so a page that re-attaches draws it all
+        steps = [{"step": row["step"], **row["losses"]}
+                 for row in read_history(erase_run_dir(ex.store.work_dir(job.id))) if row.get("losses")]
         active = job.status in ACTIVE
         # the queue line is true only while queued; afterwards the status line says what happened
         queue_line = queue_text(job_id) if job.status == "queued" else ""
         return (gr.Timer(active=active), progress_html(job), status_text(job, settings.public),
-                plots.loss_figure(history) if history else gr.skip(),
+                plots.loss_figure(steps) if steps else gr.skip(),
                 plots.targets_figure(progress["targets"]) if progress.get("targets") else gr.skip(),
-                progress.get("preview") or gr.skip(), history, queue_line,
+                progress.get("preview") or gr.skip(), queue_line,
                 job_id if job.status == "done" else gr.skip())
 
     def job_status_json(job_id, owner="", request: gr.Request = None):
@@ -170,20 +173,19 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
     progress_box = gr.HTML(progress_html(None), js_on_load=None)
     status_md = gr.Markdown(elem_id="job_status")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss terms per step")
+        loss_plot = gr.Plot(label="Loss terms per step", elem_id="loss_plot")
         targets_plot = gr.Plot(label="π: AGE's current top targets")
         preview = gr.Image(label="preview of the erased concept", height=160)
     timer = gr.Timer(1.0, active=False)
-    history = gr.State([])
 
     method.change(on_method, method, [preset, iterations], api_visibility="private")
     preset.change(on_preset, [method, preset], iterations, api_visibility="private")
     start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target,
                                   vocab, own_candidates, page.owner],
-                    [page.job_id, page.saved_job, timer, history, queue_md], api_name="start_erase",
+                    [page.job_id, page.saved_job, timer, queue_md], api_name="start_erase",
                     api_visibility=page.api)
-    timer.tick(tick, [page.job_id, history, page.owner],
-               [timer, progress_box, status_md, loss_plot, targets_plot, preview, history, queue_md, page.runs_changed],
+    timer.tick(tick, [page.job_id, page.owner],
+               [timer, progress_box, status_md, loss_plot, targets_plot, preview, queue_md, page.runs_changed],
                show_progress="hidden", api_visibility="private")
     job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
     job_box.submit(job_status_json, [job_box, page.owner], job_json, api_name="job_status", api_visibility=page.api)
