@@ -2,18 +2,26 @@
 
 Starts ``python app.py`` on a free local port (toy model on the CPU, a fresh data dir) as its own
 process, as a deployment runs it, runs the same erasure twice through the page's API, first alone
-and then while ``--users`` gradio_client threads (in this process, like browsers elsewhere) keep
-selecting concepts, reading spillover rows and generating images, and prints a table: requests
-served, errors, latency percentiles per endpoint, the erasure's time alone and under load, and
-whether both runs produced the same weights (same checksum of the delta).
+and then while ``--users`` gradio_client users keep selecting concepts, reading spillover rows and
+generating images, and prints a table: requests served, errors, latency percentiles per endpoint,
+the erasure's time alone and under load, and whether both runs produced the same weights (same
+checksum of the delta).
 
-    python scripts/load_test.py --users 10 --iterations 40
+The users stand for browsers on other machines, but run on this one. By default each is its own
+process at the lowest CPU priority (``--client-niceness 19``), so that the server, not the clients'
+own work, is what is measured; ``--clients threads --client-niceness 0`` runs them as threads of
+this process at normal priority (they then also wait for each other's GIL).
+
+    python scripts/load_test.py --users 20 --iterations 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import queue
 import random
 import socket
 import subprocess
@@ -60,8 +68,10 @@ def erase_and_wait(client: Client, concept: str, iterations: int) -> tuple[dict,
         time.sleep(0.5)
 
 
-def user(url: str, graph: str, concepts: list[str], stop: threading.Event, seed: int,
-         latencies: dict, errors: list, lock: threading.Lock) -> None:
+def user(url: str, graph: str, concepts: list[str], stop, seed: int, niceness: int, results) -> None:
+    """One simulated user: random requests, one at a time, until ``stop``; puts (latencies, errors)."""
+    if niceness:
+        os.nice(niceness)
     rng = random.Random(seed)
     client = Client(url, verbose=False)
     first = rng.randrange(1000)
@@ -70,16 +80,16 @@ def user(url: str, graph: str, concepts: list[str], stop: threading.Event, seed:
         ("concept_spillover", lambda c: client.predict(c, graph, api_name="/concept_spillover")),
         ("generate", lambda c: client.predict(f"a {c}", f"{first}-{first + 1}", "original", api_name="/generate")),
     ]
+    latencies, errors = defaultdict(list), []
     while not stop.is_set():
         name, action = rng.choice(actions)
         start = time.time()
         try:
             action(rng.choice(concepts))
-            with lock:
-                latencies[name].append(time.time() - start)
+            latencies[name].append(time.time() - start)
         except Exception as err:  # recorded and reported: the point is to count them
-            with lock:
-                errors.append(f"{name}: {err}")
+            errors.append(f"{name}: {err}")
+    results.put((dict(latencies), errors))
 
 
 def main() -> int:
@@ -87,6 +97,10 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=40, help="model steps of the erasure (toy preset)")
     parser.add_argument("--concept", default="red circle")
+    parser.add_argument("--clients", choices=["processes", "threads"], default="processes",
+                        help="each user a process of its own (default), or a thread of this process")
+    parser.add_argument("--client-niceness", type=int, default=19,
+                        help="CPU niceness of the users (19: the lowest priority; 0: as the server)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -106,22 +120,36 @@ def main() -> int:
             concepts = [c["concept"] for c in client.predict(graph, api_name="/list_concepts")]
 
             alone, alone_s = erase_and_wait(client, args.concept, args.iterations)
-            latencies, errors, lock, stop = defaultdict(list), [], threading.Lock(), threading.Event()
-            threads = [threading.Thread(target=user, args=(url, graph, concepts, stop, i, latencies, errors, lock))
-                       for i in range(args.users)]
-            for t in threads:
-                t.start()
+            if args.clients == "processes":
+                ctx = multiprocessing.get_context("spawn")
+                stop, results, start_user = ctx.Event(), ctx.Queue(), ctx.Process
+            else:
+                stop, results, start_user = threading.Event(), queue.Queue(), threading.Thread
+                if args.client_niceness:  # threads share the process's priority: this one steps back too
+                    os.nice(args.client_niceness)
+            users = [start_user(target=user, args=(url, graph, concepts, stop, i,
+                                                   args.client_niceness if args.clients == "processes" else 0,
+                                                   results)) for i in range(args.users)]
+            for u in users:
+                u.start()
             loaded, loaded_s = erase_and_wait(client, args.concept, args.iterations)
             stop.set()
-            for t in threads:
-                t.join()
+            latencies, errors = defaultdict(list), []
+            for _ in users:
+                user_latencies, user_errors = results.get(timeout=600)
+                for name, values in user_latencies.items():
+                    latencies[name] += values
+                errors += user_errors
+            for u in users:
+                u.join()
         finally:
             server.terminate()
             server.wait(30)
 
         sums = [read_manifest(Path(s["artifacts"]["run_dir"]))["delta_sha256"] if s["status"] == "done" else None
                 for s in (alone, loaded)]
-    print(f"{args.users} users for {loaded_s:.0f} s against graph {graph!r}")
+    print(f"{args.users} users ({args.clients}, niceness {args.client_niceness}) for {loaded_s:.0f} s "
+          f"against graph {graph!r}")
     print(f"{'endpoint':<20}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
     for name, values in sorted(latencies.items()):
         v = np.array(values)

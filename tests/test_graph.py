@@ -48,6 +48,11 @@ def test_sweep_on_a_subset_writes_correct_files(toy_bundle, toy_subset, tmp_path
     assert set(corr.measure) == {"text_l2", "text_cosine", "output_distance"}
     text = summary(store, toy_subset, sim)
     assert "locality" in text and "asymmetry" in text and "abnormal" in text and "predicts" in text
+    # the explorer's drawings of a graph are cached by its version, which a new row changes
+    version = store.version()
+    assert store.version() == version
+    store.add_row("red circle", edges[edges.erased == "red circle"].assign(delta_top1=0.5))
+    assert store.version() != version
 
 
 def test_killed_sweep_resumes_without_redoing_rows(toy_bundle, toy_subset, tmp_path, monkeypatch):

@@ -156,6 +156,8 @@ def test_worker_process_runs_jobs_in_its_own_process_with_its_threads(tiny_sd_di
         long_job = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=500))
         _wait(lambda: store.get(long_job).step >= 2, 120, "the job to make progress in the worker process")
         assert worker.process.pid != os.getpid() and worker.process.is_alive()
+        # a lower CPU priority than the server's: requests go first on a busy CPU
+        assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 10
         assert store.cancel(long_job) == "cancelling"
         _wait(lambda: store.get(long_job).status == "cancelled", 60, "the cancel to reach the worker process")
         short_job = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=2))

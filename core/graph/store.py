@@ -114,6 +114,12 @@ class GraphStore:
             return pd.DataFrame(columns=EDGE_COLUMNS)
         return _read(path, lambda p: pd.read_csv(p, keep_default_na=False), tuple(EDGE_COLUMNS))
 
+    def version(self) -> tuple:
+        """Changes whenever a file of the graph is rewritten (files are replaced atomically): a key for
+        caching what is drawn from it."""
+        return tuple((name, path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else (name,)
+                     for name in (META, NODES, EDGES, RECOVERY) for path in [self.folder / name])
+
     def check(self) -> None:
         """Read every file once: a damaged one raises :class:`DamagedGraphError` naming it."""
         self.meta(), self.nodes(), self.edges()

@@ -4,9 +4,11 @@ of the prompts and similarity against Δ."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from age_explorer.core.app.workflows import prompt_for
 from age_explorer.core.graph.store import GraphStore
@@ -38,16 +40,27 @@ def build(page: Page) -> GraphTab:
             graphs.update(ex.graph_dirs())  # a graph computed since the page was built
         return GraphStore(graphs[name])
 
-    def graph_outputs(name, threshold, grouping, selected):
-        if not name:
-            return EMPTY_FIG, None, "No graph yet: compute one with `age-explorer graph`.", None
-        store = store_of(name)
+    @functools.lru_cache(maxsize=512)
+    def drawn(folder: str, version: tuple, name: str, threshold: float, grouping: str | None, selected: str | None):
+        """The figures of one view of a graph, kept while its files are unchanged (``version``): many
+        visitors click the same nodes, and building the network figure takes most of a second of
+        CPU that the other requests of the server wait for."""
+        store = GraphStore(folder)
         nodes, edges = store.nodes(), store.edges()
         col = f"group_{grouping}" if grouping else None
         fig = plots.network_figure(nodes, edges, threshold, col, selected, recovery=store.recovery())
         heat = plots.heatmap_figure(store.matrix(), nodes, col, f"Δ (rows = erased): {name}")
         details, bar = details_of(store, selected)
-        return fig.to_json(), heat, details, bar
+        return fig.to_json(), heat.to_json(), details, bar.to_json() if bar is not None else None
+
+    def graph_outputs(name, threshold, grouping, selected):
+        if not name:
+            return EMPTY_FIG, None, "No graph yet: compute one with `age-explorer graph`.", None
+        store = store_of(name)
+        network, heat, details, bar = drawn(str(store.folder), store.version(), name, float(threshold),
+                                            grouping or None, selected or None)
+        # gr.Plot takes the cached JSON as is (a figure would be validated and serialised again)
+        return network, PlotData(type="plotly", plot=heat), details, PlotData(type="plotly", plot=bar) if bar else None
 
     def details_of(store, selected):
         meta = store.meta()
