@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c = toy_sub.add_parser("compare", help="AGE vs ESD-'' spillover on related concepts (the paper's claim)")
     c.add_argument("--model", default="toy")
     c.add_argument("--concept", action="append", default=None, help="erased concept (repeat; default: 5)")
-    c.add_argument("--variant", action="append", default=None, help="ESD '', AGE (paper search), AGE (damage search)")
+    c.add_argument("--variant", action="append", default=None,
+                   help="a variant (repeat), e.g. \"ESD ''\" or \"AGE (paper search)\"; an unknown name lists them all "
+                        "(default: ESD '', the paper's and the damage search)")
     c.add_argument("--images-per-concept", type=int, default=32)
     c.add_argument("--seed", type=int, default=1000)
     c.add_argument("--threads", type=int, default=None)

@@ -40,6 +40,7 @@ VARIANTS = {
     "AGE (damage search)": RowRecipe("age", "toy", {"target_search": "damage"}),
     "AGE fast (paper search)": RowRecipe("age", "toy-fast", {}),
     "AGE fast (damage search)": RowRecipe("age", "toy-fast", {"target_search": "damage"}),
+    "AGE fast (damage_floor search)": RowRecipe("age", "toy-fast", {"target_search": "damage_floor"}),
 }
 DEFAULT_VARIANTS = ["ESD ''", "AGE (paper search)", "AGE (damage search)"]
 
