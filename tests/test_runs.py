@@ -102,6 +102,8 @@ def age_run(toy_bundle, tmp_path_factory):
 
 def test_an_age_run_reads_back_as_written(age_run, tmp_path):
     manifest = _round_trips(age_run.run_dir, tmp_path)
+    # what erase returned is what it wrote (tuples of the targets become JSON lists)
+    assert json.loads(json.dumps(age_run.manifest.to_dict())) == manifest.to_dict()
     assert manifest.method == "age" and manifest.concepts == [CONCEPT] and manifest.status == "done"
     assert manifest.config["candidates"] == CANDIDATES and manifest.config.get("target") is None
     assert manifest.targets[CONCEPT][0][0] in CANDIDATES and manifest.candidates == {CONCEPT: 4}
