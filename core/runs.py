@@ -213,25 +213,12 @@ _REQUIRED = tuple(f.name for f in fields(RunManifest)
                   if f.init and f.default is MISSING and f.default_factory is MISSING)
 
 
-def read_manifest(run_dir: Path) -> dict:
-    try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CorruptRunError(f"{run_dir / MANIFEST} is missing or not valid JSON: {err}") from err
-    if manifest.get("kind") != RUN_KIND:
-        raise CorruptRunError(f"{run_dir} is not an erasure run folder")
-    if manifest.get("status") != "done":
-        raise CorruptRunError(f"the run in {run_dir} did not finish (status {manifest.get('status')!r}); "
-                              f"resume it with `age-explorer erase ... --out {run_dir} --resume`")
-    return manifest
-
-
 def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
     """Overwrite the base UNet's weights with the run's, after checking the delta and the base."""
-    path = run_dir / manifest.get("delta_file", DELTA)
+    path = run_dir / (manifest.delta_file or DELTA)
     if not path.is_file():
         raise CorruptRunError(f"{path} is missing")
-    if file_sha256(path) != manifest.get("delta_sha256"):
+    if file_sha256(path) != manifest.delta_sha256:
         raise CorruptRunError(f"{path} does not match the checksum in its manifest (truncated or modified)")
     try:
         delta = load_file(str(path))
@@ -243,7 +230,7 @@ def apply_delta(bundle, run_dir: Path, manifest: dict) -> None:
         raise CorruptRunError(f"the delta in {run_dir} does not fit the base model {bundle.source!r} "
                               f"({len(unknown)} parameter(s) missing or of another shape, e.g. {unknown[0]})")
     base_print = fingerprint({n: params[n] for n in delta})
-    if manifest.get("base_fingerprint") not in (None, base_print):
+    if manifest.base_fingerprint not in (None, base_print):
         raise CorruptRunError(f"the run in {run_dir} was made on other base weights than {bundle.source!r}")
     with torch.no_grad():
         for name, value in delta.items():

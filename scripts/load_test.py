@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from gradio_client import Client
 
-from age_explorer.core.runs import read_manifest
+from age_explorer.core.runs import RunManifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def main() -> int:
             server.terminate()
             server.wait(30)
 
-        sums = [read_manifest(Path(s["artifacts"]["run_dir"]))["delta_sha256"] if s["status"] == "done" else None
+        sums = [RunManifest.read(Path(s["artifacts"]["run_dir"])).delta_sha256 if s["status"] == "done" else None
                 for s in (alone, loaded)]
     print(f"{args.users} users for {loaded_s:.0f} s against graph {graph!r}")
     print(f"{'endpoint':<20}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
