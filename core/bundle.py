@@ -14,12 +14,16 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from .backends import Backend, backend_for, backends
 from .device import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from .runs import RunManifest
 
 # ``from_pretrained`` builds modules on the "meta" device by patching torch for the whole process
 # (accelerate's init_empty_weights), so two loads at once break each other ("Cannot copy out of meta
@@ -66,7 +70,7 @@ class ModelBundle:
     default_guidance: float = 7.5
     default_eta: float = 0.0  # DDIM eta of generate(); 0 = deterministic DDIM
     base_source: str | None = None  # a run folder's bundle: the base model it was loaded from
-    run_manifest: dict | None = None  # a run folder's bundle: the run's manifest
+    run_manifest: RunManifest | None = None  # a run folder's bundle: the run's manifest
 
     @property
     def kind(self) -> str:
@@ -218,15 +222,15 @@ def _load_bundle(model, device, dtype, local_files_only, revision) -> ModelBundl
     if path is not None:
         if not path.is_dir():
             raise ValueError(f"{source} is a file; a model is a folder (a diffusers pipeline or a toy model)")
-        from .runs import apply_delta, is_run_dir, read_manifest
+        from .runs import RunManifest, apply_delta, is_run_dir
 
         if is_run_dir(path):
-            manifest = read_manifest(path)
-            bundle = load_bundle(manifest["base_model"], device=dev, dtype=dt,
-                                 local_files_only=local_files_only, revision=manifest.get("base_revision"))
-            if manifest.get("base_revision") and bundle.revision and manifest["base_revision"] != bundle.revision:
-                raise ValueError(f"run {source} was made on revision {manifest['base_revision']} of "
-                                 f"{manifest['base_model']}, but revision {bundle.revision} is installed; "
+            manifest = RunManifest.read(path)
+            bundle = load_bundle(manifest.base_model, device=dev, dtype=dt,
+                                 local_files_only=local_files_only, revision=manifest.base_revision)
+            if manifest.base_revision and bundle.revision and manifest.base_revision != bundle.revision:
+                raise ValueError(f"run {source} was made on revision {manifest.base_revision} of "
+                                 f"{manifest.base_model}, but revision {bundle.revision} is installed; "
                                  f"its changed weights only apply to the model they were trained from")
             apply_delta(bundle, path, manifest)
             bundle.run_manifest = manifest

@@ -24,7 +24,7 @@ from .device import resolve_dtype
 from .export_lora import (DEFAULT_RANK, FULL_RANK, KOHYA_FILE, PEFT_FILE, LoraExportConfig, lowrank_delta,
                           lowrank_summary)
 from .manifest import environment_versions, write_json_atomic
-from .runs import DELTA, MANIFEST, read_manifest
+from .runs import DELTA, MANIFEST, RunManifest
 
 FORMATS = ("delta", "diffusers", "lora")
 SHEET = "before_after.png"  # the before/after contact sheet a run folder or an export holds
@@ -47,14 +47,14 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def model_card(manifest: dict, run_dir: Path, fmt: str, lora: dict | None = None, sheet: bool = False) -> str:
+def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None = None, sheet: bool = False) -> str:
     """README.md with YAML front matter for the Hub. ``lora``: the LoRA export's summary; ``sheet``:
     the export holds the before/after contact sheet."""
     from .backends import get_backend
 
-    backend = get_backend(manifest.get("base_model_kind", "stable-diffusion"))
-    base = manifest["base_model"]
-    tags = ["concept-erasure", "age-explorer", manifest["method"], *backend.card_tags] + (["lora"] if fmt == "lora" else [])
+    backend = get_backend(manifest.base_model_kind or "stable-diffusion")
+    base = manifest.base_model
+    tags = ["concept-erasure", "age-explorer", manifest.method, *backend.card_tags] + (["lora"] if fmt == "lora" else [])
     front = ["---"]
     license_ = backend.card_license or base_license(base)
     if license_:
@@ -66,14 +66,14 @@ def model_card(manifest: dict, run_dir: Path, fmt: str, lora: dict | None = None
     if fmt == "diffusers":
         front.append("pipeline_tag: text-to-image")
     front += ["tags:"] + [f"  - {t}" for t in tags] + ["---", ""]
-    concepts = ", ".join(f"\"{c}\"" for c in manifest["concepts"])
-    lines = [f"# {manifest['method'].upper()} erasure of {concepts}", "",
+    concepts = ", ".join(f"\"{c}\"" for c in manifest.concepts)
+    lines = [f"# {manifest.method.upper()} erasure of {concepts}", "",
              f"Base model: `{base}`{backend.card_base_note}. "
-             f"Made with AGE Explorer: method **{manifest['method']}**, preset **{manifest.get('preset')}**, "
-             f"seed {manifest.get('seed')}, {_steps_text(manifest)} on {manifest.get('device')}.", ""]
+             f"Made with AGE Explorer: method **{manifest.method}**, preset **{manifest.preset}**, "
+             f"seed {manifest.seed}, {_steps_text(manifest)} on {manifest.device}.", ""]
     if fmt == "delta":
         lines += [f"This export holds only the changed UNet weights (`{DELTA}`, "
-                  f"{manifest.get('changed_parameters')} tensors). Load them on top of the base model with "
+                  f"{manifest.changed_parameters} tensors). Load them on top of the base model with "
                   f"`age-explorer generate --model FOLDER` or `age_explorer.core.bundle.load_bundle(FOLDER)`.", ""]
     elif fmt == "lora":
         lines += _lora_section(lora or {})
@@ -83,29 +83,28 @@ def model_card(manifest: dict, run_dir: Path, fmt: str, lora: dict | None = None
     if sheet:
         lines += ["## Before and after", "", f"Same prompts and seeds ({', '.join(map(str, SHEET_SEEDS))}), "
                   f"the base model against the erased one.", "", f"![before and after]({SHEET})", ""]
-    if manifest.get("targets"):
+    if manifest.targets:
         lines += ["## Targets found by AGE", "", "| erased concept | top targets (pi) |", "|---|---|"]
-        for concept, targets in manifest["targets"].items():
+        for concept, targets in manifest.targets.items():
             lines.append(f"| {concept} | " + ", ".join(f"{w} ({p:.2f})" for w, p in targets) + " |")
         lines.append("")
-    if manifest.get("deviations_from_paper"):
-        lines += ["## Deviations from the paper's recipe", ""] + [f"- {d}" for d in manifest["deviations_from_paper"]] + [""]
+    if manifest.deviations_from_paper:
+        lines += ["## Deviations from the paper's recipe", ""] + [f"- {d}" for d in manifest.deviations_from_paper] + [""]
     spill = run_dir / "spillover.csv"
     if spill.is_file():
         table = pd.read_csv(spill)
         lines += ["## Measured spillover", "", "Delta = G before - G after (share of generated images the "
                   "classifier recognises), same prompts and seeds.", "", _markdown(table), ""]
-    cfg = manifest.get("config", {})
-    lines += ["## Configuration", "", "```json", _json(cfg), "```", "",
-              "## Versions", "", "```json", _json(manifest.get("versions", environment_versions())), "```", ""]
+    lines += ["## Configuration", "", "```json", _json(manifest.config), "```", "",
+              "## Versions", "", "```json", _json(manifest.versions or environment_versions()), "```", ""]
     return "\n".join(front + lines)
 
 
-def _steps_text(manifest: dict) -> str:
+def _steps_text(manifest: RunManifest) -> str:
     """AGE's loop alternates model (theta) and pi steps; its ``steps_done`` counts both."""
-    done = int(manifest.get("steps_done") or 0)
-    every = manifest.get("config", {}).get("pgd_num_steps")
-    if manifest.get("method") == "age" and every:
+    done = int(manifest.steps_done or 0)
+    every = manifest.config.get("pgd_num_steps")
+    if manifest.method == "age" and every:
         model = math.ceil(done / int(every))
         return f"{_count(model, 'model step')} and {_count(done - model, 'pi step')}"
     return _count(done, "model step")
@@ -194,7 +193,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
         stored_dtype = resolve_dtype(dtype, torch.device("cuda"))  # any dtype can be stored, whatever the device
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    manifest = read_manifest(run_dir)
+    manifest = RunManifest.read(run_dir)
     name = validate_name(name or f"{run_dir.name}-{fmt}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,18 +234,18 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
     return final
 
 
-def run_weights(run_dir: Path, manifest: dict, erased) -> tuple[dict, dict]:
+def run_weights(run_dir: Path, manifest: RunManifest, erased) -> tuple[dict, dict]:
     """(base, erased) float32 CPU values of the UNet tensors the run changed."""
     from .bundle import load_bundle
 
-    delta = load_file(str(run_dir / manifest.get("delta_file", DELTA)))
-    base = load_bundle(erased.base_source, device="cpu", revision=manifest.get("base_revision"))
+    delta = load_file(str(run_dir / (manifest.delta_file or DELTA)))
+    base = load_bundle(erased.base_source, device="cpu", revision=manifest.base_revision)
     params = dict(base.unet.named_parameters())
     base_values = {n: params[n].detach().float().clone() for n in delta}
     return base_values, {n: t.float() for n, t in delta.items()}
 
 
-def _export_lora(run_dir: Path, manifest: dict, erased, config: LoraExportConfig, folder: Path) -> dict:
+def _export_lora(run_dir: Path, manifest: RunManifest, erased, config: LoraExportConfig, folder: Path) -> dict:
     base_values, erased_values = run_weights(run_dir, manifest, erased)
     factors = lowrank_delta(erased.unet, base_values, erased_values, config.rank)
     save_file(factors.peft_state_dict(), str(folder / PEFT_FILE), metadata={"format": "pt"})
@@ -259,13 +258,13 @@ def _export_lora(run_dir: Path, manifest: dict, erased, config: LoraExportConfig
                "kohya_file": KOHYA_FILE, "requested_rank": config.rank or FULL_RANK}
     write_json_atomic(folder / EXPORT_MANIFEST, {
         "kind": "age-explorer LoRA export", "lora": summary, "config": config.to_dict(),
-        "run": {k: manifest.get(k) for k in ("method", "preset", "concepts", "seed", "steps_done", "base_model",
+        "run": {k: getattr(manifest, k) for k in ("method", "preset", "concepts", "seed", "steps_done", "base_model",
                                              "base_revision", "base_fingerprint", "delta_sha256")},
         "versions": environment_versions()})
     return summary
 
 
-def _before_after_sheet(run_dir: Path, manifest: dict, erased, path: Path, progress=None) -> bool:
+def _before_after_sheet(run_dir: Path, manifest: RunManifest, erased, path: Path, progress=None) -> bool:
     """Copy the run's contact sheet, or draw one when the model is cheap to sample (its backend writes
     previews during erasure); False when there is none."""
     if (run_dir / SHEET).is_file():
@@ -279,8 +278,8 @@ def _before_after_sheet(run_dir: Path, manifest: dict, erased, path: Path, progr
 
     concept_set = erased.backend.concept_set()
     prompts = [concept_set.template.format(concept=c) if concept_set and c in concept_set.concepts else c
-               for c in manifest["concepts"]]
-    base = load_bundle(erased.base_source, device="cpu", revision=manifest.get("base_revision"))
+               for c in manifest.concepts]
+    base = load_bundle(erased.base_source, device="cpu", revision=manifest.base_revision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptWarning)
         before, after = (generate(b, prompts, SHEET_SEEDS, progress=progress) for b in (base, erased))

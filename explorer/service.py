@@ -25,7 +25,7 @@ from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore
 from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
 from age_explorer.core.paths import assets_dir
-from age_explorer.core.runs import run_weights
+from age_explorer.core.runs import RunManifest, run_weights
 
 
 log = logging.getLogger("age_explorer.explorer")
@@ -229,12 +229,12 @@ class Explorer:
         """The finished run a page label names (ValueError when there is none, or not the caller's)."""
         return find_run(self.runs(owner), label)
 
-    def esd_counterpart(self, run_dir: str, manifest: dict, owner: str | None = None) -> str | None:
+    def esd_counterpart(self, run_dir: str, manifest: RunManifest, owner: str | None = None) -> str | None:
         """The newest finished ESD run of the same concepts, to show beside an AGE run."""
-        if manifest.get("method") != "age":
+        if manifest.method != "age":
             return None
         for other in self.runs(owner):
-            if other.path != run_dir and other.method == "esd" and list(other.concepts) == list(manifest["concepts"]):
+            if other.path != run_dir and other.method == "esd" and list(other.concepts) == manifest.concepts:
                 return other.path
         return None
 
@@ -273,11 +273,11 @@ class Explorer:
         return Path(archive)
 
 
-def before_after_rows(explorer: Explorer, manifest: dict) -> list[tuple[str, str]]:
+def before_after_rows(explorer: Explorer, manifest: RunManifest) -> list[tuple[str, str]]:
     """(label, concept) rows: erased concepts, AGE's top target, neighbours, unrelated concepts."""
-    concepts = list(manifest["concepts"])
+    concepts = list(manifest.concepts)
     rows = [("erased", c) for c in concepts]
-    for concept, targets in (manifest.get("targets") or {}).items():
+    for concept, targets in (manifest.targets or {}).items():
         if targets:
             rows.append((f"AGE target of {concept}", targets[0][0]))
     if explorer.is_toy:

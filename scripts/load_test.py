@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from gradio_client import Client
 
-from age_explorer.core.runs import read_manifest
+from age_explorer.core.runs import RunManifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def main() -> int:
             server.terminate()
             server.wait(30)
 
-        sums = [read_manifest(Path(s["artifacts"]["run_dir"]))["delta_sha256"] if s["status"] == "done" else None
+        sums = [RunManifest.read(Path(s["artifacts"]["run_dir"])).delta_sha256 if s["status"] == "done" else None
                 for s in (alone, loaded)]
     print(f"{args.users} users ({args.clients}, niceness {args.client_niceness}) for {loaded_s:.0f} s "
           f"against graph {graph!r}")

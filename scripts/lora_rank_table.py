@@ -31,7 +31,7 @@ from age_explorer.core.export_lora import PEFT_FILE, parse_rank
 from age_explorer.core.graph.capability import CapabilitySpec, load_evaluator
 from age_explorer.core.graph.concept_sets import load_concept_set
 from age_explorer.core.manifest import environment_versions, write_json_atomic
-from age_explorer.core.runs import is_run_dir, read_manifest
+from age_explorer.core.runs import RunManifest, is_run_dir
 from age_explorer.core.sampling import generate
 
 
@@ -61,8 +61,8 @@ def main() -> None:
     started = time.time()
     if not is_run_dir(run_dir):
         erase(base, make_config("age", "toy-fast", concepts=[args.concept]), run_dir)
-    manifest = read_manifest(run_dir)
-    concept = manifest["concepts"][0]
+    manifest = RunManifest.read(run_dir)
+    concept = manifest.concepts[0]
     world = base.backend.world
     concept_set = load_concept_set("toy", base)
     evaluator = load_evaluator("toy", base, concept_set)
@@ -98,9 +98,9 @@ def main() -> None:
     table = pd.DataFrame(rows)
     table.to_csv(out / "rank_table.csv", index=False)
     write_json_atomic(out / "manifest.json", {
-        "kind": "age-explorer LoRA rank table", "run": str(run_dir), "run_method": manifest["method"],
-        "run_preset": manifest["preset"], "concept": concept, "base_model": manifest["base_model"],
-        "base_revision": manifest.get("base_revision"), "ranks": args.ranks, "capability": spec.to_dict(),
+        "kind": "age-explorer LoRA rank table", "run": str(run_dir), "run_method": manifest.method,
+        "run_preset": manifest.preset, "concept": concept, "base_model": manifest.base_model,
+        "base_revision": manifest.base_revision, "ranks": args.ranks, "capability": spec.to_dict(),
         "seeds": spec.seeds(), "threads": args.threads, "seconds": round(time.time() - started, 1),
         "versions": environment_versions()})
     print(markdown(table))

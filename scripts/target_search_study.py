@@ -79,7 +79,7 @@ def run_row(variant: str, concept: str, preset: str, iterations: int | None, ima
     from age_explorer.core.erasure import erase, make_config
     from age_explorer.core.erasure.preservation import target_preservation
     from age_explorer.core.graph.capability import CapabilitySpec, capability
-    from age_explorer.core.runs import run_weights
+    from age_explorer.core.runs import RunManifest, run_weights
 
     bundle, concept_set, evaluator = _worker["bundle"], _worker["concept_set"], _worker["evaluator"]
     world = bundle.backend.world
@@ -92,12 +92,12 @@ def run_row(variant: str, concept: str, preset: str, iterations: int | None, ima
     if run_dir.exists() and not _finished(run_dir):
         shutil.rmtree(run_dir)  # killed mid-erasure: start the row again
     if _finished(run_dir):
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest = RunManifest.read(run_dir)
     else:
         config = make_config(method, own_preset or preset, concepts=[concept], **options)
         manifest = erase(bundle, config, run_dir).manifest
-    erase_seconds = manifest["seconds"]
-    targets = manifest.get("targets", {}).get(concept, [])
+    erase_seconds = manifest.seconds
+    targets = (manifest.targets or {}).get(concept, [])
     top1 = targets[0][0] if targets else None
     measured = [concept] + world.same_shape(concept) + world.same_colour(concept)
     if top1 in world.names and top1 not in measured:
@@ -115,26 +115,27 @@ def run_row(variant: str, concept: str, preset: str, iterations: int | None, ima
            "G_after_same_colour": _mean(g, world.same_colour(concept)),
            "top1_target": top1, "top1_pi": targets[0][1] if targets else None,
            "top1_target_G_after": kept.get("G_after"), "top1_target_note": kept.get("note")}
-    picks = manifest.get("neighbour_picks")
+    picks = manifest.neighbour_picks
     if picks:
         row.update(neighbour_share=picks["share"], neighbour_share_last_quarter=picks["share_last_quarter"],
                    neighbour_chance=picks["chance"])
-    near = manifest.get("near_copy", {}).get(concept)
+    near = (manifest.near_copy or {}).get(concept)
     if near:
         row.update(top1_text_rank=near[0]["text_rank"], top1_output_rank=near[0]["output_rank"],
                    top1_output_vs_median=near[0]["output_vs_median"])
-    erase_term = manifest.get("erase_term", {}).get(concept)
+    erase_term = (manifest.erase_term or {}).get(concept)
     if erase_term:
         row.update(erase_term_first_quarter=erase_term[0], erase_term_last_quarter=erase_term[-1])
-    if "erase_weight" in manifest:
-        row["erase_weight_final"] = manifest["erase_weight"]
+    if manifest.erase_weight is not None:
+        row["erase_weight_final"] = manifest.erase_weight
     row.update(erase_seconds=round(erase_seconds, 1), seconds=round(time.time() - start, 1), pid=os.getpid())
     return row
 
 
 def _finished(run_dir: Path) -> bool:
-    manifest = run_dir / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "done"
+    from age_explorer.core.runs import MANIFEST, RunManifest
+
+    return (run_dir / MANIFEST).is_file() and RunManifest.read(run_dir, finished=False).status == "done"
 
 
 def _mean(values: dict[str, float], names: list[str]) -> float:

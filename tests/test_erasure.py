@@ -43,9 +43,9 @@ def test_each_method_changes_only_its_parameter_set(sd, tmp_path, method, option
     erased = load_bundle(str(tmp_path / "run"), device="cpu")
     allowed = PARAMETER_SETS[parameter_set][0]
     changed = [n for n, p in erased.unet.named_parameters() if not torch.equal(p, before[n])]
-    assert changed, f"the method changed nothing: {result.manifest['changed_parameters']}"
+    assert changed, f"the method changed nothing: {result.manifest.changed_parameters}"
     assert all(allowed(n) for n in changed), [n for n in changed if not allowed(n)]
-    assert result.manifest["changed_parameters"] == len(changed)
+    assert result.manifest.changed_parameters == len(changed)
 
 
 def test_save_load_reproduces_outputs_exactly(sd, tmp_path):
@@ -147,7 +147,7 @@ def test_pi_mixture_sums_to_one_and_excludes_the_concept(sd, tmp_path):
     names = set(targets.candidate)
     assert "a red circle" not in names and "A Red Circle" not in names and "a tree" not in names
     assert math.isclose(targets.pi.sum(), 1.0, rel_tol=1e-5)
-    assert set(result.manifest["excluded_candidates"]["a red circle"]) >= {"a red circle", "A Red Circle", "a tree"}
+    assert set(result.manifest.excluded_candidates["a red circle"]) >= {"a red circle", "A Red Circle", "a tree"}
 
 
 def test_every_step_reports_what_the_ui_needs(sd, tmp_path):
@@ -283,5 +283,5 @@ def test_esd_matches_noise_predictions_by_default_and_x0_is_an_option(sd, tmp_pa
     for space in ("eps", "x0"):
         config = make_config("esd", None, concepts=["a red circle"], loss_space=space, **TINY)
         result = erase(sd, config, tmp_path / space, callbacks=[lambda r, s=space: first.setdefault(s, r.losses)])
-        assert result.manifest["loss_space"] == space
+        assert result.manifest.loss_space == space
     assert first["eps"]["erase"] != first["x0"]["erase"]  # the same draws, another space

@@ -9,6 +9,7 @@ from age_explorer.core.app.cli.main import main
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.erasure.preservation import (PRESERVED_G, check_target_preservation, measurable_targets,
                                                      notes, target_preservation)
+from age_explorer.core.runs import RunManifest
 
 CONCEPT = "red circle"
 # whole toy concepts only, so that the top-1 target is one the toy classifier can judge
@@ -16,9 +17,10 @@ CANDIDATES = ["red square", "blue circle", "green triangle", "yellow ring"]
 
 
 def _manifest(target="red square", output_vs_median=0.3):
-    return {"targets": {CONCEPT: [[target, 0.6], ["blue ring", 0.1]]},
-            "near_copy": {CONCEPT: [{"candidate": target, "pi": 0.6, "text_rank": 0, "output_rank": 1,
-                                     "output_vs_median": output_vs_median}]}}
+    return RunManifest(status="done", method="age", concepts=[CONCEPT], config={}, steps_done=2, base_model="toy",
+                       targets={CONCEPT: [[target, 0.6], ["blue ring", 0.1]]},
+                       near_copy={CONCEPT: [{"candidate": target, "pi": 0.6, "text_rank": 0, "output_rank": 1,
+                                             "output_vs_median": output_vs_median}]})
 
 
 def test_a_lost_target_gets_a_note_with_the_signs_of_why():
@@ -48,9 +50,11 @@ def test_no_classifier_no_check():
 def test_an_age_run_records_its_top1_targets_own_g(toy_bundle, tmp_path):
     config = make_config("age", "toy-fast", concepts=[CONCEPT], candidates=CANDIDATES, iterations=2)
     erase(toy_bundle, config, tmp_path / "run")
+    before = json.loads((tmp_path / "run" / "manifest.json").read_text())
     record = check_target_preservation(toy_bundle, tmp_path / "run", images=2)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["target_preservation"] == record
+    assert manifest == {**before, "target_preservation": record}  # the rest of the manifest as it was
+    assert RunManifest.read(tmp_path / "run").target_preservation == record
     entry = record[CONCEPT]
     assert entry["target"] == manifest["targets"][CONCEPT][0][0] and entry["images"] == 2
     assert 0.0 <= entry["G_after"] <= 1.0 and entry["preserved"] == (entry["G_after"] >= PRESERVED_G)

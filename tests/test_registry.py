@@ -41,8 +41,8 @@ def test_the_documented_plugin_example_registers_and_runs(tiny_sd_dir, tmp_path)
         before = {n: p.detach().clone() for n, p in bundle.unet.named_parameters()}
         config = make_config("esd-plain", None, concepts=["a red circle"], iterations=2, ddim_steps=3)
         result = erase(bundle, config, tmp_path / "run")
-        assert result.status == "done" and result.manifest["method"] == "esd-plain"
-        assert result.manifest["changed_parameters"] > 0
+        assert result.status == "done" and result.manifest.method == "esd-plain"
+        assert result.manifest.changed_parameters > 0
         assert all(torch.equal(p, before[n]) for n, p in bundle.unet.named_parameters())  # weights restored
         with pytest.raises(ValueError, match="unknown esd-plain option"):
             make_config("esd-plain", None, concepts=["x"], lam=1.0)

@@ -1,6 +1,5 @@
 """AGE's target-search options and ablations: validation, and that each does what it says."""
 
-import json
 import math
 
 import pandas as pd
@@ -10,6 +9,7 @@ import torch
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.erasure.age import AGERun
+from age_explorer.core.runs import RunManifest
 from tests.tiny_models import CANDIDATES
 from tests.tiny_models import TINY_SD_RECIPE as TINY
 
@@ -58,7 +58,7 @@ def test_nearest_fixes_pi_on_the_candidate_closest_in_text(toy_bundle, tmp_path)
     assert all(r.targets[CONCEPT][0] == (nearest, 1.0) for r in reports)
     # frozen pi: its steps are no-ops
     assert all(r.losses == {} for r in reports if r.phase == "pi")
-    assert manifest["pi_mode"] == "nearest"
+    assert manifest.pi_mode == "nearest"
 
 
 def test_most_damaged_fixes_the_probes_argmax_and_puts_the_weights_back(toy_bundle, tmp_path):
@@ -109,7 +109,7 @@ def test_erasure_constraint_raises_the_weight_while_the_concept_is_made(toy_bund
     assert len(checks) == 2
     # two failed checks (G > 0 after two steps) double the weight twice, up to its ceiling
     assert [r.losses["erase_weight"] for r in reports if r.phase == "theta"] == [1.0, 2.0]
-    assert manifest["erase_weight"] == 3.0
+    assert manifest.erase_weight == 3.0
 
 
 def test_erasure_constraint_needs_a_classifier(tiny_sd_dir, tmp_path):
@@ -121,10 +121,10 @@ def test_erasure_constraint_needs_a_classifier(tiny_sd_dir, tmp_path):
 
 def test_runs_record_the_near_copy_measurements(toy_bundle, tmp_path):
     manifest, _, targets = _run(toy_bundle, tmp_path, "paper")
-    top = manifest["near_copy"][CONCEPT]
+    top = manifest.near_copy[CONCEPT]
     assert len(top) == 5 and {"text_rank", "output_rank", "output_vs_median", "pi"} <= set(top[0])
     assert (targets.output_distance > 0).all()
-    quarters = manifest["erase_term"][CONCEPT]
+    quarters = manifest.erase_term[CONCEPT]
     assert 1 <= len(quarters) <= 4 and all(q > 0 for q in quarters)
 
 
@@ -136,9 +136,8 @@ def test_two_stage_resumes_exactly(toy_bundle, tmp_path):
     # stop after the neighbourhood was chosen (step 4 of 6 is its first paper step)
     erase(toy_bundle, config, tmp_path / "split", callbacks=[lambda r: seen.append(r.step)], stop=lambda: len(seen) >= 5)
     erase(toy_bundle, config, tmp_path / "split", resume=True)
-    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
-    split = json.loads((tmp_path / "split" / "manifest.json").read_text())
-    assert whole["targets"] == split["targets"] and whole["delta_sha256"] == split["delta_sha256"]
+    whole, split = (RunManifest.read(tmp_path / name) for name in ("whole", "split"))
+    assert whole.targets == split.targets and whole.delta_sha256 == split.delta_sha256
 
 
 @pytest.mark.slow
@@ -175,7 +174,7 @@ def test_damage_floor_is_the_damage_search_with_the_floor_by_name():
 
 def test_damage_floor_runs_the_damage_search_without_near_copies(toy_bundle, tmp_path):
     manifest, reports, targets = _run(toy_bundle, tmp_path, "named", target_search="damage_floor")
-    assert manifest["config"]["near_copy_floor"] == 0.5
+    assert manifest.config["near_copy_floor"] == 0.5
     median = sorted(targets.output_distance)[(len(targets) - 1) // 2]
     dropped = targets[targets.output_distance < 0.5 * median]
     assert not dropped.allowed.any() and not {r.pick for r in reports} & set(dropped.candidate)

@@ -48,8 +48,8 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
 
     start = time.time()
     bundle = load_bundle(str(model), device=device, dtype=dtype, local_files_only=local_files_only)
-    run = bundle.run_manifest or {}
-    erased = config.erased or list(run.get("concepts", []))
+    run = bundle.run_manifest  # None unless the model is a run folder
+    erased = config.erased or (list(run.concepts) if run else [])
 
     # load every classifier and detector, and read every input, before the first image
     objects = _prepare_objects(bundle, config, erased) if "objects" in config.metrics else None
@@ -134,8 +134,8 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
                                         for p, s, v in zip(rows.prompt, rows.seed, scores)]}
     table += [{"metric": name, "scope": "all", "value": why, "n": 0} for name, why in unavailable.items()]
 
-    identity = {**bundle.graph_identity(), "evaluated": str(model), "method": run.get("method"),
-                "preset": run.get("preset"), "run_config": run.get("config")}
+    identity = {**bundle.graph_identity(), "evaluated": str(model), "method": run.method if run else None,
+                "preset": run.preset if run else None, "run_config": run.config if run else None}
     sampler = {"steps": config.steps or bundle.default_steps,
                "guidance": bundle.default_guidance if config.guidance is None else config.guidance,
                "eta": bundle.default_eta, "sampler": "DDIM (age_explorer.core.sampling)"}

@@ -24,7 +24,7 @@ from ..graph.concept_sets import ConceptSet
 from ..graph.sweep import RowRecipe, measure_row, open_graph
 from ..graph.store import GraphStore
 from ..imageio import contact_sheet, to_pil
-from ..runs import CorruptRunError, read_manifest, run_weights
+from ..runs import CorruptRunError, RunManifest, run_weights
 from ..sampling import generate, parse_seeds
 from .jobs import JobStore
 
@@ -59,14 +59,14 @@ def list_runs(store: JobStore, model: str, owner: str | None = None, public: boo
     folder = store.data_dir / RUNS_FOLDER
     for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
         try:
-            manifest = read_manifest(run_dir)
+            manifest = RunManifest.read(run_dir)
         except CorruptRunError:  # not a run, or one still running or stopped: not offered yet
             continue
-        if model not in (manifest.get("base_model"), manifest.get("model")):
+        if manifest.base_model != model:
             continue
-        concepts = tuple(manifest["concepts"])
-        runs.append(RunEntry(f"{manifest['method'].upper()}: {', '.join(concepts)} ({run_dir.name})",
-                             str(run_dir), manifest["method"], concepts, (run_dir / "manifest.json").stat().st_mtime))
+        concepts = tuple(manifest.concepts)
+        runs.append(RunEntry(f"{manifest.method.upper()}: {', '.join(concepts)} ({run_dir.name})",
+                             str(run_dir), manifest.method, concepts, (run_dir / "manifest.json").stat().st_mtime))
     return sorted(runs, key=lambda r: -r.finished)
 
 
@@ -188,11 +188,11 @@ def spillover_row(bundle: ModelBundle, run_dir: str | Path, concept_set: Concept
     model, into which the run's delta is swapped) and add it to the graph in ``graph_dir``, opened as
     ``age-explorer graph`` opens one (G₀ measured on first use). Also writes ``spillover.csv`` into the
     run folder. Returns the row and the graph."""
-    manifest = read_manifest(Path(run_dir))
-    concept = manifest["concepts"][0]
+    manifest = RunManifest.read(Path(run_dir))
+    concept = manifest.concepts[0]
     if concept not in concept_set.concepts:
         raise ValueError(f"{concept!r} is not in the concept set {concept_set.name}, so it has no row")
-    recipe = RowRecipe(manifest["method"], manifest.get("preset"), {"target": manifest["config"].get("target")})
+    recipe = RowRecipe(manifest.method, manifest.preset, {"target": manifest.config.get("target")})
     if progress:
         progress(0.05, "G₀ of the original model (once per graph)")
     store, spec, evaluator, nodes = open_graph(bundle, concept_set, graph_dir, recipe,

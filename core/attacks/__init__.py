@@ -127,7 +127,7 @@ def run_attack(run_dir: str | Path, attack: str, config: AttackConfig | None = N
     plain = [Probe(config.template.format(c=concept), target.bundle.encode([config.template.format(c=concept)]),
                    config.seed_list, config.guidance, "plain prompt")]
     plain_images, plain_hits = _images(target, "erased", plain, config, judge, progress, stop, "plain prompt")
-    key = json.dumps([target.manifest["base_model"], target.manifest.get("base_revision"), concept,
+    key = json.dumps([target.manifest.base_model, target.manifest.base_revision, concept,
                       config.to_dict(), judge.name], sort_keys=True)
     if cache is not None and key in cache:
         base_images, base_hits, original_images, original_hits = cache[key]
@@ -193,9 +193,9 @@ def _write(result: AttackResult, target: AttackTarget, judge: Judge, tensors: di
         bundle = target.bundle
         write_json_atomic(tmp / RESULT, {
             "kind": ATTACK_KIND, "attack": result.attack, "concept": result.concept,
-            "run_dir": str(target.run_dir), "run_method": target.manifest["method"],
-            "run_preset": target.manifest.get("preset"), "run_description": target.describe(),
-            "base_model": target.manifest["base_model"], "evaluator": judge.name,
+            "run_dir": str(target.run_dir), "run_method": target.manifest.method,
+            "run_preset": target.manifest.preset, "run_description": target.describe(),
+            "base_model": target.manifest.base_model, "evaluator": judge.name,
             "asr": result.asr, "asr_best": result.asr_best, "asr_base": result.asr_base,
             "asr_plain": result.asr_plain, "asr_original": result.asr_original,
             "images_per_probe": len(result.images["recovered"]), "probes": len(result.probes),

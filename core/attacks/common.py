@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import ModelBundle, load_bundle
-from ..runs import CorruptRunError, apply_delta, is_run_dir, read_manifest
+from ..runs import CorruptRunError, RunManifest, apply_delta, is_run_dir
 from ..sampling import initial_latents, parse_seeds, sample_latents
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -118,16 +118,16 @@ class AttackTarget:
         if not is_run_dir(self.run_dir):
             raise ValueError(f"{run_dir} is not an erased run (no erasure manifest.json): attack a folder "
                              f"written by `age-explorer erase`")
-        self.manifest = read_manifest(self.run_dir)
+        self.manifest = RunManifest.read(self.run_dir)
         m = self.manifest
-        bundle = load_bundle(m["base_model"], device=device, dtype=dtype, local_files_only=local_files_only,
-                             revision=m.get("base_revision"))
-        if m.get("base_revision") and bundle.revision and m["base_revision"] != bundle.revision:
-            raise CorruptRunError(f"run {run_dir} was made on revision {m['base_revision']} of {m['base_model']}, "
+        bundle = load_bundle(m.base_model, device=device, dtype=dtype, local_files_only=local_files_only,
+                             revision=m.base_revision)
+        if m.base_revision and bundle.revision and m.base_revision != bundle.revision:
+            raise CorruptRunError(f"run {run_dir} was made on revision {m.base_revision} of {m.base_model}, "
                                   f"but revision {bundle.revision} is installed")
         from safetensors import safe_open
 
-        with safe_open(str(self.run_dir / m.get("delta_file", "delta.safetensors")), "pt") as f:
+        with safe_open(str(self.run_dir / (m.delta_file or "delta.safetensors")), "pt") as f:
             names = list(f.keys())
         params = dict(bundle.unet.named_parameters())
         self.base_values = {n: params[n].detach().clone() for n in names if n in params}
@@ -140,7 +140,7 @@ class AttackTarget:
 
     @property
     def concepts(self) -> list[str]:
-        return list(self.manifest["concepts"])
+        return list(self.manifest.concepts)
 
     def concept(self, asked: str | None) -> str:
         if asked is None:
@@ -152,11 +152,11 @@ class AttackTarget:
 
     def describe(self) -> str:
         m = self.manifest
-        search = m.get("config", {}).get("target_search")
-        target = m.get("config", {}).get("target")
-        what = m["method"].upper() + (f" ({search} search)" if search else "") + \
+        search = m.config.get("target_search")
+        target = m.config.get("target")
+        what = m.method.upper() + (f" ({search} search)" if search else "") + \
             (f" target {target!r}" if target is not None else "")
-        return f"{what}, preset {m.get('preset')}"
+        return f"{what}, preset {m.preset}"
 
     @contextlib.contextmanager
     def weights(self, which: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from ..bundle import ModelBundle
-from ..manifest import environment_versions, folder_lock, write_json_atomic
-from ..runs import HISTORY_TABLE, MANIFEST, RUN_KIND, HistoryLog, fingerprint, write_delta
+from ..manifest import environment_versions, folder_lock
+from ..runs import HISTORY_TABLE, MANIFEST, HistoryLog, RunManifest, fingerprint, write_delta
 # each method module registers itself; a new method adds its import here
 from . import age, esd, uce  # noqa: F401
 from .config import PRESETS, AGEConfig, ESDConfig, UCEConfig, make_config, presets_for
@@ -35,7 +35,7 @@ class RunResult:
     run_dir: Path
     status: str  # "done" or "stopped"
     steps_done: int
-    manifest: dict
+    manifest: RunManifest
 
 
 def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Callback] | None = None,
@@ -68,29 +68,28 @@ def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
     callbacks = [HistoryLog(run_dir), *(callbacks or [])]
     result = get_method(config.method).runner(bundle, config, run_dir, callbacks, stop, resume)
     changed, history = result.changed, result.history
-    manifest = {
-        "kind": RUN_KIND,
-        "status": result.status,
-        "method": config.method,
-        "preset": config.preset,
-        "deviations_from_paper": list(config.deviations),
-        "concepts": list(config.concepts),
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "steps_done": result.steps_done,
-        "base_model": bundle.source,
-        "base_model_kind": bundle.kind,
-        "base_revision": bundle.revision,
-        "base_fingerprint": fingerprint(result.originals),
-        "device": str(bundle.device),
-        "dtype": str(bundle.dtype).replace("torch.", ""),
+    manifest = RunManifest(
+        status=result.status,
+        method=config.method,
+        preset=config.preset,
+        deviations_from_paper=list(config.deviations),
+        concepts=list(config.concepts),
+        config=config.to_dict(),
+        seed=config.seed,
+        steps_done=result.steps_done,
+        base_model=bundle.source,
+        base_model_kind=bundle.kind,
+        base_revision=bundle.revision,
+        base_fingerprint=fingerprint(result.originals),
+        device=str(bundle.device),
+        dtype=str(bundle.dtype).replace("torch.", ""),
         # the CPU thread count changes the order of float sums, so it is part of what reproduces a run
-        "cpu_threads": torch.get_num_threads() if bundle.device.type == "cpu" else None,
-        "loss_space": getattr(config, "loss_space", None),
-        "seconds": round(time.time() - started, 2),
-        "versions": environment_versions(),
-        **result.extra,
-    }
+        cpu_threads=torch.get_num_threads() if bundle.device.type == "cpu" else None,
+        loss_space=getattr(config, "loss_space", None),
+        seconds=round(time.time() - started, 2),
+        versions=environment_versions(),
+        **RunManifest.keywords(result.extra),  # the method's own results
+    )
     if history:
         pd.DataFrame(history).to_csv(run_dir / HISTORY_TABLE, index=False)
     pi_rows = [{"step": row["step"], "concept": row["concept"], "candidate": name, "pi": p}
@@ -98,7 +97,7 @@ def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
     if pi_rows:
         pd.DataFrame(pi_rows).to_csv(run_dir / "pi_history.csv", index=False)
     if result.status == "done":
-        manifest.update(write_delta(run_dir, changed))
+        manifest = replace(manifest, **write_delta(run_dir, changed))
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
-    write_json_atomic(run_dir / MANIFEST, manifest)
+    manifest.write(run_dir)
     return RunResult(run_dir, result.status, result.steps_done, manifest)

@@ -8,13 +8,14 @@ note on why, from what the run recorded (its output distance to the erased conce
 
 ``target_preservation`` turns already measured G values into the record (the target-search study
 measures the targets with the rest of its row); ``check_target_preservation`` measures them on a run
-folder and writes the record into its manifest (``target_preservation``).
+folder and writes the record into its manifest (``RunManifest.target_preservation``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..runs import RunManifest
 
 PRESERVED_G = 0.9
 # a target whose frozen output on the erased concept's latents is closer than this share of the median
@@ -22,16 +23,16 @@ PRESERVED_G = 0.9
 NEAR_COPY_SHARE = 0.5
 
 
-def top1_targets(manifest: dict) -> dict[str, tuple[str, float]]:
+def top1_targets(manifest: RunManifest) -> dict[str, tuple[str, float]]:
     """Erased concept -> (its top-1 target, π) of an AGE run's manifest."""
     return {concept: (targets[0][0], float(targets[0][1]))
-            for concept, targets in manifest.get("targets", {}).items() if targets}
+            for concept, targets in (manifest.targets or {}).items() if targets}
 
 
-def why_not_preserved(concept: str, target: str, g_after: float, manifest: dict) -> str:
+def why_not_preserved(concept: str, target: str, g_after: float, manifest: RunManifest) -> str:
     """One line: the top-1 target lost capability, and the signs in the run's record of why."""
     reasons = []
-    near = next((n for n in manifest.get("near_copy", {}).get(concept, []) if n["candidate"] == target), None)
+    near = next((n for n in (manifest.near_copy or {}).get(concept, []) if n["candidate"] == target), None)
     if near is not None and near["output_vs_median"] < NEAR_COPY_SHARE:
         reasons.append(f"it is a near copy (its output on the latents of {concept!r} is {near['output_vs_median']:.2f} "
                        f"of the median candidate's distance, rank {near['output_rank']})")
@@ -45,7 +46,7 @@ def why_not_preserved(concept: str, target: str, g_after: float, manifest: dict)
             + "; ".join(reasons))
 
 
-def target_preservation(manifest: dict, g_after: dict[str, float], images: int) -> dict[str, dict]:
+def target_preservation(manifest: RunManifest, g_after: dict[str, float], images: int) -> dict[str, dict]:
     """Erased concept -> its top-1 target's record, for the targets ``g_after`` holds (the measured ones)."""
     out = {}
     for concept, (target, pi) in top1_targets(manifest).items():
@@ -59,7 +60,7 @@ def target_preservation(manifest: dict, g_after: dict[str, float], images: int) 
     return out
 
 
-def measurable_targets(bundle, manifest: dict) -> list[str]:
+def measurable_targets(bundle, manifest: RunManifest) -> list[str]:
     """The top-1 targets the backend's classifier can judge (concepts of its concept set)."""
     backend = bundle.backend
     if not backend.has_evaluator or backend.concept_set() is None:
@@ -73,11 +74,10 @@ def check_target_preservation(bundle, run_dir: str | Path, images: int = 32) -> 
     base model, into which the run's delta is swapped for the measurement) and record them in its
     manifest; {} and nothing written when no target is a concept the backend can judge."""
     from ..graph.capability import CapabilitySpec, capability
-    from ..manifest import write_json_atomic
-    from ..runs import MANIFEST, run_weights
+    from ..runs import run_weights
 
     run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest = RunManifest.read(run_dir, finished=False)  # load_bundle refuses an unfinished run, once it is loaded
     targets = measurable_targets(bundle, manifest)
     if not targets:
         return {}
@@ -86,8 +86,8 @@ def check_target_preservation(bundle, run_dir: str | Path, images: int = 32) -> 
     with run_weights(bundle, run_dir):
         after = capability(bundle, concept_set, bundle.backend.evaluator(bundle, concept_set), spec, targets)
     record = target_preservation(manifest, dict(zip(after.concept, after.G_top1)), images)
-    manifest["target_preservation"] = record
-    write_json_atomic(run_dir / MANIFEST, manifest)
+    manifest.target_preservation = record
+    manifest.write(run_dir)
     return record
 
 

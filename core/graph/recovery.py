@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..attacks import ATTACKS, RESULT, _slug, read_result
-from ..runs import read_manifest
+from ..runs import RunManifest
 from .store import RECOVERY, RECOVERY_COLUMNS, GraphStore, _write_csv_atomic
 
 
@@ -25,14 +25,14 @@ def add_recovery(graph_dir: str | Path, run_dirs: list[str | Path], attacks: lis
     new_rows, sources = [], {}
     for run_dir in run_dirs:
         run = Path(run_dir)
-        manifest = read_manifest(run)
-        if manifest["method"] != meta.get("method") or manifest["base_model"] != meta.get("model"):
-            raise ValueError(f"run {run} ({manifest['method']} on {manifest['base_model']}) does not belong to the "
+        manifest = RunManifest.read(run)
+        if manifest.method != meta.get("method") or manifest.base_model != meta.get("model"):
+            raise ValueError(f"run {run} ({manifest.method} on {manifest.base_model}) does not belong to the "
                              f"graph {graph_dir} ({meta.get('method')} on {meta.get('model')})")
         for attack in attacks:
             if attack not in ATTACKS:
                 raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
-            for concept in manifest["concepts"]:
+            for concept in manifest.concepts:
                 folder = run / "attacks" / f"{attack}-{_slug(concept)}"
                 if not (folder / RESULT).is_file():
                     raise FileNotFoundError(f"{folder} holds no attack result: run `age-explorer attack {run} "

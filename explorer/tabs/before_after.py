@@ -10,7 +10,7 @@ import gradio as gr
 from age_explorer.core.app.evaluation import default_out as evaluation_dir
 from age_explorer.core.app.workflows import (PAGE_IMAGES_PER_CLASS, before_after, evaluation_view, plan_evaluation,
                                              spillover_row)
-from age_explorer.core.runs import read_manifest
+from age_explorer.core.runs import RunManifest
 from age_explorer.core.sampling import parse_seeds
 
 from .. import plots
@@ -33,11 +33,11 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
         with shown_as_error():
             seeds = parse_seeds(seeds_text, limit=MAX_SEEDS)
             run_dir = ex.run(run_label, owner_of(owner, request)).path
-        manifest = read_manifest(Path(run_dir))
+        manifest = RunManifest.read(Path(run_dir))
         columns = [("original", None), ("erased", run_dir)]
         esd_dir = ex.esd_counterpart(run_dir, manifest, owner_of(owner, request))
         if esd_dir:
-            columns.append(("ESD " + repr(read_manifest(Path(esd_dir))["config"].get("target", "")), esd_dir))
+            columns.append(("ESD " + repr(RunManifest.read(Path(esd_dir)).config.get("target", "")), esd_dir))
         with shown_as_error(), ex.model() as bundle, ex.compute():
             shown = before_after(bundle, columns, before_after_rows(ex, manifest), seeds, seeds_text,
                                  progress=lambda share, desc: progress(share, desc=desc))
@@ -49,7 +49,7 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
             raise gr.Error("no finished run yet: erase a concept first")
         with shown_as_error():
             run_dir = ex.run(run_label, owner_of(owner, request)).path
-            method = read_manifest(Path(run_dir))["method"]
+            method = RunManifest.read(Path(run_dir)).method
             with ex.model() as bundle, ex.compute():
                 row, store = spillover_row(bundle, run_dir, ex.concept_set(), ex.user_graph(method).folder,
                                            settings.spillover_images,

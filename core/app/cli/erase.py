@@ -104,11 +104,11 @@ def run(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     m = result.manifest
-    print(f"{result.status}: {result.steps_done} steps in {m['seconds']:.1f} s -> {result.run_dir}")
-    for concept, targets in m.get("targets", {}).items():
+    print(f"{result.status}: {result.steps_done} steps in {m.seconds:.1f} s -> {result.run_dir}")
+    for concept, targets in (m.targets or {}).items():
         print(f"  {concept}: targets " + ", ".join(f"{w} {p:.2f}" for w, p in targets))
-    if "neighbour_picks" in m:
-        n = m["neighbour_picks"]
+    if m.neighbour_picks is not None:
+        n = m.neighbour_picks
         print(f"  picks that are real neighbours: {n['share']:.2f} (last quarter {n['share_last_quarter']:.2f}, "
               f"chance {n['chance']:.2f})")
     if result.status == "done" and args.method == "age" and args.target_check_images:

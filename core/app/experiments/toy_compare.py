@@ -13,7 +13,6 @@ appended to a CSV as they come, so a killed comparison resumes.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,11 +24,7 @@ from age_explorer.core.erasure import erase
 from age_explorer.core.graph.capability import CapabilitySpec, capability
 from age_explorer.core.graph.concept_sets import load_concept_set
 from age_explorer.core.graph.sweep import RowRecipe, measure_row, open_graph
-from age_explorer.core.runs import is_run_dir, run_weights
-
-
-def read_manifest_status(run_dir: Path) -> str | None:
-    return json.loads((run_dir / "manifest.json").read_text()).get("status")
+from age_explorer.core.runs import RunManifest, is_run_dir, run_weights
 
 
 DEFAULT_CONCEPTS = ["red circle", "blue square", "yellow triangle", "green cross", "purple ring"]
@@ -92,10 +87,10 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
             store, _, _, nodes = graphs[variant]
             run_dir = out / "runs" / f"{variant_slug(variant)}-{concept.replace(' ', '_')}"
             start = time.time()
-            if is_run_dir(run_dir) and read_manifest_status(run_dir) == "done":
+            if is_run_dir(run_dir) and RunManifest.read(run_dir, finished=False).status == "done":
                 # Killed after the erasure, before its evaluation: reuse the finished run.
-                manifest = json.loads((run_dir / "manifest.json").read_text())
-                erase_seconds = manifest["seconds"]
+                manifest = RunManifest.read(run_dir)
+                erase_seconds = manifest.seconds
             else:
                 manifest = erase(bundle, recipes[variant].config(concept), run_dir,
                                  resume=(run_dir / "checkpoint").exists()).manifest
@@ -116,10 +111,10 @@ def compare(bundle: ModelBundle, out_dir: str | Path, concepts: list[str] | None
                    "delta_same_colour": _mean(delta, world.same_colour(concept)),
                    "delta_unrelated": _mean(delta, world.unrelated(concept)),
                    "erase_seconds": round(erase_seconds, 1)}
-            picks = manifest.get("neighbour_picks")
+            picks = manifest.neighbour_picks
             if picks:
                 row.update(neighbour_pick_share=picks["share"], neighbour_pick_chance=picks["chance"])
-            targets = manifest.get("targets", {}).get(concept)
+            targets = (manifest.targets or {}).get(concept)
             if targets:
                 row["top_targets"] = "; ".join(f"{w} {p:.2f}" for w, p in targets[:3])
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
