@@ -23,10 +23,10 @@ from .bundle import PromptWarning
 from .device import resolve_dtype
 from .export_lora import (DEFAULT_RANK, FULL_RANK, KOHYA_FILE, PEFT_FILE, LoraExportConfig, lowrank_delta,
                           lowrank_summary)
+from .export_options import FORMATS
 from .manifest import environment_versions, write_json_atomic
 from .runs import DELTA, MANIFEST, RunManifest
 
-FORMATS = ("delta", "diffusers", "lora")
 SHEET = "before_after.png"  # the before/after contact sheet a run folder or an export holds
 SHEET_SEEDS = [0, 1, 2, 3]
 EXPORT_MANIFEST = "export_manifest.json"  # what a LoRA export holds and how well it approximates the delta

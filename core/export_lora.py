@@ -23,42 +23,16 @@ share of the delta, in the export's manifest and model card.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
-KOHYA_FILE = "lora_kohya.safetensors"
-FULL_RANK = "full"
-DEFAULT_RANK = 64
+# the file names, the rank flag and its config live in a module without torch (the CLI's --help reads
+# them); they are part of this module's names as well
+from .export_options import DEFAULT_RANK, FULL_RANK, KOHYA_FILE, PEFT_FILE, LoraExportConfig, parse_rank
 
-
-def parse_rank(text: str | int | None) -> int | None:
-    """``"full"`` (or None) -> None, a positive whole number -> itself; anything else is an error."""
-    if text is None or str(text).strip().lower() == FULL_RANK:
-        return None
-    try:
-        rank = int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"bad LoRA rank {str(text)[:40]!r}: use a whole number from 1 up, or 'full'") from None
-    if rank < 1:
-        raise ValueError(f"bad LoRA rank {rank}: use a whole number from 1 up, or 'full'")
-    return rank
-
-
-@dataclass
-class LoraExportConfig:
-    """How a run's delta becomes a LoRA."""
-
-    rank: int | None = field(default=DEFAULT_RANK, metadata={
-        "help": f"LoRA rank: the singular values kept per weight matrix, or '{FULL_RANK}' for all of them "
-                f"(exact up to float rounding; default {DEFAULT_RANK})"})
-
-    def __post_init__(self):
-        self.rank = parse_rank(self.rank)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["LowRankDelta", "kohya_name", "lowrank_delta", "lowrank_summary", "DEFAULT_RANK", "FULL_RANK",
+           "KOHYA_FILE", "PEFT_FILE", "LoraExportConfig", "parse_rank"]
 
 
 @dataclass

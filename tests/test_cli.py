@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from age_explorer.core.app.cli.main import main
+from age_explorer.core.app.cli.main import COMMANDS, main
 
 
 def test_generate_writes_view_and_raw_pngs(tmp_path, capsys):
@@ -223,5 +223,25 @@ def test_help_imports_neither_torch_nor_diffusers():
 
     probe = ("import sys; from age_explorer.core.app.cli.main import build_parser; build_parser([]).format_help(); "
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_commands_help_imports_no_engine(command):
+    """`age-explorer COMMAND --help` builds that command's flags (from the method registry, the configs
+    and the export options) without torch, diffusers or pandas, so that it prints at once."""
+    import subprocess
+    import sys
+
+    probe = ("import contextlib, io, sys\n"
+             "from age_explorer.core.app.cli.main import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+             "    try:\n"
+             f"        main([{command!r}, '--help'])\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "assert 'usage: age-explorer' in out.getvalue()\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'pandas', 'umap') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

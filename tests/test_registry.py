@@ -18,6 +18,7 @@ def test_every_registered_method_has_a_validated_config_and_presets_of_its_own()
     assert set(METHODS) == {"age", "esd", "uce"}
     for name, method in METHODS.items():
         assert method.config.method == name and method.display_name and method.summary
+        assert callable(method.load_runner())  # a built-in's runner is named "module:function", imported here
         assert all(method.config.field_help()[f] for f in ("concepts", "seed", "prompt_template"))
         for preset in presets_for(name):
             assert PRESETS[preset][0] == name

@@ -12,22 +12,37 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import pandas as pd
-import torch
-
-from ..bundle import ModelBundle
 from ..manifest import environment_versions, folder_lock
-from ..runs import HISTORY_TABLE, MANIFEST, HistoryLog, RunManifest, fingerprint, write_delta
-# each method module registers itself; a new method adds its import here
-from . import age, esd, uce  # noqa: F401
 from .config import PRESETS, AGEConfig, ESDConfig, UCEConfig, make_config, presets_for
-from .loop import Callback, StepReport
 from .registry import METHODS, Method, get_method, register_method
+
+if TYPE_CHECKING:
+    from ..bundle import ModelBundle
+    from ..runs import RunManifest
+    from .loop import Callback
 
 __all__ = ["erase", "make_config", "presets_for", "AGEConfig", "ESDConfig", "UCEConfig", "PRESETS", "METHODS",
            "Method", "get_method", "register_method", "StepReport", "RunResult"]
+
+# The built-in methods. Importing this package loads no torch (the CLI's --help, the explorer's lists):
+# each runner is named by "module:function" and imported by the method's first run. A new built-in
+# method adds its line here.
+register_method(Method("age", "AGE (adaptive targets)", AGEConfig, ".age:run_age",
+                       "the paper's min-max fine-tuning towards a learned mixture of nearby concepts"))
+register_method(Method("esd", "ESD (fixed target)", ESDConfig, ".esd:run_esd",
+                       "fine-tune so the concept maps to a fixed target prompt, with negative guidance"))
+register_method(Method("uce", "UCE (closed-form edit)", UCEConfig, ".uce:run_uce",
+                       "closed-form edit of the cross-attention keys and values towards a fixed target"))
+
+
+def __getattr__(name: str):
+    if name == "StepReport":  # the step reports of the fine-tuning loop (torch)
+        from .loop import StepReport
+
+        return StepReport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -44,6 +59,8 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
 
     A stopped run leaves a checkpoint in ``run_dir``; ``resume=True`` continues it exactly.
     """
+    from ..runs import MANIFEST
+
     run_dir = Path(run_dir)
     if run_dir.exists() and (run_dir / MANIFEST).exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another folder or resume it")
@@ -62,11 +79,16 @@ def erase(bundle: ModelBundle, config, run_dir: str | Path, callbacks: list[Call
 
 
 def _erase(bundle, config, run_dir: Path, callbacks, stop, resume) -> RunResult:
+    import pandas as pd
+    import torch
+
+    from ..runs import HISTORY_TABLE, HistoryLog, RunManifest, fingerprint, write_delta
+
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bundle.backend.check_concepts(bundle, config.concepts, getattr(config, "target", None))
     callbacks = [HistoryLog(run_dir), *(callbacks or [])]
-    result = get_method(config.method).runner(bundle, config, run_dir, callbacks, stop, resume)
+    result = get_method(config.method).load_runner()(bundle, config, run_dir, callbacks, stop, resume)
     changed, history = result.changed, result.history
     manifest = RunManifest(
         status=result.status,

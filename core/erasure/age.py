@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from .config import AGEConfig
 from .loop import FineTuneRun, StepReport, fine_tune_runner, load_optimizer_tensors, optimizer_tensors
 from ..sampling import guided_ddim_step
-from .registry import Method, register_method
 from .vocab import CandidateSet, build_candidates, load_vocabulary
 
 TOP_TARGETS = 5
@@ -485,5 +484,4 @@ def _share(rows: list[dict]) -> float:
     return sum(bool(r["pick_is_neighbour"]) for r in rows) / max(1, len(rows))
 
 
-register_method(Method("age", "AGE (adaptive targets)", AGEConfig, fine_tune_runner(AGERun),
-                       "the paper's min-max fine-tuning towards a learned mixture of nearby concepts"))
+run_age = fine_tune_runner(AGERun)  # the registry's runner of "age" (erasure/__init__.py)

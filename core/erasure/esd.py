@@ -12,7 +12,6 @@ import torch
 
 from .config import ESDConfig
 from .loop import FineTuneRun, StepReport, fine_tune_runner
-from .registry import Method, register_method
 
 
 class ESDRun(FineTuneRun):
@@ -49,5 +48,4 @@ class ESDRun(FineTuneRun):
                           elapsed=0.0, eta=0.0)
 
 
-register_method(Method("esd", "ESD (fixed target)", ESDConfig, fine_tune_runner(ESDRun),
-                       "fine-tune so the concept maps to a fixed target prompt, with negative guidance"))
+run_esd = fine_tune_runner(ESDRun)  # the registry's runner of "esd" (erasure/__init__.py)

@@ -9,9 +9,10 @@ equivalent (``emb_layers``).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def _is_xattn(name: str) -> bool:

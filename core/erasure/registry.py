@@ -1,19 +1,25 @@
-"""The method registry: each erasure method is one module that registers its config, runner and name.
+"""The method registry: each erasure method registers its name, config and runner.
 
 The CLI's ``--method`` choices and flags, the explorer's method and preset lists, and the manifest
-all read this registry; adding a method touches its own module (and its tests) plus one import line
-in ``erasure/__init__.py``. ``docs/erasure.md`` ("Adding a method") shows a complete example.
+all read this registry; adding a built-in method touches its own module (and its tests) plus one
+registration in ``erasure/__init__.py``. ``docs/erasure.md`` ("Adding a method") shows a complete example.
+
+The registry, the configs and the presets import no torch: a runner may be given as ``"module:function"``
+and is imported by its method's first run, so that ``age-explorer erase --help`` and the explorer's
+lists do not load torch and diffusers.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ..bundle import ModelBundle
+    from ..bundle import ModelBundle
 
 
 @dataclass
@@ -39,8 +45,18 @@ class Method:
     name: str  # the CLI's --method value and the manifest's "method"
     display_name: str  # what the explorer shows
     config: type  # the config dataclass (fields with help metadata, validated on construction)
-    runner: Runner
+    # the runner, or where it lives: "module:function", a module relative to this package when it
+    # starts with a dot (".age:run_age"), imported when the method first runs
+    runner: Runner | str
     summary: str  # one line for help texts
+
+    def load_runner(self) -> Runner:
+        if not isinstance(self.runner, str):
+            return self.runner
+        module, _, name = self.runner.partition(":")
+        if not module or not name:
+            raise ValueError(f"method {self.name!r}: runner {self.runner!r} is not 'module:function'")
+        return getattr(importlib.import_module(module, __package__), name)
 
 
 METHODS: dict[str, Method] = {}

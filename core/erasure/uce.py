@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .config import UCEConfig
-from .registry import Method, MethodResult, register_method
+from .registry import MethodResult
 
 
 def last_word_position(bundle, prompt: str) -> int:
@@ -93,7 +93,3 @@ def run_uce(bundle, config: UCEConfig, run_dir, callbacks=None, stop=None, resum
         for name, value in originals.items():
             params[name].copy_(value)
     return MethodResult("done", 1, changed, originals)
-
-
-register_method(Method("uce", "UCE (closed-form edit)", UCEConfig, run_uce,
-                       "closed-form edit of the cross-attention keys and values towards a fixed target"))

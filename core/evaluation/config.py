@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..sampling import MAX_SEEDS
+from ..seeds import MAX_SEEDS
 
 # metric families, in the order they run; each is one module of this package
 METRICS = ("objects", "nudity", "clip", "lpips", "fid")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..sampling import MAX_SEED, initial_latents, sample_latents
+from ..sampling import initial_latents, sample_latents
+from ..seeds import MAX_SEED
 
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")

@@ -10,8 +10,8 @@ HELP = "export an erased run: delta (default), diffusers folder or LoRA, model c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...export import FORMATS
-    from ...export_lora import DEFAULT_RANK, LoraExportConfig  # the rank flag: default and help of the config
+    # the rank flag: default and help of the config (a module without torch, so --help is quick)
+    from ...export_options import DEFAULT_RANK, FORMATS, LoraExportConfig
 
     parser.add_argument("run_dir")
     parser.add_argument("--format", choices=FORMATS, default="delta")

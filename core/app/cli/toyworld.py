@@ -13,7 +13,7 @@ HELP = "the embedded toy world: train or benchmark its model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...toyworld.train import ToyTrainConfig
+    from ...toyworld.config import ToyTrainConfig
 
     toy_sub = parser.add_subparsers(dest="toy_command", required=True)
     t = toy_sub.add_parser("train", help="train the toy text-to-image model and its classifier")
