@@ -10,6 +10,8 @@ from pathlib import Path
 import gradio as gr
 import plotly
 
+from .plots import GRAPH_HEIGHT
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 _JS = """
@@ -44,7 +46,7 @@ def plotly_js_path() -> Path:
     return target
 
 
-def concept_graph(value: str, elem_id: str = "concept_graph", height: int = 560) -> gr.HTML:
+def concept_graph(value: str, elem_id: str = "concept_graph", height: int = GRAPH_HEIGHT) -> gr.HTML:
     js_path = plotly_js_path()
     gr.set_static_paths([str(STATIC_DIR)])
     return gr.HTML(value=value, html_template=f"<div class='cg-plot' style='height:{height}px'></div>",

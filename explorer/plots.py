@@ -36,10 +36,6 @@ def recovery_text(rates: dict[str, float], attack: str = RECOVERY_ATTACK) -> str
     return "".join(f"<br>recovery ASR ({a}) {rates[a]:.2f}" for a in order if a in rates)
 
 
-def recovery_ring_width(asr: float) -> float:
-    return 1.5 + 4.5 * asr
-
-
 def group_colours(labels: list[str]) -> dict[str, str]:
     groups = list(dict.fromkeys(labels))
     if all(str(g).lower() in NAMED for g in groups):
@@ -47,23 +43,107 @@ def group_colours(labels: list[str]) -> dict[str, str]:
     return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
 
 
+# The concept graph's geometry. The figure has a fixed height and equal x/y scales, so at the default
+# view (a page wide enough for the x range, as in docs/screenshots) one data unit is PX_PER_UNIT pixels
+# and label boxes can be placed in pixels: labels are 11 px text beside their marker.
+GRAPH_HEIGHT = 640
+GRAPH_MARGIN = dict(l=10, r=10, t=40, b=10)
+GRAPH_X_RANGE, GRAPH_Y_RANGE = (-1.9, 1.9), (-1.45, 1.45)
+PX_PER_UNIT = (GRAPH_HEIGHT - GRAPH_MARGIN["t"] - GRAPH_MARGIN["b"]) / (GRAPH_Y_RANGE[1] - GRAPH_Y_RANGE[0])
+LABEL_SIZE = 11  # px
+LABEL_EM = 0.6  # width of a character in em, generous for plotly's sans-serif fonts
+GROUP_RADIUS = 0.95  # group centres on this circle
+CLUSTER_RADIUS = 0.3  # each group's concepts on a circle of this radius around its centre
+# plotly's text positions as (dx, dy) directions from the marker
+TEXT_POSITIONS = {"middle right": (1, 0), "top right": (1, 1), "top center": (0, 1), "top left": (-1, 1),
+                  "middle left": (-1, 0), "bottom left": (-1, -1), "bottom center": (0, -1),
+                  "bottom right": (1, -1)}
+
+
+def node_size(g0: float) -> float:
+    """A node's marker diameter in px: grows with G₀."""
+    return 10 + 16 * g0
+
+
+def ring_size(g0: float) -> float:
+    return node_size(g0) + 10
+
+
+def recovery_ring_width(asr: float) -> float:
+    return 1.5 + 4.5 * asr
+
+
 def cluster_layout(nodes: pd.DataFrame, group_col: str | None) -> dict[str, tuple[float, float]]:
     """Groups as clusters: group centres on a circle, each group's concepts on a small circle around
-    its centre (one circle of all concepts when there is no grouping)."""
+    its centre, the first one facing away from the graph's centre (one circle of all concepts when there
+    is no grouping)."""
     if not group_col:
-        n = len(nodes)
-        return {c: (math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i, c in enumerate(nodes.concept)}
+        n, r = len(nodes), GROUP_RADIUS + CLUSTER_RADIUS
+        return {c: (r * math.cos(2 * math.pi * i / n), r * math.sin(2 * math.pi * i / n)) for i, c in enumerate(nodes.concept)}
     groups = list(dict.fromkeys(nodes.sort_values(group_col, kind="stable")[group_col]))
     pos = {}
     for g, group in enumerate(groups):
         angle = 2 * math.pi * g / len(groups) + math.pi / 2
-        cx, cy = 0.72 * math.cos(angle), 0.72 * math.sin(angle)
+        cx, cy = GROUP_RADIUS * math.cos(angle), GROUP_RADIUS * math.sin(angle)
         members = list(nodes[nodes[group_col] == group].concept)
-        radius = 0.0 if len(members) == 1 else 0.26
+        radius = 0.0 if len(members) == 1 else CLUSTER_RADIUS
         for m, concept in enumerate(members):
             a = 2 * math.pi * m / len(members) + angle
             pos[concept] = (cx + radius * math.cos(a), cy + radius * math.sin(a))
-    return pos
+    # the clusters' bounding box centred on the plot (five groups reach higher than low)
+    mid_x = (max(x for x, _ in pos.values()) + min(x for x, _ in pos.values())) / 2
+    mid_y = (max(y for _, y in pos.values()) + min(y for _, y in pos.values())) / 2
+    return {c: (x - mid_x, y - mid_y) for c, (x, y) in pos.items()}
+
+
+def label_box(x: float, y: float, text: str, position: str, marker: float) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1) in px, y upwards, that plotly gives the label ``text`` of a marker of
+    diameter ``marker`` px at (x, y) px at ``position``: plotly sets the text off by marker / 1.6 + 1."""
+    width, height = len(text) * LABEL_EM * LABEL_SIZE, 1.2 * LABEL_SIZE
+    off = marker / 1.6 + 1
+    dx, dy = TEXT_POSITIONS[position]
+    x0 = x + off if dx > 0 else x - off - width if dx < 0 else x - width / 2
+    y0 = y + off if dy > 0 else y - off - height if dy < 0 else y - 0.45 * height
+    return x0, y0, x0 + width, y0 + height
+
+
+def boxes_overlap(a, b, gap: float = 0.0) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def box_meets_circle(box, cx: float, cy: float, radius: float) -> bool:
+    nearest_x, nearest_y = min(max(cx, box[0]), box[2]), min(max(cy, box[1]), box[3])
+    return (nearest_x - cx) ** 2 + (nearest_y - cy) ** 2 < radius ** 2
+
+
+def label_positions(pos: dict[str, tuple[float, float]], sizes: dict[str, float], centre_of: dict[str, tuple[float, float]],
+                    circles: list[tuple[float, float, float]] = ()) -> dict[str, str]:
+    """A plotly text position per concept, so that no label covers another label or a marker: each
+    label takes the first free place, trying first the direction away from its cluster's centre
+    (``centre_of``), then the ones next to it. ``circles``: further (x, y, radius) in px to keep clear
+    (the recovery rings). A label with no free place takes the one with the least overlap."""
+    px = {c: (x * PX_PER_UNIT, y * PX_PER_UNIT) for c, (x, y) in pos.items()}
+    obstacles = [(x, y, sizes[c] / 2 + 1) for c, (x, y) in px.items()] + list(circles)
+    placed: dict[str, tuple] = {}
+    chosen: dict[str, str] = {}
+    for concept, (x, y) in px.items():
+        cx, cy = centre_of[concept]
+        outward = math.atan2(y - cy * PX_PER_UNIT, x - cx * PX_PER_UNIT) if (x, y) != (cx * PX_PER_UNIT, cy * PX_PER_UNIT) \
+            else math.atan2(y, x)
+
+        def turn(position):
+            dx, dy = TEXT_POSITIONS[position]
+            return abs((math.atan2(dy, dx) - outward + math.pi) % (2 * math.pi) - math.pi)
+
+        def overlap(box):
+            hits = sum(boxes_overlap(box, other, gap=1.0) for other in placed.values())
+            return hits + sum(box_meets_circle(box, *circle) for circle in obstacles)
+
+        options = sorted(TEXT_POSITIONS, key=turn)
+        boxes = {p: label_box(x, y, concept, p, sizes[concept]) for p in options}
+        best = next((p for p in options if overlap(boxes[p]) == 0), None) or min(options, key=lambda p: overlap(boxes[p]))
+        chosen[concept], placed[concept] = best, boxes[best]
+    return chosen
 
 
 def top_out_edges(edges: pd.DataFrame, threshold: float, kind: str, k: int = TOP_K) -> pd.DataFrame:
@@ -86,8 +166,6 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
     grouping = group_col[len("group_"):] if group_col and group_col.startswith("group_") else group_col
     fig = go.Figure()
     shown = top_out_edges(edges, threshold, kind, k)
-    centre_x = sum(x for x, _ in pos.values()) / len(pos)
-    centre_y = sum(y for _, y in pos.values()) / len(pos)
     mid_x, mid_y, mid_text = [], [], []
     for e in shown.itertuples():
         (x0, y0), (x1, y1) = pos[e.erased], pos[e.affected]
@@ -108,11 +186,26 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
     rates = recovery_by_concept(recovery)
     g0_of = nodes.set_index("concept").G0_top1.fillna(0.5)
     ringed = [c for c in nodes.concept if attack in rates.get(c, {})]
+    # labels away from their cluster's centre (the graph's centre for a concept alone in its group),
+    # each where it covers no other label, marker or ring
+    sizes = {c: node_size(g0_of[c]) for c in nodes.concept}
+    members_of: dict = {}
+    for concept, label in zip(nodes.concept, labels):
+        members_of.setdefault(label, []).append(concept)
+    centre_of = {}
+    for members in members_of.values():
+        alone = len(members) == 1 or not group_col
+        centre = (0.0, 0.0) if alone else (sum(pos[c][0] for c in members) / len(members),
+                                           sum(pos[c][1] for c in members) / len(members))
+        centre_of.update({c: centre for c in members})
+    rings = [(pos[c][0] * PX_PER_UNIT, pos[c][1] * PX_PER_UNIT,
+              ring_size(g0_of[c]) / 2 + recovery_ring_width(rates[c][attack]) / 2) for c in ringed]
+    places = label_positions(pos, sizes, centre_of, rings)
     if ringed:  # drawn under the nodes; a click on a ring selects its concept as a click on the node does
         asr = [rates[c][attack] for c in ringed]
         fig.add_trace(go.Scatter(
             x=[pos[c][0] for c in ringed], y=[pos[c][1] for c in ringed], mode="markers", customdata=ringed,
-            marker=dict(symbol="circle-open", size=[10 + 16 * g0_of[c] + 10 for c in ringed], color=asr,
+            marker=dict(symbol="circle-open", size=[ring_size(g0_of[c]) for c in ringed], color=asr,
                         colorscale=RECOVERY_SCALE, cmin=0, cmax=1, line=dict(width=[recovery_ring_width(a) for a in asr])),
             hovertext=[f"<b>{c}</b>{recovery_text(rates[c], attack)}" for c in ringed], hoverinfo="text",
             name=f"recovery ({attack})", showlegend=False))
@@ -120,13 +213,11 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
         members = nodes[[lbl == group for lbl in labels]]
         g0 = members.G0_top1.fillna(0.5)
         xs, ys = [pos[c][0] for c in members.concept], [pos[c][1] for c in members.concept]
-        # labels point away from the graph's centre, so they do not sit on the edges or the nodes
-        places = [("top" if y >= centre_y else "bottom") + " " + ("right" if x >= centre_x else "left")
-                  for x, y in zip(xs, ys)]
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers+text", text=list(members.concept), textposition=places,
-            textfont=dict(size=11), customdata=list(members.concept),
-            marker=dict(size=list(10 + 16 * g0), color=colour,
+            x=xs, y=ys, mode="markers+text", text=list(members.concept),
+            textposition=[places[c] for c in members.concept], textfont=dict(size=LABEL_SIZE),
+            customdata=list(members.concept),
+            marker=dict(size=[sizes[c] for c in members.concept], color=colour,
                         line=dict(width=[4 if c == selected else 1 for c in members.concept],
                                   color=["#111" if c == selected else "#fff" for c in members.concept])),
             hovertext=[f"<b>{c}</b><br>G₀ {g:.2f}<br>erasing it hurts most: {worst.get(c, 'no row')}"
@@ -146,8 +237,9 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
         for colour, name in ((OUT_EDGE, f"{selected} → (its erasure hurts)"), (IN_EDGE, f"→ {selected}")):
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=colour, width=3), name=name,
                                      legendgroup="selected", legendgrouptitle_text="selected"))
-    fig.update_layout(xaxis=dict(visible=False, range=[-1.45, 1.45]), yaxis=dict(visible=False, range=[-1.3, 1.3], scaleanchor="x"),
-                      margin=dict(l=10, r=10, t=40, b=10), height=560, uirevision="graph",
+    fig.update_layout(xaxis=dict(visible=False, range=list(GRAPH_X_RANGE)),
+                      yaxis=dict(visible=False, range=list(GRAPH_Y_RANGE), scaleanchor="x"),
+                      margin=GRAPH_MARGIN, height=GRAPH_HEIGHT, uirevision="graph",
                       legend=dict(title_text=grouping or "", groupclick="toggleitem"),
                       title=f"Δ ≥ {threshold:.2f}, each concept's strongest {k} out-edges: {len(shown)} edges",
                       clickmode="event")
