@@ -239,6 +239,33 @@ def test_read_only_graph_queries(client, server):
         client.predict("nope", api_name="/list_concepts")
 
 
+def test_umap_of_a_shipped_graph_comes_from_its_cache(client, server, monkeypatch):
+    """The shipped graphs carry their UMAP map: the view draws it without umap-learn (which would
+    compile for minutes); an import of umap here would fail."""
+    import base64
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    from age_explorer.core.paths import assets_dir
+
+    monkeypatch.setitem(sys.modules, "umap", None)
+    name = next(g for g in server["graphs"] if g.endswith("(shipped)"))
+    plot = client.predict(name, "red circle", api_name="/umap")
+    figure = json.loads(plot["plot"]) if isinstance(plot, dict) else json.loads(plot)
+    trace = figure["data"][0]
+
+    def values(array):  # plotly sends number arrays as base64 typed arrays
+        if isinstance(array, dict):
+            return list(np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]))
+        return array
+
+    cached = pd.read_csv(assets_dir() / "graphs" / name.split(" ")[0] / "umap.csv").set_index("concept")
+    assert values(trace["x"]) == pytest.approx(list(cached.loc[trace["text"]].x))
+    assert values(trace["y"]) == pytest.approx(list(cached.loc[trace["text"]].y))
+
+
 def test_mcp_serves_only_the_read_only_queries(tmp_path, toy_bundle):
     import asyncio
 

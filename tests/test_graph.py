@@ -152,3 +152,42 @@ def test_compare_graphs_on_the_rows_both_have():
     esd_rows = table[table.graph == "toy-esd"].set_index("erased").loc[rows.index]
     assert summary_table.loc["toy-age", "in_colour_lower"] == int((rows.in_colour < esd_rows.in_colour - 1e-9).sum())
     assert summary_table.loc["toy-esd", "rows"] == len(shared)
+
+
+def test_the_shipped_graphs_carry_their_umap_and_it_is_read_without_umap():
+    """The UMAP view's cache: each shipped graph's umap.csv covers its concepts and is read without
+    importing umap-learn (whose first use compiles for minutes)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from age_explorer.core.graph.embedding_map import read_map\n"
+             "from age_explorer.core.graph.store import GraphStore\n"
+             "from age_explorer.core.paths import assets_dir\n"
+             "for name in ('toy-esd', 'toy-age', 'toy-age-damage'):\n"
+             "    store = GraphStore(assets_dir() / 'graphs' / name)\n"
+             "    coords = read_map(store.folder, list(store.nodes().concept), store.meta())\n"
+             "    assert coords is not None and coords.shape == (len(store.nodes()), 2), name\n"
+             "print('umap' in sys.modules, 'numba' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False False"
+
+
+def test_a_umap_cache_of_other_concepts_or_another_model_is_not_used(tmp_path):
+    import numpy as np
+
+    from age_explorer.core.graph.embedding_map import UMAP_TABLE, read_map, write_map
+
+    meta = {"model": "toy", "model_revision": "toy-14dcaf843ec3"}
+    concepts = ["red circle", "blue circle", "red square"]
+    coords = np.array([[0.0, 1.0], [2.5, -1.0], [3.0, 0.25]])
+    write_map(tmp_path, concepts, [f"a photo of a {c}" for c in concepts], coords, meta)
+    assert np.allclose(read_map(tmp_path, concepts, meta), coords)
+    assert np.allclose(read_map(tmp_path, concepts[::-1], meta), coords[::-1])  # in the graph's order
+    assert read_map(tmp_path, concepts[:2], meta) is None
+    assert read_map(tmp_path, concepts + ["green ring"], meta) is None
+    assert read_map(tmp_path, concepts, {**meta, "model_revision": "toy-000000000000"}) is None
+    (tmp_path / UMAP_TABLE).write_text("concept,x,y\nred circle,nan,1\n")
+    assert read_map(tmp_path, ["red circle"], meta) is None
+    assert read_map(tmp_path / "missing", concepts, meta) is None

@@ -4,6 +4,7 @@
 - ``edges.csv``: erased, affected, G before, G after, Delta top-1, Delta top-k (one block per row);
 - ``graph.json``: model, method, preset, classifier, prompt template, seeds, N, versions, timings;
 - ``recovery.csv`` (optional): per erased concept and recovery attack, its ASR (``graph/recovery.py``).
+- ``umap.csv`` / ``umap.json`` (optional): the explorer's UMAP map of the concepts (``graph/embedding_map.py``).
 Each file is replaced atomically (temp + rename), so a killed sweep loses at most the row in progress.
 """
 

@@ -11,6 +11,7 @@ import gradio as gr
 from gradio.components.plot import PlotData
 
 from age_explorer.core.app.workflows import prompt_for
+from age_explorer.core.graph.embedding_map import compute_map, read_map
 from age_explorer.core.graph.store import GraphStore
 
 from .. import plots
@@ -107,12 +108,13 @@ def build(page: Page) -> GraphTab:
         nodes = store.nodes()
         key = tuple(nodes.concept)
         if key not in umap_cache:
-            import umap
-
-            progress(0.1, desc="computing UMAP; its first use on a server compiles umap-learn (minutes)")
-            bundle = ex.bundle()
-            states = bundle.encode([prompt_for(bundle, c) for c in key]).float().flatten(1).cpu().numpy()
-            umap_cache[key] = umap.UMAP(n_neighbors=min(8, len(key) - 1), random_state=0).fit_transform(states)
+            # the map the graph folder carries (the shipped graphs do); else computed here
+            cached = read_map(store.folder, list(key), store.meta())
+            if cached is None:
+                progress(0.1, desc="computing UMAP; its first use on a server compiles umap-learn (minutes)")
+                bundle = ex.bundle()
+                cached = compute_map(bundle, [prompt_for(bundle, c) for c in key])
+            umap_cache[key] = cached
         edges = store.edges()
         row = edges[edges.erased == selected].set_index("affected").delta_top1 if selected else None
         return plots.umap_figure(umap_cache[key], nodes, row, "UMAP of prompt embeddings"
