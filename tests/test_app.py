@@ -210,6 +210,21 @@ def test_a_damaged_graph_is_skipped_with_a_warning(tmp_path, damaged, content):
     assert f"{damaged} is damaged" in page
 
 
+def test_job_polling_shows_no_progress_overlay(tmp_path):
+    """The Erase, Evaluate and Robustness tabs poll their job with a timer every second; its ticks are
+    registered with show_progress hidden, so no "processing 0.1/0.5s" overlay flickers on the progress
+    bar, the status lines and the plots they update (checked in Chromium: no status tracker shows during a
+    whole toy erasure)."""
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False))
+    config = demo.get_config_file()
+    kinds = {c["id"]: c["type"] for c in config["components"]}
+    ticks = [d for d in config["dependencies"]
+             if any(kinds.get(target) == "timer" and event == "tick" for target, event in d["targets"])]
+    assert len(ticks) == 3  # erase, evaluate, attack
+    assert [d["show_progress"] for d in ticks] == ["hidden"] * 3
+    assert all("html" in [kinds[o] for o in d["outputs"]] for d in ticks)  # each updates a progress bar
+
+
 def test_read_only_graph_queries(client, server):
     import pandas as pd
 
