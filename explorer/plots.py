@@ -14,6 +14,7 @@ PALETTE = ["#e4572e", "#29a36a", "#3d6fd9", "#d9a400", "#9b4fcf", "#17a2b8", "#6
 # named colours a group label may be (the toy world's colours): such a group is drawn in its own colour
 NAMED = {"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4", "yellow": "#e6b800", "purple": "#9467bd",
          "orange": "#ff7f0e", "black": "#222222", "white": "#dddddd", "brown": "#8c564b", "pink": "#e377c2"}
+EDGE_TRACE, ARROWHEADS = "edge", "arrowheads"  # the names of each arrow's line trace and of the arrowheads' trace
 OUT_EDGE, IN_EDGE = "#c0392b", "#2471a3"  # the selected concept's out-edges (what its erasure hurts), in-edges
 TOP_K = 3  # out-edges drawn per node: its strongest, so the graph stays readable
 # the recovery layer: a ring around each attacked concept, wider and darker as more of it comes back
@@ -52,6 +53,7 @@ GRAPH_X_RANGE, GRAPH_Y_RANGE = (-1.9, 1.9), (-1.45, 1.45)
 PX_PER_UNIT = (GRAPH_HEIGHT - GRAPH_MARGIN["t"] - GRAPH_MARGIN["b"]) / (GRAPH_Y_RANGE[1] - GRAPH_Y_RANGE[0])
 LABEL_SIZE = 11  # px
 LABEL_EM = 0.6  # width of a character in em, generous for plotly's sans-serif fonts
+LABEL_HALO = "auto"  # plotly's light halo behind dark text: a label stays legible where an edge crosses it
 GROUP_RADIUS = 0.95  # group centres on this circle
 CLUSTER_RADIUS = 0.3  # each group's concepts on a circle of this radius around its centre
 # plotly's text positions as (dx, dy) directions from the marker
@@ -167,18 +169,29 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
     fig = go.Figure()
     shown = top_out_edges(edges, threshold, kind, k)
     mid_x, mid_y, mid_text = [], [], []
+    heads = {"x": [], "y": [], "angle": [], "size": [], "color": [], "opacity": []}
+    # each arrow is a line trace and an arrowhead, drawn under the nodes and their labels (annotation
+    # arrows would be drawn over them); it stops short of the affected node
     for e in shown.itertuples():
         (x0, y0), (x1, y1) = pos[e.erased], pos[e.affected]
+        tip = (x1 * 0.9 + x0 * 0.1, y1 * 0.9 + y0 * 0.1)
         weight = getattr(e, kind)
         colour = OUT_EDGE if e.erased == selected else IN_EDGE if e.affected == selected else "#999"
-        focus = selected in (e.erased, e.affected)
-        fig.add_annotation(x=x1 * 0.9 + x0 * 0.1, y=y1 * 0.9 + y0 * 0.1, ax=x0, ay=y0, xref="x", yref="y",
-                           axref="x", ayref="y", showarrow=True, arrowhead=2, arrowsize=1.0,
-                           arrowwidth=0.5 + 3 * weight, opacity=0.95 if focus or not selected else 0.12,
-                           arrowcolor=colour)
+        opacity = 0.95 if not selected or selected in (e.erased, e.affected) else 0.12
+        width = 0.5 + 3 * weight
+        fig.add_trace(go.Scatter(x=[x0, tip[0]], y=[y0, tip[1]], mode="lines", name=EDGE_TRACE,
+                                 line=dict(color=colour, width=width), opacity=opacity, hoverinfo="skip",
+                                 showlegend=False))
+        for key, value in (("x", tip[0]), ("y", tip[1]), ("angle", math.degrees(math.atan2(x1 - x0, y1 - y0))),
+                           ("size", 8 + 3 * width), ("color", colour), ("opacity", opacity)):
+            heads[key].append(value)  # angle: clockwise from up, the arrow symbol's direction
         mid_x.append((x0 + x1) / 2)
         mid_y.append((y0 + y1) / 2)
         mid_text.append(f"{e.erased} → {e.affected}: Δ = {weight:.2f}")
+    fig.add_trace(go.Scatter(x=heads["x"], y=heads["y"], mode="markers", name=ARROWHEADS, hoverinfo="skip",
+                             showlegend=False, marker=dict(symbol="arrow", angle=heads["angle"], size=heads["size"],
+                                                           color=heads["color"], opacity=heads["opacity"],
+                                                           line=dict(width=0))))
     fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", marker=dict(size=8, opacity=0),
                              hovertext=mid_text, hoverinfo="text", name="edges", showlegend=False))
     strongest = edges[edges.erased != edges.affected].sort_values(kind, ascending=False).groupby("erased").head(1)
@@ -215,7 +228,8 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
         xs, ys = [pos[c][0] for c in members.concept], [pos[c][1] for c in members.concept]
         fig.add_trace(go.Scatter(
             x=xs, y=ys, mode="markers+text", text=list(members.concept),
-            textposition=[places[c] for c in members.concept], textfont=dict(size=LABEL_SIZE),
+            textposition=[places[c] for c in members.concept],
+            textfont=dict(size=LABEL_SIZE, shadow=LABEL_HALO),
             customdata=list(members.concept),
             marker=dict(size=[sizes[c] for c in members.concept], color=colour,
                         line=dict(width=[4 if c == selected else 1 for c in members.concept],

@@ -3,6 +3,8 @@ erasure runs to completion, its run appears in Generate, Export and Before / aft
 click (and so does a run written into DATA/runs meanwhile), and the before/after images appear. Screenshots go to
 $AGE_EXPLORER_SCREENSHOTS (default: the test's temp folder)."""
 
+import itertools
+import math
 import os
 import re
 import shutil
@@ -38,6 +40,30 @@ def test_explorer_in_chromium(served, toy_bundle, tmp_path):
         page.goto(page_url)
         page.wait_for_selector("#concept_graph [data-ready='1'] .scatterlayer .point", timeout=60_000)
         page.screenshot(path=str(shots / "01-graph.png"), full_page=True)
+        # every label as drawn: no two overlap, none covers a node or a recovery ring
+        drawn = page.evaluate("""() => {
+            const labels = [], circles = [];
+            document.querySelectorAll('#concept_graph .scatterlayer .trace').forEach(tr => {
+                const trace = tr.__data__ && tr.__data__[0] && tr.__data__[0].trace;
+                if (!trace || !(trace.mode === 'markers+text' || trace.marker?.symbol === 'circle-open')) return;
+                tr.querySelectorAll('.textpoint text').forEach(t => {
+                    const r = t.getBoundingClientRect();
+                    labels.push([t.textContent, r.left, r.top, r.right, r.bottom]);
+                });
+                tr.querySelectorAll('path.point').forEach(p => {
+                    const r = p.getBoundingClientRect();
+                    if (r.width) circles.push([(r.left + r.right) / 2, (r.top + r.bottom) / 2, r.width / 2]);
+                });
+            });
+            return {labels, circles};
+        }""")
+        labels = drawn["labels"]
+        assert len(labels) == 25 and len(drawn["circles"]) >= 25
+        for (a, *p), (b, *q) in itertools.combinations(labels, 2):
+            assert not (p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]), (a, b)
+        for text, x0, y0, x1, y1 in labels:
+            for cx, cy, r in drawn["circles"]:
+                assert math.hypot(min(max(cx, x0), x1) - cx, min(max(cy, y0), y1) - cy) >= r, text
 
         # Click the node of "blue circle" (its trace and index come from the figure itself).
         box = page.evaluate("""() => {

@@ -71,14 +71,18 @@ def test_no_label_of_a_shipped_graph_collides(graph):
             names = [t.name for t in fig.data]
             assert {"Δ 0.3", "Δ 0.6", "Δ 0.9", "ASR 0.0"} <= set(names)
             shown = plots.top_out_edges(edges, 0.3, "delta_top1")
-            assert len(fig.layout.annotations) == len(shown) and shown.groupby("erased").size().max() <= 3
-            colours = {(a.ax, a.ay, a.arrowcolor) for a in fig.layout.annotations}
+            arrows = [t for t in fig.data if t.name == plots.EDGE_TRACE]
+            heads = next(t for t in fig.data if t.name == plots.ARROWHEADS)
+            assert len(arrows) == len(shown) == len(heads.x) and shown.groupby("erased").size().max() <= 3
+            # the arrows are drawn first, under the nodes and their labels
+            assert [t.name for t in fig.data[:len(arrows) + 1]] == [plots.EDGE_TRACE] * len(arrows) + [plots.ARROWHEADS]
+            assert list(heads.marker.color) == [t.line.color for t in arrows]
             if selected:  # its out-edges red, its in-edges blue, the others grey
                 x, y = next((t.x[list(t.customdata).index(selected)], t.y[list(t.customdata).index(selected)])
                             for t in fig.data if t.mode == "markers+text" and selected in t.customdata)
-                out = {c for ax, ay, c in colours if (ax, ay) == (x, y)}
+                out = {t.line.color for t in arrows if (t.x[0], t.y[0]) == (x, y)}
                 assert out <= {plots.OUT_EDGE} and len(out) == int((shown.erased == selected).any())
-                assert {c for _, _, c in colours} <= {plots.OUT_EDGE, plots.IN_EDGE, "#999"}
+                assert {t.line.color for t in arrows} <= {plots.OUT_EDGE, plots.IN_EDGE, "#999"}
 
 
 def test_labels_of_a_crowded_cluster_move_aside():
