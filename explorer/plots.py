@@ -92,7 +92,7 @@ def cluster_layout(nodes: pd.DataFrame, group_col: str | None) -> dict[str, tupl
         for m, concept in enumerate(members):
             a = 2 * math.pi * m / len(members) + angle
             pos[concept] = (cx + radius * math.cos(a), cy + radius * math.sin(a))
-    # the clusters' bounding box centred on the plot (five groups reach higher than low)
+    # the clusters' bounding box centred on the plot (an odd number of groups reaches higher than low)
     mid_x = (max(x for x, _ in pos.values()) + min(x for x, _ in pos.values())) / 2
     mid_y = (max(y for _, y in pos.values()) + min(y for _, y in pos.values())) / 2
     return {c: (x - mid_x, y - mid_y) for c, (x, y) in pos.items()}
