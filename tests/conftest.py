@@ -42,3 +42,12 @@ def tiny_sdxl_dir(tmp_path_factory):
     from tests.tiny_models import build_tiny_sdxl_pipeline
 
     return _saved_pipeline(tmp_path_factory, build_tiny_sdxl_pipeline, "tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP folder: the ``clip:FOLDER`` evaluator of tests on SD models (their default,
+    a Hub ResNet-50, has no weights here)."""
+    from tests.tiny_models import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
