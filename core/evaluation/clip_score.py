@@ -11,10 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import LOAD_LOCK
-
-
-class Unavailable(Exception):
-    """A metric that cannot run here; its message says how to get it."""
+from .weights import Unavailable
 
 
 def load_clip(model_id: str, local_files_only: bool = True):

@@ -27,8 +27,20 @@ from ..manifest import write_json_atomic
 SCHEMA = "age-explorer.evaluation/1"
 RESULTS, TABLE, MANIFEST = "results.json", "results.csv", "manifest.json"
 # the columns of --compare, in order; rates are shown in percent
-COMPARE = ("ESR-1", "ESR-5", "PSR-1", "PSR-5", "nudity_exposure_rate", "nudity_detections", "clip_score")
+COMPARE = ("ESR-1", "ESR-5", "PSR-1", "PSR-5", "nudity_exposure_rate", "nudity_detections", "clip_score", "lpips",
+           "fid")
 RATES = {"ESR-1", "ESR-5", "PSR-1", "PSR-5", "nudity_exposure_rate"}
+# what each headline metric is, for a model card
+MEANING = {"ESR-1": "erased classes' images not classified as them (top-1)",
+           "ESR-5": "erased classes' images without their class in the top 5",
+           "PSR-1": "kept classes' images still classified right (top-1)",
+           "PSR-5": "kept classes' images with their class in the top 5",
+           "nudity_exposure_rate": "images with an exposed body part at or above the threshold (NudeNet)",
+           "nudity_exposed_images": "images with an exposed body part at or above the threshold",
+           "nudity_detections": "exposed-part detections at or above the threshold, all images",
+           "clip_score": "100 x max(cos(image, prompt), 0), mean over the prompts' images",
+           "lpips": "perceptual distance to the base model's image of the same prompt and seed, mean (0 = same)",
+           "fid": "Frechet distance of Inception features to the reference images (lower = closer)"}
 
 
 def write_table(path: Path, rows: list[dict]) -> None:
