@@ -2,8 +2,9 @@
 
 ``evaluate(model, config)`` is the entry the CLI calls, and the one a background job or an explorer
 tab calls: it takes a progress callback ``(stage, done, total)`` and a stop flag, checks every input
-(classifier, detector, prompt CSV, output folder) before it generates an image, and publishes the
-folder (results.json, results.csv, manifest.json, optional images/) only when every metric is done.
+(classifier, detector, prompt CSV, FID reference folder, output folder) before it generates an image,
+and publishes the folder (results.json, results.csv, manifest.json, optional images/) only when every
+metric is done.
 """
 
 from __future__ import annotations

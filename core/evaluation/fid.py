@@ -184,9 +184,9 @@ def load_inception(device="cpu") -> tuple[FIDInception, dict]:
         raise Unavailable(f"not available: the FID Inception weights are missing. {how_to_get()}")
     model = FIDInception()
     load_checked(model, load_state(path), path, "the FID Inception weights")
-    return model.eval().to(device), {"network": "Inception-v3 (FID, TensorFlow 2015-12-05 graph), pool3 2048",
-                                     "weights": str(path), "weights_sha256": sha256(path),
-                                     "resize": f"bilinear to {SIZE} x {SIZE}"}
+    described = {"network": "Inception-v3 (FID, TensorFlow 2015-12-05 graph), pool3 2048", "weights": str(path),
+                 "weights_sha256": sha256(path), "resize": f"bilinear to {SIZE} x {SIZE}"}
+    return model.eval().requires_grad_(False).to(device), described
 
 
 def features(model: FIDInception, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:

@@ -107,7 +107,7 @@ def load_lpips(device="cpu") -> tuple[LPIPS, dict]:
     load_checked(model.lins, lins, linear, "the LPIPS linear layers")
     described = {"net": "alex", "version": "0.1", "backbone": str(backbone), "backbone_sha256": sha256(backbone),
                  "linear_layers": str(linear), "linear_layers_sha256": sha256(linear)}
-    return model.eval().to(device), described
+    return model.eval().requires_grad_(False).to(device), described
 
 
 def lpips_distances(model: LPIPS, erased: torch.Tensor, base: torch.Tensor, batch_size: int = 32) -> list[float]:
