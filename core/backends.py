@@ -67,7 +67,8 @@ class Backend:
     # ---- prompt states and the UNet's conditioning inputs ---------------------------------------------
     # "Prompt states" are one tensor (B, tokens, D) per batch of prompts: whatever the family's UNet is
     # conditioned on, packed so that the engine can concatenate, expand, slice and mix them like hidden
-    # states. These four methods are the only places that know what the packing holds.
+    # states. These four methods are the only places that know what the packing holds; the two after
+    # them say which tokenizers and text encoders make them.
     def encode_prompts(self, bundle: "ModelBundle", prompts: list[str]) -> torch.Tensor:
         """Prompt states of a batch of prompts (by default the text encoder's last hidden states)."""
         ids = bundle.tokenize(prompts).to(bundle.device)
@@ -84,6 +85,16 @@ class Backend:
     def cross_attention_states(self, bundle: "ModelBundle", states: torch.Tensor) -> torch.Tensor:
         """The part of ``states`` that the cross-attention keys and values read (B, tokens, D)."""
         return states
+
+    def text_encoders(self, bundle: "ModelBundle") -> list[tuple[object, torch.nn.Module]]:
+        """(tokenizer, text encoder) of every text encoder whose outputs make the prompt states, in the
+        order ``encode_prompts`` reads them (what the recovery attacks learn input embeddings of)."""
+        return [(bundle.tokenizer, bundle.text_encoder)]
+
+    def set_tokenizers(self, bundle: "ModelBundle", tokenizers: list) -> None:
+        """Make ``tokenizers`` (one per text encoder, in ``text_encoders``' order) the ones
+        ``encode_prompts`` uses."""
+        (bundle.tokenizer,) = tokenizers
 
     # ---- the latent codec ---------------------------------------------------------------------------
     def decode(self, bundle: "ModelBundle", latents: torch.Tensor) -> torch.Tensor:

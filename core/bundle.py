@@ -97,6 +97,15 @@ class ModelBundle:
             self.warn_long(prompt)
         return self.backend.encode_prompts(self, list(prompts))
 
+    def encode_differentiable(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt states as ``encode`` makes them, with gradients to the text encoders' inputs (what the
+        recovery attacks optimise through); no prompt warnings."""
+        return self.backend.encode_prompts(self, list(prompts))
+
+    def text_encoders(self) -> list[tuple[object, torch.nn.Module]]:
+        """(tokenizer, text encoder) of every text encoder behind the prompt states (SDXL has two)."""
+        return self.backend.text_encoders(self)
+
     def unconditional(self) -> torch.Tensor:
         """The (1, tokens, D) states of classifier-free guidance's unconditional branch."""
         return self.backend.unconditional_states(self)

@@ -1,5 +1,8 @@
 """Export an erased run: the delta (default), a full diffusers folder, a LoRA, a model card, a Hub push.
 
+The model card holds the run's spillover row and its evaluation (``RUN/evaluation``: ESR/PSR, nudity,
+CLIP score... as measured), whose result files the export carries in ``evaluation/``.
+
 Exports are written to a temp folder next to the destination and renamed into place, so an
 interrupted export never leaves a folder that looks complete. The Hub token is only ever passed to
 ``huggingface_hub``; it is never written to a log, manifest or card.
@@ -30,6 +33,7 @@ from .runs import DELTA, MANIFEST, RunManifest
 SHEET = "before_after.png"  # the before/after contact sheet a run folder or an export holds
 SHEET_SEEDS = [0, 1, 2, 3]
 EXPORT_MANIFEST = "export_manifest.json"  # what a LoRA export holds and how well it approximates the delta
+EVALUATION = "evaluation"  # a run's evaluation folder (age-explorer evaluate RUN); exports copy its results
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -95,9 +99,38 @@ def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None
         table = pd.read_csv(spill)
         lines += ["## Measured spillover", "", "Delta = G before - G after (share of generated images the "
                   "classifier recognises), same prompts and seeds.", "", _markdown(table), ""]
+    lines += _evaluation_section(run_dir)
     lines += ["## Configuration", "", "```json", _json(manifest.config), "```", "",
               "## Versions", "", "```json", _json(manifest.versions or environment_versions()), "```", ""]
     return "\n".join(front + lines)
+
+
+def _evaluation_section(run_dir: Path) -> list[str]:
+    """The run's evaluation (``RUN/evaluation``, written by ``age-explorer evaluate RUN``) as card lines;
+    none when it has no evaluation, a line saying why when its results cannot be read."""
+    from .evaluation.results import RESULTS, card_lines
+
+    folder = run_dir / EVALUATION
+    if not (folder / RESULTS).is_file():
+        return []
+    try:
+        return card_lines(folder)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return ["## Evaluation", "", f"The run's evaluation could not be read ({type(err).__name__}: "
+                f"{str(err)[:200]}); run `age-explorer evaluate RUN --force` again.", ""]
+
+
+def _copy_evaluation(run_dir: Path, folder: Path) -> None:
+    """The evaluation's result files beside the card whose table they hold."""
+    from .evaluation.results import MANIFEST as EVAL_MANIFEST, RESULTS, TABLE
+
+    source = run_dir / EVALUATION
+    if not (source / RESULTS).is_file():
+        return
+    (folder / EVALUATION).mkdir()
+    for name in (RESULTS, TABLE, EVAL_MANIFEST):
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / EVALUATION / name)
 
 
 def _steps_text(manifest: RunManifest) -> str:
@@ -216,6 +249,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
         else:
             erased.backend.save_pipeline(erased, tmp, stored_dtype)
         sheet = _before_after_sheet(run_dir, manifest, erased, tmp / SHEET, progress)
+        _copy_evaluation(run_dir, tmp)
         (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt, lora=lora, sheet=sheet))
         if final.exists():
             for item in tmp.iterdir():  # only what this export wrote replaces what is there

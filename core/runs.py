@@ -268,6 +268,37 @@ def run_weights(bundle, run_dir: str | Path) -> Iterator:
         yield bundle
     finally:
         _copy_into(bundle, own)
+class BaseWeights:
+    """The base model's values of the UNet tensors a run changed, to swap into the run's loaded bundle
+    (``with base.active(): ...``) instead of holding a second model on the device. The base is read
+    once, on the CPU, and dropped."""
+
+    def __init__(self, bundle, local_files_only: bool | None = None):
+        manifest = bundle.run_manifest
+        if manifest is None or bundle.base_source is None:
+            raise ValueError(f"{bundle.source} is not an erased run: it has no base model to compare with")
+        from .bundle import load_bundle
+
+        base = load_bundle(bundle.base_source, device="cpu", dtype=bundle.dtype, local_files_only=local_files_only,
+                           revision=manifest.base_revision)
+        names = list(load_file(str(Path(bundle.source) / (manifest.delta_file or DELTA))))
+        base_params = dict(base.unet.named_parameters())
+        self.names = [n for n, _ in bundle.unet.named_parameters() if n in names]
+        self.base = {n: base_params[n].detach().clone() for n in self.names}
+        self.bundle = bundle
+
+    @contextmanager
+    def active(self):
+        """The bundle computes with the base weights inside the block; the run's are back after it."""
+        params = dict(self.bundle.unet.named_parameters())
+        erased = {n: params[n].detach().clone() for n in self.names}
+        _copy_into(self.bundle, self.base)
+        try:
+            yield self.bundle
+        finally:
+            _copy_into(self.bundle, erased)
+
+
 
 
 class HistoryLog:

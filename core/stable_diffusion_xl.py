@@ -112,6 +112,12 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
     def cross_attention_states(self, bundle: ModelBundle, states: torch.Tensor) -> torch.Tensor:
         return states[:, :-1]
 
+    def text_encoders(self, bundle: ModelBundle) -> list[tuple[object, torch.nn.Module]]:
+        return [(bundle.tokenizer, bundle.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+
+    def set_tokenizers(self, bundle: ModelBundle, tokenizers: list) -> None:
+        bundle.tokenizer, self.tokenizer_2 = tokenizers
+
     # ---- the latent codec -----------------------------------------------------------------------------
     def decode(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
         vae = bundle.vae

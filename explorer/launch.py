@@ -3,6 +3,8 @@ same), on http://127.0.0.1:7860 with the embedded toy model.
 
 Environment: AGE_EXPLORER_MODEL (model, default toy), AGE_EXPLORER_DEVICE (auto/cpu/cuda),
 AGE_EXPLORER_DATA_DIR (jobs, runs, exports; default ./runs, or /data on a Space with storage),
+AGE_EXPLORER_EVALUATOR and AGE_EXPLORER_CONCEPT_SET (the classifier and concepts of spillover rows,
+attacks and evaluations),
 AGE_EXPLORER_MCP=1 (serve the read-only graph queries as MCP tools; needs `pip install "gradio[mcp]"`),
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, HF_TOKEN with AGE_EXPLORER_ALLOW_SERVER_TOKEN=1 (Hub pushes
 with the server's token when the token field is left empty; off by default).
@@ -23,6 +25,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="toy (default), a Hub id or a diffusers folder; env AGE_EXPLORER_MODEL")
     parser.add_argument("--device", default=os.environ.get("AGE_EXPLORER_DEVICE", "auto"))
     parser.add_argument("--data-dir", default=os.environ.get("AGE_EXPLORER_DATA_DIR"))
+    parser.add_argument("--evaluator", default=os.environ.get("AGE_EXPLORER_EVALUATOR"),
+                        help="classifier of spillover rows, attacks and evaluations: toy, hf:<hub id>, clip:<hub id or "
+                             "folder>, torchvision-resnet50 (default: the toy world's own, else hf:microsoft/resnet-50 "
+                             "from the local cache); env AGE_EXPLORER_EVALUATOR")
+    parser.add_argument("--concept-set", default=os.environ.get("AGE_EXPLORER_CONCEPT_SET"),
+                        help="concepts of spillover rows and evaluations: toy, netfive, imagenette or a CSV (default: "
+                             "the toy world's own, else netfive for rows and imagenette for evaluations); env "
+                             "AGE_EXPLORER_CONCEPT_SET")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--mcp", action="store_true", default=os.environ.get("AGE_EXPLORER_MCP") == "1",
@@ -41,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error('--mcp needs the MCP extra of gradio: pip install "gradio[mcp]"')
     try:
         demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
-                                  allow_server_token=args.allow_server_token, public=args.public))
+                                  allow_server_token=args.allow_server_token, public=args.public,
+                                  evaluator=args.evaluator, concept_set=args.concept_set))
     except OSError as err:  # a read-only data folder, a data folder under a file
         where = f"{err.filename}: " if err.filename else ""
         parser.exit(2, f"error: cannot use the data folder: {where}{err.strerror or err}\n")

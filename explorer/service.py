@@ -42,6 +42,12 @@ class Settings:
     # images per concept of a spillover row computed from the page; as the shipped graphs, since at 16
     # differences under ~0.05 are noise
     spillover_images: int = 32
+    # the classifier of spillover rows, attacks and evaluations (toy, hf:<hub id>, clip:<hub id or folder>,
+    # torchvision-resnet50) and the concept set of spillover rows and evaluations (the model's own, netfive,
+    # imagenette or a CSV); None: the model's (toy: its own; Stable Diffusion: hf:microsoft/resnet-50 over
+    # NetFive for rows and Imagenette for attacks and evaluations)
+    evaluator: str | None = None
+    concept_set: str | None = None
     # "Push to the Hub" with an empty token field uses the server's HF_TOKEN only when the operator
     # opts in (a private Space of one user); otherwise any visitor could write with the owner's token.
     allow_server_token: bool = False
@@ -133,7 +139,9 @@ class Explorer:
         return self.bundle().backend.concept_set().concepts if self.is_toy else []
 
     def concept_set(self) -> ConceptSet:
-        return load_concept_set("toy", self.bundle()) if self.is_toy else load_concept_set("netfive")
+        """The concepts of a spillover row: the server's set, else the toy world's own or NetFive."""
+        name = self.settings.concept_set or ("toy" if self.is_toy else "netfive")
+        return load_concept_set(name, self.bundle())
 
     # ---- graphs ----------------------------------------------------------------------------------
     def graph_dirs(self) -> dict[str, Path]:
@@ -183,7 +191,9 @@ class Explorer:
     def submit_attack(self, run_dir: str, config, owner: str | None = None) -> str:
         """A recovery attack (a checked ``AttackConfig``) on a finished run; it writes ``RUN/attacks/``."""
         options = {k: v for k, v in config.to_dict().items() if k != "attack"}
-        return self.submit("attack", {"run_dir": run_dir, "attack": config.attack, "options": options}, owner)
+        return self.submit("attack", {"run_dir": run_dir, "attack": config.attack, "options": options,
+                                      "evaluator": self.settings.evaluator,
+                                      "concept_set": self.settings.concept_set}, owner)
 
     def submit_evaluate(self, run_dir: str, config, owner: str | None = None) -> str:
         """An evaluation (a checked ``EvaluationConfig``) of a finished run into ``RUN/evaluation``, as

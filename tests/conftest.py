@@ -8,6 +8,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_torch_home(tmp_path_factory):
+    # LPIPS and FID read their weights from torch.hub's cache (TORCH_HOME): every test starts with an
+    # empty one, whatever the machine has cached; a test that needs weights puts them in its own
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        yield
+
+
 @pytest.fixture
 def one_thread():
     # Bit-identical results across processes need the same float reduction order: one thread everywhere.
@@ -42,3 +51,12 @@ def tiny_sdxl_dir(tmp_path_factory):
     from tests.tiny_models import build_tiny_sdxl_pipeline
 
     return _saved_pipeline(tmp_path_factory, build_tiny_sdxl_pipeline, "tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP folder: the ``clip:FOLDER`` evaluator of tests on SD models (their default,
+    a Hub ResNet-50, has no weights here)."""
+    from tests.tiny_models import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")

@@ -176,3 +176,106 @@ def test_recovery_layer_in_a_graph(toy_run, toy_target, tmp_path):
     assert store.meta()["recovery"]["attacks"]["prompts"]["runs"] == {"red circle": str(toy_run)}
     with pytest.raises(FileNotFoundError, match="no attack result"):
         add_recovery(store.folder, [toy_run], ["perturb"])
+
+
+# ---- SDXL: two text encoders, the pooled embedding and the size ids packed in the prompt states --------
+@pytest.fixture(scope="module")
+def sdxl_run(tiny_sdxl_dir, tmp_path_factory):
+    from age_explorer.core.bundle import load_bundle
+
+    run = tmp_path_factory.mktemp("attacks_sdxl") / "uce"
+    erase(load_bundle(str(tiny_sdxl_dir), device="cpu"), make_config("uce", None, concepts=["red circle"]), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def sdxl_target(sdxl_run):
+    return AttackTarget(sdxl_run, device="cpu")
+
+
+def _sdxl_state(bundle):
+    """Every weight, and the identity of every tokenizer and embedding layer, of both text encoders."""
+    pairs = bundle.text_encoders()
+    weights = {**_weights(bundle), **{f"text2.{k}": v.clone() for k, v in pairs[1][1].state_dict().items()}}
+    return weights, [(t, len(t), e.get_input_embeddings()) for t, e in pairs]
+
+
+def _sdxl_unchanged(before, bundle):
+    (weights, parts), (now, parts_now) = before, _sdxl_state(bundle)
+    return weights.keys() == now.keys() and all(torch.equal(weights[k], now[k]) for k in weights) and all(
+        t is t2 and n == len(t2) and e is e2 for (t, n, e), (t2, _, e2) in zip(parts, parts_now))
+
+
+def test_sdxl_placeholder_tokens_reach_both_encoders_and_the_pooled_embedding(sdxl_target):
+    """Placeholder vectors equal to the embeddings of "red" in each encoder give exactly the prompt
+    states of "a red": both encoders' hidden states and the pooled row, also under the older CLIP
+    configs (eos_token_id 2, as SDXL's) that pool at the largest id."""
+    bundle = sdxl_target.bundle
+    pairs = bundle.text_encoders()
+    assert len(pairs) == 2
+    red = [tokenizer.convert_tokens_to_ids("red</w>") for tokenizer, _ in pairs]
+    vectors = [encoder.get_input_embeddings().weight[i:i + 1].detach().clone() for (_, encoder), i in zip(pairs, red)]
+    plain = bundle.encode(["a red"])
+    legacy = pairs[1][1].text_model
+    eos = legacy.eos_token_id
+    try:
+        for config_eos in (eos, 2):
+            legacy.eos_token_id = config_eos
+            with placeholder_tokens(bundle, vectors) as words:
+                assert words == ["<attack-0>"] and all(t.get_vocab().get("<attack-0>") for t, _ in bundle.text_encoders())
+                learned = bundle.encode(["a <attack-0>"])
+            assert torch.equal(learned, plain), config_eos
+            assert legacy.eos_token_id == config_eos  # restored
+    finally:
+        legacy.eos_token_id = eos
+    assert all("<attack-0>" not in t.get_vocab() for t, _ in bundle.text_encoders())
+    with pytest.raises(ValueError, match="2 text encoder"):
+        with placeholder_tokens(bundle, vectors[0]):
+            pass
+
+
+@pytest.mark.parametrize("attack", ["embedding", "perturb"])
+def test_sdxl_optimising_attacks_train_an_input_of_each_encoder(sdxl_target, attack, tmp_path):
+    bundle = sdxl_target.bundle
+    before = _sdxl_state(bundle)
+    judge = Judge("fake", _AlwaysConcept(), 0)
+    out = tmp_path / attack
+    result = run_attack(None, attack, target=sdxl_target, out=out, judge=judge, **TINY[attack])
+    again = run_attack(None, attack, target=sdxl_target, write=False, judge=judge, **TINY[attack])
+    assert torch.equal(result.images["recovered"], again.images["recovered"])
+    assert result.asr == 1.0 and result.images["recovered"].shape == (1, 3, 16, 16)
+    assert _sdxl_unchanged(before, bundle) and sdxl_target.active == "erased"
+    assert {p.name for p in out.iterdir()} == {"attack.json", "contact_sheet.png", "learned.safetensors", "probes.csv"}
+    from safetensors.torch import load_file
+
+    learned = load_file(str(out / "learned.safetensors"))
+    name = {"embedding": "embedding", "perturb": "perturbation"}[attack]
+    first, second = learned[name], learned[f"{name}_2"]
+    assert first.shape[1] == 32 and second.shape[1] == 32 and first.abs().sum() > 0 and second.abs().sum() > 0
+    data = json.loads((out / "attack.json").read_text())
+    assert data["learned"]["nearest_words"] and data["learned"]["nearest_words_2"]
+    if attack == "perturb":  # word positions only, each within its encoder's bound
+        ids = bundle.tokenize(["a photo of a red circle"])[0]
+        words = torch.tensor([i not in bundle.tokenizer.all_special_ids for i in ids.tolist()])
+        for tensor, bound in ((first, data["learned"]["bound_l2"]), (second, data["learned"]["bound_l2_2"])):
+            norms = tensor.norm(dim=1)
+            assert (norms[~words] == 0).all() and (norms[words] > 0).all() and (norms <= bound * (1 + 1e-5)).all()
+
+
+def test_sdxl_attacks_from_the_command_line_with_a_clip_evaluator(sdxl_run, tiny_clip_dir, tmp_path, capsys):
+    """Each attack writes its folder through `age-explorer attack`, judged by a CLIP evaluator over a
+    concept set holding the erased concept (the SD default, a Hub ResNet-50, has no weights here)."""
+    concepts = tmp_path / "concepts.csv"
+    concepts.write_text("concept\nred circle\ncat\ncar\n")
+    prompts = tmp_path / "probes.csv"
+    prompts.write_text("prompt,seed\na crimson round shape,1000\n")
+    judged = ["--evaluator", f"clip:{tiny_clip_dir}", "--concept-set", str(concepts), "--device", "cpu",
+              "--sample-steps", "2"]
+    optimise = ["--steps", "2", "--train-images", "1"]
+    for attack, extra in [("prompts", ["--prompts", str(prompts)]), ("embedding", optimise), ("perturb", optimise)]:
+        out = tmp_path / attack
+        assert main(["attack", str(sdxl_run), "--attack", attack, "--seeds", "1000", "--out", str(out), *judged,
+                     *extra]) == 0, capsys.readouterr().err
+        data = json.loads((out / "attack.json").read_text())
+        assert data["evaluator"] == f"clip:{tiny_clip_dir}" and data["base_model"] and 0 <= data["asr"] <= 1
+        assert (out / "contact_sheet.png").is_file() and (out / "probes.csv").is_file()

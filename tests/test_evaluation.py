@@ -4,6 +4,7 @@ CLIP; metrics that cannot run are reported; result folders are written whole; ba
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -48,6 +49,37 @@ def i2p_csv(tmp_path_factory):
 
 def _leftovers(folder):
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def _reference_images(folder, n):
+    """``n`` PNGs of random pixels (a stand-in for a folder of real photos), one in a subfolder."""
+    from PIL import Image
+
+    (folder / "sub").mkdir(parents=True)
+    g = torch.Generator().manual_seed(n)
+    for i in range(n):
+        pixels = (torch.rand(40 + 8 * i, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / ("sub" if i == 0 else "") / f"photo{i}.png")
+    return folder
+
+
+def _random_metric_weights(torch_home, site):
+    """RANDOM weights saved under the file names of the real ones (torchvision's AlexNet and the FID
+    Inception in torch.hub's checkpoint folder, the lpips package's linear layers in a stand-in package
+    that cannot be imported): they exercise finding, loading and computing, not the metrics' values;
+    the real files cannot be downloaded here."""
+    from age_explorer.core.evaluation.fid import INCEPTION_FILES, FIDInception
+    from age_explorer.core.evaluation.lpips_score import ALEXNET_FILE, CHANNELS, AlexNetFeatures
+
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(AlexNetFeatures().state_dict(), checkpoints / ALEXNET_FILE)
+    torch.save(FIDInception().state_dict(), checkpoints / INCEPTION_FILES[0])
+    weights = site / "lpips" / "weights" / "v0.1"
+    weights.mkdir(parents=True)
+    (site / "lpips" / "__init__.py").write_text("raise ImportError('a stand-in: only its weights file is read')\n")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(CHANNELS)}, weights / "alex.pth")
 
 
 def test_esr_psr_are_a_graph_row_of_the_same_run_and_seeds(toy_run, subset_csv, tmp_path, one_thread):
@@ -113,6 +145,9 @@ def test_cli_evaluates_compares_and_keeps_results_whole(toy_run, subset_csv, tmp
     (["--images-per-class", "0"], "images_per_class must be a whole number of at least 1"),
     (["--erased", "zebra"], "not in the concept set 'toy'"),
     (["--nudity-threshold", "2"], "nudity_threshold must be within [0, 1]"),
+    (["--metrics", "lpips"], "or of the objects metric (--metrics objects)"),
+    (["--metrics", "objects", "--metrics", "fid"], "needs a folder of reference images (--fid-reference FOLDER)"),
+    (["--metrics", "objects", "--metrics", "fid", "--fid-reference", "/no/such/folder"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -194,29 +229,88 @@ def test_nudity_on_a_tiny_pipeline_records_detector_and_threshold(tiny_sd_dir, i
     assert manifest["versions"]["nudenet"] == block["nudenet"] and manifest["prompt_seeds"] == [7, 3000, 12]
 
 
-def test_clip_score_with_a_cached_model_and_a_missing_one(tiny_sd_dir, i2p_csv, tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")
-    model = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16, projection_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=16), projection_dim=16))
-    clip_dir = tmp_path / "tiny-clip"
-    model.save_pretrained(clip_dir)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(clip_dir)
-    config = EvaluationConfig(metrics=["clip", "fid"], prompts=str(i2p_csv), steps=2, clip_model=str(clip_dir))
+def test_clip_score_with_a_cached_model_and_a_missing_one(tiny_sd_dir, tiny_clip_dir, i2p_csv, tmp_path):
+    clip_dir = tiny_clip_dir
+    reference = _reference_images(tmp_path / "reference", 2)
+    config = EvaluationConfig(metrics=["clip", "fid"], prompts=str(i2p_csv), steps=2, clip_model=str(clip_dir),
+                              fid_reference=str(reference))
     result = evaluate(tiny_sd_dir, config, out=tmp_path / "clip", device="cpu", log=lambda line: None)
     scores = [s["clip_score"] for s in result.results["clip"]["samples"]]
     assert len(scores) == 3 and all(0 <= s <= 100 for s in scores)
     assert result.results["metrics"]["clip_score"] == pytest.approx(sum(scores) / 3, abs=1e-3)
-    assert result.results["unavailable"]["fid"].startswith("not available:")
+    assert result.results["unavailable"]["fid"].startswith("not available:") and "fid" not in result.results["metrics"]
 
     missing = EvaluationConfig(metrics=["clip"], prompts=str(i2p_csv), steps=2, clip_model="nobody/no-clip")
     result = evaluate(tiny_sd_dir, missing, out=tmp_path / "no-clip", device="cpu", log=lambda line: None)
     why = result.results["unavailable"]["clip_score"]
     assert why.startswith("not available:") and "hf download nobody/no-clip" in why
     assert "clip_score" not in result.results["metrics"]
+
+
+def test_lpips_and_fid_without_weights_say_how_to_get_them(toy_run, subset_csv, tmp_path):
+    from age_explorer.core.evaluation.fid import INCEPTION_FILES, INCEPTION_URL
+    from age_explorer.core.evaluation.lpips_score import ALEXNET_FILE, ALEXNET_URL
+    from age_explorer.core.evaluation.weights import checkpoints_dir
+
+    reference = _reference_images(tmp_path / "reference", 2)
+    config = EvaluationConfig(metrics=["objects", "lpips", "fid"], concept_set=str(subset_csv), images_per_class=1,
+                              fid_reference=str(reference))
+    result = evaluate(toy_run, config, device="cpu", out=tmp_path / "run", log=lambda line: None).results
+    why = result["unavailable"]
+    assert why["lpips"].startswith("not available: the AlexNet weights and the linear layers are missing")
+    assert ALEXNET_FILE in why["lpips"] and ALEXNET_URL in why["lpips"] and str(checkpoints_dir()) in why["lpips"]
+    assert "pip install lpips" in why["lpips"]
+    assert why["fid"].startswith("not available:") and INCEPTION_FILES[0] in why["fid"] and INCEPTION_URL in why["fid"]
+    assert "lpips" not in result["metrics"] and "fid" not in result["metrics"] and "ESR-1" in result["metrics"]
+    table = pd.read_csv(tmp_path / "run" / "results.csv").set_index("metric")
+    assert table.loc["lpips", "value"] == why["lpips"]
+    # a plain model has no base model to compare with
+    plain = evaluate("toy", EvaluationConfig(metrics=["objects", "lpips"], erased=["red circle"],
+                                             concept_set=str(subset_csv), images_per_class=1),
+                     device="cpu", out=tmp_path / "plain", log=lambda line: None).results
+    assert "evaluate a run folder" in plain["unavailable"]["lpips"]
+
+
+def test_lpips_and_fid_computed_from_local_weights(toy_run, subset_csv, tmp_path, monkeypatch):
+    from scipy import linalg
+
+    from age_explorer.core.evaluation.fid import frechet_distance
+    from age_explorer.core.evaluation.lpips_score import load_lpips
+    from age_explorer.core.evaluation.results import card_lines
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    _random_metric_weights(tmp_path / "torch_home", tmp_path / "site")
+
+    model, described = load_lpips()
+    assert described["net"] == "alex" and len(described["backbone_sha256"]) == 64
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
+    assert model(a, a).tolist() == [0.0, 0.0, 0.0]  # identical images: distance 0
+    assert (model(a, b) > 0).all() and model(a, b).isfinite().all()
+    assert model(a[:, :, :16, :16], b[:, :, :16, :16]).isfinite().all()  # under AlexNet's 31 px: resized
+
+    x = torch.randn(50, 3, generator=g).double().numpy()
+    y = (torch.randn(40, 3, generator=g) * 2 + 1).double().numpy()
+    assert abs(frechet_distance(x, x)) < 1e-9
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    diff = x.mean(0) - y.mean(0)  # the formula with scipy's sqrtm, as pytorch-fid computes it
+    expected = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+
+    reference = _reference_images(tmp_path / "reference", 4)
+    config = EvaluationConfig(metrics=["objects", "lpips", "fid"], concept_set=str(subset_csv), images_per_class=2,
+                              fid_reference=str(reference))
+    result = evaluate(toy_run, config, device="cpu", out=tmp_path / "evaluation", log=lambda line: None).results
+    assert result["unavailable"] == {}
+    assert np.isfinite(result["metrics"]["fid"]) and result["metrics"]["lpips"] >= 0
+    samples = result["lpips"]["samples"]
+    assert len(samples) == 10 and [s["seed"] for s in samples[:2]] == [1000, 1001]
+    assert result["metrics"]["lpips"] == pytest.approx(sum(s["lpips"] for s in samples) / 10, abs=1e-6)
+    # the erased concept's images moved away from the base model's; the pairs are of the same seeds
+    assert max(s["lpips"] for s in samples if s["prompt"] == "a photo of a red circle") > 0
+    assert result["fid"]["reference_images"] == 4 and result["fid"]["evaluated_images"] == 10
+    card = "\n".join(card_lines(tmp_path / "evaluation"))
+    assert "| lpips |" in card and "| fid |" in card and "LPIPS: v0.1 AlexNet" in card and "FID:" in card
+    table = compare_table([tmp_path / "evaluation"])
+    assert table["lpips"].iloc[0] == pytest.approx(result["metrics"]["lpips"])

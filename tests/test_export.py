@@ -133,3 +133,37 @@ def test_eight_concurrent_exports_all_succeed(toy_bundle, tmp_path):
     assert len({(f / "delta.safetensors").read_bytes() for f in folders}) == 1
     reference = generate(load_bundle(str(run.run_dir), device="cpu"), ["a red circle"], [0], steps=3)
     assert torch.equal(generate(load_bundle(str(folders[-1]), device="cpu"), ["a red circle"], [0], steps=3), reference)
+
+
+def test_model_card_holds_the_runs_evaluation_table(toy_bundle, tmp_path):
+    """A toy run evaluated with a few images per class, then exported: the card's table has the values of
+    results.json, with images per class, seeds and classifier; the result files travel with the export."""
+    import json
+
+    import pandas as pd
+
+    from age_explorer.core.app.evaluation import evaluate
+    from age_explorer.core.evaluation import EvaluationConfig
+
+    run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "uce-red-circle").run_dir
+    concepts = tmp_path / "five.csv"
+    pd.DataFrame({"concept": ["red circle", "red square", "green circle", "blue triangle", "yellow ring"]}).to_csv(
+        concepts, index=False)
+    config = EvaluationConfig(metrics=["objects", "lpips"], concept_set=str(concepts), images_per_class=2, seed=1000)
+    results = evaluate(run, config, device="cpu", log=lambda line: None).results
+    folder = export_run(run, tmp_path / "exports", fmt="delta")
+    card = (folder / "README.md").read_text()
+    section = card.split("## Evaluation")[1].split("\n## ")[0]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ")]
+    rows = {row[0]: row for row in cells}
+    for name in ("ESR-1", "ESR-5", "PSR-1", "PSR-5"):
+        value = results["metrics"][name]
+        assert rows[name][1] == f"{100 * value:.1f} %", name
+    assert rows["ESR-1"][2] == "2" and rows["PSR-1"][2] == "8"  # images counted: 1 erased and 4 kept classes x 2
+    assert rows["lpips"][1] == "not computed" and "not available" in rows["lpips"][3]
+    assert "2 images per class (seeds 1000-1001" in section and "classifier `toy`" in section
+    assert "erased: red circle" in section and "| red square | kept |" in section
+    assert f"torch {torch.__version__}" in section
+    assert json.loads((folder / "evaluation" / "results.json").read_text())["metrics"] == results["metrics"]
+    assert sorted(p.name for p in (folder / "evaluation").iterdir()) == ["manifest.json", "results.csv", "results.json"]

@@ -82,3 +82,21 @@ def build_tiny_sdxl_pipeline(work: Path):
         skip_prk_steps=True, sample_max_value=1.0))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def build_tiny_clip(folder: Path):
+    """A randomly initialised ``CLIPModel`` with its processor, saved in ``folder`` (the tiny tokenizer, 32 px
+    images): a local stand-in for a Hub CLIP, as ``clip:FOLDER`` evaluator or CLIP-score model."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer(folder / "tokenizer_src")
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16, projection_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=16), projection_dim=16))
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder

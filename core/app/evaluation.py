@@ -2,8 +2,9 @@
 
 ``evaluate(model, config)`` is the entry the CLI calls, and the one a background job or an explorer
 tab calls: it takes a progress callback ``(stage, done, total)`` and a stop flag, checks every input
-(classifier, detector, prompt CSV, output folder) before it generates an image, and publishes the
-folder (results.json, results.csv, manifest.json, optional images/) only when every metric is done.
+(classifier, detector, prompt CSV, FID reference folder, output folder) before it generates an image,
+and publishes the folder (results.json, results.csv, manifest.json, optional images/) only when every
+metric is done.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from ..bundle import ModelBundle, load_bundle
 from ..evaluation import results as res
 from ..evaluation.config import EvaluationConfig
+from ..evaluation.weights import Unavailable
 from ..manifest import environment_versions
 
 @dataclass
@@ -66,17 +68,13 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
     unavailable: dict[str, str] = {}
     clip = None
     if "clip" in config.metrics:
-        from ..evaluation.clip_score import Unavailable, load_clip
+        from ..evaluation.clip_score import load_clip
 
         try:
             clip = load_clip(config.clip_model)
         except Unavailable as err:
             unavailable["clip_score"] = str(err)
-    for name in ("lpips", "fid"):
-        if name in config.metrics:
-            from ..evaluation.unavailable import HOW_TO_GET
-
-            unavailable[name] = HOW_TO_GET[name]
+    paired = _Paired(bundle, config, rows, unavailable, local_files_only, progress, stop)
     for name, why in unavailable.items():
         log(f"{name}: {why}")
 
@@ -87,11 +85,15 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
         from ..evaluation.objects import object_erasure
 
         concept_set, evaluator = objects
-        def save(name, seeds, pixels):
-            save_pngs(pixels, folder / "images" / "objects", [f"{name.replace(' ', '_')}_seed{s}" for s in seeds])
+
+        def on_images(name, seeds, pixels):
+            if save_images:
+                save_pngs(pixels, folder / "images" / "objects", [f"{name.replace(' ', '_')}_seed{s}" for s in seeds])
+            if paired.source == "objects":
+                paired.add([config.template.format(concept=name)] * len(seeds), seeds, pixels, label=name)
 
         result = object_erasure(bundle, erased, concept_set, evaluator, config, progress, stop,
-                                on_images=save if save_images else None)
+                                on_images=on_images if save_images or paired.source == "objects" else None)
         metrics.update(result.metrics)
         table += [{"metric": m, "scope": "all", "value": v,
                    "n": int(result.per_class[result.per_class.role == ("erased" if m.startswith("ESR") else
@@ -104,7 +106,7 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
                            "template": config.template, "seeds": config.seeds, "erased": erased,
                            "kept": [c for c in concept_set.concepts if c not in erased],
                            "per_class": result.per_class.to_dict("records"), "samples": result.samples}
-    if rows is not None and (detector is not None or clip is not None):
+    if rows is not None and (detector is not None or clip is not None or paired.source == "prompts"):
         from ..evaluation.prompts import generate_rows
 
         prompt_images = generate_rows(bundle, rows, config.steps, config.batch_size, progress, stop)
@@ -132,6 +134,12 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
             body["clip"] = {"model": config.clip_model, "definition": "100 * max(cos(image, prompt), 0)",
                             "samples": [{"prompt": p, "seed": int(s), "clip_score": round(v, 4)}
                                         for p, s, v in zip(rows.prompt, rows.seed, scores)]}
+        if paired.source == "prompts":
+            paired.add(rows.prompt.tolist(), [int(s) for s in rows.seed], prompt_images)
+    for name, (value, n, block) in paired.finish().items():
+        metrics[name] = value
+        table.append({"metric": name, "scope": "all", "value": value, "n": n})
+        body[name] = block
     table += [{"metric": name, "scope": "all", "value": why, "n": 0} for name, why in unavailable.items()]
 
     identity = {**bundle.graph_identity(), "evaluated": str(model), "method": run.method if run else None,
@@ -151,6 +159,100 @@ def _evaluate(model, config: EvaluationConfig, folder: Path, device, dtype, loca
                 "versions": versions, "seconds": seconds, "files": [res.RESULTS, res.TABLE]}
     res.write_results(folder, results, table, manifest)
     return results
+
+
+class _Paired:
+    """LPIPS and FID: the metrics that compare the evaluated images with others (the base model's
+    images of the same prompts and seeds; a reference folder). They take the prompt CSV's images when
+    there is a CSV, else the object metric's; a metric whose weights are missing goes to ``unavailable``."""
+
+    def __init__(self, bundle: ModelBundle, config: EvaluationConfig, rows, unavailable: dict, local_files_only,
+                 progress, stop):
+        self.bundle, self.config, self.rows, self.progress, self.stop = bundle, config, rows, progress, stop
+        self.source = None
+        self.lpips = self.inception = self.base = None
+        self.lpips_samples: list[dict] = []
+        self.features: list = []
+        self.reference = None
+        if "fid" in config.metrics:
+            from ..evaluation.fid import folder_features, image_files, load_inception
+
+            image_files(config.fid_reference)  # a folder without images is bad input, weights or not
+            try:
+                self.inception, self.inception_info = load_inception(bundle.device)
+            except Unavailable as err:
+                unavailable["fid"] = str(err)
+        if "lpips" in config.metrics:
+            from ..evaluation.lpips_score import load_lpips
+
+            if bundle.run_manifest is None:
+                unavailable["lpips"] = ("not available: LPIPS compares a run's images with its base model's for the "
+                                        "same prompts and seeds; evaluate a run folder")
+            else:
+                try:
+                    self.lpips, self.lpips_info = load_lpips(bundle.device)
+                except Unavailable as err:
+                    unavailable["lpips"] = str(err)
+        if self.lpips is None and self.inception is None:
+            return
+        self.source = "prompts" if rows is not None else "objects"
+        if self.inception is not None:  # the reference set first: a bad image fails before any generation
+            self.reference = folder_features(self.inception, config.fid_reference, config.batch_size, stop)
+        if self.lpips is not None:
+            from ..runs import BaseWeights
+
+            self.base = BaseWeights(bundle, local_files_only)
+
+    def add(self, prompts: list[str], seeds: list[int], images, label: str | None = None) -> None:
+        if self.inception is not None:
+            from ..evaluation.fid import features
+
+            self.features.append(features(self.inception, images, self.config.batch_size))
+        if self.lpips is not None:
+            from ..evaluation.lpips_score import lpips_distances
+
+            base = self._base_images(prompts, seeds, label)
+            for prompt, seed, value in zip(prompts, seeds, lpips_distances(self.lpips, images, base,
+                                                                           self.config.batch_size)):
+                self.lpips_samples.append({"prompt": prompt, "seed": int(seed), "lpips": round(value, 6)})
+
+    def _base_images(self, prompts, seeds, label):
+        config = self.config
+        with self.base.active() as bundle:
+            if label is None:  # prompt rows, each with its own seed and guidance
+                from ..evaluation.prompts import generate_rows
+
+                return generate_rows(bundle, self.rows, config.steps, config.batch_size, self.progress, self.stop,
+                                     stage="base model, prompts")
+            from ..sampling import generate
+
+            return generate(bundle, prompts[:1], seeds, steps=config.steps, guidance_scale=config.guidance,
+                            batch_size=config.batch_size)
+
+    def finish(self) -> dict[str, tuple[float, int, dict]]:
+        """name -> (value, images, results block) of each metric computed."""
+        import numpy as np
+
+        out = {}
+        what = "the prompt CSV's images" if self.source == "prompts" else "the objects metric's images"
+        if self.lpips is not None and self.lpips_samples:
+            values = [s["lpips"] for s in self.lpips_samples]
+            out["lpips"] = (sum(values) / len(values), len(values), {
+                **self.lpips_info, "against": f"the base model {self.bundle.base_source}, same prompts, seeds and "
+                                              f"sampler", "images": what, "samples": self.lpips_samples,
+                "description": f"LPIPS: v0.1 AlexNet, {what} against the base model's of the same prompts and "
+                               f"seeds, mean over {len(values)} pairs (0 = identical)."})
+        if self.inception is not None and self.features:
+            from ..evaluation.fid import frechet_distance
+
+            feats = np.concatenate(self.features)
+            out["fid"] = (frechet_distance(feats, self.reference), len(feats), {
+                **self.inception_info, "reference": str(self.config.fid_reference),
+                "reference_images": len(self.reference), "images": what, "evaluated_images": len(feats),
+                "description": f"FID: {what} ({len(feats)}) against the {len(self.reference)} images of "
+                               f"`{Path(str(self.config.fid_reference)).name}`, Inception pool3 features "
+                               f"(pytorch-fid's weights)."})
+        return out
 
 
 def _prepare_objects(bundle: ModelBundle, config: EvaluationConfig, erased: list[str]):

@@ -597,8 +597,9 @@ class StageProgress:
 
 
 def run_attack_job(ctx: JobContext) -> dict:
-    """config: {"run_dir": ..., "attack": ..., "options": {...AttackConfig fields...}}. The attack folder
-    goes under the run (``RUN/attacks/``), in a name no earlier attack holds."""
+    """config: {"run_dir": ..., "attack": ..., "options": {...AttackConfig fields...}, optional "evaluator"
+    and "concept_set" (the judge; default: the model's)}. The attack folder goes under the run
+    (``RUN/attacks/``), in a name no earlier attack holds."""
     from ..attacks import AttackStopped, make_attack_config, run_attack
     from ..attacks.common import AttackTarget
     from .workflows import free_attack_folder
@@ -609,7 +610,8 @@ def run_attack_job(ctx: JobContext) -> dict:
     out = free_attack_folder(cfg["run_dir"], cfg["attack"], target.concept(config.concept))
     try:
         result = run_attack(cfg["run_dir"], cfg["attack"], config, out=out, target=target,
-                            progress=StageProgress(ctx), stop=ctx.should_stop)
+                            progress=StageProgress(ctx), stop=ctx.should_stop, evaluator=cfg.get("evaluator"),
+                            concept_set=cfg.get("concept_set"))
     except AttackStopped:
         raise JobCancelled() from None
     return {"attack_dir": str(result.out_dir)}

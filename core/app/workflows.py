@@ -183,11 +183,12 @@ def before_after(bundle: ModelBundle, columns: list[tuple[str, str | None]], row
 
 
 def spillover_row(bundle: ModelBundle, run_dir: str | Path, concept_set: ConceptSet,
-                  graph_dir: Path, images_per_concept: int, progress=None):
+                  graph_dir: Path, images_per_concept: int, progress=None, evaluator_name: str | None = None):
     """Measure the row of a finished run (Δ of every concept of ``concept_set``; ``bundle`` is the base
     model, into which the run's delta is swapped) and add it to the graph in ``graph_dir``, opened as
-    ``age-explorer graph`` opens one (G₀ measured on first use). Also writes ``spillover.csv`` into the
-    run folder. Returns the row and the graph."""
+    ``age-explorer graph`` opens one (G₀ measured on first use), with ``evaluator_name`` (default: the
+    model's default evaluator for the set). Also writes ``spillover.csv`` into the run folder. Returns
+    the row and the graph."""
     manifest = RunManifest.read(Path(run_dir))
     concept = manifest.concepts[0]
     if concept not in concept_set.concepts:
@@ -197,7 +198,7 @@ def spillover_row(bundle: ModelBundle, run_dir: str | Path, concept_set: Concept
         progress(0.05, "G₀ of the original model (once per graph)")
     store, spec, evaluator, nodes = open_graph(bundle, concept_set, graph_dir, recipe,
                                                CapabilitySpec(images_per_concept=images_per_concept, seed=1000),
-                                               log=lambda message: None)
+                                               evaluator_name=evaluator_name, log=lambda message: None)
     if progress:
         progress(0.5, "G of the erased model")
     start = time.time()
@@ -309,14 +310,16 @@ PAGE_IMAGES_PER_CLASS = 8
 MAX_PAGE_IMAGES_PER_CLASS = 64
 
 
-def plan_evaluation(images_per_class: float | None):
-    """The config of an object-erasure evaluation (ESR/PSR) asked for from a form, or a ValueError."""
+def plan_evaluation(images_per_class: float | None, classifier: str | None = None, concept_set: str | None = None):
+    """The config of an object-erasure evaluation (ESR/PSR) asked for from a form, or a ValueError;
+    ``classifier`` and ``concept_set``: the server's choice (None: the model's defaults)."""
     from ..evaluation.config import EvaluationConfig
 
     n = PAGE_IMAGES_PER_CLASS if images_per_class is None else images_per_class
     if not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_PAGE_IMAGES_PER_CLASS):
         raise ValueError(f"images per class must be a whole number from 1 to {MAX_PAGE_IMAGES_PER_CLASS}")
-    return EvaluationConfig(metrics=["objects"], images_per_class=int(n))
+    return EvaluationConfig(metrics=["objects"], images_per_class=int(n), classifier=classifier,
+                            concept_set=concept_set)
 
 
 @dataclass

@@ -100,10 +100,13 @@ def _share(hits: list[torch.Tensor]) -> float:
 def run_attack(run_dir: str | Path, attack: str, config: AttackConfig | None = None, *, out: str | Path | None = None,
                write: bool = True, progress: Progress | None = None, stop: Callable[[], bool] | None = None,
                judge: Judge | None = None, device="auto", dtype=None, target: AttackTarget | None = None,
-               cache: dict | None = None, **options) -> AttackResult:
+               cache: dict | None = None, evaluator: str | None = None, concept_set: str | None = None,
+               **options) -> AttackResult:
     """Attack the erased run in ``run_dir``; ``options`` are config fields when no ``config`` is given.
 
     Writes the attack folder (default ``RUN_DIR/attacks/<attack>-<concept>``) unless ``write=False``.
+    Without ``judge``, the images are judged by ``evaluator`` (default: the graph's default for the
+    model) over ``concept_set`` (default: the model's own, else Imagenette).
     ``cache`` (a dict the caller keeps) shares base-model baselines between runs of the same base model.
     ``stop`` is polled between steps and images; a stopped attack raises :class:`AttackStopped` and
     writes nothing.
@@ -118,7 +121,7 @@ def run_attack(run_dir: str | Path, attack: str, config: AttackConfig | None = N
     out_dir = Path(out) if out else target.run_dir / "attacks" / f"{attack}-{_slug(concept)}"
     if write and out_dir.exists():
         raise FileExistsError(f"{out_dir} already holds an attack result; choose another --out or remove it")
-    judge = judge or default_judge(target.bundle, concept)
+    judge = judge or default_judge(target.bundle, concept, evaluator, concept_set)
     runner = ATTACKS[attack]()
     started = time.time()
     probes, learned, tensors = runner.learn(target, concept, config, progress, stop)
@@ -220,7 +223,8 @@ def read_result(folder: str | Path) -> dict:
 
 
 def compare_runs(run_dirs: list[str | Path], attacks: list[str], options: dict | None = None,
-                 progress: Progress | None = None, log=print, device="auto") -> pd.DataFrame:
+                 progress: Progress | None = None, log=print, device="auto", evaluator: str | None = None,
+                 concept_set: str | None = None) -> pd.DataFrame:
     """One row per run and attack. An attack folder already in a run is reused when its config is the
     same; base-model baselines are computed once per base model and concept."""
     cache: dict = {}
@@ -239,7 +243,8 @@ def compare_runs(run_dirs: list[str | Path], attacks: list[str], options: dict |
                     raise FileExistsError(f"{folder} holds a {attack} attack with another configuration; "
                                           f"remove it to measure again")
             else:
-                run_attack(run_dir, attack, config, target=target, progress=progress, cache=cache)
+                run_attack(run_dir, attack, config, target=target, progress=progress, cache=cache,
+                           evaluator=evaluator, concept_set=concept_set)
                 data = read_result(folder)
             row = {"run": Path(run_dir).name, "method": data.get("run_description", data["run_method"]),
                    "concept": concept, "attack": attack,

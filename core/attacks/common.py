@@ -277,18 +277,32 @@ class DenoisingObjective:
         return F.mse_loss(out, target.float())
 
 
-def content_positions(bundle: ModelBundle, ids: torch.Tensor) -> torch.Tensor:
-    """Positions of a tokenised prompt (1, L) that hold words, not start/end/padding tokens."""
-    special = set(bundle.tokenizer.all_special_ids)
+def token_ids(tokenizer, prompt: str, device) -> torch.Tensor:
+    """(1, L) ids of ``prompt`` padded as the prompt states are (``ModelBundle.tokenize`` for the first tokenizer)."""
+    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def content_positions(bundle: ModelBundle, ids: torch.Tensor, tokenizer=None) -> torch.Tensor:
+    """Positions of a tokenised prompt (1, L) that hold words, not start/end/padding tokens
+    (``tokenizer``: the one that made ``ids``, default the bundle's first)."""
+    special = set((tokenizer or bundle.tokenizer).all_special_ids)
     return torch.tensor([i for i, tok in enumerate(ids[0].tolist()) if tok not in special], dtype=torch.long)
 
 
-def nearest_words(bundle: ModelBundle, vectors: torch.Tensor, table: torch.Tensor, k: int = 3) -> list[list[str]]:
+def nearest_words(bundle: ModelBundle, vectors: torch.Tensor, table: torch.Tensor, k: int = 3,
+                  tokenizer=None) -> list[list[str]]:
     """The vocabulary tokens whose input embeddings are closest (cosine) to each vector: what a learned
-    vector 'reads as'."""
-    special = set(bundle.tokenizer.all_special_ids)
+    vector 'reads as' (``table`` and ``tokenizer``: one text encoder's, default the bundle's first)."""
+    tokenizer = tokenizer or bundle.tokenizer
+    special = set(tokenizer.all_special_ids)
     sims = F.normalize(vectors.detach().float(), dim=-1) @ F.normalize(table.detach().float(), dim=-1).T
     if special:
         sims[:, [i for i in special if i < sims.shape[1]]] = -2
     top = sims.topk(min(k, sims.shape[1]), dim=1).indices
-    return [bundle.tokenizer.convert_ids_to_tokens(row.tolist()) for row in top]
+    return [tokenizer.convert_ids_to_tokens(row.tolist()) for row in top]
+
+
+def suffix(i: int) -> str:
+    """Name suffix of text encoder ``i``'s learned tensors and facts: none for the first, ``_2`` for the second."""
+    return "" if i == 0 else f"_{i + 1}"

@@ -3,7 +3,9 @@ token embeddings, optimised on the erased model against the denoising objective.
 
 Each word token's embedding moves by at most ``epsilon`` times the mean norm of the vocabulary's
 embeddings (L2, per token; projected after every Adam step). Start, end and padding tokens stay as
-they are. The result reports the bound in both units and the nearest words of the perturbed tokens.
+they are. A model with several text encoders (SDXL) gets a perturbation in each, bounded by its own
+table's norms; the prompt states (SDXL's pooled embedding included) are the backend's. The result
+reports the bound in both units and the nearest words of the perturbed tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, _help, check_stop, content_positions,
-                     frozen, nearest_words)
+                     frozen, nearest_words, suffix, token_ids)
 
 
 @dataclass
@@ -53,37 +55,54 @@ class PerturbAttack:
         bundle = target.bundle
         objective = DenoisingObjective(target, concept, config, progress, stop)
         prompt = config.template.format(c=concept)
-        ids = bundle.tokenize([prompt]).to(bundle.device)
-        table = bundle.text_encoder.get_input_embeddings().weight.detach()
-        bound = config.epsilon * float(table.float().norm(dim=1).mean())
-        positions = content_positions(bundle, ids.cpu())
-        mask = torch.zeros(ids.shape[1], 1, device=table.device)
-        mask[positions] = 1
-        delta = torch.nn.Parameter(torch.zeros(ids.shape[1], table.shape[1], device=table.device))
-        optimizer = torch.optim.Adam([delta], lr=config.lr * bound)
+        parts = [_Part(bundle, tokenizer, encoder, prompt, config.epsilon) for tokenizer, encoder in bundle.text_encoders()]
+        # one Adam over every text encoder's perturbation, each with a step size relative to its own bound
+        optimizer = torch.optim.Adam([{"params": [p.delta], "lr": config.lr * p.bound} for p in parts])
         losses = []
-        with frozen(bundle.unet, bundle.text_encoder), perturbed_embeddings(bundle.text_encoder, delta, mask):
+        with frozen(bundle.unet, *(p.encoder for p in parts)), contextlib.ExitStack() as hooks:
+            for p in parts:
+                hooks.enter_context(perturbed_embeddings(p.encoder, p.delta, p.mask))
             for step in range(config.steps):
                 check_stop(stop)
-                loss = objective.loss(bundle.text_encoder(ids)[0].to(bundle.dtype))
+                loss = objective.loss(bundle.encode_differentiable([prompt]))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():  # projection onto the L2 ball of each token
-                    norms = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
-                    delta.mul_(norms.clamp(max=bound) / norms)
+                    for p in parts:
+                        norms = p.delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                        p.delta.mul_(norms.clamp(max=p.bound) / norms)
                 losses.append(loss.item())
                 if progress:
                     progress("optimise", step + 1, config.steps)
             with torch.no_grad():
-                cond = bundle.text_encoder(ids)[0].to(bundle.dtype)
-        moved = (delta * mask).detach()
-        originals = table[ids[0, positions]]
-        words = bundle.tokenizer.convert_ids_to_tokens(ids[0, positions].tolist())
-        learned = {"prompt": prompt, "bound_relative": config.epsilon, "bound_l2": bound,
-                   "largest_token_change_l2": float(moved.norm(dim=1).max()),
-                   "tokens": words, "nearest_words": nearest_words(bundle, originals + moved[positions], table),
-                   "loss_first": losses[0], "loss_last_10": sum(losses[-10:]) / len(losses[-10:])}
+                cond = bundle.encode_differentiable([prompt])
+        learned, tensors = {"prompt": prompt}, {}
+        for i, p in enumerate(parts):
+            moved = (p.delta * p.mask).detach()
+            originals = p.table[p.ids[0, p.positions]]
+            end = suffix(i)
+            if i == 0:
+                learned["bound_relative"] = config.epsilon
+            learned.update({f"bound_l2{end}": p.bound, f"largest_token_change_l2{end}": float(moved.norm(dim=1).max()),
+                            f"tokens{end}": p.tokenizer.convert_ids_to_tokens(p.ids[0, p.positions].tolist()),
+                            f"nearest_words{end}": nearest_words(bundle, originals + moved[p.positions], p.table,
+                                                                 tokenizer=p.tokenizer)})
+            tensors[f"perturbation{end}"] = moved.cpu().contiguous()
+        learned.update(loss_first=losses[0], loss_last_10=sum(losses[-10:]) / len(losses[-10:]))
         label = f"{prompt} + perturbation (L2 <= {config.epsilon:g} x mean embedding norm)"
-        return [Probe(label, cond.detach(), config.seed_list, config.guidance, "perturbed prompt")], learned, \
-            {"perturbation": moved.cpu().contiguous()}
+        return [Probe(label, cond.detach(), config.seed_list, config.guidance, "perturbed prompt")], learned, tensors
+
+
+class _Part:
+    """One text encoder's share of the attack: its prompt ids, word positions, bound and perturbation."""
+
+    def __init__(self, bundle, tokenizer, encoder: torch.nn.Module, prompt: str, epsilon: float):
+        self.tokenizer, self.encoder = tokenizer, encoder
+        self.ids = token_ids(tokenizer, prompt, bundle.device)
+        self.table = encoder.get_input_embeddings().weight.detach()
+        self.bound = epsilon * float(self.table.float().norm(dim=1).mean())
+        self.positions = content_positions(bundle, self.ids.cpu(), tokenizer)
+        self.mask = torch.zeros(self.ids.shape[1], 1, device=self.table.device)
+        self.mask[self.positions] = 1
+        self.delta = torch.nn.Parameter(torch.zeros(self.ids.shape[1], self.table.shape[1], device=self.table.device))

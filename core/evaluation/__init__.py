@@ -1,6 +1,7 @@
 """The paper's evaluation protocol, one module per metric family: ``objects`` (ESR/PSR with an image
-classifier), ``nudity`` (NudeNet on an I2P-format prompt CSV), ``clip_score``; ``unavailable`` says how
-to get the metrics this version does not compute; ``results`` writes and compares result folders.
+classifier), ``nudity`` (NudeNet on an I2P-format prompt CSV), ``clip_score``, ``lpips_score`` (a run
+against its base model) and ``fid`` (against a folder of reference images), whose network weights
+``weights`` finds in local caches only; ``results`` writes and compares result folders.
 The entry that runs them on a model or a run is :func:`age_explorer.core.app.evaluation.evaluate`."""
 
 from .config import METRICS, EvaluationConfig

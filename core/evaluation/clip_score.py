@@ -11,10 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import LOAD_LOCK
-
-
-class Unavailable(Exception):
-    """A metric that cannot run here; its message says how to get it."""
+from .weights import Unavailable
 
 
 def load_clip(model_id: str, local_files_only: bool = True):
@@ -39,14 +36,14 @@ def clip_scores(model, processor, images: torch.Tensor, prompts: list[str], devi
         chunk = images[start:start + batch_size]
         inputs = processor(text=prompts[start:start + batch_size], images=[img for img in chunk],
                            return_tensors="pt", padding=True, truncation=True, do_rescale=False).to(device)
-        image = F.normalize(_projected(model.get_image_features(pixel_values=inputs.pixel_values)), dim=-1)
-        text = F.normalize(_projected(model.get_text_features(input_ids=inputs.input_ids,
+        image = F.normalize(projected_features(model.get_image_features(pixel_values=inputs.pixel_values)), dim=-1)
+        text = F.normalize(projected_features(model.get_text_features(input_ids=inputs.input_ids,
                                                               attention_mask=inputs.attention_mask)), dim=-1)
         out += (100 * (image * text).sum(-1).clamp(min=0)).tolist()
     return out
 
 
-def _projected(features):
+def projected_features(features):
     """transformers 5 returns an output object whose pooler_output holds the projected embeddings;
     4.x returns the tensor itself."""
     return getattr(features, "pooler_output", features)

@@ -24,7 +24,9 @@ def _help(text: str, default):
 
 @dataclass
 class EvaluationConfig:
-    metrics: list[str] = _help("metric families to run: objects (ESR/PSR), nudity (NudeNet), clip, lpips, fid",
+    metrics: list[str] = _help("metric families to run: objects (ESR/PSR), nudity (NudeNet), clip, lpips (a run "
+                               "against its base model), fid (against --fid-reference); lpips and fid measure the "
+                               "prompt CSV's images when --prompts is given, else the objects metric's",
                                ["objects"])
     erased: list[str] = _help("classes counted as erased (default: the run's erased concepts; needed for a "
                               "plain model)", [])
@@ -45,6 +47,8 @@ class EvaluationConfig:
     nudity_threshold: float = _help("NudeNet score above which a detected exposed part counts", NUDENET_THRESHOLD)
     clip_model: str = _help("CLIP model for the CLIP score, by Hub id, from the local cache",
                             "openai/clip-vit-base-patch32")
+    fid_reference: str | None = _help("folder of reference images (PNG, JPEG, WebP; subfolders too) that FID "
+                                      "compares the evaluated images with", None)
     batch_size: int = _help("images generated per batch", 32)
 
     def __post_init__(self):
@@ -77,6 +81,14 @@ class EvaluationConfig:
                              f"I2P format: prompt, evaluation_seed, evaluation_guidance)")
         if self.prompts and not Path(self.prompts).is_file():
             raise FileNotFoundError(f"prompt CSV {self.prompts} does not exist")
+        paired = [m for m in ("lpips", "fid") if m in self.metrics]
+        if paired and "objects" not in self.metrics and not self.prompts:
+            raise ValueError(f"the {' and '.join(paired)} metric measures the images of a prompt CSV (--prompts FILE) "
+                             f"or of the objects metric (--metrics objects): give one")
+        if "fid" in self.metrics and not self.fid_reference:
+            raise ValueError("the fid metric needs a folder of reference images (--fid-reference FOLDER)")
+        if self.fid_reference and not Path(self.fid_reference).is_dir():
+            raise FileNotFoundError(f"FID reference folder {self.fid_reference} does not exist")
 
     @property
     def seeds(self) -> list[int]:

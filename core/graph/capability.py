@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError
+from ..evaluation.clip_score import projected_features
 from ..sampling import generate
 from .concept_sets import ConceptSet
 
@@ -82,14 +83,15 @@ class ClipEvaluator:
         self.name, self.model, self.processor, self.device = name, model.eval().to(device), processor, device
         with torch.no_grad():
             text = processor(text=[concept_set.prompt(c) for c in concept_set.concepts], return_tensors="pt", padding=True)
-            self.text = F.normalize(model.get_text_features(**text.to(device)), dim=-1)
+            self.text = F.normalize(projected_features(model.get_text_features(**text.to(device))), dim=-1)
 
     @torch.no_grad()
     def topk(self, images: torch.Tensor, k: int) -> torch.Tensor:
         out = []
         for chunk in images.split(32):
             pixels = self.processor(images=[img for img in chunk], return_tensors="pt", do_rescale=False).pixel_values
-            feats = F.normalize(self.model.get_image_features(pixel_values=pixels.to(self.device)), dim=-1)
+            feats = F.normalize(projected_features(self.model.get_image_features(pixel_values=pixels.to(self.device))),
+                                dim=-1)
             out.append((feats @ self.text.T).topk(min(k, self.text.shape[0]), dim=1).indices.cpu())
         return torch.cat(out)
 

@@ -53,7 +53,8 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
             with ex.model() as bundle, ex.compute():
                 row, store = spillover_row(bundle, run_dir, ex.concept_set(), ex.user_graph(method).folder,
                                            settings.spillover_images,
-                                           progress=lambda share, desc: progress(share, desc=desc))
+                                           progress=lambda share, desc: progress(share, desc=desc),
+                                           evaluator_name=settings.evaluator)
         erased = row.erased.iloc[0]
         own = row[row.affected == erased]
         return plots.spillover_bar_figure(row, erased), (
@@ -82,7 +83,7 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
     def start_evaluate(run_label, images_per_class, owner="", request: gr.Request = None):
         run_dir = run_path(run_label, owner, request)
         with shown_as_error():
-            config = plan_evaluation(images_per_class)
+            config = plan_evaluation(images_per_class, settings.evaluator, settings.concept_set)
         job_id = ex.submit_evaluate(run_dir, config, owner=owner_of(owner, request))
         return job_id, gr.Timer(active=True), f"Job `{job_id}` queued: ESR/PSR of {run_label}, " \
                                               f"{config.images_per_class} images per class."

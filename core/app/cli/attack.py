@@ -19,10 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "UnlearnDiff format)")
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps (embedding, perturb)")
     parser.add_argument("--seeds", default=None, help="evaluation seeds (default 1000-1015)")
+    parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of every image (default: the "
+                        "model's)")
+    parser.add_argument("--train-images", type=int, default=None, help="embedding, perturb: images of the concept "
+                        "the base model makes to fit the attack to (default 8)")
     parser.add_argument("--tokens", type=int, default=None, help="embedding: new tokens learned (1-4)")
     parser.add_argument("--epsilon", type=float, default=None, help="perturb: per-token L2 bound, relative")
     parser.add_argument("--seed", type=int, default=None, help="seed of the attack's random draws")
     parser.add_argument("--graph", action="append", default=None, help="add the ASR to this graph's recovery.csv")
+    parser.add_argument("--evaluator", default=None, help="judge of the images: toy, hf:<hub id>, clip:<hub id or "
+                        "folder>, torchvision-resnet50 (default: toy on the toy world, else hf:microsoft/resnet-50)")
+    parser.add_argument("--concept-set", default=None, help="classes the evaluator chooses among: the model's own "
+                        "set (toy), imagenette, netfive or a CSV holding the concept (default: own, else imagenette)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="attack folder (default RUN/attacks/ATTACK-CONCEPT)")
@@ -32,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def attack_options(args: argparse.Namespace) -> dict:
     """Config fields the user set on the command line (None keeps each attack's default)."""
     return {"concept": args.concept, "seeds": args.seeds, "steps": args.steps, "prompts_file": args.prompts,
-            "tokens": args.tokens, "epsilon": args.epsilon, "seed": args.seed}
+            "sample_steps": args.sample_steps, "train_images": args.train_images, "tokens": args.tokens,
+            "epsilon": args.epsilon, "seed": args.seed}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for attack in attacks:
             rows.append(compare_runs(args.run_dir, [attack], options(attack), progress=show, device=args.device,
-                                     log=lambda line: tqdm.write(line)))
+                                     log=lambda line: tqdm.write(line), evaluator=args.evaluator,
+                                     concept_set=args.concept_set))
         for bar in bars.values():
             bar.close()
         table = pd.concat(rows, ignore_index=True)
@@ -94,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out takes one attack; leave it out to write each into RUN/attacks/")
     for attack in attacks:
         result = run_attack(args.run_dir[0], attack, out=args.out, progress=show, device=args.device,
-                            **options(attack))
+                            evaluator=args.evaluator, concept_set=args.concept_set, **options(attack))
         for bar in bars.values():
             bar.close()
         bars.clear()

@@ -8,7 +8,7 @@ import argparse
 from .common import use_threads
 from .config_flags import add_config_flags, given_values
 
-HELP = "the paper's evaluation of a run or model: ESR/PSR, NudeNet nudity, CLIP score; --compare prints several"
+HELP = "the paper's evaluation of a run or model: ESR/PSR, NudeNet nudity, CLIP score, LPIPS, FID; --compare prints several"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

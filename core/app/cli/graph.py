@@ -6,6 +6,7 @@ import argparse
 import time
 
 from .common import add_model_args, load_model, use_threads
+from .config_flags import json_object
 
 HELP = "build (or complete) a concept graph of spillover Delta(a -> b)"
 
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None, help="ESD/UCE target ('' = empty prompt)")
     parser.add_argument("--search", default=None, help=METHODS["age"].config.field_help()["target_search"])
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--options", type=json_object, default=None, metavar="JSON",
+                        help="more fields of the method's config for every row, as `erase` takes them, e.g. "
+                             "'{\"ddim_steps\": 4, \"requires_gpu\": false}' (a GPU preset's recipe on the CPU)")
     parser.add_argument("--evaluator", default=None, help="toy, hf:<hub id>, clip:<hub id>, torchvision-resnet50")
     parser.add_argument("--images-per-concept", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps of the generated images")
@@ -37,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def row_recipe(args: argparse.Namespace, bundle):
     from ...graph.sweep import RowRecipe
 
-    options = {}
+    options = dict(args.options or {})
     if args.target is not None:
         options["target"] = args.target
     if args.search:
