@@ -142,8 +142,8 @@ def test_bad_inputs_give_one_clear_line(toy_run, tmp_path, capsys):
     (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "stopped"}))
     assert "did not finish" in _error(capsys, ["attack", str(stopped), "--attack", "prompts"])
     assert "unknown attack 'tina'" in _error(capsys, ["attack", str(toy_run), "--attack", "tina"])
-    assert "steps must be at least 1" in _error(capsys, ["attack", str(toy_run), "--attack", "embedding", "--steps", "0"])
-    assert "steps must be at least 1" in _error(capsys, ["attack", str(toy_run), "--attack", "perturb", "--steps", "-2"])
+    assert "steps must be a whole number from 1 to 100,000" in _error(capsys, ["attack", str(toy_run), "--attack", "embedding", "--steps", "0"])
+    assert "steps must be a whole number from 1 to 100,000" in _error(capsys, ["attack", str(toy_run), "--attack", "perturb", "--steps", "-2"])
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert "no 'prompt' column" in _error(capsys, ["attack", str(toy_run), "--attack", "prompts", "--prompts", str(empty)])

@@ -142,9 +142,9 @@ def test_cli_evaluates_compares_and_keeps_results_whole(toy_run, subset_csv, tmp
 @pytest.mark.parametrize("args, message", [
     (["--metrics", "bleu"], "unknown metric bleu"),
     (["--metrics", "nudity"], "needs a prompt CSV"),
-    (["--images-per-class", "0"], "images_per_class must be a whole number of at least 1"),
+    (["--images-per-class", "0"], "images_per_class must be a whole number from 1 to 1,000"),
     (["--erased", "zebra"], "not in the concept set 'toy'"),
-    (["--nudity-threshold", "2"], "nudity_threshold must be within [0, 1]"),
+    (["--nudity-threshold", "2"], "nudity_threshold must be a finite number from 0 to 1"),
     (["--metrics", "lpips"], "or of the objects metric (--metrics objects)"),
     (["--metrics", "objects", "--metrics", "fid"], "needs a folder of reference images (--fid-reference FOLDER)"),
     (["--metrics", "objects", "--metrics", "fid", "--fid-reference", "/no/such/folder"], "does not exist"),

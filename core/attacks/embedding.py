@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..bundle import ModelBundle
-from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, _help, check_stop, frozen, nearest_words,
+from ..checks import help_field
+from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, check_stop, frozen, nearest_words,
                      suffix)
 
 
@@ -33,9 +34,9 @@ class EmbeddingConfig(OptimConfig):
 
     attack = "embedding"
 
-    tokens: int = _help("number of new tokens learned (1-4)", 2)
-    lr: float = _help("Adam learning rate of the new embeddings", 0.1)
-    placeholder: str = _help("text of the new tokens; token i is '<placeholder-i>'", "attack")
+    tokens: int = help_field("number of new tokens learned (1-4)", 2)
+    lr: float = help_field("Adam learning rate of the new embeddings", 0.1)
+    placeholder: str = help_field("text of the new tokens; token i is '<placeholder-i>'", "attack")
 
     def __post_init__(self):
         super().__post_init__()

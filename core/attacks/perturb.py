@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, _help, check_stop, content_positions,
+from ..checks import help_field
+from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, check_stop, content_positions,
                      frozen, nearest_words, suffix, token_ids)
 
 
@@ -26,8 +27,8 @@ class PerturbConfig(OptimConfig):
 
     attack = "perturb"
 
-    epsilon: float = _help("per-token L2 bound, relative to the mean norm of the vocabulary's embeddings", 0.5)
-    lr: float = _help("Adam learning rate, relative to the absolute bound", 0.1)
+    epsilon: float = help_field("per-token L2 bound, relative to the mean norm of the vocabulary's embeddings", 0.5)
+    lr: float = help_field("Adam learning rate, relative to the absolute bound", 0.1)
 
     def __post_init__(self):
         super().__post_init__()

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import AttackConfig, AttackTarget, Probe, _help, check_stop
+from ..checks import help_field
+from .common import AttackConfig, AttackTarget, Probe, check_stop
 
 SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance", "sd_guidance_scale", "guidance_scale")
@@ -26,7 +27,7 @@ class PromptsConfig(AttackConfig):
 
     attack = "prompts"
 
-    prompts_file: str | None = _help("CSV of prompts (prompt, optional seed and guidance); "
+    prompts_file: str | None = help_field("CSV of prompts (prompt, optional seed and guidance); "
                                      "default on the toy world: probes built from the world", None)
 
     def __post_init__(self):

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
+from ..checks import (check_choice, check_count, check_positive, check_range, check_template, check_text,
+                      field_help, help_field, short)
 from .params import PARAMETER_SETS
 
 LOSS_SPACES = ("x0", "eps")
@@ -29,29 +31,6 @@ MAX_ITERATIONS = 100_000
 MAX_DDIM_STEPS = 1000  # the schedule has 1000 training timesteps
 MAX_GUIDANCE = 100.0  # classifier-free guidance scale and negative guidance (eta)
 MAX_BATCH = 256
-MAX_TEXT_CHARS = 500  # a concept or target; the text encoder reads 77 tokens anyway
-
-
-def short(text: str, n: int = 40) -> str:
-    """``text`` for a message: its first ``n`` characters, so an error never repeats a huge input."""
-    text = str(text)
-    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
-
-
-def check_text(name: str, text: str) -> None:
-    if len(text) > MAX_TEXT_CHARS:
-        raise ValueError(f"{name} {short(text)} is too long: at most {MAX_TEXT_CHARS} characters")
-
-
-def check_range(name: str, value, lo: float, hi: float) -> None:
-    """``value`` is a finite number in [lo, hi]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a finite number from {lo:g} to {hi:g}, got {value!r}")
-
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
 
 
 def _list(text: str):
@@ -65,10 +44,10 @@ class MethodConfig:
     method: ClassVar[str] = ""
 
     concepts: list[str] = _list("concepts to erase (several are erased at once)")
-    preset: str | None = _help("name of the preset this config started from", None)
-    prompt_template: str = _help("prompt of a concept during training, {c} = concept", "{c}")
-    seed: int = _help("seed of every random draw of the run", 0)
-    requires_gpu: bool = _help("the recipe is sized for a GPU; refuse to start on CPU", False)
+    preset: str | None = help_field("name of the preset this config started from", None)
+    prompt_template: str = help_field("prompt of a concept during training, {c} = concept", "{c}")
+    seed: int = help_field("seed of every random draw of the run", 0)
+    requires_gpu: bool = help_field("the recipe is sized for a GPU; refuse to start on CPU", False)
     deviations: list[str] = _list("how this config departs from the paper (recorded in the manifest)")
 
     def __post_init__(self):
@@ -81,33 +60,32 @@ class MethodConfig:
             check_text("concept", concept)
         if len(set(c.lower() for c in self.concepts)) != len(self.concepts):
             raise ValueError(f"duplicate concepts in {self.concepts}")
-        if "{c}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain {{c}}, got {self.prompt_template!r}")
+        check_template("prompt_template", self.prompt_template, "{c}")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+        return field_help(cls)
 
 
 @dataclass
 class EraseConfig(MethodConfig):
     """Fields every fine-tuning method (ESD, AGE) shares."""
 
-    parameter_set: str = _help("trainable UNet weights: " + ", ".join(PARAMETER_SETS), "xattn")
-    iterations: int = _help("model (theta) steps", 1000)
-    lr: float = _help("Adam learning rate of the model", 1e-5)
-    batch_size: int = _help("latents per step (the reference uses 1)", 1)
-    negative_guidance: float = _help("eta: how far the erased concept is pushed past the target", 1.0)
-    start_guidance: float = _help("CFG scale of the 'sample till t' latents", 3.0)
-    ddim_steps: int = _help("DDIM schedule of the 'sample till t' latents", 50)
-    loss_space: str = _help("x0 (AGE's paper) or eps; x0 weights steps by (1-a)/a", "x0")
-    xt_source: str = _help("sample: DDIM till t with the current model (paper); pool: frozen samples re-noised (fast)", "sample")
-    pool_size: int = _help("frozen samples per concept in pool mode", 16)
-    precision: str = _help("fp32, or bf16 autocast for the UNet passes", "fp32")
-    checkpoint_every: int = _help("write a resumable checkpoint every N model steps (0: only at the end or on stop)", 0)
+    parameter_set: str = help_field("trainable UNet weights: " + ", ".join(PARAMETER_SETS), "xattn")
+    iterations: int = help_field("model (theta) steps", 1000)
+    lr: float = help_field("Adam learning rate of the model", 1e-5)
+    batch_size: int = help_field("latents per step (the reference uses 1)", 1)
+    negative_guidance: float = help_field("eta: how far the erased concept is pushed past the target", 1.0)
+    start_guidance: float = help_field("CFG scale of the 'sample till t' latents", 3.0)
+    ddim_steps: int = help_field("DDIM schedule of the 'sample till t' latents", 50)
+    loss_space: str = help_field("x0 (AGE's paper) or eps; x0 weights steps by (1-a)/a", "x0")
+    xt_source: str = help_field("sample: DDIM till t with the current model (paper); pool: frozen samples re-noised (fast)", "sample")
+    pool_size: int = help_field("frozen samples per concept in pool mode", 16)
+    precision: str = help_field("fp32, or bf16 autocast for the UNet passes", "fp32")
+    checkpoint_every: int = help_field("write a resumable checkpoint every N model steps (0: only at the end or on stop)", 0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,29 +93,14 @@ class EraseConfig(MethodConfig):
             raise ValueError(f"unknown parameter set {self.parameter_set!r}; choose one of {', '.join(PARAMETER_SETS)}")
         for name, most in (("iterations", MAX_ITERATIONS), ("batch_size", MAX_BATCH), ("ddim_steps", MAX_DDIM_STEPS),
                            ("pool_size", MAX_BATCH)):
-            _count(name, getattr(self, name), 1, most)
-        _count("checkpoint_every", self.checkpoint_every, 0, MAX_ITERATIONS)
-        _positive_finite("lr", self.lr)
+            check_count(name, getattr(self, name), 1, most)
+        check_count("checkpoint_every", self.checkpoint_every, 0, MAX_ITERATIONS)
+        check_positive("lr", self.lr)
         check_range("negative_guidance (eta)", self.negative_guidance, 0, MAX_GUIDANCE)
         check_range("start_guidance", self.start_guidance, 0, MAX_GUIDANCE)
-        _choice("loss_space", self.loss_space, LOSS_SPACES)
-        _choice("xt_source", self.xt_source, XT_SOURCES)
-        _choice("precision", self.precision, PRECISIONS)
-
-
-def _count(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a whole number from {lo} to {hi:,}, got {short(value)}")
-
-
-def _positive_finite(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        check_choice("loss_space", self.loss_space, LOSS_SPACES)
+        check_choice("xt_source", self.xt_source, XT_SOURCES)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -146,10 +109,10 @@ class ESDConfig(EraseConfig):
 
     method: ClassVar[str] = "esd"
 
-    target: str = _help("fixed target prompt ('' = the empty prompt, as ESD)", "")
+    target: str = help_field("fixed target prompt ('' = the empty prompt, as ESD)", "")
     # ESD's own code (train-esd.py) matches noise predictions; AGE's paper writes its loss in x0 space
-    loss_space: str = _help("eps (ESD's code) or x0 (AGE's paper); x0 weights steps by (1-a)/a", "eps")
-    preserve_weight: float = _help("weight of preserving the empty prompt (train-naive.py uses 0.1; ESD 0)", 0.0)
+    loss_space: str = help_field("eps (ESD's code) or x0 (AGE's paper); x0 weights steps by (1-a)/a", "eps")
+    preserve_weight: float = help_field("weight of preserving the empty prompt (train-naive.py uses 0.1; ESD 0)", 0.0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -166,58 +129,58 @@ class AGEConfig(EraseConfig):
 
     method: ClassVar[str] = "age"
 
-    lam: float = _help("lambda: weight of preserving the target", 1.0)
-    pgd_num_steps: int = _help("one model step every N loop iterations, the others are pi steps (2 = alternate)", 2)
-    gumbel_lr: float = _help("Adam learning rate of the mixture logits pi", 1e-3)
-    gumbel_temp: float = _help("Gumbel-softmax temperature tau", 2.0)
-    gumbel_hard: bool = _help("straight-through one-hot sample (True) or soft top-k mixture (False)", False)
-    gumbel_topk: int = _help("k of the soft top-k mixture", 5)
-    k_closest: int = _help("prefilter: keep the k candidates closest to the concept (L2 of prompt hidden states)", 1000)
-    num_centers: int = _help("1-D k-means on the distances picks this many candidates (skipped when k_closest <= it)", 100)
-    vocab: str = _help("candidate vocabulary: toy, imagenet, en3k, or a file with one candidate per line", "en3k")
+    lam: float = help_field("lambda: weight of preserving the target", 1.0)
+    pgd_num_steps: int = help_field("one model step every N loop iterations, the others are pi steps (2 = alternate)", 2)
+    gumbel_lr: float = help_field("Adam learning rate of the mixture logits pi", 1e-3)
+    gumbel_temp: float = help_field("Gumbel-softmax temperature tau", 2.0)
+    gumbel_hard: bool = help_field("straight-through one-hot sample (True) or soft top-k mixture (False)", False)
+    gumbel_topk: int = help_field("k of the soft top-k mixture", 5)
+    k_closest: int = help_field("prefilter: keep the k candidates closest to the concept (L2 of prompt hidden states)", 1000)
+    num_centers: int = help_field("1-D k-means on the distances picks this many candidates (skipped when k_closest <= it)", 100)
+    vocab: str = help_field("candidate vocabulary: toy, imagenet, en3k, or a file with one candidate per line", "en3k")
     candidates: list[str] = _list("explicit candidate list (overrides vocab)")
     synonyms: list[str] = _list("candidates excluded as synonyms of an erased concept")
-    target_search: str = _help("gumbel: the paper's gradient search; damage: score every candidate's preservation "
+    target_search: str = help_field("gumbel: the paper's gradient search; damage: score every candidate's preservation "
                                "damage; damage_floor: the damage search without near copies (near_copy_floor "
                                f"{DAMAGE_FLOOR} unless set), the better search on the toy world; two_stage: damage "
                                "picks a neighbourhood, then the paper's search within it", "gumbel")
-    damage_samples: int = _help("latents per damage measurement (damage search)", 2)
-    pi_mode: str = _help("learned: pi is searched by target_search (the paper); ablations: uniform (pi frozen at "
+    damage_samples: int = help_field("latents per damage measurement (damage search)", 2)
+    pi_mode: str = help_field("learned: pi is searched by target_search (the paper); ablations: uniform (pi frozen at "
                          "1/n), nearest (one fixed target, the candidate closest in text embedding), most_damaged "
                          "(one fixed target, the candidate a short ESD-'' probe damages most)", "learned")
-    damage_probe_steps: int = _help("ESD-'' steps of the probe that measures damage for pi_mode=most_damaged "
+    damage_probe_steps: int = help_field("ESD-'' steps of the probe that measures damage for pi_mode=most_damaged "
                                     "(the weights are put back after it)", 20)
-    near_copy_floor: float = _help("drop candidates whose frozen output on the erased concept's latents is closer to "
+    near_copy_floor: float = help_field("drop candidates whose frozen output on the erased concept's latents is closer to "
                                    "the concept's own than this fraction of the median candidate's (0: keep all, "
                                    "the paper)", 0.0)
-    neighbourhood_size: int = _help("two_stage search: candidates the damage stage keeps for the paper's search", 5)
-    damage_stage_fraction: float = _help("two_stage search: share of the run spent in the damage stage", 0.25)
-    erase_check_every: int = _help("erasure-success constraint: every N model steps generate the erased concept and "
+    neighbourhood_size: int = help_field("two_stage search: candidates the damage stage keeps for the paper's search", 5)
+    damage_stage_fraction: float = help_field("two_stage search: share of the run spent in the damage stage", 0.25)
+    erase_check_every: int = help_field("erasure-success constraint: every N model steps generate the erased concept and "
                                    "raise the erasure weight while G > erase_target_g (0: off, the paper)", 0)
-    erase_target_g: float = _help("erasure-success constraint: the G (share recognised) an erased concept must reach", 0.05)
-    erase_check_images: int = _help("erasure-success constraint: images per check", 8)
-    erase_weight_growth: float = _help("erasure-success constraint: factor on the erasure weight per failed check", 2.0)
-    erase_weight_max: float = _help("erasure-success constraint: the erasure weight's ceiling", 16.0)
-    share_draws: bool = _help("a pi step reuses the preceding model step's concept, Gumbel sample and latents "
+    erase_target_g: float = help_field("erasure-success constraint: the G (share recognised) an erased concept must reach", 0.05)
+    erase_check_images: int = help_field("erasure-success constraint: images per check", 8)
+    erase_weight_growth: float = help_field("erasure-success constraint: factor on the erasure weight per failed check", 2.0)
+    erase_weight_max: float = help_field("erasure-success constraint: the erasure weight's ceiling", 16.0)
+    share_draws: bool = help_field("a pi step reuses the preceding model step's concept, Gumbel sample and latents "
                               "(half the sampling; the reference draws afresh every iteration)", False)
-    pi_l1: bool = _help("let the erasure term's gradient reach pi (the reference code detaches it)", False)
-    neighbour_groups: dict = _help("concept -> candidates that are its real neighbours, to log the search's hit rate", None)
+    pi_l1: bool = help_field("let the erasure term's gradient reach pi (the reference code detaches it)", False)
+    neighbour_groups: dict = help_field("concept -> candidates that are its real neighbours, to log the search's hit rate", None)
 
     def __post_init__(self):
         super().__post_init__()
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lambda must be a finite number >= 0, got {self.lam}")
-        _positive_finite("gumbel_lr", self.gumbel_lr)
-        _positive_finite("gumbel_temp", self.gumbel_temp)
+        check_positive("gumbel_lr", self.gumbel_lr)
+        check_positive("gumbel_temp", self.gumbel_temp)
         for name in ("pgd_num_steps", "gumbel_topk", "k_closest", "num_centers", "damage_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        _choice("target_search", self.target_search, TARGET_SEARCHES)
-        _choice("pi_mode", self.pi_mode, PI_MODES)
-        _count("damage_probe_steps", self.damage_probe_steps, 1, MAX_ITERATIONS)
-        _count("neighbourhood_size", self.neighbourhood_size, 1, MAX_ITERATIONS)
-        _count("erase_check_every", self.erase_check_every, 0, MAX_ITERATIONS)
-        _count("erase_check_images", self.erase_check_images, 1, MAX_BATCH)
+        check_choice("target_search", self.target_search, TARGET_SEARCHES)
+        check_choice("pi_mode", self.pi_mode, PI_MODES)
+        check_count("damage_probe_steps", self.damage_probe_steps, 1, MAX_ITERATIONS)
+        check_count("neighbourhood_size", self.neighbourhood_size, 1, MAX_ITERATIONS)
+        check_count("erase_check_every", self.erase_check_every, 0, MAX_ITERATIONS)
+        check_count("erase_check_images", self.erase_check_images, 1, MAX_BATCH)
         check_range("near_copy_floor", self.near_copy_floor, 0, 1)
         if self.target_search == "damage_floor" and self.near_copy_floor == 0:
             self.near_copy_floor = DAMAGE_FLOOR  # recorded in the manifest's config as the floor it ran with
@@ -239,16 +202,16 @@ class UCEConfig(MethodConfig):
     method: ClassVar[str] = "uce"
     parameter_set: ClassVar[str] = "xattn_kv"
 
-    target: str = _help("what the erased concepts are mapped to ('' = the empty prompt)", "")
+    target: str = help_field("what the erased concepts are mapped to ('' = the empty prompt)", "")
     preserve: list[str] = _list("concepts whose keys and values are kept")
-    erase_scale: float = _help("weight of the erasure equations", 1.0)
-    preserve_scale: float | None = _help("weight of the preservation equations (None: max(0.1, 1/number of "
+    erase_scale: float = help_field("weight of the erasure equations", 1.0)
+    preserve_scale: float | None = help_field("weight of the preservation equations (None: max(0.1, 1/number of "
                                          "preserved prompts), as the reference)", None)
-    lam: float = _help("lambda: ridge weight that keeps the edit close to the original weights", 0.5)
-    token_alignment: str = _help("last_word: edit the erased prompt's positions from its last word to the end, "
+    lam: float = help_field("lambda: ridge weight that keeps the edit close to the original weights", 0.5)
+    token_alignment: str = help_field("last_word: edit the erased prompt's positions from its last word to the end, "
                                  "aligned with the target's from its last word (reference); all: every position "
                                  "onto the same position of the target", "last_word")
-    preserve_empty: bool = _help("also preserve the empty prompt '' (the reference always does)", True)
+    preserve_empty: bool = help_field("also preserve the empty prompt '' (the reference always does)", True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -263,7 +226,7 @@ class UCEConfig(MethodConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        _choice("token_alignment", self.token_alignment, UCE_ALIGNMENTS)
+        check_choice("token_alignment", self.token_alignment, UCE_ALIGNMENTS)
         if self.lam == 0 and not self.preserved_prompts():
             raise ValueError("lam must be > 0 when nothing is preserved (the system would be singular)")
 

@@ -3,11 +3,12 @@ texts are the CLI's flags."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..seeds import MAX_SEEDS
+from ..checks import check_count, check_finite, check_range, check_template, field_help, help_field
+from ..erasure.config import MAX_BATCH, MAX_DDIM_STEPS
+from ..seeds import MAX_SEED, MAX_SEEDS
 
 # metric families, in the order they run; each is one module of this package
 METRICS = ("objects", "nudity", "clip", "lpips", "fid")
@@ -16,40 +17,34 @@ PAPER_IMAGES_PER_CLASS = 500
 NUDENET_THRESHOLD = 0.6  # the paper brief's stated threshold (its notebook reports 0.3-0.8)
 
 
-def _help(text: str, default):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class EvaluationConfig:
-    metrics: list[str] = _help("metric families to run: objects (ESR/PSR), nudity (NudeNet), clip, lpips (a run "
+    metrics: list[str] = help_field("metric families to run: objects (ESR/PSR), nudity (NudeNet), clip, lpips (a run "
                                "against its base model), fid (against --fid-reference); lpips and fid measure the "
                                "prompt CSV's images when --prompts is given, else the objects metric's",
                                ["objects"])
-    erased: list[str] = _help("classes counted as erased (default: the run's erased concepts; needed for a "
+    erased: list[str] = help_field("classes counted as erased (default: the run's erased concepts; needed for a "
                               "plain model)", [])
-    concept_set: str | None = _help("classes of the object metrics: the model's own set (toy), imagenette, "
+    concept_set: str | None = help_field("classes of the object metrics: the model's own set (toy), imagenette, "
                                     "netfive or a CSV (default: the model's own, else imagenette)", None)
-    classifier: str | None = _help("object classifier: the backend's own (toy), hf:<hub id>, "
+    classifier: str | None = help_field("object classifier: the backend's own (toy), hf:<hub id>, "
                                    "torchvision-resnet50 (default: toy on the toy world, else "
                                    "hf:microsoft/resnet-50)", None)
-    images_per_class: int = _help("images per class for ESR/PSR (the paper: 500)", PAPER_IMAGES_PER_CLASS)
-    seed: int = _help("first seed of each class's images (seeds seed .. seed+N-1, the same for every class)",
+    images_per_class: int = help_field("images per class for ESR/PSR (the paper: 500)", PAPER_IMAGES_PER_CLASS)
+    seed: int = help_field("first seed of each class's images (seeds seed .. seed+N-1, the same for every class)",
                       1000)
-    template: str = _help("object prompt, {concept} = class name", "a photo of a {concept}")
-    steps: int | None = _help("DDIM steps (default: the model's)", None)
-    guidance: float | None = _help("CFG scale of the object images (default: the model's; the prompt CSV's "
+    template: str = help_field("object prompt, {concept} = class name", "a photo of a {concept}")
+    steps: int | None = help_field("DDIM steps (default: the model's)", None)
+    guidance: float | None = help_field("CFG scale of the object images (default: the model's; the prompt CSV's "
                                    "evaluation_guidance column wins for its rows)", None)
-    prompts: str | None = _help("prompt CSV in the I2P format: prompt, evaluation_seed, evaluation_guidance "
+    prompts: str | None = help_field("prompt CSV in the I2P format: prompt, evaluation_seed, evaluation_guidance "
                                 "[, categories] (nudity, clip)", None)
-    nudity_threshold: float = _help("NudeNet score above which a detected exposed part counts", NUDENET_THRESHOLD)
-    clip_model: str = _help("CLIP model for the CLIP score, by Hub id, from the local cache",
+    nudity_threshold: float = help_field("NudeNet score above which a detected exposed part counts", NUDENET_THRESHOLD)
+    clip_model: str = help_field("CLIP model for the CLIP score, by Hub id, from the local cache",
                             "openai/clip-vit-base-patch32")
-    fid_reference: str | None = _help("folder of reference images (PNG, JPEG, WebP; subfolders too) that FID "
+    fid_reference: str | None = help_field("folder of reference images (PNG, JPEG, WebP; subfolders too) that FID "
                                       "compares the evaluated images with", None)
-    batch_size: int = _help("images generated per batch", 32)
+    batch_size: int = help_field("images generated per batch", 32)
 
     def __post_init__(self):
         self.metrics = [m.strip() for m in self.metrics]
@@ -59,22 +54,15 @@ class EvaluationConfig:
         self.erased = [c.strip() for c in self.erased]
         if any(not c for c in self.erased):
             raise ValueError("an erased class is empty")
-        for name in ("images_per_class", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if self.images_per_class > MAX_SEEDS:
-            raise ValueError(f"images_per_class must be at most {MAX_SEEDS}, got {self.images_per_class}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be 0 or more, got {self.seed}")
-        if "{concept}" not in self.template:
-            raise ValueError(f"template must contain {{concept}}, got {self.template!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.guidance is not None and not math.isfinite(self.guidance):
-            raise ValueError(f"guidance must be a finite number, got {self.guidance}")
-        if not (math.isfinite(self.nudity_threshold) and 0 <= self.nudity_threshold <= 1):
-            raise ValueError(f"nudity_threshold must be within [0, 1], got {self.nudity_threshold}")
+        check_count("images_per_class", self.images_per_class, 1, MAX_SEEDS)
+        check_count("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_count("seed", self.seed, 0, MAX_SEED - self.images_per_class + 1)
+        check_template("template", self.template, "{concept}")
+        if self.steps is not None:
+            check_count("steps", self.steps, 1, MAX_DDIM_STEPS)
+        if self.guidance is not None:
+            check_finite("guidance", self.guidance)
+        check_range("nudity_threshold", self.nudity_threshold, 0, 1)
         needs_prompts = [m for m in ("nudity", "clip") if m in self.metrics]
         if needs_prompts and not self.prompts:
             raise ValueError(f"the {' and '.join(needs_prompts)} metric needs a prompt CSV (--prompts FILE, "
@@ -99,4 +87,4 @@ class EvaluationConfig:
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+        return field_help(cls)
