@@ -102,7 +102,8 @@ def test_explorer_in_chromium(served, toy_bundle, tmp_path):
         page.get_by_role("tab", name="Erase").click()
         page.wait_for_function("() => { const d = document.querySelector('#loss_plot .js-plotly-plot');"
                                " return d && d.data && d.data.length > 0; }", timeout=60_000)
-        drawn = page.evaluate("() => [...new Set(document.querySelector('#loss_plot .js-plotly-plot').data"
+        # _fullData: the traces as plotly.js decoded them (the figure's JSON packs arrays as base64)
+        drawn = page.evaluate("() => [...new Set(document.querySelector('#loss_plot .js-plotly-plot')._fullData"
                               ".flatMap(trace => Array.from(trace.x)))].sort((a, b) => a - b)")
         assert drawn == steps
 
