@@ -8,6 +8,7 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
+from age_explorer.core.runs import RunManifest
 from tests.helpers import free_port
 from age_explorer.explorer.app import Settings, build_app
 
@@ -88,6 +89,10 @@ def test_whole_erase_flow(client):
     assert "red circle" in label
     sheet, legend, pair = client.predict(label, "0-1", api_name="/before_after")
     assert "Columns: original, erased." in legend
+    picks = RunManifest.read(status["artifacts"]["run_dir"]).neighbour_picks  # the search's neighbour share
+    assert legend.startswith(f"AGE's model steps used a neighbour of the erased concept as target "
+                             f"{picks['share']:.0%} of the time; picking among its candidates at random gives "
+                             f"{picks['chance']:.0%}.")
     rows = legend.split("Rows: ")[1].rstrip(".").split("; ")
     assert rows[0] == "erased: red circle" and any(r.startswith("AGE target of red circle: ") for r in rows)
     assert any(r.startswith("same shape") for r in rows) and any(r.startswith("unrelated") for r in rows)

@@ -41,7 +41,12 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
         with shown_as_error(), ex.model() as bundle, ex.compute():
             shown = before_after(bundle, columns, before_after_rows(ex, manifest), seeds, seeds_text,
                                  progress=lambda share, desc: progress(share, desc=desc))
-        return shown.sheet, shown.legend, shown.pair
+        legend = shown.legend
+        picks = manifest.neighbour_picks
+        if picks and picks.get("share") is not None:  # did the target search find the concept's neighbours?
+            legend = (f"AGE's model steps used a neighbour of the erased concept as target {picks['share']:.0%} "
+                      f"of the time; picking among its candidates at random gives {picks['chance']:.0%}. " + legend)
+        return shown.sheet, legend, shown.pair
 
     @gpu
     def measure_row(run_label, owner="", request: gr.Request = None, progress=gr.Progress()):
