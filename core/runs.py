@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .manifest import write_json_atomic
+from .manifest import file_sha256, write_json_atomic
 
 RUN_KIND = "age-explorer erasure run"
 DELTA = "delta.safetensors"
@@ -55,14 +55,6 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import Unavailable, cached_checkpoint, checkpoints_dir, load_checked, load_state, sha256
+from ..manifest import file_sha256
+from .weights import Unavailable, cached_checkpoint, checkpoints_dir, load_checked, load_state
 
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -185,7 +186,7 @@ def load_inception(device="cpu") -> tuple[FIDInception, dict]:
     model = FIDInception()
     load_checked(model, load_state(path), path, "the FID Inception weights")
     described = {"network": "Inception-v3 (FID, TensorFlow 2015-12-05 graph), pool3 2048", "weights": str(path),
-                 "weights_sha256": sha256(path), "resize": f"bilinear to {SIZE} x {SIZE}"}
+                 "weights_sha256": file_sha256(path), "resize": f"bilinear to {SIZE} x {SIZE}"}
     return model.eval().requires_grad_(False).to(device), described
 
 

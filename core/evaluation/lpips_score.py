@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import Unavailable, cached_checkpoint, checkpoints_dir, load_checked, load_state, package_file, sha256
+from ..manifest import file_sha256
+from .weights import Unavailable, cached_checkpoint, checkpoints_dir, load_checked, load_state, package_file
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
@@ -105,8 +106,8 @@ def load_lpips(device="cpu") -> tuple[LPIPS, dict]:
     if any(v is None for v in lins.values()):
         raise Unavailable(f"not available: {linear} holds no LPIPS linear layers (lin0..lin4); reinstall lpips")
     load_checked(model.lins, lins, linear, "the LPIPS linear layers")
-    described = {"net": "alex", "version": "0.1", "backbone": str(backbone), "backbone_sha256": sha256(backbone),
-                 "linear_layers": str(linear), "linear_layers_sha256": sha256(linear)}
+    described = {"net": "alex", "version": "0.1", "backbone": str(backbone), "backbone_sha256": file_sha256(backbone),
+                 "linear_layers": str(linear), "linear_layers_sha256": file_sha256(linear)}
     return model.eval().requires_grad_(False).to(device), described
 
 

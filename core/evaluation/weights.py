@@ -6,7 +6,6 @@ A metric whose weights are missing raises :class:`Unavailable`, whose message st
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -70,9 +69,3 @@ def load_checked(module: torch.nn.Module, state: dict, path: Path, what: str) ->
     module.load_state_dict({k: state[k] for k in own}, strict=False)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
