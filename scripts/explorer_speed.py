@@ -1,0 +1,124 @@
+"""Speed of the explorer as a person meets it, on the toy model: prints a table.
+
+Starts ``python app.py`` (CPU, a fresh data folder) and measures, against the real server:
+- first paint: from starting the server to the concept graph drawn in headless Chromium (Debian
+  ``chromium`` through Playwright), the page opened as soon as the server answers;
+- concept pick (what a node click does): ``/select_concept`` for concepts not drawn before;
+- threshold change: the same view at thresholds not drawn before (the slider calls the same function);
+- before / after of a finished run (a 2-step ESD run made first through the page's API), 4 seeds;
+then the same requests again while ``--users`` simulated users (processes at the lowest CPU priority,
+as in ``scripts/load_test.py``) keep browsing and generating.
+
+    python scripts/explorer_speed.py --users 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from gradio_client import Client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import connect, free_port, user  # noqa: E402  (a sibling script)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+def first_paint(url: str, started: float) -> float:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        while True:
+            try:
+                page.goto(url, timeout=5_000)
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.2)
+        page.wait_for_selector("#concept_graph [data-ready='1'] .scatterlayer .point", timeout=300_000)
+        seconds = time.time() - started
+        browser.close()
+    return seconds
+
+
+def timed(call) -> float:
+    start = time.time()
+    call()
+    return time.time() - start
+
+
+def measure(client: Client, graph: str, concepts: list[str], run_label: str, thresholds: list[float]) -> dict:
+    picks = [timed(lambda c=c: client.predict(graph, 0.3, "shape", c, api_name="/select_concept")) for c in concepts]
+    moves = [timed(lambda t=t: client.predict(graph, t, "shape", concepts[0], api_name="/select_concept"))
+             for t in thresholds]
+    before_after = [timed(lambda: client.predict(run_label, "0-3", api_name="/before_after")) for _ in range(2)]
+    return {"concept pick": picks, "threshold change": moves, "before / after": before_after}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=10)
+    args = parser.parse_args()
+    targets = {"first paint": 15.0, "concept pick": 1.0, "threshold change": 1.0, "before / after": 5.0}
+    with tempfile.TemporaryDirectory() as data_dir:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/"
+        log_path = Path(data_dir) / "server.log"
+        started = time.time()
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--device", "cpu", "--data-dir", data_dir,
+                                       "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            paint = first_paint(url, started)
+            client = connect(url, server, log_path)
+            graph = [g["graph"] for g in client.predict(api_name="/list_graphs")][0]
+            concepts = [c["concept"] for c in client.predict(graph, api_name="/list_concepts")]
+            job_id, *_ = client.predict(["blue circle"], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", "(preset)", "",
+                                        api_name="/start_erase")
+            while json.loads(client.predict(job_id, api_name="/job_status"))["status"] not in ("done", "failed"):
+                time.sleep(0.5)
+            runs, _ = client.predict(api_name="/runs")
+            run_label = runs["value"]
+            idle = measure(client, graph, concepts[:10], run_label, [0.2, 0.35, 0.5, 0.65, 0.8])
+
+            ctx = multiprocessing.get_context("spawn")
+            stop, results = ctx.Event(), ctx.Queue()
+            users = [ctx.Process(target=user, args=(url, graph, concepts, stop, i, 19, results))
+                     for i in range(args.users)]
+            for u in users:
+                u.start()
+            time.sleep(5)  # the users are connected and busy
+            loaded = measure(client, graph, concepts[10:20], run_label, [0.25, 0.4, 0.55, 0.7, 0.85])
+            stop.set()
+            errors = []
+            for _ in users:
+                errors += results.get(timeout=600)[1]
+            for u in users:
+                u.join()
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"{'view':<18}{'target s':>9}{'idle p50':>10}{'idle max':>10}{f'{args.users} users p50':>16}"
+          f"{f'{args.users} users max':>16}")
+    print(f"{'first paint':<18}{targets['first paint']:>9.0f}{paint:>10.2f}{paint:>10.2f}{'-':>16}{'-':>16}")
+    for name in ("concept pick", "threshold change", "before / after"):
+        a, b = np.array(idle[name]), np.array(loaded[name])
+        print(f"{name:<18}{targets[name]:>9.0f}{np.median(a):>10.2f}{a.max():>10.2f}{np.median(b):>16.2f}{b.max():>16.2f}")
+    print(f"errors of the simulated users: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:5]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
