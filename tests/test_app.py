@@ -422,7 +422,7 @@ def test_presets_offered_fit_the_method_the_model_and_the_device():
     from age_explorer.core.app.workflows import check_preset, preset_steps, presets_offered
 
     assert presets_offered("age", "toy", "cpu") == ["toy", "toy-fast"]
-    assert presets_offered("esd", "toy", "cpu") == ["toy-esd"]
+    assert presets_offered("esd", "toy", "cpu") == ["toy-esd", "toy-esd-fast"]
     assert presets_offered("age", "stable-diffusion", "cpu") == []  # all sized for a GPU
     assert presets_offered("age", "stable-diffusion", "cuda") == ["imagenette", "nudity", "artist"]
     assert presets_offered("age", "stable-diffusion-xl", "cuda") == ["sdxl-imagenette", "sdxl-nudity", "sdxl-artist"]
