@@ -9,7 +9,7 @@ from gradio_client import Client
 from PIL import Image
 
 from age_explorer.core.runs import RunManifest
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for_job
 from age_explorer.explorer.app import Settings, build_app
 
 pytestmark = pytest.mark.slow  # a real server per module, and background erasures
@@ -469,15 +469,6 @@ def test_a_model_without_weights_is_explained_in_the_page_the_log_and_generate(t
         demo.close()
 
 
-def _wait(client, job_id, deadline_s=300) -> dict:
-    deadline = time.time() + deadline_s
-    while (status := json.loads(client.predict(job_id, api_name="/job_status")))["status"] not in (
-            "done", "failed", "cancelled"):
-        assert time.time() < deadline, status
-        time.sleep(0.5)
-    return status
-
-
 def test_a_recovery_attack_from_the_robustness_tab(client):
     """Run attack -> background job -> the contact sheet, ASR with its baselines and the learned words;
     the attack stays listed under its run, and a second one gets a folder of its own."""
@@ -486,7 +477,7 @@ def test_a_recovery_attack_from_the_robustness_tab(client):
     assert past["choices"] == [] and concept["value"] == "blue circle" and "No attack of this run yet" in summary
 
     job_id, *_ = client.predict(label, "embedding", 4, "1000-1001", api_name="/start_attack")
-    status = _wait(client, job_id)
+    status = wait_for_job(client, job_id)
     assert status["status"] == "done", status["error"]
     assert status["kind"] == "attack" and status["artifacts"]["attack_dir"].endswith("attacks/embedding-blue-circle")
     assert status["progress"]["stage"] == "base model, plain prompt"
@@ -500,7 +491,7 @@ def test_a_recovery_attack_from_the_robustness_tab(client):
     assert probes["headers"] == ["probe", "kind", "seeds", "asr", "asr_base"]
 
     again, *_ = client.predict(label, "prompts", None, "1000", api_name="/start_attack")
-    assert _wait(client, again)["status"] == "done"
+    assert wait_for_job(client, again)["status"] == "done"
     past, *_ = client.predict(label, api_name="/attacks")
     assert [value for _, value in past["choices"]] == ["prompts-blue-circle", "embedding-blue-circle"]
     _, shown, _ = client.predict(label, "embedding-blue-circle", api_name="/show_attack")
@@ -515,7 +506,7 @@ def test_an_attack_is_cancelled_within_a_step_and_writes_nothing(client):
         assert time.time() < deadline
         time.sleep(0.3)
     assert "cancel" in client.predict(job_id, api_name="/cancel_attack")
-    status = _wait(client, job_id, 60)
+    status = wait_for_job(client, job_id, 60)
     assert status["status"] == "cancelled" and status["step"] < 5000
     past, *_ = client.predict(label, api_name="/attacks")
     assert past["choices"] == []
@@ -540,7 +531,7 @@ def test_evaluate_beside_before_after(client):
     summary, table = client.predict(label, api_name="/evaluation")
     assert "No evaluation of this run yet" in summary
     job_id, *_ = client.predict(label, 2, api_name="/evaluate")
-    status = _wait(client, job_id)
+    status = wait_for_job(client, job_id)
     assert status["status"] == "done" and status["kind"] == "evaluate", status["error"]
     summary, table = client.predict(label, api_name="/evaluation")
     assert "ESR-1" in summary and "PSR-1" in summary and "2 images per class" in summary

@@ -4,7 +4,6 @@ an evaluation and a recovery attack, all judged by a tiny CLIP classifier over a
 SD default, a Hub ResNet-50, has no weights here); and `age-explorer graph` on the same model."""
 
 import json
-import time
 
 import pytest
 from gradio_client import Client
@@ -14,7 +13,7 @@ from age_explorer.core.app.cli.main import main
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.explorer.app import Settings, build_app
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for_job
 from tests.tiny_models import TINY_SD_RECIPE
 
 pytestmark = pytest.mark.slow  # a real server and its worker process
@@ -51,15 +50,6 @@ def client(server):
     return Client(server["url"], verbose=False)
 
 
-def _wait(client, job_id, deadline_s=600) -> dict:
-    deadline = time.time() + deadline_s
-    while (status := json.loads(client.predict(job_id, api_name="/job_status")))["status"] not in (
-            "done", "failed", "cancelled"):
-        assert time.time() < deadline, status
-        time.sleep(0.5)
-    return status
-
-
 def test_the_page_serves_an_sdxl_model(server, client):
     assert server["demo"].explorer.model_kind == "stable-diffusion-xl"
     result = client.predict("a red circle", "0-1", "original", api_name="/generate")
@@ -91,14 +81,14 @@ def test_before_after_and_spillover_row_of_an_sdxl_run(server, client):
 def test_evaluation_and_an_attack_of_an_sdxl_run_in_the_background(client):
     label = client.predict(api_name="/runs")[0]["value"]
     job_id, *_ = client.predict(label, 1, api_name="/evaluate")
-    status = _wait(client, job_id)
+    status = wait_for_job(client, job_id, deadline_s=600)
     assert status["status"] == "done", status["error"]
     summary, table = client.predict(label, api_name="/evaluation")
     assert "ESR-1" in summary and "1 images per class" in summary and "classifier clip:" in summary
     assert [row[0] for row in table["data"]] == CONCEPTS
 
     job_id, *_ = client.predict(label, "perturb", 1, "1000", api_name="/start_attack")
-    status = _wait(client, job_id)
+    status = wait_for_job(client, job_id, deadline_s=600)
     assert status["status"] == "done", status["error"]
     past, _, _, summary, _ = client.predict(label, api_name="/attacks")
     assert [value for _, value in past["choices"]] == ["perturb-red-circle"] and "ASR" in summary
