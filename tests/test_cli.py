@@ -36,6 +36,19 @@ def test_unknown_words_warn_on_the_cli(tmp_path, capsys):
     assert "zebra" in err and "toy vocabulary is" in err
 
 
+def test_resource_warnings_of_libraries_stay_off_the_one_line_error(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from age_explorer.core import sampling
+
+    def leaky_parse(seeds):  # what the garbage collector reports when a library left a loop open
+        warnings.warn("unclosed event loop", ResourceWarning)
+        raise ValueError("bad seeds")
+    monkeypatch.setattr(sampling, "parse_seeds", leaky_parse)
+    assert main(["generate", "--prompt", "a red ring", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: bad seeds"]
+
+
 def test_bench_presets_prints_a_row_per_run_and_a_mean(capsys):
     assert main(["bench", "presets", "--preset", "toy-fast", "--preset", "toy-esd", "--concept", "red circle",
                  "--iterations", "2", "--threads", "1"]) == 0

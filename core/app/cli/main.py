@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once when redirected to a log
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+        # the garbage collector's notes on libraries' unclosed sockets and loops are not the user's to act on
+        warnings.filterwarnings("ignore", category=ResourceWarning)
         from tqdm.auto import tqdm
 
         from ...bundle import PromptWarning
