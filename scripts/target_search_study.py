@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, str | None, dict, str]] = {
     "damage-floor": ("age", None, {"target_search": "damage", "near_copy_floor": 0.5},
                      "damage search without near copies (output distance under half the median): the "
                      "settings of target_search=damage_floor"),
+    "damage-net": ("age", None, {"target_search": "damage_net"},
+                   "damage search net of the erasure: change along the erased concept's own change not counted"),
     "two-stage": ("age", None, {"target_search": "two_stage"},
                   "damage search picks 5 candidates, then the paper's search within them"),
     "damage-constrained": ("age", None, {"target_search": "damage", "erase_check_every": 25},

@@ -179,3 +179,25 @@ def test_damage_floor_runs_the_damage_search_without_near_copies(toy_bundle, tmp
     dropped = targets[targets.output_distance < 0.5 * median]
     assert not dropped.allowed.any() and not {r.pick for r in reports} & set(dropped.candidate)
     assert all("max_damage" in r.losses for r in reports if r.phase == "pi")
+
+
+@pytest.mark.parametrize("change, own, net", [
+    ([[3.0, 0.0]], [1.0, 0.0], [[0.0, 0.0]]),  # all along the erasure: no damage left
+    ([[1.0, 2.0]], [1.0, 0.0], [[0.0, 2.0]]),  # only the part across the erasure counts
+    ([[-1.0, 2.0]], [1.0, 0.0], [[-1.0, 2.0]]),  # against the erasure: all of it is damage
+    ([[0.0, 1.0]], [0.0, 0.0], [[0.0, 1.0]]),  # no erasure yet: the plain damage
+])
+def test_damage_net_of_erasure_drops_only_the_part_along_the_erasure(change, own, net):
+    from age_explorer.core.erasure.age import net_of_erasure
+
+    got = net_of_erasure(torch.tensor([change]), torch.tensor([own]))
+    assert torch.allclose(got, torch.tensor([net]))
+
+
+def test_damage_net_search_runs_and_scores_the_net_damage(toy_bundle, tmp_path):
+    manifest, reports, targets = _run(toy_bundle, tmp_path, "net", target_search="damage_net")
+    pi_steps = [r for r in reports if r.phase == "pi"]
+    assert pi_steps and all("max_damage" in r.losses for r in pi_steps)
+    assert manifest.config["target_search"] == "damage_net" and math.isclose(targets.pi.sum(), 1.0, rel_tol=1e-5)
+    # after the first model step the erased concept has moved, so pi is no longer uniform
+    assert targets.pi.max() > targets.pi.min()

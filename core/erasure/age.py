@@ -20,6 +20,11 @@ Target search (``target_search``):
 - ``damage_floor`` (beyond the paper): the damage search with ``near_copy_floor`` at 0.5 unless set
   (``config.DAMAGE_FLOOR``): the damage search's near copies are the candidates it must not pick.
 
+- ``damage_net`` (beyond the paper): the damage search, net of the erasure. A candidate's change
+  on the erased concept's latents is split into the part along the erased concept's own change
+  (the erasure itself, which preserving the candidate would fight) and the rest; only the rest
+  counts as damage. A near copy changes almost only along the erasure, so it scores low without a
+  hard floor.
 - ``two_stage`` (beyond the paper): the damage search for the first ``damage_stage_fraction`` of the
   run, then pi is reset to uniform over the ``neighbourhood_size`` candidates it ranked highest and
   the paper's search continues within them.
@@ -277,7 +282,7 @@ class AGERun(FineTuneRun):
                 losses.update(self._erasure_check())
         elif self.pi_frozen:  # an ablation: pi is not searched
             losses, phase = {}, "pi"
-        elif cfg.target_search in ("damage", "damage_floor") or not self.neighbourhood_chosen:
+        elif cfg.target_search in ("damage", "damage_floor", "damage_net") or not self.neighbourhood_chosen:
             losses = self._damage_pi_step(k, concept, c_e, shared)
             phase = "pi"
         else:
@@ -376,9 +381,14 @@ class AGERun(FineTuneRun):
         tt = t[:m].repeat_interleave(n)
         cond = states.repeat(m, 1, 1)
         with torch.no_grad():
-            live = self.to_loss_space(pred.trainable(x, tt, cond), x, tt)
-            frozen = self.to_loss_space(pred.frozen(x, tt, cond), x, tt)
-            damage = (live - frozen).pow(2).flatten(1).mean(1).view(m, n).mean(0)
+            change = (self.to_loss_space(pred.trainable(x, tt, cond), x, tt)
+                      - self.to_loss_space(pred.frozen(x, tt, cond), x, tt)).flatten(1).view(m, n, -1)
+            if cfg.target_search == "damage_net":
+                x_e, t_e, s_e = z_e[:m], t[:m], c_e.expand(m, -1, -1)
+                own = (self.to_loss_space(pred.trainable(x_e, t_e, s_e), x_e, t_e)
+                       - self.to_loss_space(pred.frozen(x_e, t_e, s_e), x_e, t_e)).flatten(1)
+                change = net_of_erasure(change, own)
+            damage = change.pow(2).mean(2).mean(0)
         probs = F.softmax(self.logits(k), dim=0)
         objective = (probs * damage.to(probs.dtype)).masked_fill(~self.allowed[k], 0).sum() * cfg.lam
         self.pi_optimizer.zero_grad(set_to_none=True)
@@ -478,6 +488,14 @@ class AGERun(FineTuneRun):
                 q = max(1, math.ceil(len(values) / 4))
                 out[concept] = [round(sum(c) / len(c), 6) for c in (values[i:i + q] for i in range(0, len(values), q))]
         return out
+
+
+def net_of_erasure(change: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Candidates' changes (m, n, d) less their part along the erased concept's own change (m, d) on
+    the same latents, where the two point alike: what is left is damage the erasure does not need."""
+    own = own[:, None]
+    coef = (change * own).sum(2, keepdim=True) / own.pow(2).sum(2, keepdim=True).clamp(min=1e-12)
+    return change - coef.clamp(min=0) * own
 
 
 def _share(rows: list[dict]) -> float:

@@ -19,7 +19,7 @@ LOSS_SPACES = ("x0", "eps")
 UCE_ALIGNMENTS = ("last_word", "all")
 XT_SOURCES = ("sample", "pool")
 PRECISIONS = ("fp32", "bf16")
-TARGET_SEARCHES = ("gumbel", "damage", "damage_floor", "two_stage")
+TARGET_SEARCHES = ("gumbel", "damage", "damage_floor", "damage_net", "two_stage")
 # damage_floor: the damage search with this near-copy floor unless near_copy_floor is set; the measured
 # comparison of the searches is in docs/graph.md ("Target search")
 DAMAGE_FLOOR = 0.5
@@ -142,8 +142,10 @@ class AGEConfig(EraseConfig):
     synonyms: list[str] = _list("candidates excluded as synonyms of an erased concept")
     target_search: str = help_field("gumbel: the paper's gradient search; damage: score every candidate's preservation "
                                "damage; damage_floor: the damage search without near copies (near_copy_floor "
-                               f"{DAMAGE_FLOOR} unless set), the better search on the toy world; two_stage: damage "
-                               "picks a neighbourhood, then the paper's search within it", "gumbel")
+                               f"{DAMAGE_FLOOR} unless set), the better search on the toy world; damage_net: damage net of "
+                               "the erasure (the part of each candidate's change that goes with the erased "
+                               "concept's own change is not counted); two_stage: damage picks a neighbourhood, "
+                               "then the paper's search within it", "gumbel")
     damage_samples: int = help_field("latents per damage measurement (damage search)", 2)
     pi_mode: str = help_field("learned: pi is searched by target_search (the paper); ablations: uniform (pi frozen at "
                          "1/n), nearest (one fixed target, the candidate closest in text embedding), most_damaged "
