@@ -252,7 +252,14 @@ def run_weights(bundle, run_dir: str | Path) -> Iterator:
     if manifest.base_revision and bundle.revision and manifest.base_revision != bundle.revision:
         raise ValueError(f"run {run_dir} was made on revision {manifest.base_revision} of "
                          f"{manifest.base_model}, not on the loaded revision {bundle.revision}")
-    delta = read_delta(bundle, run_dir, manifest)
+    with delta_weights(bundle, read_delta(bundle, run_dir, manifest)):
+        yield bundle
+
+
+@contextmanager
+def delta_weights(bundle, delta: dict[str, torch.Tensor]) -> Iterator:
+    """``bundle`` with the UNet tensors of ``delta`` (checked by :func:`read_delta`) swapped in for the
+    block, and its own back afterwards, even on error."""
     params = dict(bundle.unet.named_parameters())
     own = {name: params[name].detach().clone() for name in delta}
     _copy_into(bundle, delta)
@@ -260,6 +267,8 @@ def run_weights(bundle, run_dir: str | Path) -> Iterator:
         yield bundle
     finally:
         _copy_into(bundle, own)
+
+
 class BaseWeights:
     """The base model's values of the UNet tensors a run changed, to swap into the run's loaded bundle
     (``with base.active(): ...``) instead of holding a second model on the device. The base is read

@@ -1,15 +1,17 @@
 """Build a concept graph: G_0 for every concept, then one row per erased concept.
 
 A row = erase one concept (any engine method and target) and measure G for every concept of the set.
-Rows are independent: they run one after another here, or as Ray tasks (``backend="ray"``) on an
-existing cluster (``ray_address``) or a local one. Each row is written as soon as it is done, and a
-re-run skips the rows already present.
+Rows are independent: they run one after another here, or on Ray workers (``backend="ray"``) of an
+existing cluster (``ray_address``) or a local one, where a row's erasure and the parts of its
+measurement are separate tasks. Each row is written as soon as it is done, and a re-run skips the
+rows already present.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..bundle import ModelBundle, load_bundle
 from ..manifest import environment_versions
-from ..runs import run_weights
+from ..runs import RunManifest, delta_weights, read_delta
 from .capability import CapabilitySpec, capability, default_evaluator_name, load_evaluator
 from .concept_sets import ConceptSet
 from .store import GraphStore
@@ -41,11 +43,21 @@ class RowRecipe:
         return make_config(self.method, self.preset, concepts=[concept], **self.options)
 
 
-def measure_row(erased_bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: CapabilitySpec,
-                erased: str, nodes: pd.DataFrame) -> pd.DataFrame:
-    """Delta of every concept after erasing ``erased`` (``erased_bundle`` is the erased model; G₀ is in
-    ``nodes``)."""
-    after = capability(erased_bundle, concept_set, evaluator, spec)
+def erase_row(bundle: ModelBundle, recipe: RowRecipe, erased: str, work_dir: Path | None = None
+              ) -> tuple[dict[str, torch.Tensor], float]:
+    """Erase ``erased`` by ``recipe``: the changed UNet tensors (checked as any run's) and the seconds."""
+    from ..erasure import erase
+
+    start = time.time()
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        run_dir = Path(tmp) / "run"
+        erase(bundle, recipe.config(erased), run_dir)
+        delta = read_delta(bundle, run_dir, RunManifest.read(run_dir))
+    return delta, time.time() - start
+
+
+def row_frame(erased: str, nodes: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
+    """The row's edges from G after (``after``, any order) and G₀ (``nodes``), in the nodes' order."""
     row = nodes[["concept", "G0_top1", "G0_topk"]].merge(after, on="concept")
     return pd.DataFrame({"erased": erased, "affected": row.concept,
                          "G_before_top1": row.G0_top1, "G_after_top1": row.G_top1,
@@ -54,16 +66,20 @@ def measure_row(erased_bundle: ModelBundle, concept_set: ConceptSet, evaluator, 
                          "delta_topk": row.G0_topk - row.G_topk})
 
 
+def measure_row(erased_bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: CapabilitySpec,
+                erased: str, nodes: pd.DataFrame) -> pd.DataFrame:
+    """Delta of every concept after erasing ``erased`` (``erased_bundle`` is the erased model; G₀ is in
+    ``nodes``)."""
+    return row_frame(erased, nodes, capability(erased_bundle, concept_set, evaluator, spec))
+
+
 def compute_row(bundle: ModelBundle, concept_set: ConceptSet, evaluator, spec: CapabilitySpec,
                 recipe: RowRecipe, erased: str, nodes: pd.DataFrame, work_dir: Path | None = None
                 ) -> tuple[pd.DataFrame, float]:
-    from ..erasure import erase
-
     start = time.time()
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        erase(bundle, recipe.config(erased), Path(tmp) / "run")
-        with run_weights(bundle, Path(tmp) / "run"):
-            row = measure_row(bundle, concept_set, evaluator, spec, erased, nodes)
+    delta, _ = erase_row(bundle, recipe, erased, work_dir)
+    with delta_weights(bundle, delta):
+        row = measure_row(bundle, concept_set, evaluator, spec, erased, nodes)
     return row, time.time() - start
 
 
@@ -137,8 +153,35 @@ def build_graph(bundle: ModelBundle, concept_set: ConceptSet, out_dir: str | Pat
     return store
 
 
+# A row's images are measured in this many Ray tasks, so that the last rows of a graph share the
+# workers instead of leaving all but one idle (docs/graph.md, "Benchmark").
+MEASURE_PARTS = 2
+
+
+class RowWorker:
+    """A Ray actor: the model and the classifier loaded once, one thread; it erases rows and measures
+    parts of erased rows."""
+
+    def __init__(self, source, device, concept_set: ConceptSet, evaluator_name: str, spec: CapabilitySpec):
+        torch.set_num_threads(1)  # rows run side by side; one row's small batches use a second thread poorly
+        self.bundle = load_bundle(source, device=device)
+        self.concept_set, self.spec = concept_set, spec
+        self.evaluator = load_evaluator(evaluator_name, self.bundle, concept_set)
+
+    def erase(self, recipe: RowRecipe, concept: str) -> tuple[dict[str, torch.Tensor], float]:
+        return erase_row(self.bundle, recipe, concept)
+
+    def measure(self, delta: dict[str, torch.Tensor], concepts: list[str]) -> tuple[pd.DataFrame, float]:
+        start = time.time()
+        with delta_weights(self.bundle, delta):
+            after = capability(self.bundle, self.concept_set, self.evaluator, self.spec, concepts)
+        return after, time.time() - start
+
+
 def _ray_rows(store, source, bundle, concept_set, evaluator_name, spec, recipe, todo, nodes, address,
               progress, log) -> None:
+    """Rows on Ray workers (one per CPU, or per GPU): a worker erases a row, then the row's parts are
+    measured by whichever workers are free. A row is written as soon as its last part is in."""
     try:
         import ray
     except ImportError as err:
@@ -147,26 +190,49 @@ def _ray_rows(store, source, bundle, concept_set, evaluator_name, spec, recipe, 
     if started_here:
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     use_gpu = bundle.device.type == "cuda"
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_row_task)
-    pending = {task.remote(source, str(bundle.device) if not use_gpu else "cuda", concept_set, evaluator_name,
-                           spec, recipe, concept, nodes): concept for concept in todo}
-    bar = tqdm(total=len(pending), desc="graph rows (ray)", disable=not progress)
+    slots = int(ray.available_resources().get("GPU" if use_gpu else "CPU", 1))
+    n_workers = max(1, min(slots, len(todo) * MEASURE_PARTS))
+    actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(RowWorker)
+    workers = [actor.remote(source, "cuda" if use_gpu else str(bundle.device), concept_set, evaluator_name, spec)
+               for _ in range(n_workers)]
+    concepts = concept_set.concepts
+    size = -(-len(concepts) // (MEASURE_PARTS if n_workers > 1 else 1))
+    parts = [concepts[i:i + size] for i in range(0, len(concepts), size)]
+    waiting, measurable = list(todo), deque()  # rows to erase; (row, part) pairs ready to measure
+    deltas, measured = {}, {}
+    seconds = {}  # the open rows (erasing or being measured) and their worker seconds so far
+    idle, running = list(workers), {}
+    bar = tqdm(total=len(todo), desc="graph rows (ray)", disable=not progress)
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            concept = pending.pop(ready[0])
-            row, seconds = ray.get(ready[0])
-            store.add_row(concept, row, seconds)
-            bar.update()
-            log(f"row {concept}: {seconds:.1f} s (ray)")
+        while waiting or measurable or running:
+            while idle and (waiting or measurable):
+                worker = idle.pop()
+                # start a row while fewer rows are open than workers, else finish the open ones
+                if waiting and (len(seconds) < n_workers or not measurable):
+                    concept = waiting.pop(0)
+                    seconds[concept] = 0.0
+                    running[worker.erase.remote(recipe, concept)] = (worker, concept, None)
+                else:
+                    concept, part = measurable.popleft()
+                    running[worker.measure.remote(deltas[concept], parts[part])] = (worker, concept, part)
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            worker, concept, part = running.pop(ref)
+            idle.append(worker)
+            result, spent = ray.get(ref)
+            seconds[concept] += spent
+            if part is None:
+                deltas[concept] = ray.put(result)
+                measurable.extend((concept, p) for p in range(len(parts)))
+                continue
+            measured.setdefault(concept, []).append(result)
+            if len(measured[concept]) == len(parts):
+                store.add_row(concept, row_frame(concept, nodes, pd.concat(measured.pop(concept))), seconds[concept])
+                del deltas[concept]
+                bar.update()
+                log(f"row {concept}: {seconds.pop(concept):.1f} s (ray, worker seconds)")
     finally:
         bar.close()
+        for worker in workers:
+            ray.kill(worker)
         if started_here:
             ray.shutdown()
-
-
-def _row_task(source, device, concept_set, evaluator_name, spec, recipe, concept, nodes):
-    torch.set_num_threads(1)
-    bundle = load_bundle(source, device=device)
-    evaluator = load_evaluator(evaluator_name, bundle, concept_set)
-    return compute_row(bundle, concept_set, evaluator, spec, recipe, concept, nodes)
