@@ -30,6 +30,8 @@ QUICK = dict(iterations=2)
     (dict(erase_target_g=2.0), "erase_target_g"),
     (dict(erase_weight_growth=0.5), "erase_weight_growth"),
     (dict(damage_probe_steps=0), "damage_probe_steps"),
+    (dict(pi_spread=-0.1), "pi_spread"),
+    (dict(pi_spread=float("inf")), "pi_spread"),
 ])
 def test_invalid_search_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
@@ -201,3 +203,15 @@ def test_damage_net_search_runs_and_scores_the_net_damage(toy_bundle, tmp_path):
     assert manifest.config["target_search"] == "damage_net" and math.isclose(targets.pi.sum(), 1.0, rel_tol=1e-5)
     # after the first model step the erased concept has moved, so pi is no longer uniform
     assert targets.pi.max() > targets.pi.min()
+
+
+def test_pi_spread_keeps_pi_spread_over_the_damaged_candidates(toy_bundle, tmp_path):
+    def entropy(targets):
+        p = torch.tensor(targets[targets.allowed].pi.values)
+        return float(-(p * p.clamp(min=1e-12).log()).sum())
+
+    *_, plain = _run(toy_bundle, tmp_path, "plain", target_search="damage_floor", iterations=4)
+    *_, spread = _run(toy_bundle, tmp_path, "spread", target_search="damage_floor", iterations=4, pi_spread=10.0)
+    # the entropy bonus holds pi near uniform, where the plain damage search has already moved it
+    assert entropy(spread) > entropy(plain)
+    assert list(spread[spread.allowed].candidate) == list(plain[plain.allowed].candidate)

@@ -25,6 +25,9 @@ Target search (``target_search``):
   (the erasure itself, which preserving the candidate would fight) and the rest; only the rest
   counts as damage. A near copy changes almost only along the erasure, so it scores low without a
   hard floor.
+- ``pi_spread`` (beyond the paper, damage searches): an entropy bonus on pi, so that pi settles near
+  softmax(damage / pi_spread) over the few most damaged candidates (a shape and a colour relative,
+  say) instead of one.
 - ``two_stage`` (beyond the paper): the damage search for the first ``damage_stage_fraction`` of the
   run, then pi is reset to uniform over the ``neighbourhood_size`` candidates it ranked highest and
   the paper's search continues within them.
@@ -390,7 +393,12 @@ class AGERun(FineTuneRun):
                 change = net_of_erasure(change, own)
             damage = change.pow(2).mean(2).mean(0)
         probs = F.softmax(self.logits(k), dim=0)
-        objective = (probs * damage.to(probs.dtype)).masked_fill(~self.allowed[k], 0).sum() * cfg.lam
+        allowed = self.allowed[k]
+        if cfg.pi_spread > 0:  # the entropy's weight is relative to the step's largest damage
+            damage = damage / damage[allowed].max().clamp(min=1e-12)
+        objective = (probs * damage.to(probs.dtype)).masked_fill(~allowed, 0).sum() * cfg.lam
+        if cfg.pi_spread > 0:
+            objective = objective - cfg.pi_spread * cfg.lam * (probs * probs.clamp(min=1e-12).log()).masked_fill(~allowed, 0).sum()
         self.pi_optimizer.zero_grad(set_to_none=True)
         (-objective).backward()
         self.pi_optimizer.step()

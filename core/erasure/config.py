@@ -155,6 +155,9 @@ class AGEConfig(EraseConfig):
     near_copy_floor: float = help_field("drop candidates whose frozen output on the erased concept's latents is closer to "
                                    "the concept's own than this fraction of the median candidate's (0: keep all, "
                                    "the paper)", 0.0)
+    pi_spread: float = help_field("damage searches: pi also ascends this weight times its entropy, with each step's "
+                                  "damage scaled to a maximum of 1, so pi settles near softmax(damage / pi_spread) over "
+                                  "several damaged candidates instead of one (0: off)", 0.0)
     neighbourhood_size: int = help_field("two_stage search: candidates the damage stage keeps for the paper's search", 5)
     damage_stage_fraction: float = help_field("two_stage search: share of the run spent in the damage stage", 0.25)
     erase_check_every: int = help_field("erasure-success constraint: every N model steps generate the erased concept and "
@@ -184,6 +187,7 @@ class AGEConfig(EraseConfig):
         check_count("erase_check_every", self.erase_check_every, 0, MAX_ITERATIONS)
         check_count("erase_check_images", self.erase_check_images, 1, MAX_BATCH)
         check_range("near_copy_floor", self.near_copy_floor, 0, 1)
+        check_range("pi_spread", self.pi_spread, 0, 10)
         if self.target_search == "damage_floor" and self.near_copy_floor == 0:
             self.near_copy_floor = DAMAGE_FLOOR  # recorded in the manifest's config as the floor it ran with
         check_range("damage_stage_fraction", self.damage_stage_fraction, 0, 1)
