@@ -29,11 +29,33 @@ def unet_prediction(bundle: ModelBundle, unet=None) -> Prediction:
 
 
 def guided_ddim_step(scheduler, predict: Prediction, z: torch.Tensor, t, cond: torch.Tensor,
-                     uncond: torch.Tensor, guidance_scale: float, **step_options) -> torch.Tensor:
+                     uncond: torch.Tensor, guidance_scale: float, copies: tuple[list[int], list[int]] | None = None,
+                     **step_options) -> torch.Tensor:
     """One DDIM step with classifier-free guidance, uncond + s * (cond - uncond), from one batched
-    model call. The one step of sampling, erasure's "sample till t", benchmarks and previews."""
-    out_uncond, out_cond = predict(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    model call. The one step of sampling, erasure's "sample till t", benchmarks and previews.
+
+    ``copies`` = (first, inverse): rows of ``z`` are copies of the rows ``first`` (row i of ``z`` is
+    ``z[first[inverse[i]]]``), so the unconditional prediction is made once per distinct row.
+    """
+    if copies is None:
+        out_uncond, out_cond = predict(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    else:
+        first, inverse = copies
+        out = predict(torch.cat([z[first], z]), t, torch.cat([uncond[first], cond]))
+        out_uncond, out_cond = out[:len(first)][inverse], out[len(first):]
     return scheduler.step(out_uncond + guidance_scale * (out_cond - out_uncond), t, z, **step_options).prev_sample
+
+
+def seed_copies(seeds: list[int]) -> tuple[list[int], list[int]] | None:
+    """(first, inverse) of the repeated seeds of a batch (see :func:`guided_ddim_step`), None if none repeats."""
+    position: dict[int, int] = {}
+    first, inverse = [], []
+    for i, seed in enumerate(seeds):
+        if seed not in position:
+            position[seed] = len(first)
+            first.append(i)
+        inverse.append(position[seed])
+    return (first, inverse) if len(first) < len(seeds) else None
 
 
 @torch.no_grad()
@@ -55,12 +77,18 @@ def sample_latents(bundle: ModelBundle, cond: torch.Tensor, latents: torch.Tenso
         if seeds is None or len(seeds) != len(latents):
             raise ValueError("eta > 0 needs one seed per image")
         generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+    # one seed's initial latents are the same under every prompt of the batch, so at the first step its
+    # unconditional prediction is too: made once (a graph row's 25 prompts share 32 seeds)
+    copies = seed_copies(seeds) if seeds is not None and len(seeds) == len(latents) else None
+    if copies is not None and not torch.equal(latents[copies[0]][copies[1]], latents):
+        copies = None  # latents not drawn from these seeds
     for i, t in enumerate(scheduler.timesteps):
         options = {}
         if generators:
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
             options = {"eta": eta, "variance_noise": noise.to(latents)}
-        latents = guided_ddim_step(scheduler, predict, latents, t, cond, uncond, guidance_scale, **options)
+        latents = guided_ddim_step(scheduler, predict, latents, t, cond, uncond, guidance_scale,
+                                   copies=copies if i == 0 else None, **options)
         if callback:
             callback(i + 1, steps)
     return latents

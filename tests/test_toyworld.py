@@ -52,6 +52,22 @@ def test_generation_is_deterministic_per_seed(toy_bundle):
     assert not torch.allclose(a[0], a[1])
 
 
+def test_prompts_sharing_seeds_share_the_first_unconditional_prediction(toy_bundle, one_thread, monkeypatch):
+    from age_explorer.core import sampling
+
+    prompts, seeds = ["a red circle", "a blue square", "a green ring"], [3, 4]
+    alone = torch.cat([generate(toy_bundle, [p], seeds, steps=4) for p in prompts])
+    batch_sizes = []
+    real = sampling.guided_ddim_step
+    monkeypatch.setattr(sampling, "guided_ddim_step", lambda *a, copies=None, **k: (
+        batch_sizes.append(len(a[2]) + (len(copies[0]) if copies else len(a[2]))), real(*a, copies=copies, **k))[1])
+    together = generate(toy_bundle, prompts, seeds, steps=4)
+    # one batch of 6 images: 2 + 6 predictions at the first step instead of 12, the same images
+    assert batch_sizes == [8, 12, 12, 12]
+    assert torch.equal(together, alone)
+    assert sampling.seed_copies([3, 4, 3, 4]) == ([0, 1], [0, 1, 0, 1]) and sampling.seed_copies([1, 2]) is None
+
+
 def test_generated_images_are_recognised(toy_bundle):
     world = toy_bundle.backend.world
     prompts = [world.prompt(n) for n in world.names]
