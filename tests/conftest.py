@@ -3,9 +3,13 @@ import os
 import pytest
 import torch
 
+from age_explorer.core.cpu_threads import default_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The project's rule (core.cpu_threads): the free cores at start, so a busy CI runner gets one thread
+# instead of a team that waits for its displaced member; at most 2, the CI machine's count.
+torch.set_num_threads(min(2, default_threads()[0]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from ..cpu_threads import usable_cores
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class CpuSplit:
 
     @classmethod
     def of(cls, cores: int | None = None) -> "CpuSplit":
-        """A quarter of the cores (at least one) for requests, the rest (at least one) for the job."""
-        cores = cores or torch.get_num_threads()
+        """A quarter of the cores (at least one) for requests, the rest (at least one) for the job; ``cores``
+        defaults to the cores this process may use (``core.cpu_threads.usable_cores``), whatever their load."""
+        cores = usable_cores() if cores is None else cores
         if cores < 1:
             raise ValueError(f"cores must be >= 1, got {cores}")
         requests = max(1, cores // 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import use_threads
+from .common import THREADS_HELP, use_threads
 
 HELP = "recovery attacks on an erased run: can the concept come back?"
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept-set", default=None, help="classes the evaluator chooses among: the model's own "
                         "set (toy), imagenette, netfive or a CSV holding the concept (default: own, else imagenette)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--out", default=None, help="attack folder (default RUN/attacks/ATTACK-CONCEPT)")
     parser.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import use_threads
+from .common import THREADS_HELP, use_threads
 
 HELP = "benchmarks that print tables"
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--iterations", type=int, default=10)
     be.add_argument("--candidates", type=int, default=100)
     be.add_argument("--precision", action="append", default=None, help="fp32 and/or bf16 (default both)")
-    be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     be.set_defaults(func=run_erase)
     bp = bench_sub.add_parser("presets", help="seconds of whole erasures with presets (e.g. toy against toy-fast)")
     bp.add_argument("--model", default="toy")
@@ -26,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bp.add_argument("--preset", action="append", required=True, help="preset to time (repeat)")
     bp.add_argument("--concept", action="append", required=True, help="concept to erase (repeat)")
     bp.add_argument("--iterations", type=int, default=None, help="override the presets' model steps (smoke runs)")
-    bp.add_argument("--threads", type=int, default=None)
+    bp.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     bp.set_defaults(func=run_presets)
     bat = bench_sub.add_parser("attack", help="seconds of each recovery attack (toy) or per step (SD-1.4 arch)")
     bat.add_argument("--arch", choices=["toy", "sd14"], default="toy", help="sd14: random SD-1.4 UNet and text encoder")
     bat.add_argument("--device", default="cpu")
     bat.add_argument("--concept", default="red circle", help="toy: the concept erased (ESD-'', toy-esd) and attacked")
     bat.add_argument("--steps", type=int, default=None, help="optimisation steps (toy: the defaults; sd14: 3)")
-    bat.add_argument("--threads", type=int, default=None)
+    bat.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     bat.set_defaults(func=run_attack)
 
 

@@ -21,9 +21,12 @@ def load_model(args):
                        local_files_only=True if args.offline else None)
 
 
-def use_threads(threads: int | None) -> None:
-    """Set torch's CPU thread count when the user gave one (``--threads``)."""
-    if threads:
-        import torch
+THREADS_HELP = ("CPU threads (default: the usable cores minus those other processes keep busy at start; "
+                "see docs/contention.md)")
 
-        torch.set_num_threads(threads)
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count: ``--threads`` when given, else the rule of ``core.cpu_threads``."""
+    from ...cpu_threads import configure
+
+    configure(threads)

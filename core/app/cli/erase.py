@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .common import add_model_args, load_model, use_threads
+from .common import THREADS_HELP, add_model_args, load_model, use_threads
 from .config_flags import add_config_flags, flag_name, given_values
 
 HELP = "erase concepts (AGE, ESD, UCE: the method registry); writes a run folder"
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file of explicit AGE candidates, one per line (overrides vocab) [age]")
     parser.add_argument("--allow-cpu", dest="requires_gpu", action="store_const", const=False,
                         help="run a GPU preset on CPU anyway (the same as --no-requires-gpu)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     parser.add_argument("--force", action="store_true", help="replace the run already in --out")
     parser.add_argument("--target-check-images", type=int, default=32, metavar="N", help=(
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.target_check_images <= MAX_CHECK_IMAGES:
         raise ValueError(f"--target-check-images must be a whole number from 0 (skip) to {MAX_CHECK_IMAGES}, "
                          f"got {args.target_check_images}")
-    use_threads(args.threads)
+    use_threads(args.threads or (started_threads(Path(args.out)) if args.resume else None))
     bundle = load_model(args)
     preset = args.preset if args.preset != "none" else None
     if preset is None and args.preset is None:
@@ -121,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
         for line in notes(record):
             print(f"  note: {line}")
     return 0
+
+
+def started_threads(out: Path) -> int | None:
+    """The CPU thread count a stopped run started with, so that its resumed steps sum in the same order."""
+    from ...runs import CorruptRunError, RunManifest
+
+    try:
+        return RunManifest.read(out, finished=False).cpu_threads
+    except CorruptRunError:  # no manifest yet (a killed process): the rule decides
+        return None
 
 
 def claim_run_folder(out: Path, resume: bool, force: bool) -> None:

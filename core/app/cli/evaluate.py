@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import use_threads
+from .common import THREADS_HELP, use_threads
 from .config_flags import add_config_flags, given_values
 
 HELP = "the paper's evaluation of a run or model: ESR/PSR, NudeNet nudity, CLIP score, LPIPS, FID; --compare prints several"
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-images", action="store_true", help="also write every image under OUT/images/")
     parser.add_argument("--out", default=None, help="result folder (default: RUN/evaluation)")
     parser.add_argument("--force", action="store_true", help="replace an existing result folder")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.set_defaults(func=run)
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import use_threads
+
 HELP = "export an erased run: delta (default), diffusers folder or LoRA, model card, Hub"
 
 
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ...export import export_run, push_to_hub
 
+    use_threads(None)  # the contact sheet's images and the LoRA's SVDs compute
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else Path("exports") / f"{run_dir.name}-{args.format}"
     with tqdm(desc="contact sheet images", unit="img", disable=None) as bar:

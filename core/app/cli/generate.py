@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_args, load_model, use_threads
+from .common import THREADS_HELP, add_model_args, load_model, use_threads
 
 HELP = "generate images with a model or an erased run"
 
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (model default: toy 25, SD 50)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (model default: toy 3, SD 7.5)")
     parser.add_argument("--size", type=int, default=128, help="view size of small images; raw ones go to raw/")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--out", required=True)
     parser.set_defaults(func=run)
 

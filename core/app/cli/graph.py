@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_model_args, load_model, use_threads
+from .common import THREADS_HELP, add_model_args, load_model, use_threads
 from .config_flags import json_object
 
 HELP = "build (or complete) a concept graph of spillover Delta(a -> b)"
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--backend", choices=["local", "ray"], default="local")
     parser.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--out", required=True)
     parser.set_defaults(func=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import use_threads
+from .common import THREADS_HELP, use_threads
 
 HELP = "the background job store: list, show, cancel, resume, run a worker"
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--device", default="cpu")
     worker = verbs.add_parser("worker", help="run the queued jobs of one device")
     worker.add_argument("--device", default="cpu")
-    worker.add_argument("--threads", type=int, default=None)
+    worker.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
     parser.set_defaults(func=run)
 

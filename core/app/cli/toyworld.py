@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import use_threads
+from .common import THREADS_HELP, use_threads
 from .config_flags import add_config_flags, given_values
 
 HELP = "the embedded toy world: train or benchmark its model"
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = toy_sub.add_parser("train", help="train the toy text-to-image model and its classifier")
     t.add_argument("--out", required=True)
     t.add_argument("--concepts", default=None, help="concepts.json (default: the shipped one)")
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     t.set_defaults(func=run_train, config_fields=add_config_flags(t, {"toy model": ToyTrainConfig}))
 
     b = toy_sub.add_parser("bench", help="accuracy per concept, image statistics and speed of the toy model")
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--images-per-concept", type=int, default=16)
     b.add_argument("--seed", type=int, default=1000)
     b.add_argument("--guidance", type=float, default=None)
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     b.add_argument("--skip-speed", action="store_true")
     b.add_argument("--grid-out", default=None, help="write a render-vs-sample grid PNG here")
     b.set_defaults(func=run_bench)
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: ESD '', the paper's and the damage search)")
     c.add_argument("--images-per-concept", type=int, default=32)
     c.add_argument("--seed", type=int, default=1000)
-    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     c.add_argument("--out", required=True, help="folder for runs and results (resumes when re-run)")
     c.set_defaults(func=run_compare)
 
