@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from .backends import Backend, backend_for, backends
 from .device import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
     from .runs import RunManifest
 
 # ``from_pretrained`` builds modules on the "meta" device by patching torch for the whole process
@@ -165,6 +166,8 @@ class ModelBundle:
 
     # ---- schedulers and parameters ------------------------------------------------------------------
     def train_scheduler(self) -> DDPMScheduler:
+        from diffusers import DDPMScheduler  # diffusers loads with the first model, not with the explorer's page
+
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def sampling_scheduler(self) -> DDIMScheduler:
@@ -201,6 +204,8 @@ def ddim_scheduler(config: dict) -> DDIMScheduler:
     in its own default, and ``from_config`` would drop it and take DDIM's (clip_sample=True), even
     where the pipeline had corrected it to False. Such keys count as unstated.
     """
+    from diffusers import DDIMScheduler
+
     defaulted = set(config.get("_use_default_values", ()))
     stated = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
     return DDIMScheduler.from_config({**DDIM_UNSTATED, **stated})

@@ -4,9 +4,10 @@ thread settings against new, in one run; prints a table of seconds per iteration
     python scripts/contention_bench.py                                   # all workloads, all competitors
     python scripts/contention_bench.py --workload esd --competitor torch2 --repeats 3
 
-Workloads (toy model, every one in a fresh process so that the thread settings are set before torch
-loads): ``esd`` (toy-esd, model steps), ``age`` (toy-fast, loop iterations), ``generate`` (32 images,
-per image), ``row`` (one ESD graph row: the erasure and every concept's images, per row).
+Workloads (toy model, each in a fresh process so that the thread settings are chosen as a command
+chooses them): ``esd`` (toy-esd: the median model step after the first), ``age`` (toy-fast: the
+median loop iteration after the first), ``generate`` (32 images, per image), ``row`` (one ESD graph
+row: its erasure and every concept's images, classified).
 
 Settings: ``old`` is torch's default (one OpenMP thread per core, libgomp's default spin-wait), as
 every command ran before ``core.cpu_threads``; ``new`` is ``core.cpu_threads.configure()``, what the
@@ -53,9 +54,10 @@ def child(args) -> None:
             method, preset = ("esd", "toy-esd") if args.child == "esd" else ("age", "toy-fast")
             options = {"target": ""} if method == "esd" else {}
             config = make_config(method, preset, concepts=["red circle"], iterations=args.iterations, **options)
-            start = time.perf_counter()
-            erase(bundle, config, Path(tmp) / "run")
-            seconds, units = time.perf_counter() - start, args.iterations
+            stamps = []
+            erase(bundle, config, Path(tmp) / "run", callbacks=[lambda report: stamps.append(time.perf_counter())])
+            # the median step after the first, so that set-up and first-call costs do not count
+            seconds, units = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])), 1
         elif args.child == "generate":
             from age_explorer.core.sampling import generate
 
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--competitor", action="append", choices=[c for c in COMPETITORS if c != "none"],
                         help="default: all (idle is always measured)")
     parser.add_argument("--settings", action="append", choices=["old", "new"], help="default: both")
-    parser.add_argument("--iterations", type=int, default=8, help="erasure iterations of esd, age and row")
+    parser.add_argument("--iterations", type=int, default=16, help="erasure iterations of esd, age and row")
     parser.add_argument("--row-images", type=int, default=8, help="images per concept of a row (graphs: 32)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the table shows the median")
     parser.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
@@ -118,10 +120,11 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.2f}; "
           f"{args.iterations} erasure iterations, rows of {args.row_images} images per concept, "
           f"median of {args.repeats}")
-    print("| workload | settings | threads | competitor | s / unit | × idle |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | settings | threads | competitor | s / unit | × idle | × old idle |")
+    print("|---|---|---|---|---|---|---|")
     for workload in workloads:
         unit = {"esd": "step", "age": "iteration", "generate": "image", "row": "row"}[workload]
+        old_idle = None
         for setting in settings:
             idle = None
             for competitor in competitors:
@@ -134,8 +137,10 @@ def main() -> None:
                         process.wait()
                 per_unit = statistics.median(r["seconds"] / r["units"] for r in results)
                 idle = per_unit if competitor == "none" else idle
+                old_idle = idle if setting == "old" else old_idle
+                against_old = f"{per_unit / old_idle:.2f}" if old_idle else "–"
                 print(f"| {workload} | {setting} | {results[0]['threads']} | {competitor} | "
-                      f"{per_unit:.3f} s / {unit} | {per_unit / idle:.2f} |", flush=True)
+                      f"{per_unit:.3f} s / {unit} | {per_unit / idle:.2f} | {against_old} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ then the same requests again while ``--users`` simulated users (processes at the
 as in ``scripts/load_test.py``) keep browsing and generating.
 
     python scripts/explorer_speed.py --users 10
+    python scripts/explorer_speed.py --first-paint 5                         # first paint only, 5 runs
+    python scripts/explorer_speed.py --first-paint 5 --app OLD/app.py@OLDPKG --app app.py   # two trees, alternating
+
+(``APP@PATH``: start APP with PYTHONPATH=PATH, a folder whose ``age_explorer`` package is the other tree's.)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -53,6 +58,31 @@ def first_paint(url: str, started: float) -> float:
     return seconds
 
 
+def first_paints(apps: list[str], runs: int) -> int:
+    """``runs`` first paints of each app.py, alternating between them; a table of median and max."""
+    seconds = {app: [] for app in apps}
+    for _ in range(runs):
+        for app in apps:
+            script, _, path = app.partition("@")
+            env = {**os.environ, **({"PYTHONPATH": path} if path else {})}
+            with tempfile.TemporaryDirectory() as data_dir:
+                port = free_port()
+                started = time.time()
+                server = subprocess.Popen([sys.executable, script, "--device", "cpu", "--data-dir", data_dir,
+                                           "--port", str(port)], cwd=Path(script).resolve().parent, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    seconds[app].append(first_paint(f"http://127.0.0.1:{port}/", started))
+                finally:
+                    server.terminate()
+                    server.wait(30)
+    print("| app | first paint, median s | max s | runs |")
+    print("|---|---|---|---|")
+    for app, values in seconds.items():
+        print(f"| {app} | {np.median(values):.2f} | {max(values):.2f} | " + ", ".join(f"{v:.2f}" for v in values) + " |")
+    return 0
+
+
 def timed(call) -> float:
     start = time.time()
     call()
@@ -70,7 +100,13 @@ def measure(client: Client, graph: str, concepts: list[str], run_label: str, thr
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--first-paint", type=int, default=0, metavar="RUNS",
+                        help="measure only the first paint, RUNS times per app")
+    parser.add_argument("--app", action="append", default=None,
+                        help="app.py to start (repeatable, e.g. an older checkout's; default this tree's)")
     args = parser.parse_args()
+    if args.first_paint:
+        return first_paints(args.app or [str(ROOT / "app.py")], args.first_paint)
     targets = {"first paint": 15.0, "concept pick": 1.0, "threshold change": 1.0, "before / after": 5.0}
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
