@@ -38,6 +38,7 @@ class Settings:
     dtype: str = "float32"
     data_dir: str | None = None
     start_worker: bool = True
+    worker_start_delay: float = 10.0  # seconds after start-up (a submitted job starts it at once)
     mcp: bool = False  # launched with mcp_server=True: only the read-only queries are public API
     # images per concept of a spillover row computed from the page; as the shipped graphs, since at 16
     # differences under ~0.05 are noise
@@ -71,7 +72,12 @@ class Explorer:
         self.worker = WorkerProcess(self.data_dir, self.device, self.cpu_split.job_threads if self.cpu_split else None
                                     ) if settings.start_worker else None
         if self.worker:
-            self.worker.start()
+            # The worker's imports (torch, diffusers, transformers: seconds of a core) would compete with
+            # the first paint, so it starts a little later, or with the first job submitted before that;
+            # jobs left queued or interrupted by a restart wait for it in the store.
+            starter = threading.Timer(settings.worker_start_delay, self.worker.ensure_alive)
+            starter.daemon = True
+            starter.start()
         self._bundle: ModelBundle | None = None
         self._lock = threading.Lock()
         self._weights_lock = threading.RLock()

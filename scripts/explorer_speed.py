@@ -107,7 +107,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.first_paint:
         return first_paints(args.app or [str(ROOT / "app.py")], args.first_paint)
-    targets = {"first paint": 15.0, "concept pick": 1.0, "threshold change": 1.0, "before / after": 5.0}
+    targets = {"first paint": 5.0, "concept pick": 1.0, "threshold change": 1.0, "before / after": 5.0}
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
         url = f"http://127.0.0.1:{port}/"

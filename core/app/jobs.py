@@ -459,6 +459,7 @@ class WorkerProcess:
         # and the next set() would wait forever.
         self._stop = self._ctx.RawValue("b", 0)
         self.process: multiprocessing.process.BaseProcess | None = None
+        self._start_lock = threading.Lock()
 
     def start(self) -> "WorkerProcess":
         self.process = self._ctx.Process(target=_serve_in_process, name=f"age-worker-{self.device}", daemon=True,
@@ -468,12 +469,14 @@ class WorkerProcess:
         return self
 
     def ensure_alive(self) -> bool:
-        """Start a new child if the last one died (killed, out of memory): True when it did. The new
-        worker marks the job the dead one was running as interrupted, ready to resume."""
-        if self._stop.value or (self.process is not None and self.process.is_alive()):
-            return False
-        self.start()
-        return True
+        """Start the child if none runs yet, or a new one if the last one died (killed, out of memory):
+        True when it did. The new worker marks the job the dead one was running as interrupted, ready
+        to resume. Safe from several threads (a page's poll and a delayed start)."""
+        with self._start_lock:
+            if self._stop.value or (self.process is not None and self.process.is_alive()):
+                return False
+            self.start()
+            return True
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.value = 1

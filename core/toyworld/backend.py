@@ -17,7 +17,6 @@ from ..bundle import ModelBundle, ModelUnavailableError
 from ..paths import toy_model_dir
 from .classifier import ToyClassifier
 from .concepts import ToyWorld
-from .model import images_to_latents, latents_to_images
 
 TOY = "toy"
 
@@ -98,10 +97,15 @@ class ToyBackend(Backend):
         )
 
     # ---- latent codec: a lossless pixel unshuffle, no VAE ------------------------------------------
+    # .model imports diffusers and transformers: loaded with the model, not with the explorer's page
     def decode(self, bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
+        from .model import latents_to_images
+
         return latents_to_images(latents.float())
 
     def encode_images(self, bundle: ModelBundle, images: torch.Tensor) -> torch.Tensor:
+        from .model import images_to_latents
+
         return images_to_latents(images.to(bundle.device)).to(bundle.dtype)
 
     # ---- a closed world ------------------------------------------------------------------------------
