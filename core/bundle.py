@@ -131,7 +131,7 @@ class ModelBundle:
         return [w for w in re.findall(r"\w+", prompt.lower()) if w not in known]
 
     def warn_unknown_words(self, prompt: str) -> None:
-        from .erasure.config import short
+        from .checks import short
 
         unknown = list(dict.fromkeys(self.unknown_words(prompt)))
         if unknown:
@@ -143,7 +143,7 @@ class ModelBundle:
             )
 
     def warn_long(self, prompt: str) -> None:
-        from .erasure.config import short
+        from .checks import short
 
         n = len(self.tokenizer(prompt, truncation=False).input_ids)
         if n > self.max_tokens:
@@ -287,6 +287,14 @@ def looks_like_hub_id(source: str) -> bool:
     """``owner/name`` (or ``name``), not a path: what a backend loading from the Hub may claim."""
     looks_like_path = source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1)
     return not looks_like_path and bool(_HUB_ID.match(source))
+
+
+def load_base(run: ModelBundle, local_files_only: bool | None = None) -> ModelBundle:
+    """The base model of a loaded run, on the CPU, at the revision the run was made on."""
+    if run.run_manifest is None or run.base_source is None:
+        raise ValueError(f"{run.source} is not an erased run: it has no base model to compare with")
+    return load_bundle(run.base_source, device="cpu", dtype=run.dtype, local_files_only=local_files_only,
+                       revision=run.run_manifest.base_revision)
 
 
 def weights_revision(model: str) -> str | None:

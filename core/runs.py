@@ -274,14 +274,9 @@ class BaseWeights:
     (``with base.active(): ...``) instead of holding a second model on the device. The base is read
     once, on the CPU, and dropped."""
 
-    def __init__(self, bundle, local_files_only: bool | None = None):
+    def __init__(self, bundle, base):
+        """``bundle``: a loaded run; ``base``: its base model on the CPU (``bundle.load_base(bundle)``)."""
         manifest = bundle.run_manifest
-        if manifest is None or bundle.base_source is None:
-            raise ValueError(f"{bundle.source} is not an erased run: it has no base model to compare with")
-        from .bundle import load_bundle
-
-        base = load_bundle(bundle.base_source, device="cpu", dtype=bundle.dtype, local_files_only=local_files_only,
-                           revision=manifest.base_revision)
         names = list(load_file(str(Path(bundle.source) / (manifest.delta_file or DELTA))))
         base_params = dict(base.unet.named_parameters())
         self.names = [n for n, _ in bundle.unet.named_parameters() if n in names]

@@ -199,9 +199,10 @@ class _Paired:
         if self.inception is not None:  # the reference set first: a bad image fails before any generation
             self.reference = folder_features(self.inception, config.fid_reference, config.batch_size, stop)
         if self.lpips is not None:
+            from ..bundle import load_base
             from ..runs import BaseWeights
 
-            self.base = BaseWeights(bundle, local_files_only)
+            self.base = BaseWeights(bundle, load_base(bundle, local_files_only))
 
     def add(self, prompts: list[str], seeds: list[int], images, label: str | None = None) -> None:
         if self.inception is not None:

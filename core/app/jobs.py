@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..erasure.config import short
+from ..checks import short
 from ..manifest import folder_lock
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -603,9 +603,8 @@ def run_attack_job(ctx: JobContext) -> dict:
     """config: {"run_dir": ..., "attack": ..., "options": {...AttackConfig fields...}, optional "evaluator"
     and "concept_set" (the judge; default: the model's)}. The attack folder goes under the run
     (``RUN/attacks/``), in a name no earlier attack holds."""
-    from ..attacks import AttackStopped, make_attack_config, run_attack
+    from ..attacks import AttackStopped, free_attack_folder, make_attack_config, run_attack
     from ..attacks.common import AttackTarget
-    from .workflows import free_attack_folder
 
     cfg = ctx.job.config
     config = make_attack_config(cfg["attack"], **cfg.get("options", {}))

@@ -18,7 +18,9 @@ import pandas as pd
 
 from ..backends import backends
 from ..bundle import ModelBundle, PromptWarning
-from ..erasure.config import MAX_ITERATIONS, PRESETS, make_config, presets_for, short
+from ..checks import short
+from ..erasure import get_method
+from ..erasure.config import MAX_ITERATIONS, PRESETS, make_config, presets_for
 from ..graph.capability import CapabilitySpec
 from ..graph.concept_sets import ConceptSet
 from ..graph.sweep import RowRecipe, measure_row, open_graph
@@ -99,7 +101,7 @@ def presets_offered(method: str, kind: str, device: str) -> list[str]:
 def preset_steps(method: str, preset: str | None) -> int | None:
     """The model steps a preset (or the method's defaults) runs; None for a closed-form method."""
     config = make_config(method, preset, concepts=["x"])
-    return getattr(config, "iterations", None) if method != "uce" else None
+    return getattr(config, "iterations", None)
 
 
 def check_preset(method: str, preset: str | None, kind: str, device: str) -> None:
@@ -130,6 +132,9 @@ def plan_erase(bundle: ModelBundle, device: str, concepts: list[str], method: st
     if iterations is not None and (iterations != iterations or abs(iterations) == float("inf")):
         raise ValueError(f"model steps must be a whole number from 1 to {MAX_ITERATIONS:,}")
     check_preset(method, preset, bundle.kind, device)
+    if iterations is not None and not get_method(method).fine_tuned:
+        raise ValueError(f"{get_method(method).display_name} is a closed-form edit with no model steps: "
+                         f"leave the steps blank")
     vocab = options.get("vocab")
     if vocab and bundle.vocabulary() is not None and vocab != bundle.kind:
         raise ValueError(f"the {bundle.kind} model knows only its own words: use the {bundle.kind!r} vocabulary, "
@@ -243,27 +248,13 @@ def plan_attack(attack: str, steps: float | None, seeds: str, concept: str | Non
     if concept and concept not in run_concepts:
         raise ValueError(f"{short(concept)} is not a concept of the run (it erased: {', '.join(run_concepts)})")
     options = {"seeds": (seeds or "").strip() or None, "concept": concept or None}
-    if steps is not None and hasattr(ATTACKS[attack].config_class, "steps"):
+    if steps is not None and hasattr(ATTACKS[attack].config, "steps"):
         if not (math.isfinite(steps) and steps == int(steps) and 1 <= steps <= MAX_ATTACK_STEPS):
             raise ValueError(f"steps must be a whole number from 1 to {MAX_ATTACK_STEPS:,}")
         options["steps"] = int(steps)
     if options["seeds"] is not None:
         parse_seeds(options["seeds"], limit=MAX_ATTACK_SEEDS)
     return make_attack_config(attack, **options)
-
-
-def free_attack_folder(run_dir: str | Path, attack: str, concept: str) -> Path:
-    """Where the next attack of a run goes: ``RUN/attacks/ATTACK-CONCEPT`` as the CLI writes it (so
-    ``--compare`` and the graph's recovery layer find it), or ``...-2``, ``-3`` once that is taken:
-    an attack never replaces an earlier one."""
-    from ..attacks import _slug
-
-    base = Path(run_dir) / "attacks" / f"{attack}-{_slug(concept)}"
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    return folder
 
 
 def past_attacks(run_dir: str | Path) -> list[PastAttack]:

@@ -6,89 +6,23 @@ denoising objective of the optimising attacks.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..bundle import ModelBundle, load_bundle
-from ..checks import check_count, check_finite, check_positive, check_template, field_help, help_field
-from ..erasure.config import MAX_BATCH, MAX_DDIM_STEPS, MAX_ITERATIONS
-from ..seeds import MAX_SEEDS
 from ..runs import CorruptRunError, RunManifest, apply_delta, is_run_dir
-from ..sampling import initial_latents, parse_seeds, sample_latents
+from ..sampling import initial_latents, sample_latents
+from .config import OptimConfig
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class AttackStopped(Exception):
     """The caller's stop flag was raised; nothing was written."""
-
-
-@dataclass
-class AttackConfig:
-    """Fields every attack shares. Evaluation seeds are the same for recovered, original and erased images."""
-
-    attack: ClassVar[str] = ""
-
-    concept: str | None = help_field("the erased concept to recover (default: the run's first)", None)
-    seeds: str = help_field("evaluation seeds (N images per prompt)", "1000-1015")
-    template: str = help_field("prompt of the concept, {c} = concept; learned tokens take the place of {c}",
-                          "a photo of a {c}")
-    sample_steps: int | None = help_field("DDIM steps of evaluation images (default: the model's)", None)
-    guidance: float | None = help_field("CFG scale of evaluation images (default: the model's)", None)
-    seed: int = help_field("seed of the attack's own random draws", 0)
-
-    def __post_init__(self):
-        if self.concept is not None:
-            self.concept = self.concept.strip()
-            if not self.concept:
-                raise ValueError("concept is empty: give the erased concept, or leave it out for the run's own")
-        self.seeds = str(self.seeds)
-        parse_seeds(self.seeds)
-        check_template("template", self.template, "{c}")
-        if self.sample_steps is not None:
-            check_count("sample_steps", self.sample_steps, 1, MAX_DDIM_STEPS)
-        if self.guidance is not None:
-            check_finite("guidance", self.guidance)
-
-    @property
-    def seed_list(self) -> list[int]:
-        return parse_seeds(self.seeds)
-
-    def to_dict(self) -> dict:
-        return {"attack": self.attack, **asdict(self)}
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return field_help(cls)
-
-
-@dataclass
-class OptimConfig(AttackConfig):
-    """Fields of the attacks that optimise an input against the denoising objective."""
-
-    steps: int = help_field("optimisation steps", 200)
-    lr: float = help_field("Adam learning rate", 5e-2)
-    batch_size: int = help_field("noised images per step", 4)
-    train_images: int = help_field("images of the concept made by the base model (the attack's data)", 8)
-    train_seed: int = help_field("first seed of the training images (seeds train_seed .. train_seed+N-1)", 0)
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name, most in (("steps", MAX_ITERATIONS), ("batch_size", MAX_BATCH), ("train_images", MAX_SEEDS)):
-            check_count(name, getattr(self, name), 1, most)
-        check_positive("lr", self.lr)
-        overlap = set(self.train_seeds) & set(self.seed_list)
-        if overlap:
-            raise ValueError(f"training seeds and evaluation seeds overlap ({min(overlap)}, ...): an attack is "
-                             f"judged on images it was not fitted to; move train_seed or seeds")
-
-    @property
-    def train_seeds(self) -> list[int]:
-        return list(range(self.train_seed, self.train_seed + self.train_images))
 
 
 @dataclass

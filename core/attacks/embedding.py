@@ -18,32 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 
 import torch
 
 from ..bundle import ModelBundle
-from ..checks import help_field
-from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, check_stop, frozen, nearest_words,
-                     suffix)
-
-
-@dataclass
-class EmbeddingConfig(OptimConfig):
-    """Learn 1-4 new tokens on the erased model; generate with them in the concept's place."""
-
-    attack = "embedding"
-
-    tokens: int = help_field("number of new tokens learned (1-4)", 2)
-    lr: float = help_field("Adam learning rate of the new embeddings", 0.1)
-    placeholder: str = help_field("text of the new tokens; token i is '<placeholder-i>'", "attack")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 1 <= self.tokens <= 4:
-            raise ValueError(f"tokens must be between 1 and 4, got {self.tokens}")
-        if not self.placeholder.strip() or any(ch.isspace() or ch in "<>" for ch in self.placeholder):
-            raise ValueError(f"placeholder must be one word without < or >, got {self.placeholder!r}")
+from .common import AttackTarget, DenoisingObjective, Probe, check_stop, frozen, nearest_words, suffix
+from .config import EmbeddingConfig
 
 
 class _ExtendedEmbedding(torch.nn.Module):

@@ -11,29 +11,12 @@ reports the bound in both units and the nearest words of the perturbed tokens.
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 
 import torch
 
-from ..checks import help_field
-from .common import (AttackTarget, DenoisingObjective, OptimConfig, Probe, check_stop, content_positions,
-                     frozen, nearest_words, suffix, token_ids)
-
-
-@dataclass
-class PerturbConfig(OptimConfig):
-    """Perturb the plain prompt's word embeddings within an L2 ball per token."""
-
-    attack = "perturb"
-
-    epsilon: float = help_field("per-token L2 bound, relative to the mean norm of the vocabulary's embeddings", 0.5)
-    lr: float = help_field("Adam learning rate, relative to the absolute bound", 0.1)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be a positive finite number, got {self.epsilon}")
+from .common import (AttackTarget, DenoisingObjective, Probe, check_stop, content_positions, frozen, nearest_words,
+                     suffix, token_ids)
+from .config import PerturbConfig
 
 
 @contextlib.contextmanager

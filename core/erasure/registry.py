@@ -12,7 +12,7 @@ lists do not load torch and diffusers.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -49,6 +49,22 @@ class Method:
     # starts with a dot (".age:run_age"), imported when the method first runs
     runner: Runner | str
     summary: str  # one line for help texts
+
+    # ---- capabilities, read from the config's fields so that no caller names a method -------------
+    @property
+    def options(self) -> frozenset[str]:
+        """The config's field names: what a form or a flag may set for this method."""
+        return frozenset(f.name for f in fields(self.config))
+
+    @property
+    def fine_tuned(self) -> bool:
+        """Trained for a number of model steps (``iterations``); False for a closed-form edit."""
+        return "iterations" in self.options
+
+    @property
+    def checkpointable(self) -> bool:
+        """Writes resumable checkpoints (``checkpoint_every``) a background job can stop and resume at."""
+        return "checkpoint_every" in self.options
 
     def load_runner(self) -> Runner:
         if not isinstance(self.runner, str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..attacks import ATTACKS, RESULT, _slug, read_result
+from ..attacks import ATTACKS, RESULT, attack_folder, read_result
 from ..runs import RunManifest
 from .store import RECOVERY, RECOVERY_COLUMNS, GraphStore, _write_csv_atomic
 
@@ -33,7 +33,7 @@ def add_recovery(graph_dir: str | Path, run_dirs: list[str | Path], attacks: lis
             if attack not in ATTACKS:
                 raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
             for concept in manifest.concepts:
-                folder = run / "attacks" / f"{attack}-{_slug(concept)}"
+                folder = attack_folder(run, attack, concept)
                 if not (folder / RESULT).is_file():
                     raise FileNotFoundError(f"{folder} holds no attack result: run `age-explorer attack {run} "
                                             f"--attack {attack}` first")

@@ -154,7 +154,7 @@ class ToyBackend(Backend):
         return probes
 
     def check_concepts(self, bundle: ModelBundle, concepts: list[str], target: str | None = None) -> None:
-        from ..erasure.config import short
+        from ..checks import short
 
         for concept in concepts:
             unknown = bundle.unknown_words(concept)

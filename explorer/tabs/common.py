@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from age_explorer.core.bundle import ModelUnavailableError
-from age_explorer.core.erasure.config import short
+from age_explorer.core.checks import short
 from age_explorer.core.runs import CorruptRunError
 
 from ..service import Explorer, Settings

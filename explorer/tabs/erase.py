@@ -12,7 +12,7 @@ import gradio as gr
 from age_explorer.core.app.jobs import erase_run_dir
 from age_explorer.core.app.workflows import plan_erase, preset_steps, presets_offered
 from age_explorer.core.backends import get_backend
-from age_explorer.core.erasure import METHODS
+from age_explorer.core.erasure import METHODS, get_method
 from age_explorer.core.runs import read_history
 
 from .. import plots
@@ -38,6 +38,29 @@ def status_text(job, public: bool) -> str:
     if progress.get("pick") is not None and progress.get("pick_is_neighbour") is not None:
         text += f"  \nLast target used: {progress['pick']} ({'a neighbour' if progress['pick_is_neighbour'] else 'not a neighbour'})"
     return text
+
+
+def form_options(method, iterations, lam, search, target, vocab, own_candidates) -> dict:
+    """The config fields the form sets for ``method`` (a registry ``Method``): each form field goes to the
+    methods whose config has it, so a new method with a ``target`` gets the target box, and a closed-form
+    one gets no checkpoints."""
+    options, own = {}, method.options
+    if iterations is not None:  # a closed-form method refuses it in plan_erase, after the preset check
+        options["iterations"] = iterations if iterations != iterations or abs(iterations) == float("inf") else int(iterations)
+    if lam is not None and "lam" in own:
+        options["lam"] = float(lam)
+    if search and "target_search" in own:
+        options["target_search"] = search
+    candidates = [c.strip() for c in (own_candidates or "").split(",") if c.strip()]
+    if candidates and "candidates" in own:
+        options["candidates"] = candidates
+    elif vocab and vocab != PRESET_VOCAB and "vocab" in own:
+        options["vocab"] = vocab
+    if target is not None and "target" in own:
+        options["target"] = target
+    if method.checkpointable:  # a background job can be stopped and resumed at these
+        options["checkpoint_every"] = 25
+    return options
 
 
 @dataclass
@@ -73,25 +96,10 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
     def start_erase(chosen, free_text, method, preset, iterations, lam, search, target, vocab=PRESET_VOCAB,
                     own_candidates="", owner="", request: gr.Request = None):
         names = list(chosen or []) + [c.strip() for c in (free_text or "").split(",") if c.strip()]
-        options = {}
-        if iterations is not None:
-            options["iterations"] = iterations if iterations != iterations or abs(iterations) == float("inf") else int(iterations)
-        if method == "age":
-            if lam is not None:
-                options["lam"] = float(lam)
-            options["target_search"] = search
-            candidates = [c.strip() for c in (own_candidates or "").split(",") if c.strip()]
-            if candidates:
-                options["candidates"] = candidates
-            elif vocab and vocab != PRESET_VOCAB:
-                options["vocab"] = vocab
-        elif target is not None:
-            options["target"] = target
-        if method != "uce":  # UCE is one closed-form edit: nothing to checkpoint
-            options["checkpoint_every"] = 25
         with shown_as_error():
             if not names:
                 raise ValueError("pick at least one concept to erase")
+            options = form_options(get_method(method), iterations, lam, search, target, vocab, own_candidates)
             plan_erase(ex.bundle(), ex.device, names, method, preset or None, options)
         job_id = ex.submit_erase(names, method, preset or None, options, owner=owner_of(owner, request))
         return job_id, job_id, gr.Timer(active=True), queue_text(job_id)

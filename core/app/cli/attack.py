@@ -5,27 +5,27 @@ from __future__ import annotations
 import argparse
 
 from .common import THREADS_HELP, use_threads
+from .config_flags import add_config_flags, given_values
 
 HELP = "recovery attacks on an erased run: can the concept come back?"
 
 
+# Spellings the command had before its flags were generated from the configs; they keep working.
+EARLIER_SPELLINGS = {"prompts_file": ["--prompts"]}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...attacks import ATTACKS
+
     parser.add_argument("run_dir", nargs="+", help="erased run folder (several with --compare)")
-    parser.add_argument("--attack", action="append", default=None, help="prompts, embedding or perturb (repeat; "
-                        "--compare default: all)")
+    parser.add_argument("--attack", action="append", default=None, metavar="ATTACK",
+                        help="the attack (repeat for several; --compare default: all): " + "; ".join(
+                            f"{name}: {attack.summary}" for name, attack in ATTACKS.items()))
     parser.add_argument("--compare", action="store_true", help="one ASR table per attack over the runs")
-    parser.add_argument("--concept", default=None, help="the erased concept (default: the run's first)")
-    parser.add_argument("--prompts", default=None, help="prompts CSV: prompt[,seed][,guidance] (I2P / Ring-A-Bell / "
-                        "UnlearnDiff format)")
-    parser.add_argument("--steps", type=int, default=None, help="optimisation steps (embedding, perturb)")
-    parser.add_argument("--seeds", default=None, help="evaluation seeds (default 1000-1015)")
-    parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of every image (default: the "
-                        "model's)")
-    parser.add_argument("--train-images", type=int, default=None, help="embedding, perturb: images of the concept "
-                        "the base model makes to fit the attack to (default 8)")
-    parser.add_argument("--tokens", type=int, default=None, help="embedding: new tokens learned (1-4)")
-    parser.add_argument("--epsilon", type=float, default=None, help="perturb: per-token L2 bound, relative")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the attack's random draws")
+    # every field of every attack's config, its help and default from the config (a field several attacks
+    # share is one flag that each of them takes)
+    fields = add_config_flags(parser, {name: attack.config for name, attack in ATTACKS.items()},
+                              aliases=EARLIER_SPELLINGS)
     parser.add_argument("--graph", action="append", default=None, help="add the ASR to this graph's recovery.csv")
     parser.add_argument("--evaluator", default=None, help="judge of the images: toy, hf:<hub id>, clip:<hub id or "
                         "folder>, torchvision-resnet50 (default: toy on the toy world, else hf:microsoft/resnet-50)")
@@ -34,14 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--out", default=None, help="attack folder (default RUN/attacks/ATTACK-CONCEPT)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, config_fields=fields)
 
 
 def attack_options(args: argparse.Namespace) -> dict:
-    """Config fields the user set on the command line (None keeps each attack's default)."""
-    return {"concept": args.concept, "seeds": args.seeds, "steps": args.steps, "prompts_file": args.prompts,
-            "sample_steps": args.sample_steps, "train_images": args.train_images, "tokens": args.tokens,
-            "epsilon": args.epsilon, "seed": args.seed}
+    """Config fields the user set on the command line (the others keep each attack's default)."""
+    return given_values(args, args.config_fields)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     attacks = args.attack or (list(ATTACKS) if args.compare else [])
     if not attacks:
-        raise ValueError("give --attack prompts|embedding|perturb (repeat for several)")
+        raise ValueError(f"give --attack {'|'.join(ATTACKS)} (repeat for several)")
     bars: dict = {}
 
     def show(stage, done, total):
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             bars[stage] = tqdm(total=total, desc=stage)
         bars[stage].update(done - bars[stage].n)
 
-    given = {k: v for k, v in attack_options(args).items() if v is not None}
+    given = attack_options(args)
     known = {a: set(make_attack_config(a).to_dict()) for a in attacks}
     stray = sorted(k for k in given if not any(k in fields for fields in known.values()))
     if stray:
