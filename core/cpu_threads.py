@@ -92,7 +92,7 @@ def default_threads() -> tuple[int, str]:
     if usable == 1:
         return 1, "1 usable core"
     busy = busy_cores()
-    threads = max(1, min(usable, usable - round(busy)))
+    threads = max(1, usable - round(busy))
     return threads, f"{usable} usable cores, {busy:.1f} busy"
 
 
@@ -112,12 +112,10 @@ def configure(threads: int | None = None) -> int:
         threads, reason = max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
     else:
         threads, reason = default_threads()
-        if threads == torch.get_num_threads():
-            # torch's own default: left untouched, because set_num_threads also turns off MKL's choice
-            # of fewer threads for small products (the same weights, ~10 % slower toy steps on 2 cores)
-            _chosen.update(threads=threads, reason=reason)
-            return threads
-    torch.set_num_threads(threads)
+    # the rule leaves torch's own default untouched, because set_num_threads also turns off MKL's choice of
+    # fewer threads for small products (the same weights, ~10 % slower toy steps on 2 cores)
+    if reason in ("given", "OMP_NUM_THREADS") or threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
     _chosen.update(threads=threads, reason=reason)
     return threads
 

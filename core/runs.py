@@ -275,7 +275,7 @@ class BaseWeights:
     once, on the CPU, and dropped."""
 
     def __init__(self, bundle, base):
-        """``bundle``: a loaded run; ``base``: its base model on the CPU (``bundle.load_base(bundle)``)."""
+        """``bundle``: a loaded run; ``base``: its base model on the CPU (``core.bundle.load_base(bundle)``)."""
         manifest = bundle.run_manifest
         names = list(load_file(str(Path(bundle.source) / (manifest.delta_file or DELTA))))
         base_params = dict(base.unet.named_parameters())

@@ -81,8 +81,13 @@ def child(args) -> None:
                       "wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}), flush=True)
 
 
+def clean_env() -> dict:
+    """This environment without thread settings: each child chooses its own, as a command would."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+
+
 def run_child(workload: str, settings: str, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = clean_env()
     command = [sys.executable, __file__, "--child", workload, "--settings", settings,
                "--iterations", str(args.iterations), "--row-images", str(args.row_images)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
@@ -93,8 +98,7 @@ def start_competitor(name: str):
     code = COMPETITORS[name]
     if code is None:
         return None
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    process = subprocess.Popen([sys.executable, "-c", code], env=env)
+    process = subprocess.Popen([sys.executable, "-c", code], env=clean_env())
     time.sleep(3 if name.startswith("torch") else 0.5)  # past its imports: competing when we start
     return process
 

@@ -132,9 +132,9 @@ def plan_erase(bundle: ModelBundle, device: str, concepts: list[str], method: st
     if iterations is not None and (iterations != iterations or abs(iterations) == float("inf")):
         raise ValueError(f"model steps must be a whole number from 1 to {MAX_ITERATIONS:,}")
     check_preset(method, preset, bundle.kind, device)
-    if iterations is not None and not get_method(method).fine_tuned:
-        raise ValueError(f"{get_method(method).display_name} is a closed-form edit with no model steps: "
-                         f"leave the steps blank")
+    chosen = get_method(method)
+    if iterations is not None and not chosen.fine_tuned:
+        raise ValueError(f"{chosen.display_name} is a closed-form edit with no model steps: leave the steps blank")
     vocab = options.get("vocab")
     if vocab and bundle.vocabulary() is not None and vocab != bundle.kind:
         raise ValueError(f"the {bundle.kind} model knows only its own words: use the {bundle.kind!r} vocabulary, "

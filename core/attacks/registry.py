@@ -8,9 +8,10 @@ implementation may be named ``"module:Class"`` and is imported by the attack's f
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
+
+from ..named_import import import_named
 
 if TYPE_CHECKING:
     from .common import AttackTarget, Probe
@@ -41,10 +42,7 @@ class AttackType:
     def load(self) -> type[Attack]:
         if not isinstance(self.implementation, str):
             return self.implementation
-        module, _, name = self.implementation.partition(":")
-        if not module or not name:
-            raise ValueError(f"attack {self.name!r}: implementation {self.implementation!r} is not 'module:Class'")
-        return getattr(importlib.import_module(module, __package__), name)
+        return import_named(self.implementation, __package__, f"attack {self.name!r}: implementation", "module:Class")
 
 
 ATTACKS: dict[str, AttackType] = {}

@@ -19,7 +19,7 @@ from ..imageio import contact_sheet
 from ..manifest import environment_versions, write_json_atomic
 from .common import AttackTarget, Judge, Probe, Progress, default_judge, generate_states
 from .config import AttackConfig
-from .registry import ATTACKS, get_attack, make_attack_config
+from .registry import get_attack, make_attack_config
 
 ATTACK_KIND = "age-explorer attack"
 RESULT = "attack.json"
@@ -82,8 +82,7 @@ def run_attack(run_dir: str | Path, attack: str, config: AttackConfig | None = N
     ``stop`` is polled between steps and images; a stopped attack raises :class:`AttackStopped` and
     writes nothing.
     """
-    if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+    get_attack(attack)  # an unknown attack is an error that lists the known ones
     config = config or make_attack_config(attack, **options)
     if config.attack != attack:
         raise ValueError(f"a {config.attack} config cannot configure the {attack} attack")

@@ -11,10 +11,11 @@ lists do not load torch and diffusers.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
+
+from ..named_import import import_named
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +70,7 @@ class Method:
     def load_runner(self) -> Runner:
         if not isinstance(self.runner, str):
             return self.runner
-        module, _, name = self.runner.partition(":")
-        if not module or not name:
-            raise ValueError(f"method {self.name!r}: runner {self.runner!r} is not 'module:function'")
-        return getattr(importlib.import_module(module, __package__), name)
+        return import_named(self.runner, __package__, f"method {self.name!r}: runner", "module:function")
 
 
 METHODS: dict[str, Method] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..attacks import ATTACKS, RESULT, attack_folder, read_result
+from ..attacks import RESULT, attack_folder, get_attack, read_result
 from ..runs import RunManifest
 from .store import RECOVERY, RECOVERY_COLUMNS, GraphStore, _write_csv_atomic
 
@@ -30,8 +30,7 @@ def add_recovery(graph_dir: str | Path, run_dirs: list[str | Path], attacks: lis
             raise ValueError(f"run {run} ({manifest.method} on {manifest.base_model}) does not belong to the "
                              f"graph {graph_dir} ({meta.get('method')} on {meta.get('model')})")
         for attack in attacks:
-            if attack not in ATTACKS:
-                raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+            get_attack(attack)  # an unknown attack is an error that lists the known ones
             for concept in manifest.concepts:
                 folder = attack_folder(run, attack, concept)
                 if not (folder / RESULT).is_file():
