@@ -48,6 +48,18 @@ class Backend:
     card_base_note: ClassVar[str] = ""
     card_pipeline_hint: ClassVar[str] = ""
 
+    @classmethod
+    def default_preset(cls, method: str) -> str | None:
+        """The preset a run of ``method`` on this family starts from when none is given: the family's
+        entry in ``default_presets``, else the method's preset named ``<prefix>-<method>`` (``toy-ca``)
+        or, for a family without a prefix, ``<method>`` itself (the paper's SD recipe), when it exists."""
+        from .erasure.config import PRESETS
+
+        if method in cls.default_presets:
+            return cls.default_presets[method]
+        name = f"{cls.preset_prefix}-{method}" if cls.preset_prefix else method
+        return name if name in PRESETS and PRESETS[name][0] == method else None
+
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
     def claims(cls, source: str, path: Path | None) -> bool:
@@ -132,6 +144,15 @@ class Backend:
     def check_concepts(self, bundle: "ModelBundle", concepts: list[str], target: str | None = None) -> None:
         """Refuse erased concepts, or a fixed target, that the model cannot represent (a closed
         vocabulary); open models accept all."""
+
+    def concept_images_with_masks(self, bundle: "ModelBundle", concept: str, n: int,
+                                  seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``n`` images of ``concept`` (N, 3, H, W) in [0, 1] and the concept's pixels in each (N, 1, H, W)
+        in [0, 1], from a family that knows them (e.g. a renderer), for methods that train inside an
+        object's mask (MACE); a ValueError of one line when it cannot show ``concept``. None (the default):
+        the family has no masks of its own, and the engine segments images the model generates with a
+        segmenter from the local Hub cache, or refuses in one line (``core/segmenter.py``)."""
+        return None
 
     # ---- export -------------------------------------------------------------------------------------
     def save_pipeline(self, bundle: "ModelBundle", folder: Path, dtype: torch.dtype | None = None) -> None:

@@ -137,7 +137,7 @@ def _steps_text(manifest: RunManifest) -> str:
     """AGE's loop alternates model (theta) and pi steps; its ``steps_done`` counts both."""
     done = int(manifest.steps_done or 0)
     every = manifest.config.get("pgd_num_steps")
-    if manifest.method == "age" and every:
+    if every:  # the methods with pi steps (AGE, AP)
         model = math.ceil(done / int(every))
         return f"{_count(model, 'model step')} and {_count(done - model, 'pi step')}"
     return _count(done, "model step")

@@ -28,3 +28,8 @@ def assets_dir() -> Path:
 
 def toy_model_dir() -> Path:
     return assets_dir() / "toyworld"
+
+
+def shipped_graph_dirs() -> list[Path]:
+    """The shipped concept graphs (``assets/graphs/<name>`` holding a ``graph.json``), by name."""
+    return sorted(p.parent for p in (assets_dir() / "graphs").glob("*/graph.json"))

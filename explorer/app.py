@@ -8,7 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .service import Explorer, Settings
-from .tabs import before_after, erase, export, generate, graph, queries, robustness
+from .tabs import before_after, erase, export, generate, graph, methods, queries, robustness
 from .tabs.common import Page, wire_run_lists, wire_runs_endpoint
 
 __all__ = ["build_app", "Settings"]
@@ -33,6 +33,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 erase_tab = erase.build(page, graph_tab.concepts or ex.toy_concepts())
             with gr.Tab("Before / after", id="compare") as compare_tab:
                 compare_runs = before_after.build(page, graph_tab)
+            with gr.Tab("Methods", id="methods") as methods_tab:
+                methods.build(page, graph_tab.concepts or ex.toy_concepts(), methods_tab)
             with gr.Tab("Robustness", id="robustness") as robustness_tab:
                 robustness.build(page)
             with gr.Tab("Generate", id="generate") as generate_tab:

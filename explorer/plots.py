@@ -340,3 +340,14 @@ def spillover_bar_figure(row: pd.DataFrame, erased: str) -> go.Figure:
     fig.update_layout(title=f"spillover of erasing {erased}: Δ per concept", height=320,
                       margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(title="Δ top-1", range=[-0.2, 1]))
     return fig
+
+
+def methods_rows_figure(rows: pd.DataFrame, erased: str) -> go.Figure:
+    """Every method's spillover row of one erased concept (rows = methods, columns = affected concepts)."""
+    fig = go.Figure(go.Heatmap(z=rows.values, x=list(rows.columns), y=list(rows.index), colorscale="Reds", zmin=0,
+                               zmax=1, colorbar=dict(title="Δ"),
+                               hovertemplate="%{y}<br>%{x}: Δ %{z:.2f}<extra></extra>"))
+    fig.update_layout(title=f"Spillover of erasing {erased!r}, per method", height=120 + 34 * len(rows.index),
+                      margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"),
+                      xaxis=dict(title="affected"))
+    return fig

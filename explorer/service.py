@@ -167,6 +167,35 @@ class Explorer:
                     found[f"{store.folder.name} ({tag})"] = store.folder
         return found
 
+    def methods_table(self):
+        """The ranked methods table of this model's complete-enough graphs (core/graph/methods.py)."""
+        from age_explorer.core.graph.methods import methods_table
+
+        return methods_table(self.comparable_graphs())
+
+    def comparable_graphs(self) -> list[Path]:
+        """The graphs of the first (most complete) graph's concept set: another set's figures do not compare."""
+        folders = list(self.graph_dirs().values())
+        if not folders:
+            return []
+        concepts = GraphStore(folders[0]).meta()["concept_set"]["concepts"]
+        return [f for f in folders if GraphStore(f).meta()["concept_set"]["concepts"] == concepts]
+
+    def method_rows(self, erased: str):
+        """Each graph's spillover row of ``erased`` (index: method label, columns: affected concepts)."""
+        import pandas as pd
+
+        from age_explorer.core.graph.methods import graph_label
+
+        rows = {}
+        for folder in self.comparable_graphs():
+            store = GraphStore(folder)
+            edges = store.edges()
+            row = edges[edges.erased == erased]
+            if len(row):
+                rows[graph_label(store.meta())] = row.set_index("affected").delta_top1
+        return pd.DataFrame(rows).T
+
     def _readable(self, store: GraphStore) -> bool:
         """A damaged graph is skipped with a warning (log and page), so it cannot stop the server."""
         try:

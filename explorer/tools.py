@@ -75,3 +75,14 @@ def nearest_concepts(explorer: Explorer, concept: str, k: int = 5, graph: str = 
     closeness = out_edges.to_frame("out").join(in_edges.to_frame("in"), how="outer").mean(axis=1)
     top = closeness.sort_values(ascending=False).head(k)
     return [{"concept": c, "mean_delta": round(float(v), 4)} for c, v in top.items()]
+
+
+def rank_methods(explorer: Explorer) -> list[dict]:
+    """The methods table: one entry per graph, ranked by rows erased, then spillover on group neighbours."""
+    import math
+
+    table = explorer.methods_table()
+    keep = ["rank", "method", "graph", "rows", "erased", "neighbours", "unrelated", "ESR_1", "ESR_5", "PSR_1", "PSR_5",
+            "embedding_asr", "row_s"]
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v))
+             for k, v in row.items() if k in keep} for row in table.to_dict("records")]

@@ -259,6 +259,24 @@ def test_read_only_graph_queries(client, server):
         client.predict("nope", api_name="/list_concepts")
 
 
+def test_methods_are_ranked_from_the_graphs_files(client, server):
+    """/rank_methods and /methods: one row per graph of the shipped concept set, each figure from its files."""
+    from age_explorer.core.graph.store import GraphStore
+    from age_explorer.core.paths import assets_dir
+
+    ranked = client.predict(api_name="/rank_methods")
+    assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1)) and len(ranked) >= 2
+    erased = [r["erased"] for r in ranked]
+    assert erased == sorted(erased, reverse=True)
+    esd = next(r for r in ranked if r["graph"] == "toy-esd")
+    edges = GraphStore(assets_dir() / "graphs" / "toy-esd").edges()
+    own = edges[edges.erased == edges.affected]
+    assert esd["erased"] == int((own.G_after_top1 <= 0.10).sum())
+    assert esd["ESR_1"] == pytest.approx(float((1 - own.G_after_top1).mean()), abs=1e-4)
+    shown = client.predict(api_name="/methods")
+    assert "graph (source)" in shown["headers"] and len(shown["data"]) == len(ranked)
+
+
 def test_umap_of_a_shipped_graph_comes_from_its_cache(client, server, monkeypatch):
     """The shipped graphs carry their UMAP map: the view draws it without umap-learn (which would
     compile for minutes); an import of umap here would fail."""
@@ -302,7 +320,7 @@ def test_mcp_serves_only_the_read_only_queries(tmp_path, toy_bundle):
     try:
         schema = requests.get(f"{url}/gradio_api/mcp/schema", timeout=30).json()
         assert sorted(t["name"] for t in schema) == ["concept_spillover", "list_concepts", "list_graphs",
-                                                     "nearest_concepts"]
+                                                     "nearest_concepts", "rank_methods"]
         assert all(t["description"] for t in schema)
         name = next(g for g in demo.explorer.graph_dirs() if g.startswith("test-esd"))
 

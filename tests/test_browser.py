@@ -165,3 +165,45 @@ def test_robustness_tab_after_an_attack(served, toy_bundle, tmp_path):
         page.wait_for_timeout(1000)
         page.screenshot(path=str(shots / "05-robustness.png"), full_page=True)
         browser.close()
+
+
+def test_methods_view_ranks_sorts_and_compares_two_methods(served, toy_bundle, tmp_path):
+    """The Methods tab: the ranked table (sorted by a header click), every method's row of a concept,
+    and two methods' runs of that concept before/after on the same seeds."""
+    from age_explorer.core.erasure import erase, make_config
+
+    page_url, data_dir = served
+    shots = Path(os.environ.get("AGE_EXPLORER_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    erase(toy_bundle, make_config("esd", "toy-esd", concepts=["red circle"], iterations=60),
+          data_dir / "runs" / "esd-red-circle-methods")
+    erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), data_dir / "runs" / "uce-red-circle")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(page_url)
+        page.get_by_role("tab", name="Methods").click()
+        table = page.locator("#methods_table")
+        playwright.expect(table).to_contain_text("toy-esd", timeout=30_000)
+        # Gradio's table draws its body as virtual rows, one child per cell
+        cells = lambda: table.evaluate("e => Array.from(e.querySelectorAll('.virtual-row')).map("  # noqa: E731
+                                       "r => Array.from(r.children).map(c => c.innerText.trim()))")
+        before = cells()
+        assert len(before) >= 2 and any(row[1].startswith("ESD") for row in before), before
+        header = table.locator("thead th", has_text="unrelated").first  # sort by a column, from its menu
+        header.hover()
+        header.locator("button.cell-menu-button").click(force=True)
+        page.locator("[role=menu]").get_by_text("Sort descending").click()
+        page.wait_for_timeout(1000)
+        unrelated = [float(row[4]) for row in cells()]
+        assert unrelated == sorted(unrelated, reverse=True) and unrelated != [float(r[4]) for r in before], unrelated
+        page.locator("#methods_rows_btn").click()
+        page.wait_for_selector("#methods_rows .heatmaplayer, #methods_rows .hm", timeout=60_000)
+        playwright.expect(page.locator("#methods_run_a input")).to_have_value(re.compile(r"\(uce-red-circle\)|\(esd-red-circle-methods\)"),
+                                                                              timeout=30_000)
+        playwright.expect(page.locator("#methods_run_b input")).to_have_value(re.compile(r"red circle"), timeout=30_000)
+        page.locator("#methods_pair_btn").click()
+        page.wait_for_selector("#methods_sheet img", timeout=120_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shots / "06-methods.png"), full_page=True)
+        browser.close()

@@ -111,11 +111,15 @@ def test_export_out_is_the_folder_and_force_keeps_other_files(tmp_path, capsys):
 # Text fields need a valid value other than their default; the other types get one from their default.
 TEXT_VALUES = {"prompt_template": "a {c}", "parameter_set": "noxattn", "xt_source": "pool", "precision": "bf16",
                "vocab": "toy", "target_search": "damage", "target": "a blue square", "pi_mode": "uniform",
-               "token_alignment": "all",
+               "token_alignment": "all", "adv_token_alignment": "last_word", "anchor": "a blue square",
+               "loss_type": "noise-based", "anchor_prediction": "frozen",
                "preset": None}  # preset: the method's first preset, below
 NUMBER_VALUES = {"preserve_scale": 0.5}  # numbers whose default is None ("computed")
 LIST_VALUES = {"concepts": ["red circle", "blue ring"], "synonyms": ["crimson"], "preserve": ["green square"],
-               "deviations": ["a note"], "candidates": ["red square", "ring"]}
+               "deviations": ["a note"], "candidates": ["red square", "ring"], "anchor_templates": ["a {c}", "{c}"],
+               "templates": ["a {c}", "an image of a {c}"]}
+# (method, field): changing the field alone gives a config the method refuses, with this message
+REFUSED = {("ap", "pi_l1"): "pi_l1 needs the erasure term to depend on pi"}
 
 
 def _changed(field, method_name):
@@ -176,7 +180,7 @@ def erase_config(monkeypatch, tmp_path):
         built.append(config)
         raise _Stop
 
-    stub = types.SimpleNamespace(backend=types.SimpleNamespace(default_presets={}))
+    stub = types.SimpleNamespace(backend=types.SimpleNamespace(default_preset=lambda method: None))
     monkeypatch.setattr(erase_command, "load_model", lambda args: stub)
     monkeypatch.setattr(erasure, "erase", fake_erase)
     (tmp_path / "candidates.txt").write_text("red square\nring\n")
@@ -197,6 +201,13 @@ def erase_config(monkeypatch, tmp_path):
 def test_every_config_field_is_a_flag_that_lands_in_the_config(method, field, erase_config):
     value, flags = _changed(field, method)
     assert value != field.default and not (field.default is None and value is None)
+    if (method, field.name) in REFUSED:
+        from age_explorer.core.erasure import make_config
+
+        with pytest.raises(ValueError, match=REFUSED[method, field.name]) as refused:
+            make_config(method, None, concepts=["red circle"], **{field.name: value})
+        assert "\n" not in str(refused.value)
+        return
     config = erase_config(method, flags)
     assert type(config).method == method and getattr(config, field.name) == value
 

@@ -190,3 +190,23 @@ def preset_seconds(bundle: ModelBundle, preset: str, concept: str, run_dir: Path
     result = erase(bundle, config, run_dir)
     return {"seconds": time.perf_counter() - started, "steps": result.steps_done,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def method_seconds(bundle: ModelBundle, method: str, preset: str | None, concept: str, run_dir: Path,
+                   **overrides) -> dict:
+    """One erasure with ``method``: whole seconds, model steps, and seconds per step after the first
+    (the set-up a method does before its loop, such as sampling anchor images, is not a step's)."""
+    from ..erasure import erase, make_config
+    from ..runs import read_history
+
+    config = make_config(method, preset, concepts=[concept], **overrides)
+    started = time.perf_counter()
+    try:
+        result = erase(bundle, config, run_dir)
+    except (ValueError, RuntimeError) as err:
+        return {"method": method, "preset": preset, "refused": str(err).splitlines()[0]}
+    seconds = time.perf_counter() - started
+    elapsed = [row["elapsed"] for row in read_history(run_dir) if "elapsed" in row]
+    per_step = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else float("nan")
+    return {"method": method, "preset": preset, "seconds": seconds, "steps": result.steps_done,
+            "seconds_per_step": per_step}

@@ -524,7 +524,7 @@ def erase_run_dir(work_dir: Path) -> Path:
 
 def run_erase_job(ctx: JobContext) -> dict:
     """config: {"model": ..., "method": ..., "preset": ..., "options": {...concepts...}}."""
-    from ..erasure import erase, make_config
+    from ..erasure import erase, get_method, make_config
 
     cfg = ctx.job.config
     config = make_config(cfg["method"], cfg.get("preset"), **cfg.get("options", {}))
@@ -549,7 +549,7 @@ def run_erase_job(ctx: JobContext) -> dict:
     if result.status == "stopped":
         raise JobCancelled()
     artifacts = {"run_dir": str(run_dir)}
-    if config.method == "age":  # the top-1 targets' own G after, where the model's classifier can judge them
+    if "pgd_num_steps" in get_method(config.method).options:  # AGE, AP: the top-1 targets' own G after, where judged
         from ..erasure.preservation import check_target_preservation, notes
 
         artifacts["target_notes"] = notes(check_target_preservation(bundle, run_dir))

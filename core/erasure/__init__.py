@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..manifest import environment_versions, folder_lock
-from .config import PRESETS, AGEConfig, ESDConfig, UCEConfig, make_config, presets_for
+from .config import (PRESETS, AGEConfig, APConfig, CAConfig, ESDConfig, MACECFRConfig, MACEConfig, RECEConfig,
+                     UCEConfig, make_config, presets_for)
 from .registry import METHODS, Method, get_method, register_method
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from ..runs import RunManifest
     from .loop import Callback
 
-__all__ = ["erase", "make_config", "presets_for", "AGEConfig", "ESDConfig", "UCEConfig", "PRESETS", "METHODS",
+__all__ = ["erase", "make_config", "presets_for", "AGEConfig", "APConfig", "CAConfig", "ESDConfig", "RECEConfig", "UCEConfig", "MACEConfig", "MACECFRConfig", "PRESETS", "METHODS",
            "Method", "get_method", "register_method", "StepReport", "RunResult"]
 
 # The built-in methods. Importing this package loads no torch (the CLI's --help, the explorer's lists):
@@ -33,8 +34,18 @@ register_method(Method("age", "AGE (adaptive targets)", AGEConfig, ".age:run_age
                        "the paper's min-max fine-tuning towards a learned mixture of nearby concepts"))
 register_method(Method("esd", "ESD (fixed target)", ESDConfig, ".esd:run_esd",
                        "fine-tune so the concept maps to a fixed target prompt, with negative guidance"))
+register_method(Method("ap", "AP (adversarial preservation)", APConfig, ".age:run_age",
+                       "ESD towards a fixed anchor, preserving the concept the erasure damages most (AGE's search)"))
 register_method(Method("uce", "UCE (closed-form edit)", UCEConfig, ".uce:run_uce",
                        "closed-form edit of the cross-attention keys and values towards a fixed target"))
+register_method(Method("rece", "RECE (UCE + adversarial embeddings)", RECEConfig, ".rece:run_rece",
+                       "UCE's edit, then erase the closed-form embeddings that still regenerate the concept"))
+register_method(Method("ca", "CA (concept ablation)", CAConfig, ".ca:run_ca",
+                       "fine-tune so the concept's prediction matches an anchor concept's on images of the anchor"))
+register_method(Method("mace", "MACE (refine, LoRAs, fuse)", MACEConfig, ".mace:run_mace",
+                       "closed-form refinement of k/v, one attention-map LoRA per concept inside its mask, closed-form fusion"))
+register_method(Method("mace-cfr", "MACE-CFR (closed-form refinement)", MACECFRConfig, ".mace:run_mace",
+                       "MACE's closed-form refinement of the words around each concept, without the LoRA stage"))
 
 
 def __getattr__(name: str):

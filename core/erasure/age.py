@@ -7,6 +7,9 @@
 - T_C: prompt hidden states of the candidates (prefiltered by L2 distance, see ``vocab.py``);
   GS: Gumbel-softmax, straight-through one-hot (hard) or soft top-k.
 - One loop iteration in ``pgd_num_steps`` is a model step; the others are pi steps.
+- AP (Bui et al., NeurIPS'24, this method's ancestor) is this runner with ``anchor`` set: L1 maps the
+  erased concept to the fixed anchor's frozen prediction instead of the mixture's, and the search only
+  picks the concept L2 preserves (the one the current model damages most).
 - ``share_draws`` (beyond the paper, for speed): a pi step reuses the preceding model step's draws
   (erased concept, Gumbel sample, "sample till t" latents and timestep) instead of sampling afresh
   as the reference does every iteration; this halves the sampling, the larger part of a CPU step.
@@ -77,7 +80,9 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float, hard: bool, topk: i
     if hard:
         one_hot = F.one_hot(y.argmax(), len(y)).to(y.dtype)
         return one_hot - y.detach() + y
-    kth = y.topk(min(topk, len(y))).values[-1]
+    if topk == 0 or topk >= len(y):  # the whole softmax (AP's soft mode)
+        return y
+    kth = y.topk(topk).values[-1]
     kept = y * (y >= kth)
     return kept / kept.sum()
 
@@ -111,6 +116,8 @@ class AGERun(FineTuneRun):
         self.pi_frozen = config.pi_mode != "learned"
         self.neighbourhood_chosen = config.target_search != "two_stage"
         self.erase_weight = 1.0
+        # AP: the erasure maps to a fixed anchor; the searched mixture is only preserved
+        self.anchor_states = None if config.anchor is None else bundle.encode([config.anchor])
         if config.erase_check_every:
             self._check_erasure_is_measurable()
 
@@ -304,7 +311,8 @@ class AGERun(FineTuneRun):
         (z_e, z_t), t = self.draw_latents([(concept, c_e), target_key])
         b = len(z_e)
         ex = lambda s: s.expand(b, -1, -1)  # noqa: E731
-        frozen = pred.frozen(torch.cat([z_e, z_e, z_t]), t.repeat(3), torch.cat([ex(e_bar), ex(c_e), ex(e_bar)]))
+        erase_to = e_bar if self.anchor_states is None else self.anchor_states
+        frozen = pred.frozen(torch.cat([z_e, z_e, z_t]), t.repeat(3), torch.cat([ex(erase_to), ex(c_e), ex(e_bar)]))
         f_e_target, f_e_erased, f_t = frozen.chunk(3)
         live = pred.trainable(torch.cat([z_e, z_t]), t.repeat(2), torch.cat([ex(c_e), ex(e_bar)]))
         l_e, l_t = live.chunk(2)

@@ -134,7 +134,7 @@ class AGEConfig(EraseConfig):
     gumbel_lr: float = help_field("Adam learning rate of the mixture logits pi", 1e-3)
     gumbel_temp: float = help_field("Gumbel-softmax temperature tau", 2.0)
     gumbel_hard: bool = help_field("straight-through one-hot sample (True) or soft top-k mixture (False)", False)
-    gumbel_topk: int = help_field("k of the soft top-k mixture", 5)
+    gumbel_topk: int = help_field("k of the soft top-k mixture (0: the whole softmax, as AP's code)", 5)
     k_closest: int = help_field("prefilter: keep the k candidates closest to the concept (L2 of prompt hidden states)", 1000)
     num_centers: int = help_field("1-D k-means on the distances picks this many candidates (skipped when k_closest <= it)", 100)
     vocab: str = help_field("candidate vocabulary: toy, imagenet, en3k, or a file with one candidate per line", "en3k")
@@ -170,6 +170,9 @@ class AGEConfig(EraseConfig):
                               "(half the sampling; the reference draws afresh every iteration)", False)
     pi_l1: bool = help_field("let the erasure term's gradient reach pi (the reference code detaches it)", False)
     neighbour_groups: dict = help_field("concept -> candidates that are its real neighbours, to log the search's hit rate", None)
+    anchor: str | None = help_field("None: the erased concept is mapped to the searched target mixture (AGE); a prompt: "
+                                    "it is mapped to this fixed prompt and the search only picks the concept to "
+                                    "preserve (AP, '' = the empty prompt)", None)
 
     def __post_init__(self):
         super().__post_init__()
@@ -177,9 +180,16 @@ class AGEConfig(EraseConfig):
             raise ValueError(f"lambda must be a finite number >= 0, got {self.lam}")
         check_positive("gumbel_lr", self.gumbel_lr)
         check_positive("gumbel_temp", self.gumbel_temp)
-        for name in ("pgd_num_steps", "gumbel_topk", "k_closest", "num_centers", "damage_samples"):
+        for name in ("pgd_num_steps", "k_closest", "num_centers", "damage_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_count("gumbel_topk", self.gumbel_topk, 0, MAX_ITERATIONS)
+        if self.anchor is not None:
+            check_text("anchor", self.anchor)
+            if self.anchor.strip().lower() in (c.lower() for c in self.concepts):
+                raise ValueError(f"the anchor {short(self.anchor)} is the erased concept itself")
+            if self.pi_l1:
+                raise ValueError("pi_l1 needs the erasure term to depend on pi; with a fixed anchor it does not")
         check_choice("target_search", self.target_search, TARGET_SEARCHES)
         check_choice("pi_mode", self.pi_mode, PI_MODES)
         check_count("damage_probe_steps", self.damage_probe_steps, 1, MAX_ITERATIONS)
@@ -199,6 +209,18 @@ class AGEConfig(EraseConfig):
                              f"leave target_search at 'gumbel', got {self.target_search!r}")
         if self.pgd_num_steps < 2:
             raise ValueError("pgd_num_steps must be >= 2 so that pi gets steps")
+
+
+@dataclass
+class APConfig(AGEConfig):
+    """AP, adversarial preservation (Bui et al., NeurIPS'24): ESD towards a fixed anchor, plus preserving the
+    concept the current model damages most, found by AGE's Gumbel search (AGE's runner, ``anchor`` set)."""
+
+    method: ClassVar[str] = "ap"
+
+    # train_adversarial_gumbel.py's argparse defaults (its soft Gumbel-softmax is the whole softmax)
+    anchor: str | None = help_field("the fixed prompt the erased concept is mapped to ('' = the empty prompt, as AP)", "")
+    gumbel_topk: int = help_field("k of the soft top-k mixture (0: the whole softmax, as AP's code)", 0)
 
 
 @dataclass
@@ -247,6 +269,126 @@ class UCEConfig(MethodConfig):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "parameter_set": self.parameter_set}
+
+
+MAX_EPOCHS = 100  # RECE's epochs (the reference: 1 to 3)
+
+
+@dataclass
+class RECEConfig(UCEConfig):
+    """RECE (Gong et al., ECCV'24): UCE's edit, then epochs of deriving the embedding that still regenerates
+    the concept's keys and values in the edited model (closed form) and erasing it as well."""
+
+    method: ClassVar[str] = "rece"
+
+    # the UCE stage: UCE's own defaults (the reference starts from a checkpoint of UCE's train_erase.py)
+    erase_scale: float = help_field("UCE stage: weight of the erasure equations", 1.0)
+    preserve_scale: float | None = help_field("UCE stage: weight of the preservation equations (None: max(0.1, "
+                                              "1/number of preserved prompts), as UCE)", None)
+    lam: float = help_field("UCE stage: lambda, the ridge weight that keeps the edit close to the weights", 0.5)
+    # the epochs: train.py's argparse defaults (its nudity recipe)
+    uce_first: bool = help_field("start with UCE's edit (the reference loads a UCE checkpoint); off: the epochs "
+                                 "start from the base model (the reference's --target_ckpt '')", True)
+    epochs: int = help_field("epochs: derive each concept's adversarial embedding from the edited keys and "
+                             "values, then erase it (train.py: 3; README: 3 nudity, 2 unsafe, 1 art and objects)", 3)
+    regular_scale: float = help_field("regulariser weight of the adversarial embedding, lambda ||e||^2 (close_regzero; "
+                                      "train.py 0.1, train_object.py and art.sh 1e-3)", 0.1)
+    adv_erase_scale: float = help_field("epochs: weight of the adversarial embeddings' erasure equations", 1.0)
+    adv_preserve_scale: float = help_field("epochs: weight of the preservation equations (train.py: 0.1)", 0.1)
+    adv_lam: float = help_field("epochs: lambda, the ridge weight of the adversarial edit (train.py: 0.1)", 0.1)
+    adv_token_alignment: str = help_field("epochs: all: every position of the adversarial embedding onto the same "
+                                          "position of the target (reference); last_word: only the positions from "
+                                          "the erased prompt's last word on, aligned as UCE's last_word", "all")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_count("epochs", self.epochs, 0, MAX_EPOCHS)
+        if self.epochs == 0 and not self.uce_first:
+            raise ValueError("epochs must be at least 1 with uce_first off (nothing would be edited)")
+        check_positive("regular_scale", self.regular_scale)
+        for name in ("adv_erase_scale", "adv_preserve_scale", "adv_lam"):
+            check_range(name, getattr(self, name), 0, 1e6)
+        check_choice("adv_token_alignment", self.adv_token_alignment, UCE_ALIGNMENTS)
+        if self.adv_lam == 0 and not self.preserved_prompts():
+            raise ValueError("adv_lam must be > 0 when nothing is preserved (the system would be singular)")
+
+
+CA_LOSS_TYPES = ("model-based", "noise-based")
+CA_ANCHOR_PREDICTIONS = ("current", "frozen")
+CA_LOSS_SPACES = ("output", "eps", "x0")
+MAX_ANCHOR_IMAGES = 10_000
+
+
+@dataclass
+class CAConfig(EraseConfig):
+    """CA, Concept Ablation (Kumari et al., ICCV'23): the erased concept's prediction is matched to the anchor
+    concept's on images of the anchor. Defaults: the reference's diffusers train.py (argparse defaults)."""
+
+    method: ClassVar[str] = "ca"
+
+    anchor: str = help_field("anchor concept the erased concepts are overwritten with (--class_prompt; '' = the "
+                             "empty prompt, whatever the templates)", "")
+    anchor_templates: list[str] = _list("anchor prompt templates with {c} (the reference's anchor captions): "
+                                             "anchor image i is made from template i mod n with {c} = anchor and trained "
+                                             "with {c} = the erased concept (empty: prompt_template)")
+    anchor_images: int = help_field("anchor images the base model generates at the start (--num_class_images)", 1000)
+    loss_type: str = help_field("model-based: match the anchor prompt's prediction (stop-gradient); noise-based: denoise "
+                                "the anchor images under the erased prompt (--loss_type_reverse)", "model-based")
+    anchor_prediction: str = help_field("model-based target from the current model under stop-gradient (the reference "
+                                        "code) or from the frozen base model", "current")
+    prior_preservation: bool = help_field("also train the ordinary diffusion loss on anchor images under their anchor "
+                                          "prompts (--with_prior_preservation)", False)
+    prior_loss_weight: float = help_field("weight of the prior loss (--prior_loss_weight; the CompVis code weighs it 0.2)", 1.0)
+    detach_start_token: bool = help_field("no gradient through the start token's cross-attention keys and values (the "
+                                          "reference's Custom Diffusion attention processor)", True)
+    hflip: bool = help_field("flip each anchor image horizontally with probability 1/2 (--hflip)", False)
+    weight_decay: float = help_field("AdamW weight decay (--adam_weight_decay)", 1e-2)
+    max_grad_norm: float = help_field("clip the gradient norm to this (--max_grad_norm; 0: off)", 1.0)
+    anchor_eta: float = help_field("DDIM eta of the anchor images (0: deterministic, as the reference's DPM-Solver)", 0.0)
+    # EraseConfig's fields, with CA's meaning or the reference's defaults
+    parameter_set: str = help_field("trainable UNet weights: xattn_kv (--parameter_group cross-attn, the reference's "
+                                    "default), full (full-weight), or another set", "xattn_kv")
+    iterations: int = help_field("steps (the reference: one epoch of 1000 images at batch 4 = 250)", 250)
+    lr: float = help_field("AdamW learning rate, after the reference's --scale_lr (base lr x batch x GPUs)", 1e-5)
+    batch_size: int = help_field("anchor images per step (--train_batch_size; prior rows come on top)", 4)
+    ddim_steps: int = help_field("DDIM steps of the anchor images (the reference: 25 DPM-Solver++ steps)", 25)
+    start_guidance: float = help_field("CFG scale of the anchor images (the reference: 6)", 6.0)
+    loss_space: str = help_field("output: the model's own output (the reference; eps on SD-1.x, v on a v model); eps or "
+                                 "x0: both sides converted", "output")
+    negative_guidance: float = help_field("unused by CA", 1.0)
+    xt_source: str = help_field("unused by CA (its latents are noised anchor images)", "sample")
+    pool_size: int = help_field("unused by CA (see anchor_images)", 16)
+
+    def __post_init__(self):
+        check_choice("loss_space", self.loss_space, CA_LOSS_SPACES)
+        space, self.loss_space = self.loss_space, "eps"  # EraseConfig knows x0 and eps; "output" is CA's own
+        try:
+            super().__post_init__()
+        finally:
+            self.loss_space = space
+        check_text("anchor", self.anchor)
+        self.anchor = self.anchor.strip()
+        if self.anchor.lower() in (c.lower() for c in self.concepts):
+            raise ValueError(f"the anchor {short(self.anchor)} is the erased concept itself")
+        if isinstance(self.anchor_templates, str):
+            self.anchor_templates = [self.anchor_templates]
+        for template in self.anchor_templates:
+            check_text("anchor template", template)
+            check_template("anchor template", template, "{c}")
+        check_count("anchor_images", self.anchor_images, 1, MAX_ANCHOR_IMAGES)
+        check_choice("loss_type", self.loss_type, CA_LOSS_TYPES)
+        check_choice("anchor_prediction", self.anchor_prediction, CA_ANCHOR_PREDICTIONS)
+        check_range("prior_loss_weight", self.prior_loss_weight, 0, 1e6)
+        check_range("weight_decay", self.weight_decay, 0, 1)
+        check_range("max_grad_norm", self.max_grad_norm, 0, 1e6)
+        check_range("anchor_eta", self.anchor_eta, 0, 1)
+
+    def templates(self) -> list[str]:
+        return list(self.anchor_templates) or [self.prompt_template]
+
+    def anchor_prompts(self) -> list[str]:
+        """One anchor prompt per template: the anchor in it, or '' for the empty anchor."""
+        return ["" if not self.anchor else " ".join(t.format(c=self.anchor).split()) for t in self.templates()]
 
 
 _TOY_DEVIATIONS = [
@@ -308,6 +450,11 @@ PRESETS: dict[str, tuple[str, dict, list[str]]] = {
                       "200 model steps at lr 3e-4, batch 2, instead of 1000 at 1e-5, batch 1: a 1.7 M-parameter model",
                       "'sample till t' on a 5-step DDIM schedule instead of 50"]),
     "toy-uce": ("uce", dict(prompt_template="a {c}"), []),
+    # AP's run_imagenette.sh (xattn, lr 1e-5, Gumbel lr 1e-2, temperature 2, hard, 100 centres of the 1000 closest)
+    "ap": ("ap", dict(parameter_set="xattn", iterations=1000, lr=1e-5, gumbel_lr=1e-2, gumbel_temp=2.0,
+                      gumbel_hard=True, k_closest=1000, num_centers=100, vocab="en3k", lam=1.0, anchor="",
+                      start_guidance=3.0, negative_guidance=1.0, loss_space="x0", ddim_steps=50, requires_gpu=True),
+           [EN3K_DEVIATION]),
 }
 
 # SDXL versions of the paper's Stable Diffusion recipes (the SDXL backend's defaults): the same steps,
@@ -319,9 +466,45 @@ _SDXL_DEVIATIONS = [
     "0.86 B) and 4x the latent area, so a UNet pass costs roughly 3 x 4 = 12 times as much (an estimate from the sizes; "
     "not measured on a GPU)",
 ]
-for _name in ("imagenette", "nudity", "artist", "esd-x"):
+# AP on the toy world: toy-fast with a fixed empty anchor, so that AP and AGE differ only in the erasure's target
+PRESETS["toy-ap"] = ("ap", {**PRESETS["toy-fast"][1], "anchor": ""}, PRESETS["toy-fast"][2])
+for _name in ("imagenette", "nudity", "artist", "esd-x", "ap"):
     _method, _values, _deviations = PRESETS[_name]
     PRESETS[f"sdxl-{_name}"] = (_method, {**_values, "precision": "bf16"}, _deviations + _SDXL_DEVIATIONS)
+
+# RECE: train.py's recipe (its nudity script: 3 epochs, regulariser 0.1, lamb 0.1, preserve 0.1) after UCE's
+# defaults; closed form, so no GPU is needed. Artists and difficult objects: epochs=1, regular_scale=1e-3.
+_RECE = dict(uce_first=True, epochs=3, regular_scale=0.1, adv_erase_scale=1.0, adv_preserve_scale=0.1, adv_lam=0.1,
+             adv_token_alignment="all", lam=0.5, erase_scale=1.0, preserve_scale=None, token_alignment="last_word")
+# the toy world's concepts are objects: the README's recipe for objects UCE does not fully erase (1 epoch,
+# regulariser 0.1); train.py's 3 epochs take the unrelated concepts' accuracy to 0.52 (docs/erasure.md, "RECE")
+PRESETS["toy-rece"] = ("rece", {**_RECE, "epochs": 1, "prompt_template": "a {c}"}, [])
+PRESETS["rece"] = ("rece", dict(_RECE), [])
+PRESETS["sdxl-rece"] = ("rece", dict(_RECE), [
+    "SDXL instead of SD-1.4: the recipe runs unchanged on both text encoders' token states side by side "
+    "(2048 wide); the adversarial embedding is derived for those token states only, not the pooled embedding"])
+
+# CA: the reference's diffusers recipe for objects and styles (its README): --learning_rate 2e-6 --scale_lr
+# --train_batch_size 4 on 2 GPUs (2e-6 x 4 x 2 = 1.6e-5 for 8 images a step), 100 steps, cross-attention k/v, --hflip
+_CA = dict(parameter_set="xattn_kv", iterations=100, lr=1.6e-5, batch_size=8, anchor_images=1000, ddim_steps=25,
+           start_guidance=6.0, anchor_eta=0.0, hflip=True, requires_gpu=True)
+_CA_DEVIATIONS = [
+    "anchor images from the project's DDIM sampler (25 steps, CFG 6, eta 0) instead of DPM-Solver++ (25 steps, CFG 6), "
+    "kept as latents: decoded and re-encoded with the VAE's mean, without JPEG files or latent_dist.sample()",
+    "anchor prompts from anchor_templates (default: the prompt template) instead of 200 retrieved or LLM-written "
+    "captions of the anchor; the anchor ('' unless set) is the paper's per-concept choice (e.g. 'cat' for 'grumpy cat')",
+    "no resize augmentation (as --noaug; the object recipe's rescaled images with 'far away'/'zoomed in' captions "
+    "and a masked loss are not implemented); the flips flip the decoded image, then re-encode it",
+    "one device with 8 images a step instead of 2 GPUs with 4 each (the same batch and learning rate)",
+]
+PRESETS["ca"] = ("ca", dict(_CA), _CA_DEVIATIONS)
+PRESETS["sdxl-ca"] = ("ca", {**_CA, "precision": "bf16"}, _CA_DEVIATIONS + _SDXL_DEVIATIONS)
+# CA on the toy world: the empty anchor for every concept; the toy model's sampler (10 DDIM steps, CFG 3, eta 1)
+PRESETS["toy-ca"] = ("ca", dict(anchor="", parameter_set="xattn_kv", iterations=100, lr=3e-4, batch_size=4, anchor_images=32,
+                                ddim_steps=10, start_guidance=3.0, anchor_eta=1.0, prompt_template="a {c}"),
+                     ["100 steps at lr 3e-4, batch 4, instead of 100 at 1.6e-5, batch 8: a 1.7 M-parameter model",
+                      "32 anchor images instead of 1000, sampled as the toy model samples (10 DDIM steps, CFG 3, eta 1)",
+                      "the empty prompt as the anchor of every concept (the paper picks an anchor per concept)"])
 
 
 def make_config(method: str, preset: str | None = None, **overrides):
@@ -356,3 +539,109 @@ def make_config(method: str, preset: str | None = None, **overrides):
 def presets_for(method: str) -> list[str]:
     """The presets of one method, in definition order."""
     return [name for name, (m, _, _) in PRESETS.items() if m == method]
+
+
+# ---- MACE (Lu et al., CVPR'24): core/erasure/mace.py; docs/erasure.md, "MACE" ----------------------------
+@dataclass
+class MACECFRConfig(MethodConfig):
+    """MACE's closed-form stages only: the cross-attention refinement (CFR) of keys and values, then the
+    fusion with no LoRA (it keeps the refined weights unless fuse_preserve_scale > 0)."""
+
+    method: ClassVar[str] = "mace-cfr"
+    parameter_set: ClassVar[str] = "xattn_kv"
+
+    target: str = help_field("the mapping concept: each prompt's words around the erased concept are refined towards "
+                             "the same prompt with this in its place (the reference's mapping_concept, e.g. 'ground' "
+                             "for a ship; '' = the prompt without the concept)", "")
+    templates: list[str] = _list("prompts of each concept, {c} = concept (the reference's 30 augmentation templates "
+                                 "are not shipped: empty = prompt_template alone)")
+    preserve: list[str] = _list("prompts whose keys and values are kept at every position, as written (the reference's "
+                                "cache of COCO captions), weighted by train_preserve_scale and fuse_preserve_scale")
+    lam: float = help_field("lambda: ridge weight that keeps the refined and fused weights close to the current ones "
+                            "(configs/object/erase_ship.yaml: 1e3)", 1e3)
+    train_preserve_scale: float = help_field("weight of the preserved prompts in the refinement (enters squared, as "
+                                             "in the reference's code path)", 0.0)
+    fuse_preserve_scale: float = help_field("weight of the preserved prompts in the fusion", 0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_text("target (mapping concept)", self.target)
+        for template in self.templates:
+            check_text("template", template)
+            check_template("each template", template, "{c}")
+        for text in self.preserve:
+            check_text("preserved prompt", text)
+        erased = {c.lower() for c in self.concepts}
+        if self.target.strip().lower() in erased:
+            raise ValueError("the mapping concept (target) cannot be one of the erased concepts")
+        for name in ("lam", "train_preserve_scale", "fuse_preserve_scale"):
+            check_range(name, getattr(self, name), 0, 1e12)
+
+    def prompts(self, concept: str) -> list[str]:
+        """The prompts of ``concept``: each template (or the prompt template) with it in place of {c}."""
+        return [t.format(c=concept) for t in (self.templates or [self.prompt_template])]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "parameter_set": self.parameter_set}
+
+
+@dataclass
+class MACEConfig(MACECFRConfig):
+    """MACE, all three stages: CFR, one LoRA per concept trained to remove the concept tokens' attention
+    inside the object's mask, and the closed-form fusion of the LoRAs into the keys and values."""
+
+    method: ClassVar[str] = "mace"
+
+    iterations: int = help_field("LoRA steps per concept (max_train_steps)", 50)
+    lr: float = help_field("AdamW learning rate of the LoRAs", 1e-5)
+    rank: int = help_field("rank of each to_k / to_v LoRA", 1)
+    num_images: int = help_field("images (with masks) of each concept that its LoRA trains on", 8)
+    use_masks: bool = help_field("restrict the attention loss to the object's pixels (the reference's use_gsam_mask; "
+                                 "masks come from the model's backend, or a Grounded-SAM in the local Hub cache)", True)
+    use_pooler: bool = help_field("also drive down the attention of the end-of-text token positions (with CLIP's "
+                                  "SD-1.x tokenizer the padding too, as its pad is the same token)", True)
+    pooler_padding: bool = help_field("with use_pooler, also the padding of a tokenizer that pads with another token "
+                                      "than end-of-text (the toy's, SD-2's): what use_pooler covers on SD-1.x", False)
+    importance_sampling: bool = help_field("draw timesteps from the reference's window around t=200..400 instead of "
+                                           "uniformly", True)
+    imagenet_normalise: bool = help_field("encode the training images ImageNet-normalised, as the reference's dataset "
+                                          "does (off: as the model's codec expects them)", True)
+    weight_decay: float = help_field("AdamW weight decay", 1e-2)
+    max_grad_norm: float = help_field("clip the LoRA gradients to this norm", 1.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_count("iterations", self.iterations, 1, MAX_ITERATIONS)
+        check_count("rank", self.rank, 1, 1024)
+        check_count("num_images", self.num_images, 1, MAX_BATCH)
+        check_positive("lr", self.lr)
+        check_positive("max_grad_norm", self.max_grad_norm)
+        check_range("weight_decay", self.weight_decay, 0, 1)
+
+
+_MACE_SD = dict(target="ground", lam=1e3, prompt_template="A photo of {c}")
+_MACE_TEMPLATES = ("the reference's 30 prompt-augmentation templates (src/cfr_utils.py, under a non-commercial "
+                   "licence) are not shipped: one prompt, 'A photo of {c}', unless templates=[...] is given")
+_MACE_TOY = dict(target="", prompt_template="a {c}", templates=["a {c}", "a photo of a {c}", "{c}", "an image of a {c}"])
+_MACE_TOY_LAMBDA = ("lambda 1 instead of 1e3: lambda weighs against the sums of c c^T, far smaller for the toy "
+                    "text encoder (64 dimensions, 10 positions, token norms 5-7.5) than for CLIP's; at 1e3 the toy "
+                    "edit leaves the erased concept recognised in every image")
+_MACE_TOY_DEVIATIONS = [
+    "the toy world's own four training templates instead of the reference's 30 augmentation templates",
+    "mapping concept '' (the toy world has no background word; the reference maps a ship to 'ground')",
+]
+PRESETS.update({
+    "toy-mace": ("mace", dict(_MACE_TOY, lam=1.0, iterations=50, lr=2e-3, imagenet_normalise=False),
+                 _MACE_TOY_DEVIATIONS + [_MACE_TOY_LAMBDA,
+                     "LoRA lr 2e-3 instead of 1e-5 (50 steps, rank 1, as the reference): at 1e-5 the toy LoRAs do "
+                     "not move; at 1e-2 they take related concepts along (docs/erasure.md, MACE)",
+                     "masks from the toy renderer (exact coverage) instead of Grounded-SAM on generated images",
+                     "images encoded as the toy codec expects them, not ImageNet-normalised"]),
+    "toy-mace-cfr": ("mace-cfr", dict(_MACE_TOY, lam=1.0), _MACE_TOY_DEVIATIONS + [_MACE_TOY_LAMBDA]),
+    # configs/object/erase_ship.yaml
+    "mace": ("mace", dict(_MACE_SD, iterations=50, lr=1e-5, rank=1, requires_gpu=True), [_MACE_TEMPLATES]),
+    "mace-cfr": ("mace-cfr", dict(_MACE_SD), [_MACE_TEMPLATES]),
+})
+for _name in ("mace", "mace-cfr"):
+    _method, _values, _deviations = PRESETS[_name]
+    PRESETS[f"sdxl-{_name}"] = (_method, dict(_values), _deviations + _SDXL_DEVIATIONS[:1])

@@ -153,6 +153,22 @@ class ToyBackend(Backend):
                    ("neighbours combined", f"a {colour_nbr.name} a {shape_nbr.name}")]
         return probes
 
+    def concept_images_with_masks(self, bundle: ModelBundle, concept: str, n: int,
+                                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Renders of ``concept`` and each object's exact pixel coverage (the renderer draws them); a bare
+        shape or colour ('circle', 'red') renders the concepts that have it."""
+        from ..checks import short
+        from .render import render_with_masks
+
+        world, word = self.world, concept.strip().lower()
+        ids = [c.index for c in world.concepts if word in (c.name, c.shape, c.colour)]
+        if not ids:
+            raise ValueError(f"the toy renderer cannot draw {short(concept)}: give a toy concept "
+                             f"({', '.join(world.names[:3])}, ...), a shape or a colour")
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.tensor(ids)[torch.randint(len(ids), (n,), generator=generator)]
+        return render_with_masks(world, picks, generator)
+
     def check_concepts(self, bundle: ModelBundle, concepts: list[str], target: str | None = None) -> None:
         from ..checks import short
 

@@ -43,6 +43,12 @@ def _shape_sdf(shape: str, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) ->
 def render(world: ToyWorld, concept_ids: torch.Tensor, generator: torch.Generator | None = None,
            background_tint: float | None = None) -> torch.Tensor:
     """Render one image per concept id. ``background_tint`` overrides the recipe (classifier augmentation)."""
+    return render_with_masks(world, concept_ids, generator, background_tint)[0]
+
+
+def render_with_masks(world: ToyWorld, concept_ids: torch.Tensor, generator: torch.Generator | None = None,
+                      background_tint: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`render`'s images (the same draws) and each object's pixel coverage (N, 1, H, W) in [0, 1]."""
     p = world.renderer
     n, size = len(concept_ids), int(p["size"])
 
@@ -76,4 +82,4 @@ def render(world: ToyWorld, concept_ids: torch.Tensor, generator: torch.Generato
 
     img = background * (1 - coverage[:, None]) + colour[:, :, None, None] * coverage[:, None]
     img = img + p["pixel_noise"] * torch.randn(img.shape, generator=generator)
-    return img.clamp(0, 1)
+    return img.clamp(0, 1), coverage[:, None]

@@ -72,11 +72,11 @@ class EraseTab:
 def build(page: Page, concepts: list[str]) -> EraseTab:
     ex, settings = page.explorer, page.settings
     kind = ex.model_kind
-    default_presets = get_backend(kind).default_presets
+    backend = get_backend(kind)
 
     def presets_of(method):
         offered = presets_offered(method, kind, ex.device)
-        preferred = default_presets.get(method)
+        preferred = backend.default_preset(method)
         return offered, preferred if preferred in offered else (offered[0] if offered else None)
 
     def on_method(method):

@@ -48,7 +48,12 @@ def build(page: Page) -> None:
         """
         return answer(tools.nearest_concepts, concept, int(k), graph)
 
+    def rank_methods() -> list[dict]:
+        """Rank the erasure methods of this model's graphs: rows erased (G after <= 0.10), mean spillover on
+        group neighbours and unrelated concepts, ESR/PSR-1/5, embedding attack success rate, seconds per row."""
+        return answer(tools.rank_methods)
+
     # They read small files and load no model: answered directly, outside the queue, so a query never
     # waits behind other users' plotting and generation (one POST instead of the queue's round trips).
-    for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts):
+    for query in (list_graphs, list_concepts, concept_spillover, nearest_concepts, rank_methods):
         gr.api(query, api_name=query.__name__, queue=False)

@@ -10,7 +10,11 @@ HELP = ("the Section 3 findings of a graph folder, with numbers; "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph_dir", nargs="+")
+    parser.add_argument("graph_dir", nargs="*", help="graph folders (with --methods: default every shipped toy graph)")
+    parser.add_argument("--methods", action="store_true",
+                        help="rank the graphs' methods: rows erased, spillover, ESR/PSR, embedding ASR, seconds")
+    parser.add_argument("--csv", default=None, metavar="FILE", help="with --methods: also write the table as CSV")
+    parser.add_argument("--markdown", default=None, metavar="FILE", help="with --methods: also write it as Markdown")
     parser.add_argument("--tables", action="store_true", help="also print the full tables")
     parser.add_argument("--no-similarity", action="store_true", help="skip the similarity measures (no model load)")
     parser.add_argument("--device", default="auto")
@@ -31,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from ...graph.concept_sets import ConceptSet
     from ...graph.store import GraphStore
 
+    if args.methods:
+        return print_methods(args)
+    if not args.graph_dir:
+        raise ValueError("give at least one graph folder (or --methods for the shipped graphs)")
     stores = {Path(d).name: GraphStore(d) for d in args.graph_dir}
     if len(stores) < len(args.graph_dir):
         raise ValueError("give graph folders with different names, so that the table can tell them apart")
@@ -81,3 +89,18 @@ def print_recovery(stores: dict, concept_set, per_row: bool) -> None:
     if per_row:
         for name, table in tables.items():
             print(f"\n{name} per row\n" + table.to_string(index=False, float_format=_three_places))
+
+
+def print_methods(args: argparse.Namespace) -> int:
+    from ...graph.methods import markdown, methods_table
+    from ...paths import shipped_graph_dirs
+
+    folders = args.graph_dir or [str(d) for d in shipped_graph_dirs()]
+    table = methods_table(folders)
+    text = markdown(table)
+    print(text)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0

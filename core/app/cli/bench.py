@@ -28,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bp.add_argument("--iterations", type=int, default=None, help="override the presets' model steps (smoke runs)")
     bp.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     bp.set_defaults(func=run_presets)
+    bm = bench_sub.add_parser("methods", help="seconds of one erasure per method (toy: its toy preset, whole; "
+                              "sd14: random SD-1.4 UNet, seconds per loop step of its SD-1.x recipe)")
+    bm.add_argument("--arch", choices=["toy", "sd14"], default="toy")
+    bm.add_argument("--device", default="auto")
+    bm.add_argument("--method", action="append", default=None, help="method to time (repeat; default: every one)")
+    bm.add_argument("--concept", default="red circle")
+    bm.add_argument("--steps", type=int, default=3, help="sd14: model steps of a fine-tuning method")
+    bm.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    bm.set_defaults(func=run_methods)
     bat = bench_sub.add_parser("attack", help="seconds of each recovery attack (toy) or per step (SD-1.4 arch)")
     bat.add_argument("--arch", choices=["toy", "sd14"], default="toy", help="sd14: random SD-1.4 UNet and text encoder")
     bat.add_argument("--device", default="cpu")
@@ -100,4 +109,43 @@ def run_attack(args: argparse.Namespace) -> int:
         print_table(sd14_step_seconds(args.device, args.steps), f"SD-1.4 architecture, random weights, {args.device}")
     else:
         print_table(toy_attack_seconds(args.concept, args.steps), "toy world, CPU")
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ...bundle import load_bundle
+    from ...device import resolve_device
+    from ...erasure import METHODS, get_method
+    from ..bench import method_seconds, random_sd14_bundle
+
+    use_threads(args.threads)
+    device = resolve_device(args.device)
+    methods = args.method or list(METHODS)
+    for name in methods:
+        get_method(name)
+    bundle = random_sd14_bundle(device) if args.arch == "sd14" else load_bundle("toy", device=device)
+    print(f"{'method':10s} {'preset':14s} {'seconds':>9s} {'steps':>6s} {'s/step':>9s}  "
+          f"({bundle.source}, {device}; s/step: loop steps after the first, AGE and AP alternate model and pi steps)")
+    for name in methods:
+        method = get_method(name)
+        preset = bundle.backend.default_preset(name)
+        overrides = {}
+        if args.arch == "sd14":
+            overrides["requires_gpu"] = False
+            if method.fine_tuned:
+                overrides["iterations"] = args.steps
+            if "candidates" in method.options:  # the probes would run a UNet pass per candidate
+                overrides["candidates"] = ["dog", "cat", "car", "tree", "house"]
+            if "anchor_images" in method.options:
+                overrides["anchor_images"] = 2
+        with tempfile.TemporaryDirectory() as tmp:
+            row = method_seconds(bundle, name, preset, args.concept, Path(tmp) / "run", **overrides)
+        if "refused" in row:
+            print(f"{name:10s} {str(preset):14s} refused: {row['refused']}")
+            continue
+        per_step = row["seconds_per_step"]
+        per_step = "-" if per_step != per_step else f"{per_step:.2f}"  # NaN: one step, or closed form
+        print(f"{name:10s} {str(preset):14s} {row['seconds']:9.1f} {row['steps']:6d} {per_step:>9s}")
     return 0

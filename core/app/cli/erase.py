@@ -73,7 +73,7 @@ def erase_overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ...erasure import erase, make_config
+    from ...erasure import erase, get_method, make_config
 
     overrides = erase_overrides(args)  # before the model loads
     if not 0 <= args.target_check_images <= MAX_CHECK_IMAGES:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_model(args)
     preset = args.preset if args.preset != "none" else None
     if preset is None and args.preset is None:
-        preset = bundle.backend.default_presets.get(args.method)
+        preset = bundle.backend.default_preset(args.method)
     config = make_config(args.method, preset, **overrides)
     claim_run_folder(Path(args.out), args.resume, args.force)
     bars = []  # the bar appears with the first step, so that set-up errors print alone
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         n = m.neighbour_picks
         print(f"  picks that are real neighbours: {n['share']:.2f} (last quarter {n['share_last_quarter']:.2f}, "
               f"chance {n['chance']:.2f})")
-    if result.status == "done" and args.method == "age" and args.target_check_images:
+    if result.status == "done" and "pgd_num_steps" in get_method(args.method).options and args.target_check_images:
         from ...erasure.preservation import check_target_preservation, notes
 
         record = check_target_preservation(bundle, result.run_dir, args.target_check_images)

@@ -48,7 +48,7 @@ def row_recipe(args: argparse.Namespace, bundle):
         options["target_search"] = args.search
     if args.iterations:
         options["iterations"] = args.iterations
-    preset = args.preset or bundle.backend.default_presets.get(args.method)
+    preset = args.preset or bundle.backend.default_preset(args.method)
     return RowRecipe(args.method, preset, options)
 
 
