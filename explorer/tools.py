@@ -78,7 +78,7 @@ def nearest_concepts(explorer: Explorer, concept: str, k: int = 5, graph: str = 
 
 
 def rank_methods(explorer: Explorer) -> list[dict]:
-    """The methods table: one entry per graph, ranked by rows erased, then spillover on group neighbours."""
+    """The methods table: one entry per graph, ranked by the share of rows erased, then spillover on group neighbours."""
     import math
 
     table = explorer.methods_table()

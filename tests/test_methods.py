@@ -5,7 +5,7 @@ runs need, and whether Stable Diffusion runs it without more downloads. Each met
 checks: registry and presets, config bounds, one-line errors, a toy erasure that moves the erased
 concept more than an unrelated one, and on tiny random SD-1.x / SDXL pipelines an erasure whose
 diffusers export reloads in plain diffusers (a process that does not import the project) with the
-project's own images.
+project's own images, and whose delta export loads on the base with the run's images.
 """
 
 from __future__ import annotations
@@ -161,6 +161,9 @@ def test_tiny_sd_erasure_reloads_in_plain_diffusers_with_the_projects_images(met
     assert float(((ours * 255).round() - (theirs * 255).round()).abs().max()) == 0
     base = generate(load_bundle(str(tiny_sd_dir), device="cpu"), ["a red circle"], [9], steps=4, guidance_scale=7.5)
     assert not torch.equal(ours, base), "the erasure changed nothing"
+    delta = export_run(run_dir, run_dir.parent / "delta-exports", fmt="delta", name=method)
+    again = generate(load_bundle(str(delta), device="cpu"), ["a red circle"], [9], steps=4, guidance_scale=7.5)
+    assert torch.equal(again, ours), "the delta export loads on the base with other weights"
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ the same prompts, seeds and classifier, so the rows compare like with like:
 - ``row_s``: mean seconds of a row (erasure and the measurement of every concept) as recorded while
   the graph was built; the measurement part is the same work for every method.
 
-Ranked by erased rows (a method that does not erase cannot win), then by the mean spillover on
-group neighbours.
+Ranked by the share of rows erased (a method that does not erase cannot win), then by the mean
+spillover on group neighbours.
 """
 
 from __future__ import annotations
@@ -48,14 +48,17 @@ def _mean_spread(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=0)) if len(values) > 1 else 0.0
 
 
-def graph_figures(store: GraphStore, concept_set: ConceptSet) -> dict:
-    """One graph's row of the methods table (means, and each figure's spread across rows as ``*_sd``)."""
+def graph_figures(store: GraphStore, concept_set: ConceptSet, rows: list[str] | None = None) -> dict:
+    """One graph's row of the methods table (means, and each figure's spread across rows as ``*_sd``),
+    on ``rows`` (erased concepts) only when given."""
     meta = store.meta()
     edges = store.edges()
+    if rows is not None:
+        edges = edges[edges.erased.isin(rows)]
     own = edges[edges.erased == edges.affected].set_index("erased")
     others = edges[edges.erased != edges.affected]
     loc = locality(store, concept_set)
-    loc = loc[loc.erased != "(mean)"]
+    loc = loc[(loc.erased != "(mean)") & (loc.erased.isin(rows) if rows is not None else True)]
     row = {"method": graph_label(meta), "graph": store.folder.name, "rows": len(own),
            "erased": int((own.G_after_top1 <= ERASED_G).sum())}
     for grouping in concept_set.groups:
@@ -66,6 +69,8 @@ def graph_figures(store: GraphStore, concept_set: ConceptSet) -> dict:
         row[f"PSR_{k}"], row[f"PSR_{k}_sd"] = _mean_spread(others.groupby("erased")[column].mean())
     recovery = store.recovery()
     embedding = recovery[recovery.attack == "embedding"] if recovery is not None else None
+    if embedding is not None and rows is not None:
+        embedding = embedding[embedding.erased.isin(rows)]
     if embedding is not None and len(embedding):
         row["embedding_asr"], row["embedding_asr_sd"] = _mean_spread(embedding.asr.astype(float))
         row["embedding_rows"] = len(embedding)
@@ -77,8 +82,9 @@ def graph_figures(store: GraphStore, concept_set: ConceptSet) -> dict:
     return row
 
 
-def methods_table(graph_dirs: list[str | Path]) -> pd.DataFrame:
-    """The ranked table of the graphs in ``graph_dirs`` (all of one concept set and model)."""
+def methods_table(graph_dirs: list[str | Path], shared_rows: bool = False) -> pd.DataFrame:
+    """The ranked table of the graphs in ``graph_dirs`` (all of one concept set and model); with
+    ``shared_rows`` every graph is measured on the rows all of them have (like for like)."""
     stores = [GraphStore(d) for d in graph_dirs]
     if not stores:
         return pd.DataFrame(columns=["rank", "method", "graph", "rows", "erased"])
@@ -88,10 +94,18 @@ def methods_table(graph_dirs: list[str | Path]) -> pd.DataFrame:
         meta = store.meta()
         if meta["concept_set"]["concepts"] != concept_set.concepts or meta.get("model_revision") != revision:
             raise ValueError(f"{store.folder} measured another model or concept set than {stores[0].folder}")
-    table = pd.DataFrame([graph_figures(s, concept_set) for s in stores if len(s.rows_done())])
+    stores = [s for s in stores if len(s.rows_done())]
+    rows = None
+    if shared_rows:
+        shared = set.intersection(*(set(s.rows_done()) for s in stores))
+        if not shared:
+            raise ValueError("the graphs have no erased concept in common")
+        rows = [c for c in concept_set.concepts if c in shared]
+    table = pd.DataFrame([graph_figures(s, concept_set, rows) for s in stores])
     neighbours = [f"same_{g}" for g in concept_set.groups]
     table["neighbours"] = table[neighbours].mean(axis=1)
-    table = table.sort_values(["erased", "neighbours"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    table["erased_share"] = table.erased / table.rows
+    table = table.sort_values(["erased_share", "neighbours"], ascending=[False, True], kind="stable").reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
     return table
 

@@ -84,7 +84,7 @@ def build(page: Page, concepts: list[str], tab: gr.Tab) -> None:
                 "recovery layer, and seconds per row as built. Click a header to sort; the last column names the "
                 "graph folder each row comes from (open it in the Concept graph tab).")
     table = gr.Dataframe(interactive=False, elem_id="methods_table",
-                         label="Methods, ranked by rows erased, then spillover on neighbours")
+                         label="Methods, ranked by the share of rows erased, then spillover on neighbours")
     with gr.Row():
         concept = gr.Dropdown(concepts, value=concepts[0] if concepts else None, label="Concept",
                               elem_id="methods_concept")

@@ -49,7 +49,7 @@ def build(page: Page) -> None:
         return answer(tools.nearest_concepts, concept, int(k), graph)
 
     def rank_methods() -> list[dict]:
-        """Rank the erasure methods of this model's graphs: rows erased (G after <= 0.10), mean spillover on
+        """Rank the erasure methods of this model's graphs: share of rows erased (G after <= 0.10), mean spillover on
         group neighbours and unrelated concepts, ESR/PSR-1/5, embedding attack success rate, seconds per row."""
         return answer(tools.rank_methods)
 

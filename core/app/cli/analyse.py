@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph_dir", nargs="*", help="graph folders (with --methods: default every shipped toy graph)")
     parser.add_argument("--methods", action="store_true",
                         help="rank the graphs' methods: rows erased, spillover, ESR/PSR, embedding ASR, seconds")
+    parser.add_argument("--shared-rows", action="store_true",
+                        help="with --methods: measure every graph on the rows all of them have")
     parser.add_argument("--csv", default=None, metavar="FILE", help="with --methods: also write the table as CSV")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="with --methods: also write it as Markdown")
     parser.add_argument("--tables", action="store_true", help="also print the full tables")
@@ -96,7 +98,7 @@ def print_methods(args: argparse.Namespace) -> int:
     from ...paths import shipped_graph_dirs
 
     folders = args.graph_dir or [str(d) for d in shipped_graph_dirs()]
-    table = methods_table(folders)
+    table = methods_table(folders, shared_rows=args.shared_rows)
     text = markdown(table)
     print(text)
     if args.csv:
