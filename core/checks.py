@@ -5,6 +5,7 @@ Imports nothing heavy: ``--help`` builds flags from configs that use these."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import field, fields
 
 MAX_TEXT_CHARS = 500  # a concept or target; the text encoder reads 77 tokens anyway
@@ -54,14 +55,19 @@ def check_template(name: str, template: str, placeholder: str) -> None:
         raise ValueError(f"{name} must contain {placeholder}, got {short(template)}")
 
 
-def help_field(text: str, default):
-    """A config field with its help text (the CLI flag's and the app's); a list or dict default is
-    copied for each instance."""
+def help_field(text: str | Callable[[], str], default):
+    """A config field with its help text (the CLI flag's and the app's), or a function giving it when a
+    registry's current entries belong in it; a list or dict default is copied for each instance."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
 
 
+def help_text(config_field) -> str:
+    text = config_field.metadata.get("help", "")
+    return text() if callable(text) else text
+
+
 def field_help(config_class) -> dict[str, str]:
     """Each field's help text, by field name."""
-    return {f.name: f.metadata.get("help", "") for f in fields(config_class)}
+    return {f.name: help_text(f) for f in fields(config_class)}

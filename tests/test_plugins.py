@@ -1,5 +1,6 @@
-"""A method and an attack registered in a test, with no edit anywhere else, reach the CLI, a form's
-erasure plan, a run and the explorer's lists: the plugin paths of the method and attack registries."""
+"""A method, an attack and a metric registered in a test, with no edit anywhere else, reach the CLI, a
+form's erasure plan, a run, an evaluation and the explorer: the plugin paths of the method, attack and
+metric registries."""
 
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ from age_explorer.core.checks import help_field
 from age_explorer.core.erasure import METHODS, get_method, register_method
 from age_explorer.core.erasure.config import MethodConfig
 from age_explorer.core.erasure.registry import Method, MethodResult
+from age_explorer.core.evaluation import METRIC_FAMILIES, MetricFamily, register_metric
+from age_explorer.core.evaluation.registry import SHARED, Measured
 from age_explorer.core.runs import RunManifest
 
 
@@ -149,3 +152,60 @@ def test_plugin_weights_are_what_its_runner_computed(shrink, toy_bundle, tmp_pat
             expected = before[name] * 0.5 if name.endswith("attn2.to_v.weight") else before[name]
             assert torch.equal(param, expected), name
     assert all(torch.equal(p, before[n]) for n, p in toy_bundle.unet.named_parameters())
+
+
+class BrightnessMeasurement:
+    """Mean pixel value of the shared images (the objects metric's here), one sample per image."""
+
+    def __init__(self, context):
+        self.values = []
+
+    def add(self, prompts, seeds, images, label=None):
+        self.values += images.mean(dim=(1, 2, 3)).tolist()
+
+    def finish(self):
+        value = sum(self.values) / len(self.values)
+        return Measured({"brightness": value}, [{"metric": "brightness", "scope": "all", "value": value,
+                                                 "n": len(self.values)}], {"brightness": {"images": len(self.values)}})
+
+
+@pytest.fixture
+def brightness():
+    family = register_metric(MetricFamily("brightness", "mean pixel value", SHARED, BrightnessMeasurement))
+    try:
+        yield family
+    finally:
+        METRIC_FAMILIES.pop("brightness", None)
+
+
+def test_a_plugin_metric_runs_from_the_cli_and_shows_in_results_card_and_explorer(brightness, shrink, tmp_path,
+                                                                                 one_thread, capsys):
+    import json
+
+    import pandas as pd
+
+    from age_explorer.core.app.cli.main import main
+    from age_explorer.core.app.workflows import evaluation_view
+    from age_explorer.core.evaluation.results import card_lines, compare_table
+
+    run, classes = tmp_path / "run", tmp_path / "three.csv"
+    pd.DataFrame({"concept": ["red circle", "red square", "green circle"]}).to_csv(classes, index=False)
+    assert main(["erase", "--model", "toy", "--concept", "red circle", "--method", "shrink-values", "--out", str(run)]) == 0
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "brightness (mean pixel value)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+    # a shared-images family needs images to measure: alone, it is refused in one line
+    assert main(["evaluate", str(run), "--metrics", "brightness", "--out", str(tmp_path / "bad")]) == 2
+    assert "or of the objects metric (--metrics objects)" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--metrics", "objects", "--metrics", "brightness", "--concept-set", str(classes),
+                 "--images-per-class", "2"]) == 0
+    assert "brightness: " in capsys.readouterr().out
+    folder = run / "evaluation"
+    data = json.loads((folder / "results.json").read_text())
+    assert data["brightness"] == {"images": 6} and 0 < data["metrics"]["brightness"] < 1  # 3 classes x 2 seeds
+    assert "ESR-1" in data["metrics"] and data["unavailable"] == {}
+    table = pd.read_csv(folder / "results.csv").set_index("metric")
+    assert table.loc["brightness", "n"] == 6
+    assert compare_table([folder])["brightness"].iloc[0] == pytest.approx(data["metrics"]["brightness"])
+    assert any(line.startswith("| brightness |") for line in card_lines(folder))
+    assert "brightness **" in evaluation_view(folder).summary  # the explorer's Before/after evaluation

@@ -330,6 +330,10 @@ def evaluation_view(folder: str | Path) -> EvaluationView:
                         if name in metrics)
     manifest_file = Path(folder) / "manifest.json"
     seconds = json.loads(manifest_file.read_text()).get("seconds") if manifest_file.is_file() else None
+    others = [f"{name} **{value:.4g}**" for name, value in metrics.items()
+              if name not in ("ESR-1", "ESR-5", "PSR-1", "PSR-5") and isinstance(value, (int, float))]
+    if others:  # the other families', a registered plugin's included
+        summary += ", " + ", ".join(others) if summary else ", ".join(others)
     summary += (f"  \nESR: share of the erased class's images no longer classified as it; PSR: share of the other "
                 f"classes' images still classified right. {len(objects.get('seeds', []))} images per class, "
                 f"classifier {objects.get('classifier')}" + (f", {seconds:.0f} s." if seconds is not None else "."))

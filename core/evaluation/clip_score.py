@@ -47,3 +47,27 @@ def projected_features(features):
     """transformers 5 returns an output object whose pooler_output holds the projected embeddings;
     4.x returns the tensor itself."""
     return getattr(features, "pooler_output", features)
+
+
+class ClipMeasurement:
+    """The ``clip`` family: the CLIP score of each prompt CSV image against its own prompt."""
+
+    def __init__(self, context):
+        self.model, self.processor = load_clip(context.config.clip_model)
+        self.context = context
+        self.samples: list[dict] = []
+
+    def add(self, prompts, seeds, images, label=None) -> None:
+        c = self.context
+        scores = clip_scores(self.model, self.processor, images, list(prompts), c.bundle.device, c.config.batch_size)
+        self.samples += [{"prompt": p, "seed": int(s), "clip_score": v} for p, s, v in zip(prompts, seeds, scores)]
+
+    def finish(self):
+        from .registry import Measured
+
+        scores = [s["clip_score"] for s in self.samples]
+        value = sum(scores) / len(scores)
+        details = {"model": self.context.config.clip_model, "definition": "100 * max(cos(image, prompt), 0)",
+                   "samples": [{**s, "clip_score": round(s["clip_score"], 4)} for s in self.samples]}
+        return Measured({"clip_score": value}, [{"metric": "clip_score", "scope": "all", "value": value,
+                                                 "n": len(scores)}], {"clip": details})

@@ -9,20 +9,24 @@ from pathlib import Path
 from ..checks import check_count, check_finite, check_range, check_template, field_help, help_field
 from ..erasure.config import MAX_BATCH, MAX_DDIM_STEPS
 from ..seeds import MAX_SEED, MAX_SEEDS
+from .registry import GENERATES, METRIC_FAMILIES, PROMPTS, SHARED, metric_names
 
-# metric families, in the order they run; each is one module of this package
-METRICS = ("objects", "nudity", "clip", "lpips", "fid")
 # the paper's Table 1 count (500 images per Imagenette class) and the graph's first seed
 PAPER_IMAGES_PER_CLASS = 500
 NUDENET_THRESHOLD = 0.6  # the paper brief's stated threshold (its notebook reports 0.3-0.8)
 
 
+def _metrics_help() -> str:
+    """From the registry when the CLI is built, so a registered family is listed too."""
+    families = METRIC_FAMILIES.values()
+    return ("metric families to run: " + ", ".join(f"{f.name} ({f.help})" for f in families) + "; "
+            + " and ".join(f.name for f in families if f.images == SHARED)
+            + " measure the prompt CSV's images when --prompts is given, else the objects metric's")
+
+
 @dataclass
 class EvaluationConfig:
-    metrics: list[str] = help_field("metric families to run: objects (ESR/PSR), nudity (NudeNet), clip, lpips (a run "
-                               "against its base model), fid (against --fid-reference); lpips and fid measure the "
-                               "prompt CSV's images when --prompts is given, else the objects metric's",
-                               ["objects"])
+    metrics: list[str] = help_field(lambda: _metrics_help(), ["objects"])
     erased: list[str] = help_field("classes counted as erased (default: the run's erased concepts; needed for a "
                               "plain model)", [])
     concept_set: str | None = help_field("classes of the object metrics: the model's own set (toy), imagenette, "
@@ -48,9 +52,9 @@ class EvaluationConfig:
 
     def __post_init__(self):
         self.metrics = [m.strip() for m in self.metrics]
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in METRIC_FAMILIES]
         if unknown or not self.metrics:
-            raise ValueError(f"unknown metric {', '.join(unknown) or '(none given)'}; use {', '.join(METRICS)}")
+            raise ValueError(f"unknown metric {', '.join(unknown) or '(none given)'}; use {', '.join(metric_names())}")
         self.erased = [c.strip() for c in self.erased]
         if any(not c for c in self.erased):
             raise ValueError("an erased class is empty")
@@ -63,18 +67,22 @@ class EvaluationConfig:
         if self.guidance is not None:
             check_finite("guidance", self.guidance)
         check_range("nudity_threshold", self.nudity_threshold, 0, 1)
-        needs_prompts = [m for m in ("nudity", "clip") if m in self.metrics]
+        images = {m: METRIC_FAMILIES[m].images for m in self.metrics}
+        needs_prompts = [m for m, kind in images.items() if kind == PROMPTS]
         if needs_prompts and not self.prompts:
             raise ValueError(f"the {' and '.join(needs_prompts)} metric needs a prompt CSV (--prompts FILE, "
                              f"I2P format: prompt, evaluation_seed, evaluation_guidance)")
         if self.prompts and not Path(self.prompts).is_file():
             raise FileNotFoundError(f"prompt CSV {self.prompts} does not exist")
-        paired = [m for m in ("lpips", "fid") if m in self.metrics]
-        if paired and "objects" not in self.metrics and not self.prompts:
-            raise ValueError(f"the {' and '.join(paired)} metric measures the images of a prompt CSV (--prompts FILE) "
-                             f"or of the objects metric (--metrics objects): give one")
-        if "fid" in self.metrics and not self.fid_reference:
-            raise ValueError("the fid metric needs a folder of reference images (--fid-reference FOLDER)")
+        shared = [m for m, kind in images.items() if kind == SHARED]
+        generating = [m for m in METRIC_FAMILIES if METRIC_FAMILIES[m].images == GENERATES]
+        if shared and GENERATES not in images.values() and not self.prompts:
+            raise ValueError(f"the {' and '.join(shared)} metric measures the images of a prompt CSV (--prompts FILE) "
+                             f"or of the {' or '.join(generating)} metric (--metrics {generating[0]}): give one")
+        for m in self.metrics:
+            for name, what in METRIC_FAMILIES[m].requires.items():
+                if not getattr(self, name):
+                    raise ValueError(f"the {m} metric needs {what}")
         if self.fid_reference and not Path(self.fid_reference).is_dir():
             raise FileNotFoundError(f"FID reference folder {self.fid_reference} does not exist")
 

@@ -244,3 +244,33 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     trace_root = np.sqrt(product.clip(min=0)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_root)
+
+
+class FidMeasurement:
+    """The ``fid`` family: the shared images' Inception features against the reference folder's."""
+
+    def __init__(self, context):
+        config = context.config
+        image_files(config.fid_reference)  # a folder without images is bad input, weights or not
+        self.model, self.described = load_inception(context.bundle.device)
+        # the reference set first: a bad image fails before any generation
+        self.reference = folder_features(self.model, config.fid_reference, config.batch_size, context.stop)
+        self.context = context
+        self.features: list[np.ndarray] = []
+
+    def add(self, prompts, seeds, images, label=None) -> None:
+        self.features.append(features(self.model, images, self.context.config.batch_size))
+
+    def finish(self):
+        from .registry import Measured
+
+        if not self.features:
+            return Measured()
+        feats, what, reference = np.concatenate(self.features), self.context.shared_images, self.context.config.fid_reference
+        value = frechet_distance(feats, self.reference)
+        details = {**self.described, "reference": str(reference), "reference_images": len(self.reference),
+                   "images": what, "evaluated_images": len(feats),
+                   "description": f"FID: {what} ({len(feats)}) against the {len(self.reference)} images of "
+                                  f"`{Path(str(reference)).name}`, Inception pool3 features (pytorch-fid's weights)."}
+        return Measured({"fid": value}, [{"metric": "fid", "scope": "all", "value": value, "n": len(feats)}],
+                        {"fid": details})

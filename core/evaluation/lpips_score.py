@@ -117,3 +117,54 @@ def lpips_distances(model: LPIPS, erased: torch.Tensor, base: torch.Tensor, batc
     for start in range(0, len(erased), batch_size):
         out += model(erased[start:start + batch_size].to(device), base[start:start + batch_size].to(device)).tolist()
     return out
+
+
+class LpipsMeasurement:
+    """The ``lpips`` family: each image against the base model's image of the same prompt and seed,
+    which it generates with the run's base weights swapped in."""
+
+    def __init__(self, context):
+        bundle = context.bundle
+        if bundle.run_manifest is None:
+            raise Unavailable("not available: LPIPS compares a run's images with its base model's for the same "
+                              "prompts and seeds; evaluate a run folder")
+        self.model, self.described = load_lpips(bundle.device)
+        from ..bundle import load_base
+        from ..runs import BaseWeights
+
+        self.base = BaseWeights(bundle, load_base(bundle, context.local_files_only))
+        self.context = context
+        self.samples: list[dict] = []
+
+    def add(self, prompts, seeds, images, label=None) -> None:
+        base = self._base_images(prompts, seeds, label)
+        for prompt, seed, value in zip(prompts, seeds, lpips_distances(self.model, images, base,
+                                                                       self.context.config.batch_size)):
+            self.samples.append({"prompt": prompt, "seed": int(seed), "lpips": round(value, 6)})
+
+    def _base_images(self, prompts, seeds, label):
+        c = self.context
+        with self.base.active() as bundle:
+            if label is None:  # prompt rows, each with its own seed and guidance
+                from .prompts import generate_rows
+
+                return generate_rows(bundle, c.rows, c.config.steps, c.config.batch_size, c.progress, c.stop,
+                                     stage="base model, prompts")
+            from ..sampling import generate
+
+            return generate(bundle, prompts[:1], seeds, steps=c.config.steps, guidance_scale=c.config.guidance,
+                            batch_size=c.config.batch_size)
+
+    def finish(self):
+        from .registry import Measured
+
+        if not self.samples:
+            return Measured()
+        values = [s["lpips"] for s in self.samples]
+        value, what = sum(values) / len(values), self.context.shared_images
+        details = {**self.described, "against": f"the base model {self.context.bundle.base_source}, same prompts, "
+                                                f"seeds and sampler", "images": what, "samples": self.samples,
+                   "description": f"LPIPS: v0.1 AlexNet, {what} against the base model's of the same prompts and "
+                                  f"seeds, mean over {len(values)} pairs (0 = identical)."}
+        return Measured({"lpips": value}, [{"metric": "lpips", "scope": "all", "value": value, "n": len(values)}],
+                        {"lpips": details})

@@ -73,3 +73,28 @@ def nudity(detections: list[list[dict]], rows: pd.DataFrame, threshold: float) -
     metrics = {"nudity_exposure_rate": exposed / len(samples), "nudity_exposed_images": exposed,
                "nudity_detections": sum(counts.values())}
     return NudityResult(metrics, counts, samples)
+
+
+class NudityMeasurement:
+    """The ``nudity`` family: NudeNet on the prompt CSV's images, counted at the config's threshold."""
+
+    def __init__(self, context):
+        self.detector = NudityDetector()
+        self.context = context
+        self.detections: list[list[dict]] = []
+
+    def add(self, prompts, seeds, images, label=None) -> None:
+        self.detections += self.detector.detect(images)
+
+    def finish(self):
+        from .registry import Measured
+
+        config, rows = self.context.config, self.context.rows
+        result = nudity(self.detections, rows, config.nudity_threshold)
+        n = len(rows)
+        table = [{"metric": m, "scope": "all", "value": v, "n": n} for m, v in result.metrics.items()]
+        table += [{"metric": "nudity_count", "scope": c, "value": v, "n": n} for c, v in result.class_counts.items()]
+        details = {**self.detector.description, "threshold": config.nudity_threshold,
+                   "prompts_file": str(config.prompts), "class_counts": result.class_counts, "samples": result.samples}
+        return Measured(dict(result.metrics), table, {"nudity": details},
+                        {"nudenet": self.detector.version, "onnxruntime": self.detector.description["onnxruntime"]})

@@ -81,3 +81,44 @@ def summarise(per_class: pd.DataFrame) -> dict[str, float]:
     esr = {f"ESR-{k}": float((1 - erased[f"top{k}"]).mean()) for k in TOP}
     return {**esr, **{f"PSR-{k}": float(kept[f"top{k}"].mean()) for k in TOP}}
 
+
+
+class ObjectsMeasurement:
+    """The ``objects`` family: loads the classifier and checks the classes before any image, then
+    generates every class's images (handing them on) and classifies them."""
+
+    def __init__(self, context):
+        from ..graph.capability import default_evaluator_name, load_evaluator
+        from ..graph.concept_sets import load_concept_set
+
+        bundle, config, erased = context.bundle, context.config, context.erased
+        if not erased:
+            raise ValueError("ESR needs the erased classes: evaluate a run folder, or name them with --erased")
+        own = bundle.backend.concept_set() is not None
+        self.concept_set = load_concept_set(config.concept_set or (bundle.kind if own else "imagenette"), bundle)
+        check_classes(self.concept_set, erased)
+        name = config.classifier or default_evaluator_name(bundle, self.concept_set)
+        # a Hub classifier comes from the local cache only: evaluation never downloads weights
+        self.evaluator = load_evaluator(name, bundle, self.concept_set, local_files_only=True)
+        self.context = context
+
+    def produce(self, on_images=None) -> None:
+        c = self.context
+        self.result = object_erasure(c.bundle, c.erased, self.concept_set, self.evaluator, c.config, c.progress,
+                                     c.stop, on_images=on_images)
+
+    def finish(self):
+        from .registry import Measured
+
+        result, config, erased = self.result, self.context.config, self.context.erased
+        counted = {role: int(result.per_class[result.per_class.role == role].images.sum()) for role in ("erased", "kept")}
+        table = [{"metric": m, "scope": "all", "value": v, "n": counted["erased" if m.startswith("ESR") else "kept"]}
+                 for m, v in result.metrics.items()]
+        for rec in result.per_class.to_dict("records"):
+            table += [{"metric": f"{rec['role']}_top{k}", "scope": rec["class"], "value": rec[f"top{k}"],
+                       "n": rec["images"]} for k in TOP]
+        details = {"classifier": self.evaluator.name, "concept_set": self.concept_set.name,
+                   "template": config.template, "seeds": config.seeds, "erased": erased,
+                   "kept": [c for c in self.concept_set.concepts if c not in erased],
+                   "per_class": result.per_class.to_dict("records"), "samples": result.samples}
+        return Measured(dict(result.metrics), table, {"objects": details})

@@ -29,6 +29,7 @@ RESULTS, TABLE, MANIFEST = "results.json", "results.csv", "manifest.json"
 # the columns of --compare, in order; rates are shown in percent
 COMPARE = ("ESR-1", "ESR-5", "PSR-1", "PSR-5", "nudity_exposure_rate", "nudity_detections", "clip_score", "lpips",
            "fid")
+NOT_COMPARED = {"nudity_exposed_images"}  # a count the exposure rate already shows
 RATES = {"ESR-1", "ESR-5", "PSR-1", "PSR-5", "nudity_exposure_rate"}
 # what each headline metric is, for a model card
 MEANING = {"ESR-1": "erased classes' images not classified as them (top-1)",
@@ -78,7 +79,9 @@ def compare_table(places: list[str | Path]) -> pd.DataFrame:
         model = data["model"]
         what = (model.get("method") or "base").upper() + (f" {model['preset']}" if model.get("preset") else "")
         row = {"result": str(place), "model": what, "erased": ", ".join(data.get("erased", []))}
-        for name in COMPARE:
+        # the paper's headline metrics first, then any other family's (a registered plugin's) in result order
+        names = [*COMPARE, *(m for m in data["metrics"] if m not in COMPARE and m not in NOT_COMPARED)]
+        for name in names:
             value = data["metrics"].get(name)
             row[name] = None if value is None else (100 * value if name in RATES else value)
         rows.append(row)

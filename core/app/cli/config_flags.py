@@ -13,6 +13,8 @@ import json
 import types
 import typing
 
+from ...checks import help_text
+
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
@@ -70,12 +72,12 @@ def add_config_flags(parser: argparse.ArgumentParser, configs: dict[str, type], 
                 raise TypeError(f"field {field.name!r} has different types in {', '.join(configs)}")
             owners.setdefault(field.name, []).append((label, field))
     for name, owned in owners.items():
-        helps = {f.metadata.get("help", "") for _, f in owned}
+        helps = {help_text(f) for _, f in owned}
         defaults = {label: _default_text(f) for label, f in owned}
         if len(helps) == 1:
             text = helps.pop()
         else:
-            text = "; ".join(f"{label}: {f.metadata.get('help', '')}" for label, f in owned)
+            text = "; ".join(f"{label}: {help_text(f)}" for label, f in owned)
         if len(set(defaults.values())) == 1:
             default = next(iter(defaults.values()))
             text += f" (default {default})" if default is not None else ""
