@@ -3,7 +3,7 @@
 A new method adds its row to ``CASES`` (a test fails until it does): the extra config fields its tiny
 runs need, and whether Stable Diffusion runs it without more downloads. Each method then gets the same
 checks: registry and presets, config bounds, one-line errors, a toy erasure that moves the erased
-concept more than an unrelated one, and on tiny random SD-1.x / SDXL pipelines an erasure whose
+concept more than an unrelated one and is then attacked and evaluated, and on tiny random SD-1.x / SDXL pipelines an erasure whose
 diffusers export reloads in plain diffusers (a process that does not import the project) with the
 project's own images, and whose delta export loads on the base with the run's images.
 """
@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from age_explorer.core.app.evaluation import evaluate
+from age_explorer.core.attacks import run_attack
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import METHODS, PRESETS, erase, get_method, make_config
+from age_explorer.core.evaluation import EvaluationConfig
 from age_explorer.core.export import export_run
 from age_explorer.core.sampling import generate
 from age_explorer.core.toyworld.backend import ToyBackend
@@ -108,6 +111,16 @@ def test_toy_erasure_moves_the_erased_concept_more_than_an_unrelated_one(method,
     assert moved[UNRELATED] < moved[ERASED], moved
     for c, value in before.items():  # the bundle itself is left as it was
         assert torch.equal(prediction(toy_bundle, f"a {c}"), value)
+
+    # the run is attacked and evaluated like any other: the same entries, its method recorded
+    attacked = run_attack(tmp_path / "run", "prompts", seeds="1000-1001", sample_steps=3, device="cpu")
+    assert attacked.concept == ERASED and 0 <= attacked.asr <= 1 and 0 <= attacked.asr_base <= 1
+    classes = tmp_path / "classes.csv"
+    classes.write_text("concept\n" + "\n".join([ERASED, UNRELATED, "green circle"]) + "\n")
+    evaluated = evaluate(tmp_path / "run", EvaluationConfig(concept_set=str(classes), images_per_class=2, steps=3),
+                         device="cpu", log=lambda line: None).results
+    assert evaluated["model"]["method"] == method and evaluated["erased"] == [ERASED]
+    assert {"ESR-1", "PSR-1"} <= set(evaluated["metrics"])
 
 
 PLAIN_DIFFUSERS = """
