@@ -52,6 +52,7 @@ GRAPH_MARGIN = dict(l=10, r=10, t=40, b=10)
 GRAPH_X_RANGE, GRAPH_Y_RANGE = (-1.9, 1.9), (-1.45, 1.45)
 PX_PER_UNIT = (GRAPH_HEIGHT - GRAPH_MARGIN["t"] - GRAPH_MARGIN["b"]) / (GRAPH_Y_RANGE[1] - GRAPH_Y_RANGE[0])
 LABEL_SIZE = 11  # px
+DEFAULT_THRESHOLD = 0.3  # the Concept graph's first view: edges with Δ ≥ 0.3
 LABEL_EM = 0.6  # width of a character in em, generous for plotly's sans-serif fonts
 LABEL_HALO = "auto"  # plotly's light halo behind dark text: a label stays legible where an edge crosses it
 GROUP_RADIUS = 0.95  # group centres on this circle
@@ -351,3 +352,14 @@ def methods_rows_figure(rows: pd.DataFrame, erased: str) -> go.Figure:
                       margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"),
                       xaxis=dict(title="affected"))
     return fig
+
+
+def first_grouping(nodes: pd.DataFrame) -> str | None:
+    """The node grouping a graph is drawn with first: its first ``group_*`` column."""
+    return next((c for c in nodes.columns if c.startswith("group_")), None)
+
+
+def first_view(store) -> go.Figure:
+    """A graph's network as the Concept graph tab draws it first (and the start-up page before it)."""
+    nodes, edges = store.nodes(), store.edges()
+    return network_figure(nodes, edges, DEFAULT_THRESHOLD, first_grouping(nodes), None, recovery=store.recovery())

@@ -159,3 +159,22 @@ class GraphStore:
                 graph.add_edge(edge["erased"], edge["affected"], weight=edge["delta_top1"],
                                **{k: v for k, v in edge.items() if k not in ("erased", "affected")})
         return graph
+
+
+def model_graphs(roots: list[tuple[Path, str]], model: str, revision: str | None,
+                 readable=lambda store: True) -> dict[str, Path]:
+    """The graphs of ``model`` (at weights ``revision``, when known) under each (root, tag), labelled
+    ``"<name> (<tag>)"``: per root the most complete first, on a tie the ESD graph (the paper's
+    Section 3 baseline the others are compared with). The first one is the graph a page draws first."""
+    found = {}
+    for root, tag in roots:
+        if not root.is_dir():
+            continue
+        stores = [s for s in map(GraphStore, sorted(root.iterdir())) if s.exists and readable(s)]
+        metas = [(s, s.meta()) for s in stores]
+        # a graph of another model, or of an earlier training of the toy model, is not this one's
+        metas = [(s, m) for s, m in metas if m.get("model") == model
+                 and (revision is None or m.get("model_revision") == revision)]
+        for store, _ in sorted(metas, key=lambda sm: (-len(sm[0].rows_done()), sm[1].get("method") != "esd")):
+            found[f"{store.folder.name} ({tag})"] = store.folder
+    return found

@@ -19,7 +19,7 @@ from ..components import concept_graph
 from .common import COMPUTE_SLOT, Page
 
 EMPTY_FIG = "{}"
-DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD = plots.DEFAULT_THRESHOLD
 
 
 @dataclass
