@@ -1,11 +1,14 @@
-"""Export an erased run: the delta (default), a full diffusers folder, a LoRA, a model card, a Hub push.
+"""Export an erased run: the delta (default), a full diffusers folder, a LoRA, a single-file checkpoint, a
+model card, a Hub push.
 
 The model card holds the run's spillover row and its evaluation (``RUN/evaluation``: ESR/PSR, nudity,
 CLIP score... as measured), whose result files the export carries in ``evaluation/``.
 
 Exports are written to a temp folder next to the destination and renamed into place, so an
-interrupted export never leaves a folder that looks complete. The Hub token is only ever passed to
-``huggingface_hub``; it is never written to a log, manifest or card.
+interrupted export never leaves a folder that looks complete. An export reads and copies only regular
+files from inside the run folder: a symbolic link among them (or above them, inside the run folder)
+is refused with one line, never followed, so a link planted in a run cannot carry another file out.
+The Hub token is only ever passed to ``huggingface_hub``; it is never written to a log, manifest or card.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .bundle import PromptWarning
 from .device import resolve_dtype
-from .export_lora import (DEFAULT_RANK, FULL_RANK, KOHYA_FILE, PEFT_FILE, LoraExportConfig, lowrank_delta,
-                          lowrank_summary)
-from .export_options import FORMATS
+from .export_lora import (DEFAULT_RANK, FULL_RANK, PEFT_FILE, PEFT_FOLDER, LoraExportConfig, SafetensorsValues,
+                          kohya_file, lowrank_delta, lowrank_summary)
+from .export_checkpoint import refuse_checkpoint_kind, write_checkpoint
+from .export_options import CHECKPOINT_SUFFIX, FORMATS
 from .manifest import environment_versions, write_json_atomic
 from .runs import DELTA, MANIFEST, RunManifest
 
@@ -51,9 +55,10 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None = None, sheet: bool = False) -> str:
+def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None = None, sheet: bool = False,
+               checkpoint: str | None = None) -> str:
     """README.md with YAML front matter for the Hub. ``lora``: the LoRA export's summary; ``sheet``:
-    the export holds the before/after contact sheet."""
+    the export holds the before/after contact sheet; ``checkpoint``: the single file's name."""
     from .backends import get_backend
 
     backend = get_backend(manifest.base_model_kind or "stable-diffusion")
@@ -80,7 +85,9 @@ def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None
                   f"{manifest.changed_parameters} tensors). Load them on top of the base model with "
                   f"`age-explorer generate --model FOLDER` or `age_explorer.core.bundle.load_bundle(FOLDER)`.", ""]
     elif fmt == "lora":
-        lines += _lora_section(lora or {})
+        lines += _lora_section(lora or {}, backend.name)
+    elif fmt == "checkpoint":
+        lines += _checkpoint_section(checkpoint or "", backend.pipeline_loader().__name__)
     else:
         lines += ["This export is a complete pipeline folder." + backend.card_pipeline_hint, ""]
     lines += backend.card_usage(fmt)
@@ -130,7 +137,59 @@ def _copy_evaluation(run_dir: Path, folder: Path) -> None:
     (folder / EVALUATION).mkdir()
     for name in (RESULTS, TABLE, EVAL_MANIFEST):
         if (source / name).is_file():
-            shutil.copy2(source / name, folder / EVALUATION / name)
+            copy_run_file(run_dir, f"{EVALUATION}/{name}", folder / EVALUATION / name)
+
+
+def refuse_links(run_dir: Path) -> None:
+    """Raise (one line) when a file an export of ``run_dir`` reads is a symbolic link or not a regular
+    file, or sits under a linked folder inside the run folder: the manifest, the delta, the contact
+    sheet, the spillover table and everything in ``evaluation/``."""
+    names = [DELTA, SHEET, "spillover.csv", EVALUATION]
+    if _checked(run_dir, MANIFEST) is not None:
+        names.append(RunManifest.read(run_dir).delta_file or DELTA)
+    for name in names:
+        path = _checked(run_dir, name)
+        if path is not None and path.is_dir():
+            for inner in sorted(path.rglob("*")):
+                _checked(run_dir, str(inner.relative_to(run_dir)))
+
+
+def _checked(run_dir: Path, relative: str) -> Path | None:
+    """``run_dir/relative`` when it is a regular file or folder reached without any link; None when it
+    does not exist; a ValueError naming the link otherwise."""
+    path = run_dir
+    for part in Path(relative).parts:
+        if part in ("", ".", "..") or os.sep in part:
+            raise ValueError(f"{relative!r} is not a name inside the run folder")
+        path = path / part
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symbolic link: an export copies only regular files from inside the "
+                             f"run folder and follows no link; replace the link by the file itself to export")
+        if not path.exists():
+            return None
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{path} is not a regular file, so it is not exported")
+    return path
+
+
+def copy_run_file(run_dir: Path, relative: str, dst: Path) -> None:
+    """Copy ``run_dir/relative`` to ``dst`` without following a link, even one planted after
+    :func:`refuse_links` looked (``O_NOFOLLOW``, and the opened file must be a regular file)."""
+    import stat
+
+    src = _checked(run_dir, relative)
+    if src is None or not src.is_file():
+        raise FileNotFoundError(f"{run_dir / relative} is missing from the run folder")
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        raise ValueError(f"{src} could not be opened as a regular file ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise ValueError(f"{src} is not a regular file, so it is not exported")
+        with open(dst, "wb") as target:
+            shutil.copyfileobj(source, target)
+    shutil.copystat(src, dst, follow_symlinks=False)
 
 
 def _steps_text(manifest: RunManifest) -> str:
@@ -147,22 +206,55 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _lora_section(lora: dict) -> list[str]:
+# the tool version whose own loader code was run on these files (scripts/check_exports_in_tools.py)
+CHECKED_WITH = "ComfyUI 0.3.64"
+
+
+def _lora_section(lora: dict, kind: str) -> list[str]:
+    kohya, peft = lora.get("kohya_file"), f"{PEFT_FOLDER}/{PEFT_FILE}"
     lines = [f"This export is a LoRA of rank **{lora.get('rank')}** of the run's weight change: a truncated SVD "
-             f"of each of the {lora.get('layers')} changed weight matrices (conv kernels flattened), alpha = rank "
+             f"(at full rank, the change itself) of each of the {lora.get('layers')} changed weight matrices (conv "
+             f"kernels flattened), alpha = rank "
              f"(scale 1). Relative Frobenius error of the approximation over all of them: "
              f"**{lora.get('relative_frobenius_error', float('nan')):.4g}** "
              f"(||delta - up @ down||_F / ||delta||_F).", "",
-             f"- `{lora.get('peft_file')}`: diffusers/PEFT layout (`unet.<layer>.lora_A/lora_B`), with the "
-             f"changed biases as `lora_B.bias`; `pipe.load_lora_weights(FOLDER)` loads it.",
-             f"- `{lora.get('kohya_file')}`: kohya layout (`lora_unet_<layer>.lora_down/lora_up/alpha`) for "
-             f"AUTOMATIC1111 and ComfyUI; it holds no biases (the kohya SD-1.x layout has no key for them): "
-             f"their delta has Frobenius norm {lora.get('bias_delta_frobenius', 0.0):.3g}, against "
-             f"{lora.get('weight_delta_frobenius', 0.0):.3g} for the weight matrices."]
+             f"- `{kohya}`: kohya layout (`lora_unet_<layer>.lora_down/lora_up/alpha`, and `<layer>.diff_b` "
+             f"for each changed bias) for AUTOMATIC1111 and ComfyUI. Not for diffusers, whose kohya converter "
+             f"refuses `diff_b`.",
+             f"- `{peft}`: diffusers/PEFT layout (`unet.<layer>.lora_A/lora_B`, the changed biases as "
+             f"`lora_B.bias`) for diffusers. Not for AUTOMATIC1111 or ComfyUI, which ignore its keys.", ""]
+    if kind in ("stable-diffusion", "stable-diffusion-xl"):
+        lines += ["## Where to put it", "",
+                  f"- AUTOMATIC1111: `{kohya}` into `stable-diffusion-webui/models/Lora/`, then "
+                  f"`<lora:{kohya.removesuffix('.safetensors')}:1>` in the prompt.",
+                  f"- ComfyUI: `{kohya}` into `ComfyUI/models/loras/`, then a LoraLoader node at strength 1.",
+                  f"- diffusers: `pipe.load_lora_weights(\"FOLDER/{PEFT_FOLDER}\")` (needs peft).", ""]
+    changed = lora.get("changed_biases", 0)
+    if changed:
+        lines += [f"Biases: the run changed {changed} bias vector(s). diffusers (`lora_B.bias`) and ComfyUI "
+                  f"(`diff_b`) apply them; AUTOMATIC1111 ignores `diff_b` keys, so there these biases stay at the "
+                  f"base model's values: off by up to {lora.get('bias_delta_max_abs', 0.0):.3g} per entry, Frobenius "
+                  f"norm {lora.get('bias_delta_frobenius', 0.0):.3g} against {lora.get('weight_delta_frobenius', 0.0):.3g} "
+                  f"for the weight matrices (ComfyUI's loader checked at version {CHECKED_WITH.split()[-1]}).", ""]
+    else:
+        lines += ["Biases: the run changed none, so every tool applies the whole LoRA.", ""]
     if lora.get("left_out"):
-        lines.append(f"- Left out of both (no LoRA layout holds them): {len(lora['left_out'])} normalisation "
+        lines.append(f"Left out of both files (no LoRA layout holds them): {len(lora['left_out'])} normalisation "
                      f"tensor(s), delta Frobenius norm {math.sqrt(sum(v * v for v in lora['left_out'].values())):.3g}.")
-    return lines + [""]
+        lines.append("")
+    return lines
+
+
+def _checkpoint_section(file: str, pipeline: str) -> list[str]:
+    return [f"This export is one file in the original Stable Diffusion single-file (LDM) layout, `{file}`: the "
+            f"erased UNet with the base model's VAE and text encoder(s). ComfyUI's checkpoint loader detects and "
+            f"loads it (checked with {CHECKED_WITH}), the UNet class AUTOMATIC1111 builds for the model loads its "
+            f"UNet with no missing or unexpected key, and diffusers reads it with `{pipeline}.from_single_file`.", "",
+            "## Where to put it", "",
+            f"- AUTOMATIC1111: `{file}` into `stable-diffusion-webui/models/Stable-diffusion/`, then choose it as "
+            f"the Stable Diffusion checkpoint.",
+            f"- ComfyUI: `{file}` into `ComfyUI/models/checkpoints/`, then a Load Checkpoint node.",
+            f"- diffusers: `{pipeline}.from_single_file(\"{file}\", config=BASE_MODEL)`.", ""]
 
 
 def is_hub_base(base: str) -> bool:
@@ -212,8 +304,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
     existing folder, only the files this export writes; anything else in it is left alone.
 
     ``rank``: the LoRA's rank (``lora`` only; None or "full": every singular value). ``dtype``: the
-    dtype of a ``diffusers`` folder (default: the base model's stored dtype). ``progress(done, total)``
-    follows the contact sheet's images.
+    dtype of a ``diffusers`` folder or a ``checkpoint`` (default: the base model's stored dtype).
+    ``progress(done, total, what)`` follows the LoRA's layers and the contact sheet's images.
     """
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
@@ -221,12 +313,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
     lora_config = LoraExportConfig(rank=rank)  # a bad rank is refused before anything is loaded
     stored_dtype = None
     if dtype is not None:
-        if fmt != "diffusers":
-            raise ValueError("--dtype applies to the diffusers format only (a delta or LoRA keeps the run's dtype)")
+        if fmt not in ("diffusers", "checkpoint"):
+            raise ValueError("--dtype applies to the diffusers and checkpoint formats only (a delta or LoRA keeps "
+                             "the run's dtype)")
         stored_dtype = resolve_dtype(dtype, torch.device("cuda"))  # any dtype can be stored, whatever the device
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    refuse_links(run_dir)  # before anything of the run is read
     manifest = RunManifest.read(run_dir)
+    if fmt == "checkpoint":
+        refuse_checkpoint_kind(manifest.base_model_kind or "stable-diffusion")
     name = validate_name(name or f"{run_dir.name}-{fmt}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,17 +336,23 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
         from .bundle import load_bundle
 
         erased = load_bundle(str(run_dir), device="cpu")  # verifies checksum and base before anything is written
-        lora = None
+        base_source, backend = erased.base_source, erased.backend
+        lora = checkpoint = None
         if fmt == "delta":
-            shutil.copy2(run_dir / DELTA, tmp / DELTA)
-            shutil.copy2(run_dir / MANIFEST, tmp / MANIFEST)
+            copy_run_file(run_dir, DELTA, tmp / DELTA)
+            copy_run_file(run_dir, MANIFEST, tmp / MANIFEST)
         elif fmt == "lora":
-            lora = _export_lora(run_dir, manifest, erased, lora_config, tmp)
+            erased = None  # the LoRA needs the base model only: one model in memory, not two
+            lora = _export_lora(run_dir, manifest, base_source, lora_config, tmp, name, progress)
+        elif fmt == "checkpoint":
+            checkpoint = f"{name}{CHECKPOINT_SUFFIX}"
+            write_checkpoint(erased, tmp / checkpoint, stored_dtype)
         else:
             erased.backend.save_pipeline(erased, tmp, stored_dtype)
-        sheet = _before_after_sheet(run_dir, manifest, erased, tmp / SHEET, progress)
+        sheet = _before_after_sheet(run_dir, manifest, erased, backend, tmp / SHEET, progress)
         _copy_evaluation(run_dir, tmp)
-        (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt, lora=lora, sheet=sheet))
+        (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt, lora=lora, sheet=sheet,
+                                                         checkpoint=checkpoint))
         if final.exists():
             for item in tmp.iterdir():  # only what this export wrote replaces what is there
                 old = final / item.name
@@ -268,28 +370,28 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
     return final
 
 
-def run_weights(run_dir: Path, manifest: RunManifest, erased) -> tuple[dict, dict]:
-    """(base, erased) float32 CPU values of the UNet tensors the run changed."""
+def _export_lora(run_dir: Path, manifest: RunManifest, base_source: str, config: LoraExportConfig, folder: Path,
+                 name: str, progress=None) -> dict:
+    """The LoRA files, factored layer by layer against the base UNet with the erased tensors read from
+    the delta file one at a time: besides the base model, only one layer and the factors are held."""
     from .bundle import load_bundle
 
-    delta = load_file(str(run_dir / (manifest.delta_file or DELTA)))
-    base = load_bundle(erased.base_source, device="cpu", revision=manifest.base_revision)
-    params = dict(base.unet.named_parameters())
-    base_values = {n: params[n].detach().float().clone() for n in delta}
-    return base_values, {n: t.float() for n, t in delta.items()}
-
-
-def _export_lora(run_dir: Path, manifest: RunManifest, erased, config: LoraExportConfig, folder: Path) -> dict:
-    base_values, erased_values = run_weights(run_dir, manifest, erased)
-    factors = lowrank_delta(erased.unet, base_values, erased_values, config.rank)
-    save_file(factors.peft_state_dict(), str(folder / PEFT_FILE), metadata={"format": "pt"})
-    save_file(factors.kohya_state_dict(), str(folder / KOHYA_FILE), metadata={
+    base = load_bundle(base_source, device="cpu", revision=manifest.base_revision)
+    erased = SafetensorsValues(run_dir / (manifest.delta_file or DELTA))
+    layer_progress = (lambda done, total: progress(done, total, "LoRA layers")) if progress else None
+    with torch.no_grad():
+        factors = lowrank_delta(base.unet, erased, config.rank, layer_progress)
+    del base
+    (folder / PEFT_FOLDER).mkdir()
+    peft_path, kohya_path = folder / PEFT_FOLDER / PEFT_FILE, folder / kohya_file(name)
+    save_file(factors.peft_state_dict(), str(peft_path), metadata={"format": "pt"})
+    save_file(factors.kohya_state_dict(), str(kohya_path), metadata={
         "ss_network_module": "networks.lora", "ss_network_dim": str(factors.rank),
         "ss_network_alpha": str(factors.rank)})
-    for weights in (PEFT_FILE, KOHYA_FILE):
-        os.chmod(folder / weights, 0o644)  # readable like the other files of the folder
-    summary = {**lowrank_summary(factors, erased_values, base_values), "peft_file": PEFT_FILE,
-               "kohya_file": KOHYA_FILE, "requested_rank": config.rank or FULL_RANK}
+    for weights in (peft_path, kohya_path):
+        os.chmod(weights, 0o644)  # readable like the other files of the folder
+    summary = {**lowrank_summary(factors), "peft_file": f"{PEFT_FOLDER}/{PEFT_FILE}", "kohya_file": kohya_path.name,
+               "requested_rank": config.rank or FULL_RANK}
     write_json_atomic(folder / EXPORT_MANIFEST, {
         "kind": "age-explorer LoRA export", "lora": summary, "config": config.to_dict(),
         "run": {k: getattr(manifest, k) for k in ("method", "preset", "concepts", "seed", "steps_done", "base_model",
@@ -298,25 +400,27 @@ def _export_lora(run_dir: Path, manifest: RunManifest, erased, config: LoraExpor
     return summary
 
 
-def _before_after_sheet(run_dir: Path, manifest: RunManifest, erased, path: Path, progress=None) -> bool:
+def _before_after_sheet(run_dir: Path, manifest: RunManifest, erased, backend, path: Path, progress=None) -> bool:
     """Copy the run's contact sheet, or draw one when the model is cheap to sample (its backend writes
-    previews during erasure); False when there is none."""
+    previews during erasure); False when there is none. ``erased``: the run's bundle, or None to load it."""
     if (run_dir / SHEET).is_file():
-        shutil.copy2(run_dir / SHEET, path)
+        copy_run_file(run_dir, SHEET, path)
         return True
-    if not erased.backend.preview_every:
+    if not backend.preview_every:
         return False
     from .bundle import load_bundle
     from .imageio import contact_sheet
     from .sampling import generate
 
+    erased = erased or load_bundle(str(run_dir), device="cpu")
+    images = (lambda done, total: progress(done, total, "contact sheet images")) if progress else None
     concept_set = erased.backend.concept_set()
     prompts = [concept_set.template.format(concept=c) if concept_set and c in concept_set.concepts else c
                for c in manifest.concepts]
     base = load_bundle(erased.base_source, device="cpu", revision=manifest.base_revision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptWarning)
-        before, after = (generate(b, prompts, SHEET_SEEDS, progress=progress) for b in (base, erased))
+        before, after = (generate(b, prompts, SHEET_SEEDS, progress=images) for b in (base, erased))
     n = len(SHEET_SEEDS)
     strips = [[images[i * n:(i + 1) * n] for images in (before, after)] for i in range(len(prompts))]
     contact_sheet(strips, prompts, ["before (base model)", "after (erased)"]).save(path)

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-FORMATS = ("delta", "diffusers", "lora")
+FORMATS = ("delta", "diffusers", "lora", "checkpoint")
+PEFT_FOLDER = "diffusers"  # the PEFT LoRA's folder in a LoRA export: pipe.load_lora_weights(EXPORT/diffusers)
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
-KOHYA_FILE = "lora_kohya.safetensors"
+KOHYA_SUFFIX = "-comfyui-a1111.safetensors"  # the kohya LoRA's name: <export name><suffix>, for those two tools
+CHECKPOINT_SUFFIX = ".safetensors"  # the single-file checkpoint's name: <export name><suffix>
 FULL_RANK = "full"
 DEFAULT_RANK = 64
+
+
+def kohya_file(export_name: str) -> str:
+    """The kohya LoRA's file name in the export ``export_name``: the name says which tools it is for, so
+    that the PEFT file (in ``diffusers/``) is not the one dropped into their LoRA folder."""
+    return f"{export_name}{KOHYA_SUFFIX}"
 
 
 def parse_rank(text: str | int | None) -> int | None:

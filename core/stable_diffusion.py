@@ -122,7 +122,7 @@ class StableDiffusionBackend(Backend):
                      "pipe.unet.load_state_dict(delta, strict=False)"]
             title = "Apply the delta with `safetensors` alone (three lines, on a loaded base pipeline `pipe`)"
         elif fmt == "lora":
-            apply = ["pipe.load_lora_weights(\"FOLDER\")  # reads pytorch_lora_weights.safetensors (needs peft)"]
+            apply = ["pipe.load_lora_weights(\"FOLDER/diffusers\")  # the PEFT file; needs peft"]
             title = "Load the LoRA in diffusers"
         else:
             return []

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.export import export_run
-from age_explorer.core.export_lora import PEFT_FILE, parse_rank
+from age_explorer.core.export_lora import PEFT_FILE, PEFT_FOLDER, parse_rank
 from age_explorer.core.graph.capability import CapabilitySpec, load_evaluator
 from age_explorer.core.graph.concept_sets import load_concept_set
 from age_explorer.core.manifest import environment_versions, write_json_atomic
@@ -82,7 +82,7 @@ def main() -> None:
             lora = read_lora_summary(folder)
             error, file_rank = lora["relative_frobenius_error"], lora["rank"]
             bundle = load_bundle("toy", device="cpu")
-            bundle.unet.load_lora_adapter(str(folder / PEFT_FILE), prefix="unet")
+            bundle.unet.load_lora_adapter(str(folder / PEFT_FOLDER / PEFT_FILE), prefix="unet")
         images, g = images_and_g(bundle, concept_set, evaluator, spec)
         reference = images if reference is None else reference
         delta = {c: g0[c] - g[c] for c in world.names}

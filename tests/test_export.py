@@ -1,6 +1,10 @@
+import re
+
 import pytest
 import torch
 
+from age_explorer.core.app.bench import SD14_UNET
+from age_explorer.core.app.random_pipelines import SD_VAE, SDXL_UNET
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.export import export_run, push_to_hub, validate_name, validate_repo_id
@@ -167,3 +171,182 @@ def test_model_card_holds_the_runs_evaluation_table(toy_bundle, tmp_path):
     assert f"torch {torch.__version__}" in section
     assert json.loads((folder / "evaluation" / "results.json").read_text())["metrics"] == results["metrics"]
     assert sorted(p.name for p in (folder / "evaluation").iterdir()) == ["manifest.json", "results.csv", "results.json"]
+
+
+def test_export_follows_no_symbolic_link_planted_in_the_run_folder(toy_bundle, tmp_path):
+    """Links planted where an export reads (the contact sheet, the evaluation's results, the delta, a
+    linked evaluation folder): every export refuses in one line naming the link, writes nothing, and the
+    secret the links point at reaches no exported file; a link planted after the check is not opened."""
+    import shutil
+
+    from age_explorer.core.export import copy_run_file
+
+    run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "run").run_dir
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"server-secret-do-not-export")
+    (tmp_path / "evaluation-elsewhere").mkdir()
+    (tmp_path / "evaluation-elsewhere" / "results.json").write_bytes(secret.read_bytes())
+    clean = export_run(run, tmp_path / "clean", fmt="delta")  # the run exports before any link is planted
+    plants = {"before_after.png": secret, "evaluation/results.json": secret, "delta.safetensors": run / "delta.safetensors",
+              "evaluation": tmp_path / "evaluation-elsewhere", "spillover.csv": secret}
+    for relative, target in plants.items():
+        planted = tmp_path / f"planted-{relative.replace('/', '-')}"
+        shutil.copytree(run, planted)
+        link = planted / relative
+        if link.is_dir():
+            shutil.rmtree(link)
+        elif link.exists():
+            link.unlink()
+        link.parent.mkdir(exist_ok=True)
+        real = tmp_path / f"copy-of-{target.name}"
+        if target == run / "delta.safetensors":  # a valid delta behind the link: refused all the same
+            shutil.copy2(target, real)
+            target = real
+        link.symlink_to(target)
+        out = tmp_path / f"out-{relative.replace('/', '-')}"
+        for fmt in ("delta", "lora"):
+            with pytest.raises(ValueError, match="symbolic link") as err:
+                export_run(planted, out, fmt=fmt, rank=2)
+            assert "\n" not in str(err.value) and relative.split("/")[0] in str(err.value)
+        assert not out.exists() or not any(out.iterdir()), f"{relative}: the refused export left files"
+    assert all(b"server-secret" not in f.read_bytes() for f in clean.rglob("*") if f.is_file())
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "before_after.png").symlink_to(secret)
+    with pytest.raises(ValueError, match="symbolic link"):
+        copy_run_file(late, "before_after.png", tmp_path / "copied.png")
+    assert not (tmp_path / "copied.png").exists()
+
+
+# names every SD-1.x / SDXL single file has, written out from the original checkpoints' layout: the
+# places a wrong index would move (resamplers, shortcuts, the last levels, the SDXL embedding)
+GOLDEN_SD1 = [
+    "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.2.weight",
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    "model.diffusion_model.input_blocks.3.0.op.weight", "model.diffusion_model.input_blocks.4.0.skip_connection.weight",
+    "model.diffusion_model.input_blocks.9.0.op.bias", "model.diffusion_model.input_blocks.11.0.out_layers.3.weight",
+    "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.middle_block.2.emb_layers.1.weight",
+    "model.diffusion_model.output_blocks.2.1.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight",
+    "model.diffusion_model.output_blocks.8.2.conv.weight", "model.diffusion_model.output_blocks.9.0.skip_connection.weight",
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.2.weight", "model.diffusion_model.out.2.weight",
+    "first_stage_model.encoder.down.0.downsample.conv.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight", "first_stage_model.decoder.up.3.upsample.conv.weight",
+    "first_stage_model.decoder.norm_out.weight", "first_stage_model.quant_conv.weight",
+    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight",
+    "cond_stage_model.transformer.text_model.final_layer_norm.bias"]
+GOLDEN_SDXL = [
+    "model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.label_emb.0.2.bias",
+    "model.diffusion_model.input_blocks.3.0.op.weight", "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight",
+    "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.ff.net.0.proj.weight",
+    "model.diffusion_model.middle_block.1.transformer_blocks.9.norm3.weight",
+    "model.diffusion_model.output_blocks.2.2.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight",
+    "model.diffusion_model.output_blocks.8.0.skip_connection.weight", "model.diffusion_model.out.2.weight",
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight",
+    "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
+    "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.bias", "conditioner.embedders.1.model.text_projection",
+    "conditioner.embedders.1.model.positional_embedding", "conditioner.embedders.1.model.ln_final.weight",
+    "first_stage_model.encoder.mid.attn_1.proj_out.weight"]
+
+
+def _meta_bundle(unet_config, xl: bool):
+    """A stand-in bundle of the real sizes on the meta device (no weights): the key map reads only names and shapes."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    with torch.device("meta"):
+        bundle = SimpleNamespace(unet=UNet2DConditionModel(**unet_config), vae=AutoencoderKL(**SD_VAE),
+                                 text_encoder=CLIPTextModel(clip_l),
+                                 backend=SimpleNamespace(name="stable-diffusion-xl" if xl else "stable-diffusion"))
+        if xl:
+            bundle.backend.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                projection_dim=1280, hidden_act="gelu"))
+    return bundle
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd1", "sdxl"])
+def test_single_file_key_names_are_the_original_layouts(xl):
+    """SD-1.4 and SDXL sizes: the golden names are there, the UNet has the original file's 686 / 1680 and the
+    VAE its 248 tensors, and diffusers' own single-file converters map the file back to every diffusers name
+    with the right shape."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint)
+
+    from age_explorer.core.export_checkpoint import checkpoint_state_dict
+
+    bundle = _meta_bundle(SDXL_UNET if xl else SD14_UNET, xl)
+    keys = checkpoint_state_dict(bundle)
+    assert set(GOLDEN_SDXL if xl else GOLDEN_SD1) <= set(keys)
+    diffusers_words = re.compile(r"(down|up|mid)_block|resnets|attentions\.|conv_shortcut|time_emb_proj|time_embedding|group_norm|add_embedding")
+    assert not [k for k in keys if k.startswith(("model.", "first_stage_model.")) and diffusers_words.search(k)]
+    assert not [k for k in keys if k.startswith("first_stage_model.") and ".to_" in k]
+    assert sum(k.startswith("model.diffusion_model.") for k in keys) == (1680 if xl else 686)
+    assert sum(k.startswith("first_stage_model.") for k in keys) == 248
+    text = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
+    assert sum(k.startswith(text) for k in keys) == 196  # CLIP-L: 12 layers x 16 + embeddings and final norm
+    for model, converted in ((bundle.unet, convert_ldm_unet_checkpoint(keys, dict(bundle.unet.config))),
+                             (bundle.vae, convert_ldm_vae_checkpoint(keys, dict(bundle.vae.config)))):
+        ours = model.state_dict()
+        assert converted.keys() == ours.keys() and all(converted[k].shape == ours[k].shape for k in ours)
+    if xl:
+        encoder = bundle.backend.text_encoder_2
+        converted = convert_open_clip_checkpoint(encoder, keys, prefix="conditioner.embedders.1.model.")
+        assert converted.keys() == encoder.state_dict().keys()
+        assert all(converted[k].shape == v.shape for k, v in encoder.state_dict().items())
+
+
+def test_checkpoint_export_loads_in_diffusers_from_single_file_with_the_runs_unet(sd_run, tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = export_run(sd_run, tmp_path, fmt="checkpoint")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", f"{folder.name}.safetensors"]
+    pipe = StableDiffusionPipeline.from_single_file(str(folder / f"{folder.name}.safetensors"), config=str(tiny_sd_dir),
+                                                    local_files_only=True, safety_checker=None)
+    erased, base = load_bundle(str(sd_run), device="cpu"), load_bundle(str(tiny_sd_dir), device="cpu")
+    for part, model in (("unet", erased.unet), ("vae", base.vae), ("text_encoder", base.text_encoder)):
+        ours, theirs = model.state_dict(), getattr(pipe, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert not all(torch.equal(v, base.unet.state_dict()[k]) for k, v in erased.unet.state_dict().items())
+    card = (folder / "README.md").read_text()
+    where = card.split("## Where to put it")[1].split("\n\n")[1].splitlines()
+    assert [line.split(":")[0] for line in where] == ["- AUTOMATIC1111", "- ComfyUI", "- diffusers"]
+    assert all(f"`{folder.name}.safetensors`" in line or f'"{folder.name}.safetensors"' in line for line in where)
+
+
+def test_sdxl_checkpoint_holds_the_unet_vae_and_both_text_encoders(tiny_sdxl_dir, tmp_path):
+    """diffusers' single-file loader reads the UNet, VAE and first text encoder back exactly; the second
+    (OpenCLIP layout) is read back with diffusers' own OpenCLIP converter."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file
+
+    from age_explorer.core.export_checkpoint import write_checkpoint
+
+    bundle = load_bundle(str(tiny_sdxl_dir), device="cpu")
+    with torch.no_grad():  # an "erased" UNet: every tensor moved, so a misplaced one cannot match by chance
+        for p in bundle.unet.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "xl.safetensors"
+    write_checkpoint(bundle, path)
+    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl_dir), local_files_only=True)
+    for part, model in (("unet", bundle.unet), ("vae", bundle.vae), ("text_encoder", bundle.text_encoder)):
+        ours, theirs = model.state_dict(), getattr(pipe, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    encoder = bundle.backend.text_encoder_2
+    converted = convert_open_clip_checkpoint(encoder, load_file(str(path)), prefix="conditioner.embedders.1.model.")
+    assert converted.keys() == encoder.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_checkpoint_of_a_toy_run_is_refused_in_one_line(toy_bundle, tmp_path, capsys):
+    from age_explorer.core.app.cli.main import main
+
+    run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "run").run_dir
+    assert main(["export", str(run), "--format", "checkpoint", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the checkpoint format is the single-file layout of Stable Diffusion") and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.export import export_run
-from age_explorer.core.export_lora import KOHYA_FILE, PEFT_FILE, lowrank_delta, parse_rank
+from age_explorer.core.export_lora import (PEFT_FILE, PEFT_FOLDER, SafetensorsValues, kohya_file, lowrank_delta,
+                                           parse_rank, truncated_svd)
 from age_explorer.core.sampling import generate
 from tests.tiny_models import TINY_SD_RECIPE, build_tiny_pipeline
 
@@ -91,18 +92,18 @@ def test_full_rank_factors_reproduce_the_delta_and_low_ranks_are_the_best_approx
     unet = torch.nn.ModuleDict({"lin": linear, "conv": conv, "norm": torch.nn.GroupNorm(1, 4)})
     base = {n: p.detach().clone() for n, p in unet.named_parameters()}
     erased = {n: v + torch.randn_like(v) for n, v in base.items()}
-    full = lowrank_delta(unet, base, erased, None)
+    full = lowrank_delta(unet, erased, None)
     assert full.rank == 5 and full.relative_error < 1e-7  # conv: 4 x 27, linear: 5 x 6 -> padded to 5
     for module in ("lin", "conv"):
         assert torch.allclose(full.module_delta(module), erased[f"{module}.weight"] - base[f"{module}.weight"], atol=1e-5)
         assert torch.allclose(full.bias[module], erased[f"{module}.bias"] - base[f"{module}.bias"])
     assert set(full.left_out) == {"norm.weight", "norm.bias"}
-    one = lowrank_delta(unet, base, erased, 1)
+    one = lowrank_delta(unet, erased, 1)
     delta = erased["lin.weight"] - base["lin.weight"]
     s = torch.linalg.svdvals(delta.double())
     assert torch.linalg.matrix_rank(one.module_delta("lin")) == 1
     assert float((delta - one.module_delta("lin")).norm()) == pytest.approx(float(s[1:].norm()), rel=1e-4)
-    assert full.relative_error == 0 < one.relative_error < 1
+    assert full.relative_error < 1e-12 and 0.1 < one.relative_error < 1
 
 
 def test_rank_parsing():
@@ -112,30 +113,87 @@ def test_rank_parsing():
             parse_rank(bad)
 
 
-def test_kohya_keys_are_what_diffusers_kohya_converter_expects_and_load_to_the_peft_weights(sd_run, tiny_sd_dir, tmp_path):
+def test_kohya_file_carries_the_changed_biases_as_diff_b_and_its_lora_keys_are_what_diffusers_expects(
+        sd_run, tiny_sd_dir, tmp_path):
+    """The kohya file's LoRA keys (without its diff_b keys, which diffusers' converter refuses) convert with
+    diffusers' own kohya converter and load to the PEFT file's weights; each diff_b is the bias change."""
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 
     folder = export_run(sd_run, tmp_path, fmt="lora", rank=2)
-    kohya = load_file(str(folder / KOHYA_FILE))
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+    assert {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")} == {
+        f"{PEFT_FOLDER}/{PEFT_FILE}", kohya_file(folder.name)}
+    assert kohya_file(folder.name) == f"{folder.name}-comfyui-a1111.safetensors"
+    kohya = load_file(str(folder / kohya_file(folder.name)))
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha", ".diff_b"))
                for k in kohya)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in kohya
-    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))  # raises on a key it cannot map
+    delta, base = load_file(str(sd_run / "delta.safetensors")), load_bundle(str(tiny_sd_dir), device="cpu").unet
+    params = dict(base.named_parameters())
+    changed = {n.removesuffix(".bias") for n in delta if n.endswith(".bias") and not torch.equal(delta[n], params[n])}
+    diff_b = {k.removesuffix(".diff_b"): v for k, v in kohya.items() if k.endswith(".diff_b")}
+    assert changed and set(diff_b) == {"lora_unet_" + m.replace(".", "_") for m in changed}
+    for module in changed:
+        assert torch.allclose(diff_b["lora_unet_" + module.replace(".", "_")],
+                              delta[f"{module}.bias"] - params[f"{module}.bias"].detach(), atol=1e-7)
+    with pytest.raises(ValueError):  # why diffusers gets its own folder
+        _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    lora_only = {k: v for k, v in kohya.items() if not k.endswith(".diff_b")}
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(lora_only))  # raises on a key it cannot map
     assert len(converted) == 2 * len(alphas) == 2 * sum(k.endswith(".alpha") for k in kohya)
     assert set(alphas.values()) == {2.0}
+    from safetensors.torch import save_file
 
-    def lora_weights(weights):
+    save_file(lora_only, str(tmp_path / "lora_only.safetensors"))
+
+    def lora_weights(where, weights):
         pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
-        pipe.load_lora_weights(folder, weight_name=weights, adapter_name="erased")
+        pipe.load_lora_weights(where, weight_name=weights, adapter_name="erased")
         return {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".lora_" in n and n.endswith("weight")}
 
-    peft, from_kohya = lora_weights(PEFT_FILE), lora_weights(KOHYA_FILE)
+    peft = lora_weights(folder / PEFT_FOLDER, PEFT_FILE)
+    from_kohya = lora_weights(tmp_path, "lora_only.safetensors")
     layers = json.loads((folder / "export_manifest.json").read_text())["lora"]["layers"]
     assert layers == len(alphas) and len(peft) == 2 * layers and peft.keys() == from_kohya.keys()
     assert all(torch.equal(peft[n], from_kohya[n]) for n in peft)
-    with safe_open(str(folder / PEFT_FILE), framework="pt") as f:
+    with safe_open(str(folder / PEFT_FOLDER / PEFT_FILE), framework="pt") as f:
         assert any(k.endswith("lora_B.bias") for k in f.keys())  # the changed to_out biases
+
+
+def test_low_ranks_use_a_seeded_randomized_svd_as_close_as_the_exact_one():
+    torch.manual_seed(1)
+    # a weight change with a decaying spectrum, as a fine-tuned layer's is
+    u, _ = torch.linalg.qr(torch.randn(320, 320, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(768, 320, dtype=torch.float64))
+    matrix = (u * (0.9 ** torch.arange(320, dtype=torch.float64))) @ v.T
+    exact = torch.linalg.svdvals(matrix)
+    before = torch.random.get_rng_state()
+    left, values, right, tail = truncated_svd(matrix, 8)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the export leaves the caller's random stream alone
+    assert left.shape == (320, 8) and right.shape == (8, 768)
+    best = float(exact[8:].norm())
+    missed = float((matrix - (left.double() * values.double()) @ right.double()).norm())
+    assert missed <= best * (1 + 1e-5) and tail == pytest.approx(missed ** 2, rel=1e-4)
+    again = truncated_svd(matrix, 8)
+    assert all(torch.equal(x, y) for x, y in zip((left, values, right), again[:3]))  # the same file every time
+    full = truncated_svd(matrix, 300)  # near the layer's size: the exact SVD
+    assert torch.allclose(full[1], exact[:300]) and full[3] == pytest.approx(float((exact[300:] ** 2).sum()))
+
+
+def test_lora_factors_stream_from_the_delta_file(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 5), "conv": torch.nn.Conv2d(3, 4, 3)})
+    erased = {n: p.detach() + torch.randn_like(p) for n, p in unet.named_parameters()}
+    save_file(erased, str(tmp_path / "delta.safetensors"))
+    seen = []
+    streamed = lowrank_delta(unet, SafetensorsValues(tmp_path / "delta.safetensors"), 2,
+                             lambda done, total: seen.append((done, total)))
+    in_memory = lowrank_delta(unet, erased, 2)
+    assert seen == [(1, 2), (2, 2)]
+    assert all(torch.equal(streamed.down[m], in_memory.down[m]) and torch.equal(streamed.up[m], in_memory.up[m])
+               for m in ("lin", "conv"))
 
 
 def test_full_rank_lora_in_plain_diffusers_reproduces_the_projects_images(sd_run, tiny_sd_dir, tmp_path, one_thread):
@@ -143,7 +201,7 @@ def test_full_rank_lora_in_plain_diffusers_reproduces_the_projects_images(sd_run
     card = (folder / "README.md").read_text()
     error = json.loads((folder / "export_manifest.json").read_text())["lora"]["relative_frobenius_error"]
     assert error < 1e-6 and "rank **" in card and "Relative Frobenius error" in card
-    plain = plain_diffusers(tiny_sd_dir, folder, tmp_path)
+    plain = plain_diffusers(tiny_sd_dir, folder / PEFT_FOLDER, tmp_path)
     ours = project_images(sd_run)
     base = generate(load_bundle(str(tiny_sd_dir), device="cpu"), [PROMPT], SEEDS, steps=STEPS, guidance_scale=GUIDANCE)
     assert max_pixel_difference(ours, base) > 10  # the erasure changed the images
@@ -178,7 +236,7 @@ def test_diffusers_export_keeps_an_fp16_base_in_fp16(tmp_path):
     front = (folder / "README.md").read_text().split("---")[1]
     assert "license: mit" in front  # the base's own licence
     assert "base_model:" not in front  # a local folder is not a Hub id
-    with pytest.raises(ValueError, match="diffusers format only"):
+    with pytest.raises(ValueError, match="diffusers and checkpoint formats only"):
         export_run(run, tmp_path / "out", fmt="delta", dtype="float16")
 
 
@@ -189,8 +247,21 @@ def test_cards_say_what_each_format_is(sd_run, tmp_path):
     assert "load_file(\"delta.safetensors\")" in delta and "load_state_dict(delta, strict=False)" in delta
     assert "DDIMScheduler.from_config(config)" in delta and '!= "_use_default_values"' in delta
     assert "3 model steps and 3 pi steps" in delta  # TINY: 3 iterations, pgd_num_steps 2
-    lora = (export_run(sd_run, tmp_path, fmt="lora", rank=4) / "README.md").read_text()
+    folder = export_run(sd_run, tmp_path, fmt="lora", rank=4)
+    lora, summary = (folder / "README.md").read_text(), json.loads((folder / "export_manifest.json").read_text())["lora"]
     assert "library_name: diffusers" in lora and "  - lora" in lora and "rank **4**" in lora
+    kohya = kohya_file(folder.name)
+    where = lora.split("## Where to put it")[1].split("\n\n")[1].splitlines()
+    assert where == [
+        f"- AUTOMATIC1111: `{kohya}` into `stable-diffusion-webui/models/Lora/`, then "
+        f"`<lora:{kohya.removesuffix('.safetensors')}:1>` in the prompt.",
+        f"- ComfyUI: `{kohya}` into `ComfyUI/models/loras/`, then a LoraLoader node at strength 1.",
+        '- diffusers: `pipe.load_lora_weights("FOLDER/diffusers")` (needs peft).']
+    assert summary["changed_biases"] > 0 and summary["bias_delta_max_abs"] > 0
+    assert (f"AUTOMATIC1111 ignores `diff_b` keys, so there these biases stay at the base model's values: off by up "
+            f"to {summary['bias_delta_max_abs']:.3g} per entry") in lora
+    assert "diffusers (`lora_B.bias`) and ComfyUI (`diff_b`) apply them" in lora
+    assert "no key for them" not in lora  # the old sentence, wrong for ComfyUI
 
 
 def test_toy_lora_export_has_a_contact_sheet_and_applies_to_the_toy_unet(toy_bundle, tmp_path):
@@ -198,7 +269,7 @@ def test_toy_lora_export_has_a_contact_sheet_and_applies_to_the_toy_unet(toy_bun
     folder = export_run(run, tmp_path / "out", fmt="lora", rank="full")
     assert (folder / "before_after.png").is_file() and "before_after.png" in (folder / "README.md").read_text()
     base = load_bundle("toy", device="cpu")
-    base.unet.load_lora_adapter(str(folder / PEFT_FILE), prefix="unet")
+    base.unet.load_lora_adapter(str(folder / PEFT_FOLDER / PEFT_FILE), prefix="unet")
     ours = generate(load_bundle(str(run), device="cpu"), ["a red circle"], [0, 1], steps=5)
     assert max_pixel_difference(generate(base, ["a red circle"], [0, 1], steps=5), ours) <= FULL_RANK_TOLERANCE * 255
 
@@ -210,3 +281,14 @@ def test_cli_refuses_a_bad_rank_in_one_line(sd_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: bad LoRA rank") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_lora_export_names_each_file_for_its_tool(sd_run, tmp_path, capsys):
+    from age_explorer.core.app.cli.main import main
+
+    out = tmp_path / "erased"
+    assert main(["export", str(sd_run), "--format", "lora", "--rank", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"{kohya_file('erased')} for AUTOMATIC1111 and ComfyUI, {PEFT_FOLDER}/{PEFT_FILE} for diffusers"
+            in printed)
+    assert (out / kohya_file("erased")).is_file() and (out / PEFT_FOLDER / PEFT_FILE).is_file()

@@ -198,7 +198,7 @@ class ToyBackend(Backend):
                      "delta = load_file(\"delta.safetensors\")  # the changed UNet tensors' new values, diffusers names",
                      "bundle.unet.load_state_dict(delta, strict=False)"]
         elif fmt == "lora":
-            apply = ["bundle.unet.load_lora_adapter(\"FOLDER/pytorch_lora_weights.safetensors\", prefix=\"unet\")  # needs peft"]
+            apply = ["bundle.unet.load_lora_adapter(\"FOLDER/diffusers/pytorch_lora_weights.safetensors\", prefix=\"unet\")  # needs peft"]
         else:
             return []
         return ["## Apply it to the toy model's UNet", "", "```python", *load, *apply, "```", ""]

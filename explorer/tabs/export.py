@@ -1,6 +1,6 @@
 """The Export tab: a finished run as its delta (with manifest and model card), a LoRA of a chosen rank
-(diffusers/PEFT and kohya files) or a zipped diffusers folder, and a push of this session's export to
-the Hugging Face Hub."""
+(diffusers/PEFT and kohya files), a single-file checkpoint or a zipped diffusers folder, and a push of
+this session's export to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ def build(page: Page) -> gr.Dropdown:
                                rank=rank if fmt == "lora" else DEFAULT_RANK)
         # the session remembers what it exported: a push takes nothing else, never a client's path
         exported = list(exported or []) + [str(folder)]
+        shown = folder.name if settings.public else str(folder)  # a public server shows no server path
         if fmt == "delta":
-            return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], str(folder), exported
-        if fmt == "lora":  # a few small files: each one downloadable as it is
-            return sorted(str(f) for f in folder.iterdir() if f.is_file()), str(folder), exported
-        return [str(ex.export_zip(folder))], str(folder), exported
+            return [str(folder / "delta.safetensors"), str(folder / "manifest.json"), str(folder / "README.md")], shown, exported
+        if fmt in ("lora", "checkpoint"):  # a few files, each downloadable as it is (the PEFT one in diffusers/)
+            return sorted(str(f) for f in folder.rglob("*") if f.is_file()), shown, exported
+        return [str(ex.export_zip(folder))], shown, exported
 
     def do_push(exported, repo_id, token):
         if not exported:
