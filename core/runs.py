@@ -72,6 +72,10 @@ RUN_STATUSES = ("done", "stopped")
 _OPTIONAL = "left out of the file while None"
 
 
+_OBJECT_FIELDS = ("versions", "targets", "candidates", "excluded_candidates", "near_copy", "erase_term",
+                  "neighbour_picks", "target_preservation")  # the manifest's fields that hold a JSON object
+
+
 def _optional():
     return field(default=None, metadata={_OPTIONAL: True})
 
@@ -138,6 +142,10 @@ class RunManifest:
             raise ValueError(f"config must be a JSON object, not {type(self.config).__name__}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, not {type(self.extra).__name__}")
+        for name in _OBJECT_FIELDS:  # e.g. targets written as a string by hand: refused here, not mid-export
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name} must be a JSON object, not {type(value).__name__}")
         clash = sorted(set(self.extra) & set(_KEYS))
         if clash:
             raise ValueError(f"extra repeats the manifest field(s) {', '.join(clash)}; set the field itself")
@@ -227,6 +235,11 @@ def read_delta(bundle, run_dir: Path, manifest: RunManifest) -> dict[str, torch.
     base_print = fingerprint({n: params[n] for n in delta})
     if manifest.base_fingerprint not in (None, base_print):
         raise CorruptRunError(f"the run in {run_dir} was made on other base weights than {bundle.source!r}")
+    # a checksum proves the file is the one written, not that its numbers are usable
+    broken = next((n for n, t in delta.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise CorruptRunError(f"the delta in {run_dir} holds values that are not finite numbers (NaN or "
+                              f"infinity, e.g. in {broken}): the run cannot be used")
     return delta
 
 

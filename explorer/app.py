@@ -22,10 +22,12 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     + ex.status_line() + "".join(f"\n\n**Warning**: {w}" for w in ex.warnings))
         # With MCP on, only the read-only graph queries are public, so only they become MCP tools; the
         # page's own endpoints stay callable by clients ("undocumented").
+        # The browser's values are encrypted with the data folder's own key, not one made at each start,
+        # so a page still reads its visitor's secret and job after a restart.
         page = Page(ex, "undocumented" if ex.settings.mcp else "public", owner=gr.State(""), job_id=gr.State(""),
-                    saved_job=gr.BrowserState("", storage_key="age_explorer_job"), exported=gr.State([]),
-                    runs_changed=gr.State(""))
-        owner_token = gr.BrowserState("", storage_key="age_explorer_owner")
+                    saved_job=gr.BrowserState("", storage_key="age_explorer_job", secret=ex.browser_key),
+                    exported=gr.State([]), runs_changed=gr.State(""))
+        owner_token = gr.BrowserState("", storage_key="age_explorer_owner", secret=ex.browser_key)
         with gr.Tabs():
             with gr.Tab("Concept graph", id="graph"):
                 graph_tab = graph.build(page)
@@ -44,6 +46,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         queries.build(page)
         loaded = demo.load(erase_tab.reattach, [page.saved_job, owner_token],
                            [page.job_id, erase_tab.timer, page.owner, owner_token], api_visibility="private")
+        loaded.then(erase_tab.list_jobs, page.owner, erase_tab.jobs_outputs, api_visibility="private",
+                    show_progress="hidden")
         wire_run_lists(page, loaded, [compare_tab, robustness_tab, generate_tab, export_tab])
         wire_runs_endpoint(page, [compare_runs, export_runs])
     demo.explorer = ex

@@ -18,6 +18,10 @@ import os
 
 from .app import Settings, build_app
 
+# No component of the page takes a file, but Gradio's upload route is always there: cap what it accepts
+# (a file over it is refused with HTTP 413 and never stays on disk).
+LAUNCH_OPTIONS = {"max_file_size": "1mb"}
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="age-explorer-app", description="AGE Explorer web app")
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
                         default=os.environ.get("AGE_EXPLORER_ALLOW_SERVER_TOKEN") == "1",
                         help="let 'Push to the Hub' use the server's HF_TOKEN when the token field is empty; "
                              "only for a server that you alone use; env AGE_EXPLORER_ALLOW_SERVER_TOKEN=1")
+    parser.add_argument("--max-jobs-per-session", type=int,
+                        default=os.environ.get("AGE_EXPLORER_MAX_JOBS_PER_SESSION", "3"),
+                        help="public mode: the most jobs one session may have queued or running at once "
+                             "(default 3); env AGE_EXPLORER_MAX_JOBS_PER_SESSION")
     parser.add_argument("--public", action=argparse.BooleanOptionalAction,
                         default=os.environ.get("AGE_EXPLORER_PUBLIC", "1" if os.environ.get("SPACE_ID") else "0") == "1",
                         help="a server for strangers: each session sees and cancels only its own jobs and runs "
@@ -52,11 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
                                   allow_server_token=args.allow_server_token, public=args.public,
-                                  evaluator=args.evaluator, concept_set=args.concept_set))
+                                  evaluator=args.evaluator, concept_set=args.concept_set,
+                                  max_jobs_per_session=args.max_jobs_per_session))
     except OSError as err:  # a read-only data folder, a data folder under a file
         where = f"{err.filename}: " if err.filename else ""
         parser.exit(2, f"error: cannot use the data folder: {where}{err.strerror or err}\n")
     except ValueError as err:  # e.g. a damaged job store
         parser.exit(2, f"error: {err}\n")
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
-                                                   mcp_server=args.mcp)
+                                                   mcp_server=args.mcp, **LAUNCH_OPTIONS)

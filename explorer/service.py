@@ -6,6 +6,8 @@ No training maths here: everything is delegated to ``core``.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import threading
 from contextlib import contextmanager
@@ -55,6 +57,52 @@ class Settings:
     # A shared server open to strangers (on by default on a Space): each session sees and cancels only
     # its own jobs and runs; shipped graphs stay shared. Off: one user's tool, everything shared.
     public: bool = False
+    # Public mode: the most jobs (queued and running) one session may have at once, so that one
+    # visitor cannot fill the queue that everyone shares.
+    max_jobs_per_session: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.max_jobs_per_session, int) or self.max_jobs_per_session < 1:
+            raise ValueError(f"the jobs per session must be a whole number of at least 1, not "
+                             f"{self.max_jobs_per_session!r}")
+
+
+BROWSER_KEY_FILE = "browser-state.key"
+
+
+def browser_state_key(data_dir: Path) -> str:
+    """The key with which the page encrypts what it keeps in a browser (the visitor's secret, their job),
+    made once and kept in ``DATA/browser-state.key`` (owner-only), so a page still reads them after a
+    server restart. Deleting the file makes a new key at the next start (rotation): every browser then
+    starts as a new visitor."""
+    path = Path(data_dir) / BROWSER_KEY_FILE
+    for _ in range(2):
+        try:
+            key = path.read_text().strip()
+        except FileNotFoundError:
+            key = ""
+        if len(key) >= 32:
+            if path.stat().st_mode & 0o077:  # e.g. copied with another umask: readable by others
+                path.chmod(0o600)
+                log.warning("%s was readable by other users; it is now owner-only", path)
+            return key
+        # a missing or cut-short key: write a new one in full under a temporary name, then link it in
+        # place, so two servers starting at once agree on one key and none reads half a file
+        fresh = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            if key:  # a damaged key is replaced
+                path.unlink(missing_ok=True)
+            os.link(fresh, path)
+        except FileExistsError:
+            pass  # another server wrote it first: read theirs
+        finally:
+            fresh.unlink(missing_ok=True)
+    raise OSError(f"cannot keep the page's key in {path}")
 
 
 class Explorer:
@@ -65,6 +113,7 @@ class Explorer:
         self.data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
         self.warnings: list[str] = []  # problems found at start-up, shown at the top of the page
         self.store = JobStore(self.data_dir)
+        self.browser_key = browser_state_key(self.data_dir)
         self.device = str(resolve_device(settings.device))
         # Jobs run in a worker process, beside the server's request threads. On the CPU, the job and
         # the page's model work split the cores; requests enter through ``compute()``.
@@ -78,6 +127,7 @@ class Explorer:
             starter = threading.Timer(settings.worker_start_delay, self.worker.ensure_alive)
             starter.daemon = True
             starter.start()
+            self.worker.supervise(self.store)
         self._bundle: ModelBundle | None = None
         self._lock = threading.Lock()
         self._weights_lock = threading.RLock()
@@ -214,9 +264,11 @@ class Explorer:
     # ---- jobs ------------------------------------------------------------------------------------
     def submit(self, kind: str, config: dict, owner: str | None = None) -> str:
         """Queue a job of ``kind`` for this server's worker (restarted first if it died)."""
+        limit = self.settings.max_jobs_per_session if self.settings.public else None
+        job_id = self.store.submit(kind, config, device=self.device, session=owner, session_limit=limit)
         if self.worker:
             self.worker.ensure_alive()
-        return self.store.submit(kind, config, device=self.device, session=owner)
+        return job_id
 
     def submit_erase(self, concepts: list[str], method: str, preset: str | None, options: dict,
                      owner: str | None = None) -> str:
@@ -242,6 +294,34 @@ class Explorer:
         if self.settings.public and (owner is None or job.session != owner):
             raise UnknownJobError(job_id)
         return job
+
+    def jobs_of(self, owner: str | None = None, statuses=("queued", "running", "interrupted")) -> list:
+        """The jobs the caller may see (in public mode only its session's) in ``statuses``, oldest first."""
+        jobs = [job for status in statuses for job in self.store.list(status=status)]
+        if self.settings.public:
+            jobs = [job for job in jobs if owner is not None and job.session == owner]
+        return sorted(jobs, key=lambda job: job.seq)
+
+    def for_visitor(self, value):
+        """``value`` (a job's fields) as a public server shows it: paths in the data folder relative to it,
+        and an error as its first line (a worker's error ends with a traceback). Unchanged in local mode."""
+        if not self.settings.public:
+            return value
+        roots = {str(self.data_dir) + os.sep, str(self.data_dir.resolve()) + os.sep}
+
+        def shown(item, key=None):
+            if isinstance(item, str):
+                if key == "error":
+                    item = item.splitlines()[0] if item else item
+                root = next((r for r in roots if item.startswith(r)), None)
+                return item[len(root):] if root else item
+            if isinstance(item, dict):
+                return {k: shown(v, k) for k, v in item.items()}
+            if isinstance(item, (list, tuple)):
+                return [shown(v) for v in item]
+            return item
+
+        return shown(value)
 
     def cancel(self, job_id: str, owner: str | None = None) -> str:
         self.job(job_id, owner)

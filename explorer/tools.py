@@ -5,6 +5,9 @@ They read the graph files only: no model is loaded, so they answer at once on an
 
 from __future__ import annotations
 
+import math
+
+from age_explorer.core.checks import short
 from age_explorer.core.graph.store import GraphStore
 
 from .service import Explorer
@@ -63,8 +66,13 @@ def nearest_concepts(explorer: Explorer, concept: str, k: int = 5, graph: str = 
     """The ``k`` concepts closest to ``concept`` in the spillover graph: the largest mean of Δ(a→b)
     and Δ(b→a) over the rows measured (a row missing in one direction counts the other alone)."""
     name, store = _store(explorer, graph)
-    if k < 1:
-        raise ValueError("k must be at least 1")
+    try:
+        number = float(k)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not (math.isfinite(number) and number >= 1 and number == int(number)):  # a huge finite k: every neighbour
+        raise ValueError(f"k must be a whole number of at least 1, got {short(k)}")
+    k = int(number)
     edges = store.edges()
     if concept not in set(store.nodes().concept):
         raise ValueError(f"{concept!r} is not a concept of {name}")

@@ -255,6 +255,11 @@ def cli_cases(hub: str) -> list[CliCase]:
         CliCase("a second erase with the same --out as a finished run", ers("--method", "uce", out="W/run"), ["run"]),
         CliCase("erase --force into a folder of user files", ers("--method", "uce", "--force", out="W/userfiles"),
                 ["userfiles"]),
+        CliCase("empty --candidates file", ers("--candidates", "W/empty-cands.txt"), ["er"]),
+        CliCase("run whose delta is all NaN, with a matching checksum", gen("--model", "W/nan-delta", "--prompt", "a red circle"),
+                ["gen", "nan-delta"]),
+        CliCase("toyworld train with a concepts.json holding []",
+                ["toyworld", "train", "--concepts", "W/empty-list.json", "--out", "W/toy-out"], ["toy-out"]),
         # export and push
         CliCase("export of a missing run", ["export", "W/nope", "--out", "W/exp-missing"], ["exp-missing"]),
         CliCase("export over an existing export", ["export", "W/run", "--out", "W/exp-existing"], ["exp-existing"]),
@@ -266,6 +271,8 @@ def cli_cases(hub: str) -> list[CliCase]:
                 ["exp-other"]),
         CliCase("export of a run whose manifest is not JSON", ["export", "W/bad-manifest", "--out", "W/exp-bad"],
                 ["exp-bad"]),
+        CliCase("export of a run whose manifest's targets is a string",
+                ["export", "W/targets-string", "--out", "W/exp-targets"], ["exp-targets"]),
         CliCase("push to a bad Hub repo id", ["export", "W/run", "--out", "W/exp-repo", "--push-to-hub", "../x"],
                 ["exp-repo"], ["exp-repo*"], "the export"),
         CliCase("push without a token", ["export", "W/run", "--out", "W/exp-notoken", "--push-to-hub", "me/x"],
@@ -278,6 +285,18 @@ def cli_cases(hub: str) -> list[CliCase]:
         CliCase("unknown job id", ["jobs", "--data-dir", "W/jobs", "show", "nope"], ["jobs"]),
         CliCase("cancel an unknown job", ["jobs", "--data-dir", "W/jobs", "cancel", "nope"], ["jobs"]),
         CliCase("resume a queued job", ["jobs", "--data-dir", "W/jobs", "resume", "QUEUED"], ["jobs"]),
+        # a data folder of their own: other rows open W/jobs meanwhile
+        CliCase("jobs submit-erase of an unknown concept", ["jobs", "--data-dir", "W/jobs-submit", "submit-erase",
+                                                            "--concept", "pink hexagon"], ["jobs-submit"]),
+        CliCase("jobs submit-erase with an unknown preset", ["jobs", "--data-dir", "W/jobs-submit", "submit-erase",
+                                                             "--concept", "red circle", "--preset", "nope"], ["jobs-submit"]),
+        CliCase("jobs submit-erase --iterations -5", ["jobs", "--data-dir", "W/jobs-submit", "submit-erase", "--concept",
+                                                      "red circle", "--iterations", "-5"], ["jobs-submit"]),
+        CliCase("jobs list with one damaged job row (warned, the others listed)",
+                ["jobs", "--data-dir", "W/jobs-damaged", "list"], ["jobs-damaged"], expect="warning"),
+        CliCase("graph whose classifier cannot be loaded (no half-written graph folder)",
+                ["graph", "--model", "toy", "--method", "esd", "--evaluator", "hf:nonexistent/model",
+                 "--images-per-concept", "2", "--out", "W/graph-fail"], ["graph-fail"]),
         CliCase("analyse a graph with a corrupt edges.csv", ["analyse", "W/graph-bad-edges", "--no-similarity"],
                 ["graph-bad-edges"]),
         CliCase("analyse a graph with a corrupt graph.json", ["analyse", "W/graph-bad-json", "--no-similarity"],
@@ -299,17 +318,30 @@ def make_fixtures(work: Path, log=print) -> dict:
         subprocess.run([sys.executable, "-m", "age_explorer.core.app.cli", "erase", "--model", "toy", "--concept", "red circle",
                         "--method", "uce", "--out", str(run)], cwd=work, env=cli_env(), check=True, capture_output=True)
     manifest = json.loads((run / "manifest.json").read_text())
-    for name in ("other-base", "truncated-delta", "bad-manifest"):
+    for name in ("other-base", "truncated-delta", "bad-manifest", "targets-string"):
         (work / name).mkdir(exist_ok=True)
         shutil.copy2(run / "delta.safetensors", work / name / "delta.safetensors")
         (work / name / "manifest.json").write_text(json.dumps(manifest))
     (work / "other-base" / "manifest.json").write_text(json.dumps({**manifest, "base_fingerprint": "0" * 64}))
     (work / "truncated-delta" / "delta.safetensors").write_bytes((run / "delta.safetensors").read_bytes()[:500])
     (work / "bad-manifest" / "manifest.json").write_text("this is not JSON {")
+    (work / "targets-string" / "manifest.json").write_text(json.dumps({**manifest, "targets": "red circle"}))
     (work / "empty").mkdir(exist_ok=True)
     (work / "garbage-index").mkdir(exist_ok=True)
     (work / "garbage-index" / "model_index.json").write_text("garbage")
     (work / "cands.txt").write_text("blue square\n")
+    (work / "empty-cands.txt").write_text("\n  \n")
+    (work / "empty-list.json").write_text("[]")
+    nan_run = work / "nan-delta"
+    nan_run.mkdir(exist_ok=True)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from age_explorer.core.manifest import file_sha256
+
+    delta = load_file(str(run / "delta.safetensors"))
+    save_file({name: torch.full_like(t, float("nan")) for name, t in delta.items()}, str(nan_run / "delta.safetensors"))
+    (nan_run / "manifest.json").write_text(json.dumps({**manifest, "delta_sha256": file_sha256(nan_run / "delta.safetensors")}))
     (work / "userfiles").mkdir(exist_ok=True)
     (work / "userfiles" / "thesis.tex").write_text("my thesis\n")
     (work / "userdir" / "data").mkdir(parents=True, exist_ok=True)
@@ -340,6 +372,14 @@ def make_fixtures(work: Path, log=print) -> dict:
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     from age_explorer.core.app.jobs import JobStore
 
+    damaged = JobStore(work / "jobs-damaged")
+    if not damaged.list():
+        for concept in ("red circle", "blue circle"):
+            damaged.submit("erase", {"model": "toy", "method": "age", "preset": "toy", "options": {"concepts": [concept]}})
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(damaged.path)) as db, db:  # one row's config is no longer JSON
+            db.execute("UPDATE jobs SET config = '{broken' WHERE seq = (SELECT MIN(seq) FROM jobs)")
     store = JobStore(work / "jobs")
     queued = [j.id for j in store.list(status="queued")]
     job = queued[0] if queued else store.submit("erase", {"model": "toy", "method": "age", "preset": "toy",
@@ -599,6 +639,13 @@ class AppProbe:
         self.call("nearest concepts, k = -1", "/nearest_concepts", "red circle", -1, "")
         self.call("nearest concepts, k = 10**12", "/nearest_concepts", "red circle", 10**12, "",
                   describe=lambda r: f"{len(r)} concepts")
+        self.raw_call("nearest concepts, k = Infinity (JSON Infinity)", "/nearest_concepts",
+                      ["red circle", float("inf"), ""], "{data: ['red circle', Infinity, '']}")
+        self.raw_call("nearest concepts, k = NaN (JSON NaN)", "/nearest_concepts", ["red circle", float("nan"), ""],
+                      "{data: ['red circle', NaN, '']}")
+        self.call("nearest concepts, k = 'abc'", "/nearest_concepts", "red circle", "abc", "")
+        self.call("select a concept with the edge threshold 'abc'", "/select_concept", "toy-esd (shipped)", "abc", "shape",
+                  "red circle")
         self.call("select a graph that does not exist", "/select_concept", "nope", 0.3, "shape", "red circle")
         self.call("UMAP of a graph that does not exist", "/umap", "nope", "red circle")
         self.call("similarity of a graph that does not exist", "/similarity", "nope", "text_l2")

@@ -11,6 +11,7 @@ from PIL import Image
 from age_explorer.core.runs import RunManifest
 from tests.helpers import free_port, wait_for_job
 from age_explorer.explorer.app import Settings, build_app
+from age_explorer.explorer.launch import LAUNCH_OPTIONS
 
 pytestmark = pytest.mark.slow  # a real server per module, and background erasures
 
@@ -32,7 +33,8 @@ def running_explorer(data_dir, bundle):
     tiny_graph(data_dir, bundle)
     demo = build_app(Settings(model="toy", device="cpu", data_dir=str(data_dir), spillover_images=2))
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **LAUNCH_OPTIONS)
     try:
         yield demo, f"http://127.0.0.1:{port}/"
     finally:
@@ -155,10 +157,50 @@ def test_bad_erase_inputs_are_one_short_line(client, changes, message):
     assert len(str(caught.value)) < 600 and "\n" not in str(caught.value).strip()
 
 
+def test_uploads_are_capped_and_prompts_have_a_length_limit(client, server):
+    import requests
+
+    url = server["url"] + "gradio_api/upload"
+    big = requests.post(url, files={"files": ("big.bin", b"\0" * (2 * 1024 * 1024))}, timeout=60)
+    assert big.status_code == 413 and "big.bin" not in big.text
+    small = requests.post(url, files={"files": ("small.txt", b"hello")}, timeout=60)
+    assert small.status_code == 200  # Gradio's own route stays, within the cap
+    with pytest.raises(Exception, match="the prompt 'xxxx.*is too long: at most 500 characters") as caught:
+        client.predict("x" * 100_000, "0", "original", api_name="/generate")
+    assert "\n" not in str(caught.value).strip() and len(str(caught.value)) < 300
+
+
 @pytest.mark.parametrize("seeds, message", [(str(2**64), "out of range"), ("0-1000000000", "at most 16 at a time")])
 def test_bad_seeds_in_the_app(client, seeds, message):
     with pytest.raises(Exception, match=message):
         client.predict("a red circle", seeds, "original", api_name="/generate")
+
+
+@pytest.mark.parametrize("api, args, message", [
+    ("/nearest_concepts", ("red circle", float("inf"), ""), "k must be a whole number of at least 1, got '?inf"),
+    ("/nearest_concepts", ("red circle", float("nan"), ""), "k must be a whole number of at least 1, got '?nan"),
+    ("/nearest_concepts", ("red circle", "abc", ""), "k must be a whole number of at least 1, got 'abc'"),
+    ("/nearest_concepts", ("red circle", 2.5, ""), "k must be a whole number of at least 1, got '?2.5"),
+    ("/select_concept", ("toy-esd (shipped)", "abc", "shape", "red circle"),
+     "the edge threshold \(Δ ≥\) must be a number from 0 to 1, got 'abc'"),
+    ("/select_concept", ("toy-esd (shipped)", float("nan"), "shape", "red circle"),
+     "the edge threshold \(Δ ≥\) must be a number from 0 to 1, got '?nan"),
+])
+def test_bad_query_numbers_are_one_line(server, api, args, message):
+    """Sent as raw JSON (gradio_client cannot send NaN or Infinity): the event is an error with its line."""
+    import re
+
+    import httpx
+
+    name = api.strip("/")
+    with httpx.Client(timeout=60) as http:
+        event = http.post(f"{server['url']}gradio_api/call/{name}", content=json.dumps({"data": list(args)}),
+                          headers={"Content-Type": "application/json"}).json()["event_id"]
+        text = http.get(f"{server['url']}gradio_api/call/{name}/{event}").text
+    assert re.findall(r"^event: (\w+)", text, re.M)[-1] == "error"
+    shown = json.loads(re.findall(r"^data: (.*)$", text, re.M)[-1])
+    shown = shown.get("error") if isinstance(shown, dict) else shown
+    assert re.search(message, shown or "") and "\n" not in shown.strip(), text
 
 
 def test_uce_runs_from_the_app(client):
@@ -194,6 +236,31 @@ def test_public_mode_sessions_see_and_cancel_only_their_own_jobs(tmp_path):
         assert alice.predict(api_name="/runs")[0]["choices"] and not bob.predict(api_name="/runs")[0]["choices"]
         assert alice.predict(api_name="/list_graphs")  # shipped graphs stay shared
         assert bob.predict(api_name="/list_graphs")
+    finally:
+        demo.close()
+
+
+def test_public_mode_caps_a_sessions_jobs_and_lists_each_to_cancel(tmp_path):
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False, public=True,
+                              max_jobs_per_session=2))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        alice, bob = (Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2))
+        first, second = _erase(alice)[0], _erase(alice)[0]
+        with pytest.raises(Exception, match=r"you already have 2 job\(s\) queued or running") as refused:
+            _erase(alice)
+        assert "\n" not in str(refused.value).strip()
+        table, choice = alice.predict(api_name="/my_jobs")
+        assert [row[0] for row in table["data"]] == [first, second] and choice["value"] == second
+        assert [row[2] for row in table["data"]] == ["queued", "queued"] and table["data"][0][4] == "AGE: red circle"
+        assert bob.predict(api_name="/my_jobs")[0]["data"] in ([], [["", "", "", "", ""]])  # none of hers
+        with pytest.raises(Exception, match="unknown job id"):
+            bob.predict(first, api_name="/cancel_job")
+        assert "cancelled" in alice.predict(first, api_name="/cancel_job")  # not only her latest job
+        assert demo.explorer.store.get(first).status == "cancelled" and demo.explorer.store.get(second).status == "queued"
+        third = _erase(alice)[0]
+        assert [row[0] for row in alice.predict(api_name="/my_jobs")[0]["data"]] == [second, third]
     finally:
         demo.close()
 
@@ -466,6 +533,9 @@ def test_status_follows_the_job_and_messages_keep_angle_brackets():
     assert "/data/jobs/abc/run" in done and "Before / after" in done and "Export" in done
     assert "/data" not in status_text(job(status="done", artifacts={"run_dir": "/data/x"}), public=True)
     assert plain("They are read as <unk>.") == "They are read as &lt;unk&gt;."
+    named = status_text(job(progress={"targets": {"<b>c</b>": [["<img src=x>", 0.5]]}, "pick": "<i>w</i>",
+                                      "pick_is_neighbour": True}), public=True)
+    assert "<" not in named and "&lt;img src=x&gt; 0.50" in named and "&lt;i&gt;w&lt;/i&gt;" in named
 
 
 def test_a_model_without_weights_is_explained_in_the_page_the_log_and_generate(tmp_path, monkeypatch, caplog):
@@ -563,7 +633,7 @@ def test_lora_export_with_a_rank(client):
     label = _finished_esd_run(client)
     files, folder = client.predict(label, "lora", "4", api_name="/export")
     names = {str(f).rsplit("/", 1)[-1] for f in files}
-    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"} <= names
+    assert {"pytorch_lora_weights.safetensors", f"{folder.rsplit('/', 1)[-1]}-comfyui-a1111.safetensors", "README.md"} <= names
     assert json.loads(open(f"{folder}/export_manifest.json").read())["lora"]["requested_rank"] == 4
     with pytest.raises(Exception, match="bad LoRA rank"):
         client.predict(label, "lora", "abc", api_name="/export")
@@ -577,3 +647,43 @@ def test_the_graph_shows_its_recovery_layer(client):
         "recovery ASR (embedding)"
     assert any("recovery ASR (embedding) 0.62" in text for text in rings["hovertext"])
     assert "Recovery layer" in details and "Recovery ASR: embedding 0.62" in details
+
+
+def test_names_show_as_text_and_a_public_server_shows_no_path_or_traceback(tmp_path, toy_bundle):
+    """A graph's preset and target, a concept name and an echoed choice are escaped wherever the page
+    draws Markdown or a toast; in public mode /job_status and /export give no server path, and a job's
+    error is its first line."""
+    import shutil
+
+    from age_explorer.core.erasure import erase, make_config
+    from age_explorer.core.paths import assets_dir
+
+    evil = "<img src=x onerror=alert(1)>"
+    folder = tmp_path / "graphs" / "evil-esd"
+    shutil.copytree(assets_dir() / "graphs" / "toy-esd", folder)
+    meta = json.loads((folder / "graph.json").read_text())
+    (folder / "graph.json").write_text(json.dumps({**meta, "preset": evil, "target": evil}))
+    erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "runs" / "uce-red-circle")
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False, public=True))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        name = next(g for g in demo.explorer.graph_dirs() if g.startswith("evil-esd"))
+        *_, details, _ = client.predict(name, 0.0, "shape", "red circle", api_name="/select_concept")
+        assert "<img" not in details and details.count("&lt;img src=x onerror=alert(1)&gt;") == 2
+        with pytest.raises(Exception) as caught:  # the choice is echoed in the toast, as text
+            client.predict("a red circle", "0", evil, api_name="/generate")
+        assert "&lt;img src=x" in str(caught.value) and "<img" not in str(caught.value)
+
+        job_id = _erase(client)[0]
+        store = demo.explorer.store
+        store.finish(job_id, "failed", error='ValueError: bad\nTraceback (most recent call last):\n  File "/srv/x.py"',
+                     artifacts={"run_dir": str(store.work_dir(job_id) / "run")})
+        status = json.loads(client.predict(job_id, api_name="/job_status"))
+        assert status["error"] == "ValueError: bad" and status["artifacts"]["run_dir"] == f"jobs/{job_id}/run"
+        assert str(tmp_path) not in json.dumps(status)
+        _, shown = client.predict("UCE: red circle (uce-red-circle)", "delta", api_name="/export")
+        assert shown == "uce-red-circle-delta" and (tmp_path / "exports" / shown / "delta.safetensors").is_file()
+    finally:
+        demo.close()

@@ -207,3 +207,98 @@ def test_methods_view_ranks_sorts_and_compares_two_methods(served, toy_bundle, t
         page.wait_for_timeout(1000)
         page.screenshot(path=str(shots / "06-methods.png"), full_page=True)
         browser.close()
+
+
+def _serve(data_dir: Path, port: int, public: bool, log):
+    """The explorer in a process group of its own (server and worker), as `python app.py` runs it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AGE_EXPLORER_DATA_DIR": str(data_dir)}
+    return subprocess.Popen([sys.executable, "-m", "age_explorer.explorer", "--device", "cpu", "--port", str(port),
+                             "--public" if public else "--no-public"], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def _wait_for_server(url: str, server, timeout: float = 180) -> None:
+    import time
+    import urllib.request
+
+    end = time.time() + timeout
+    while time.time() < end:
+        assert server.poll() is None, "the server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("the server did not start")
+
+
+@pytest.mark.parametrize("public", [True, False], ids=["public", "local"])
+def test_a_restarted_server_gives_the_page_back_its_job_and_its_run(tmp_path, public):
+    """A job started from the page survives a killed process group (server and worker, kill -9): after a
+    restart the reloaded page shows the job, resumes it with its Resume button and lists its run; after a
+    plain restart (SIGTERM) the page still lists the run. In public mode another browser sees none of it."""
+    import signal
+
+    from tests.helpers import free_port
+
+    data_dir, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = open(tmp_path / "server.log", "ab")
+    server = _serve(data_dir, port, public, log)
+    try:
+        _wait_for_server(url, server)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_role("tab", name="Erase").click()
+            page.locator("#method").get_by_text("ESD (fixed target)", exact=True).click()
+            playwright.expect(page.locator("#preset input")).to_have_value("toy-esd")
+            page.locator("#erase_concepts input").click()
+            page.get_by_role("option", name="red circle", exact=True).click()
+            page.keyboard.press("Escape")
+            page.locator("#iterations input").fill("60")
+            page.locator("#start_btn").click()
+            # past the first checkpoint (every 25 steps)
+            page.wait_for_function("() => /step (2[6-9]|[3-5][0-9])\\//.test("
+                                   "document.querySelector('#job_text')?.textContent || '')", timeout=240_000)
+            os.killpg(server.pid, signal.SIGKILL)  # the server and its worker, at once
+            server.wait()
+            job_id = next((data_dir / "jobs").iterdir()).name
+
+            server = _serve(data_dir, port, public, log)
+            _wait_for_server(url, server)
+            page.reload()
+            page.get_by_role("tab", name="Erase").click()
+            playwright.expect(page.locator("#job_text")).to_contain_text("interrupted", timeout=60_000)
+            playwright.expect(page.locator("#my_jobs")).to_contain_text(job_id, timeout=30_000)
+            page.locator("#resume_btn").click()
+            playwright.expect(page.locator("#job_text")).to_contain_text("done: step 60/60", timeout=300_000)
+            page.get_by_role("tab", name="Export").click()
+            playwright.expect(page.locator("#export_run_dd input")).to_have_value(re.compile("^ESD: red circle"),
+                                                                                  timeout=30_000)
+
+            server.send_signal(signal.SIGTERM)  # a plain restart
+            server.wait(60)
+            server = _serve(data_dir, port, public, log)
+            _wait_for_server(url, server)
+            page.reload()
+            page.get_by_role("tab", name="Export").click()
+            playwright.expect(page.locator("#export_run_dd input")).to_have_value(re.compile("^ESD: red circle"),
+                                                                                  timeout=30_000)
+            stranger = browser.new_context().new_page()
+            stranger.goto(url)
+            stranger.get_by_role("tab", name="Export").click()
+            stranger.wait_for_timeout(3000)  # the page's run lists are filled after load
+            seen = stranger.locator("#export_run_dd input").input_value()
+            assert (seen == "") if public else seen.startswith("ESD: red circle"), seen
+            browser.close()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()

@@ -216,3 +216,62 @@ def test_the_app_launcher_refuses_a_bad_data_folder_in_one_line(damage, tmp_path
         main(["--data-dir", str(data), "--port", "1"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ctrl_c_during_erase_is_one_line_and_resume_gives_the_uninterrupted_delta(tmp_path):
+    """A Ctrl-C stops the run after its step with a checkpoint, says in one line how to continue and exits
+    130; --resume then ends with the same delta as a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def erase(out, *extra):
+        return [sys.executable, "-m", "age_explorer.core.app.cli", "erase", "--concepts", "red circle", "--method",
+                "esd", "--preset", "toy-esd", "--iterations", "40", "--checkpoint-every", "10", "--threads", "1",
+                "--out", str(out), *extra]
+
+    run = tmp_path / "run"
+    cli = subprocess.Popen(erase(run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / "history.jsonl").exists() or len((run / "history.jsonl").read_text().splitlines()) < 4:
+        assert time.time() < deadline and cli.poll() is None
+        time.sleep(0.2)
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "--resume" in last and "Traceback" not in err
+    assert not (run / "delta.safetensors").exists()
+
+    resumed = subprocess.run(erase(run, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = subprocess.run(erase(tmp_path / "reference"), env=env, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    assert (run / "delta.safetensors").read_bytes() == (tmp_path / "reference" / "delta.safetensors").read_bytes()
+
+
+def test_a_delta_of_nan_with_a_matching_checksum_is_refused(toy_bundle, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from age_explorer.core.erasure import erase, make_config
+    from age_explorer.core.manifest import file_sha256
+    from age_explorer.core.runs import CorruptRunError, run_weights
+
+    run = tmp_path / "run"
+    erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), run)
+    delta = load_file(str(run / "delta.safetensors"))
+    save_file({name: torch.full_like(t, float("nan")) for name, t in delta.items()}, str(run / "delta.safetensors"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "delta_sha256": file_sha256(run / "delta.safetensors")}))
+    before = {n: p.clone() for n, p in toy_bundle.unet.named_parameters() if n in delta}
+    with pytest.raises(CorruptRunError, match="holds values that are not finite numbers") as caught:
+        with run_weights(toy_bundle, run):
+            pass
+    assert "\n" not in str(caught.value)
+    assert all(torch.equal(p, before[n]) for n, p in toy_bundle.unet.named_parameters() if n in before)

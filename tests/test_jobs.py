@@ -251,6 +251,29 @@ def test_a_sigkilled_worker_is_noticed_by_polling_and_the_job_resumes(tiny_sd_di
         ex.worker.stop(10)
 
 
+def test_a_sigkilled_worker_is_noticed_by_the_server_itself_and_the_next_job_starts(tiny_sd_dir, tmp_path):
+    """No page polls here: the server's own watch of its worker process marks the job and starts a new
+    worker, which takes the next queued job."""
+    from age_explorer.explorer.service import Explorer, Settings
+
+    ex = Explorer(Settings(model=str(tiny_sd_dir), data_dir=str(tmp_path), worker_start_delay=0.0))
+    try:
+        options = _erase_config(str(tiny_sd_dir), iterations=500)["options"]
+        long_job = ex.submit_erase(options.pop("concepts"), "age", None, options)
+        short_options = {**options, "iterations": 2}
+        next_job = ex.submit_erase(["a red circle"], "age", None, short_options)
+        _wait(lambda: ex.store.get(long_job).step >= 2, 120, "the job to run")
+        first = ex.worker.process
+        os.kill(first.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _wait(lambda: ex.store.get(long_job).status == "interrupted", 5, "the server to notice the dead worker")
+        assert time.monotonic() - killed < 5 and "its worker stopped" in ex.store.get(long_job).error
+        _wait(lambda: ex.store.get(next_job).status == "done", 120, "the next queued job in a new worker")
+        assert ex.worker.process is not first and ex.worker.process.is_alive()
+    finally:
+        ex.worker.stop(10)
+
+
 def test_a_runner_whose_lease_was_taken_stops_and_writes_nothing(tmp_path):
     store = JobStore(tmp_path)
     seen = {}
@@ -320,3 +343,29 @@ def test_a_jobs_progress_is_its_last_step_report_and_its_history_is_in_the_run_f
     history = read_history(tmp_path / "jobs" / job_id / "run")
     assert [row["step"] for row in history] == [1, 2, 3, 4]  # AGE: a pi step after each model step
     assert store.get(job_id).progress == {**history[-1], "preview": None}  # the report itself, as asdict
+
+
+def test_a_damaged_job_row_is_named_and_the_other_jobs_go_on(tmp_path):
+    import sqlite3
+
+    from age_explorer.core.app.jobs import DamagedJobError
+
+    store = JobStore(tmp_path)
+    broken, good = (store.submit("erase", {"options": {"concepts": [c]}}) for c in ("red circle", "blue circle"))
+    with sqlite3.connect(store.path) as db:  # written by hand or by another program
+        db.execute("UPDATE jobs SET config = '{broken' WHERE id = ?", (broken,))
+    damaged = []
+    assert [job.id for job in store.list(damaged=damaged)] == [good]
+    assert damaged == [f"job '{broken}' is damaged in the job store: its config is not JSON; cancel it or remove "
+                       f"its row"]
+    with pytest.raises(DamagedJobError, match="is damaged in the job store") as caught:
+        store.get(broken)
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+    ran = []
+    worker = Worker(store, "cpu", runners={"erase": lambda ctx: ran.append(ctx.job.id) or {}})
+    assert worker.run_one().id == good and ran == [good]  # the damaged one failed, the next one ran
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT status FROM jobs WHERE id = ?", (broken,)).fetchone()[0] == "failed"
+        db.execute("UPDATE jobs SET status = 'running', owner_pid = 999999999, heartbeat = 0 WHERE id = ?", (broken,))
+    assert store.mark_interrupted() == [broken]  # a dead owner is found without reading the damaged JSON
+    assert store.cancel(broken) == "cancelled"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import sqlite3
@@ -70,6 +71,16 @@ _OWNER_COLUMNS = {"owner_pid": "INTEGER", "owner_host": "TEXT", "heartbeat": "RE
                   "session": "TEXT"}
 
 
+class TooManyJobsError(ValueError):
+    def __init__(self, active: int):
+        super().__init__(f"you already have {active} job(s) queued or running, the most one visitor may have "
+                         f"on this server: wait for one to end or cancel one")
+
+
+class DamagedJobError(ValueError):
+    pass
+
+
 class UnknownJobError(KeyError):
     def __str__(self) -> str:
         return f"unknown job id {short(self.args[0])}; `age-explorer jobs list` shows the jobs"
@@ -111,15 +122,17 @@ class Job:
     @property
     def owner_alive(self) -> bool:
         """Whether a live process holds this job: a fresh heartbeat and, on this host, a live PID."""
-        if self.owner_pid is None or self.heartbeat is None or time.time() - self.heartbeat > LEASE_SECONDS:
-            return False
-        return self.owner_host != HOST or _pid_alive(self.owner_pid)
+        return _owner_alive(self.owner_pid, self.owner_host, self.heartbeat)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
         d = dict(row)
         for key in ("config", "progress", "artifacts"):
-            d[key] = json.loads(d[key])
+            try:
+                d[key] = json.loads(d[key])
+            except (TypeError, ValueError):  # a row written by hand or by another program
+                raise DamagedJobError(f"job {short(d.get('id'))} is damaged in the job store: its {key} is not "
+                                      f"JSON; cancel it or remove its row") from None
         d["cancel_requested"], d["resume"] = bool(d["cancel_requested"]), bool(d["resume"])
         return cls(**d)
 
@@ -173,9 +186,18 @@ class JobStore:
         return self.data_dir / "jobs" / job_id
 
     # ---- writing ---------------------------------------------------------------------------------
-    def submit(self, kind: str, config: dict, device: str = "cpu", session: str | None = None) -> str:
+    def submit(self, kind: str, config: dict, device: str = "cpu", session: str | None = None,
+               session_limit: int | None = None) -> str:
+        """Queue a job. ``session_limit``: refuse it (:class:`TooManyJobsError`) while ``session`` already
+        has that many jobs queued or running; counted in the same transaction, so parallel submits of
+        one session cannot pass it together."""
         job_id = uuid.uuid4().hex  # 122 random bits: an id cannot be guessed
         with self._tx() as db:
+            if session_limit is not None:
+                active = db.execute("SELECT COUNT(*) AS n FROM jobs WHERE session IS ? AND status IN "
+                                    "('queued', 'running')", (session,)).fetchone()["n"]
+                if active >= session_limit:
+                    raise TooManyJobsError(active)
             db.execute("INSERT INTO jobs (id, kind, device, config, status, created, session) "
                        "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
                        (job_id, kind, device, json.dumps(config), time.time(), session))
@@ -192,7 +214,11 @@ class JobStore:
             db.execute("UPDATE jobs SET status = 'running', started = ?, error = NULL, owner_pid = ?, owner_host = ?, "
                        "heartbeat = ?, lease = ? WHERE id = ?",
                        (now, os.getpid(), HOST, now, uuid.uuid4().hex, row["id"]))
-        return self.get(row["id"])
+        try:
+            return self.get(row["id"])
+        except DamagedJobError as err:  # it fails, and the worker goes on with the next job
+            self.finish(row["id"], "failed", error=str(err))
+            return self.claim_next(device)
 
     def heartbeat(self, job_id: str, lease: str) -> bool:
         """Renew a running job's lease; False when the job is no longer this runner's."""
@@ -232,7 +258,7 @@ class JobStore:
             if row is None:
                 raise UnknownJobError(job_id)
             # a "running" job whose worker is gone has no one to hear a cancel request
-            if row["status"] in ("queued", "interrupted") or (row["status"] == "running" and not Job.from_row(row).owner_alive):
+            if row["status"] in ("queued", "interrupted") or (row["status"] == "running" and not _row_owner_alive(row)):
                 db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
                 return "cancelled"
             if row["status"] == "running":
@@ -260,17 +286,18 @@ class JobStore:
         """Jobs left 'running' (on ``device``, or any) by a worker that is gone become 'interrupted'.
         Cheap when nothing is orphaned (one read), so the page can call it on every poll."""
         where, args = ("status = 'running'", ()) if device is None else ("status = 'running' AND device = ?", (device,))
-        if all(Job.from_row(r).owner_alive for r in self._db().execute(f"SELECT * FROM jobs WHERE {where}", args)):
+        # read from the owner columns alone, so a row whose JSON is damaged is still looked after
+        if all(_row_owner_alive(r) for r in self._db().execute(f"SELECT * FROM jobs WHERE {where}", args)):
             return []
         with self._tx() as db:
-            dead = [Job.from_row(r) for r in db.execute(f"SELECT * FROM jobs WHERE {where}", args)]
-            dead = [job for job in dead if not job.owner_alive]
+            dead = [r for r in db.execute(f"SELECT id, lease, owner_pid, owner_host, heartbeat FROM jobs WHERE {where}",
+                                          args) if not _row_owner_alive(r)]
             for job in dead:
                 db.execute("UPDATE jobs SET status = 'interrupted', finished = ?, error = ?, owner_pid = NULL, "
                            "heartbeat = NULL, lease = NULL WHERE id = ? AND status = 'running' AND lease IS ?",
                            (time.time(), "its worker stopped (killed or crashed); resume it to continue from its "
-                            "last checkpoint", job.id, job.lease))
-        return [job.id for job in dead]
+                            "last checkpoint", job["id"], job["lease"]))
+        return [job["id"] for job in dead]
 
     # ---- reading ---------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -279,7 +306,10 @@ class JobStore:
             raise UnknownJobError(job_id)
         return Job.from_row(row)
 
-    def list(self, status: str | None = None, device: str | None = None) -> list[Job]:
+    def list(self, status: str | None = None, device: str | None = None,
+             damaged: list[str] | None = None) -> list[Job]:
+        """The jobs, oldest first. A damaged row is left out (the others still list); its message is added
+        to ``damaged`` when given."""
         query, args = "SELECT * FROM jobs", []
         where = []
         if status:
@@ -290,7 +320,14 @@ class JobStore:
             args.append(device)
         if where:
             query += " WHERE " + " AND ".join(where)
-        return [Job.from_row(r) for r in self._db().execute(query + " ORDER BY seq", args)]
+        jobs = []
+        for row in self._db().execute(query + " ORDER BY seq", args):
+            try:
+                jobs.append(Job.from_row(row))
+            except DamagedJobError as err:
+                if damaged is not None:
+                    damaged.append(str(err))
+        return jobs
 
     def queue_position(self, job_id: str) -> int:
         job = self.get(job_id)
@@ -305,6 +342,16 @@ class JobCancelled(Exception):
 
 class LeaseLost(Exception):
     """The job was taken from this runner (its lease expired and it was resumed elsewhere)."""
+
+
+def _owner_alive(pid: int | None, host: str | None, heartbeat: float | None) -> bool:
+    if pid is None or heartbeat is None or time.time() - heartbeat > LEASE_SECONDS:
+        return False
+    return host != HOST or _pid_alive(pid)
+
+
+def _row_owner_alive(row: sqlite3.Row) -> bool:
+    return _owner_alive(row["owner_pid"], row["owner_host"], row["heartbeat"])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -462,10 +509,11 @@ class WorkerProcess:
         self._start_lock = threading.Lock()
 
     def start(self) -> "WorkerProcess":
-        self.process = self._ctx.Process(target=_serve_in_process, name=f"age-worker-{self.device}", daemon=True,
-                                         args=(str(self.data_dir), self.device, self.threads, self.poll_interval,
-                                               self._stop, self.niceness))
-        self.process.start()
+        process = self._ctx.Process(target=_serve_in_process, name=f"age-worker-{self.device}", daemon=True,
+                                    args=(str(self.data_dir), self.device, self.threads, self.poll_interval,
+                                          self._stop, self.niceness))
+        process.start()
+        self.process = process  # only a started process: the watch waits on its sentinel
         return self
 
     def ensure_alive(self) -> bool:
@@ -477,6 +525,31 @@ class WorkerProcess:
                 return False
             self.start()
             return True
+
+    def supervise(self, store: "JobStore", interval: float = 1.0) -> threading.Thread:
+        """Watch the child from a thread of the server: once it dies (killed, out of memory), its job is
+        marked interrupted within ``interval`` seconds and a new child starts with the next queued job,
+        whether or not any page is polling. Ends with :meth:`stop`."""
+        thread = threading.Thread(target=self._supervise, args=(store, interval), daemon=True,
+                                  name=f"age-worker-watch-{self.device}")
+        thread.start()
+        return thread
+
+    def _supervise(self, store: "JobStore", interval: float) -> None:
+        while not self._stop.value:
+            process = self.process
+            if process is None:  # not started yet (delayed start)
+                time.sleep(interval)
+                continue
+            # the sentinel becomes ready the moment the child ends, so a death is seen at once
+            multiprocessing.connection.wait([process.sentinel], timeout=interval)
+            if self._stop.value or process.is_alive():
+                continue
+            try:
+                store.mark_interrupted(self.device)
+            except sqlite3.Error as err:  # a busy or full database: the new worker marks it on start
+                print(f"age-explorer: could not mark the dead worker's job interrupted: {err}", file=sys.stderr)
+            self.ensure_alive()
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.value = 1

@@ -28,7 +28,18 @@ class ToyWorld:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ToyWorld":
-        data = json.loads(Path(path).read_text())
+        try:
+            world = cls._from_data(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            what = f"no {err.args[0]!r} entry" if isinstance(err, KeyError) else str(err).splitlines()[0]
+            raise ValueError(f"{path} is not a toy world's concepts file ({what}); see the shipped "
+                             f"assets/toyworld/concepts.json") from None
+        if not world.concepts:
+            raise ValueError(f"{path} describes no concept: give it at least one shape and one colour")
+        return world
+
+    @classmethod
+    def _from_data(cls, data: dict) -> "ToyWorld":
         shapes = tuple(data["shapes"])
         colours = {k: tuple(v) for k, v in data["colours"].items()}
         fmt = data["concept_format"]

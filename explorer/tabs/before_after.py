@@ -16,7 +16,7 @@ from age_explorer.core.sampling import parse_seeds
 from .. import plots
 from ..service import before_after_rows
 from ..space import gpu
-from .common import ACTIVE, COMPUTE_SLOT, Page, job_line, owner_of, progress_html, shown_as_error, whole_number
+from .common import ACTIVE, COMPUTE_SLOT, Page, job_line, owner_of, plain, progress_html, shown_as_error, whole_number
 from .graph import GraphTab
 
 MAX_SEEDS = 8
@@ -46,7 +46,7 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
         if picks and picks.get("share") is not None:  # did the target search find the concept's neighbours?
             legend = (f"AGE's model steps used a neighbour of the erased concept as target {picks['share']:.0%} "
                       f"of the time; picking among its candidates at random gives {picks['chance']:.0%}. " + legend)
-        return shown.sheet, legend, shown.pair
+        return shown.sheet, plain(legend), shown.pair
 
     @gpu
     def measure_row(run_label, owner="", request: gr.Request = None, progress=gr.Progress()):
@@ -89,8 +89,8 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
         run_dir = run_path(run_label, owner, request)
         with shown_as_error():
             config = plan_evaluation(images_per_class, settings.evaluator, settings.concept_set)
-        job_id = ex.submit_evaluate(run_dir, config, owner=owner_of(owner, request))
-        return job_id, gr.Timer(active=True), f"Job `{job_id}` queued: ESR/PSR of {run_label}, " \
+            job_id = ex.submit_evaluate(run_dir, config, owner=owner_of(owner, request))
+        return job_id, gr.Timer(active=True), f"Job `{job_id}` queued: ESR/PSR of {plain(run_label)}, " \
                                               f"{config.images_per_class} images per class."
 
     def tick(job_id, run_label, owner="", request: gr.Request = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -57,12 +58,45 @@ def shown_as_error(*kinds: type[Exception]):
     except (ValueError, ModelUnavailableError, CorruptRunError, *kinds) as err:
         # a bare KeyError's str() is the repr of its key; its subclasses (UnknownJobError) say more
         message = err.args[0] if type(err) is KeyError and err.args else err
-        raise gr.Error(str(message)) from None
+        raise error(str(message)) from None
 
 
 def plain(text: str) -> str:
-    """Text for a toast or Markdown, with ``<`` and ``>`` escaped (``<unk>`` would vanish as a tag)."""
-    return html.escape(text, quote=False)
+    """Text for a toast or Markdown, with ``<`` and ``>`` escaped (``<unk>`` would vanish as a tag, and a
+    name such as ``<img src=...>`` from a run, a graph or an input would be drawn): names show as text."""
+    return html.escape(str(text), quote=False)
+
+
+def error(message: str) -> gr.Error:
+    """An error toast whose text is shown as text (Gradio draws a toast's message as HTML)."""
+    return gr.Error(plain(message))
+
+
+def number_from(value, name: str, lo: float, hi: float) -> float:
+    """``value`` sent by a page or an API client as a finite number in [lo, hi], else a ValueError naming
+    ``name`` ("abc", NaN, Infinity and None included)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not (math.isfinite(number) and lo <= number <= hi):
+        raise ValueError(f"{name} must be a number from {lo:g} to {hi:g}, got {short(value)}")
+    return number
+
+
+def bounded_slider(name: str, lo: float, hi: float, value: float, **kwargs) -> gr.Slider:
+    """A ``gr.Slider`` whose API input outside [lo, hi] or not a number ("abc", NaN) is one line naming
+    ``name``, not Gradio's own refusal (which reaches a client as an empty error)."""
+    box = gr.Slider(lo, hi, value, **kwargs)
+
+    def preprocess(payload):
+        try:
+            return number_from(payload, name, lo, hi)
+        except ValueError as err:
+            raise error(str(err)) from None
+
+    box.preprocess = preprocess
+    return box
 
 
 def whole_number(**kwargs) -> gr.Number:
@@ -76,7 +110,7 @@ def whole_number(**kwargs) -> gr.Number:
         try:
             return parse(payload)
         except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"{box.label}: {short(payload)} is not a whole number") from None
+            raise error(f"{box.label}: {short(payload)} is not a whole number") from None
 
     box.preprocess = preprocess
     return box
@@ -100,10 +134,14 @@ def progress_html(job, prefix: str = "job") -> str:
             f"<div id='{prefix}_text'>{job.status}{what}{eta_text}</div>")
 
 
+def job_state(job) -> str:
+    """A job's status word as a visitor sees it ("cancelling" once a cancel was asked for)."""
+    return "cancelling" if job.cancel_requested and job.status in ACTIVE else job.status
+
+
 def job_line(job) -> str:
     """What a background job is doing or what became of it, in one Markdown line."""
-    shown = "cancelling" if job.cancel_requested and job.status in ACTIVE else job.status
-    return f"**{shown}**" + (f": {plain(job.error.splitlines()[0])}" if job.error else "")
+    return f"**{job_state(job)}**" + (f": {plain(job.error.splitlines()[0])}" if job.error else "")
 
 
 def run_list_updates(page: Page, owner: str, current: list, newest: bool = False) -> list:

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass
 
 import gradio as gr
+import pandas as pd
 
 from age_explorer.core.app.jobs import erase_run_dir
 from age_explorer.core.app.workflows import plan_erase, preset_steps, presets_offered
@@ -16,9 +17,10 @@ from age_explorer.core.erasure import METHODS, get_method
 from age_explorer.core.runs import read_history
 
 from .. import plots
-from .common import ACTIVE, Page, job_line, owner_of, plain, progress_html, shown_as_error, whole_number
+from .common import ACTIVE, Page, job_line, job_state, owner_of, plain, progress_html, shown_as_error, whole_number
 
 PRESET_VOCAB = "(preset)"
+JOBS_HEADERS = ["job", "kind", "status", "step", "what"]
 
 
 def status_text(job, public: bool) -> str:
@@ -33,10 +35,10 @@ def status_text(job, public: bool) -> str:
                  "**Export** (it is chosen there), or pick it in **Generate**'s model list.")
         text += "".join(f"  \nNote: {plain(line)}" for line in job.artifacts.get("target_notes", []))
     if progress.get("targets"):
-        text += "  \nTop targets: " + "; ".join(f"{c}: " + ", ".join(f"{w} {p:.2f}" for w, p in t[:3])
+        text += "  \nTop targets: " + "; ".join(f"{plain(c)}: " + ", ".join(f"{plain(w)} {p:.2f}" for w, p in t[:3])
                                                for c, t in progress["targets"].items())
     if progress.get("pick") is not None and progress.get("pick_is_neighbour") is not None:
-        text += f"  \nLast target used: {progress['pick']} ({'a neighbour' if progress['pick_is_neighbour'] else 'not a neighbour'})"
+        text += f"  \nLast target used: {plain(progress['pick'])} ({'a neighbour' if progress['pick_is_neighbour'] else 'not a neighbour'})"
     return text
 
 
@@ -63,10 +65,22 @@ def form_options(method, iterations, lam, search, target, vocab, own_candidates)
     return options
 
 
+def job_summary(job) -> str:
+    """What a job does, in words for the jobs list: no server paths (public mode shows this list too)."""
+    cfg = job.config
+    if job.kind == "erase":
+        return f"{cfg.get('method', '').upper()}: " + ", ".join(cfg.get("options", {}).get("concepts", []))
+    if job.kind == "attack":
+        return f"{cfg.get('attack')} attack"
+    return job.kind
+
+
 @dataclass
 class EraseTab:
     reattach: object  # page load: (saved job, owner secret) -> (job id, timer, owner, owner secret)
     timer: gr.Timer
+    list_jobs: object  # (owner) -> the jobs list and its job choice
+    jobs_outputs: list
 
 
 def build(page: Page, concepts: list[str]) -> EraseTab:
@@ -101,7 +115,7 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
                 raise ValueError("pick at least one concept to erase")
             options = form_options(get_method(method), iterations, lam, search, target, vocab, own_candidates)
             plan_erase(ex.bundle(), ex.device, names, method, preset or None, options)
-        job_id = ex.submit_erase(names, method, preset or None, options, owner=owner_of(owner, request))
+            job_id = ex.submit_erase(names, method, preset or None, options, owner=owner_of(owner, request))
         return job_id, job_id, gr.Timer(active=True), queue_text(job_id)
 
     def tick(job_id, owner="", request: gr.Request = None):
@@ -127,7 +141,25 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
     def job_status_json(job_id, owner="", request: gr.Request = None):
         with shown_as_error(KeyError):
             job = ex.job(job_id, owner_of(owner, request))
-        return json.dumps({k: v for k, v in job.__dict__.items() if k not in ("lease", "session")}, default=str)
+        shown = {k: v for k, v in job.__dict__.items() if k not in ("lease", "session")}
+        return json.dumps(ex.for_visitor(shown), default=str)
+
+    def list_jobs(owner="", request: gr.Request = None):
+        jobs = ex.jobs_of(owner_of(owner, request))
+        rows = [[job.id, job.kind, job_state(job), f"{job.step}/{job.total}", job_summary(job)]
+                for job in jobs]
+        ids = [job.id for job in jobs]
+        return pd.DataFrame(rows, columns=JOBS_HEADERS), gr.Dropdown(choices=ids, value=ids[-1] if ids else None)
+
+    def cancel_chosen(job_id, owner="", request: gr.Request = None):
+        if not job_id:
+            raise gr.Error("no job chosen: pick one of your jobs in the list")
+        with shown_as_error(KeyError):
+            return f"Job `{job_id}`: {ex.cancel(job_id, owner_of(owner, request))}"
+
+    def resume_chosen(job_id, owner="", request: gr.Request = None):
+        message, timer = resume(job_id, owner, request)
+        return message, timer, job_id, job_id  # the progress follows the resumed job
 
     def cancel(job_id, owner="", request: gr.Request = None):
         if not job_id:
@@ -178,6 +210,13 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
         cancel_btn = gr.Button("Cancel", elem_id="cancel_btn")
         resume_btn = gr.Button("Resume", elem_id="resume_btn")
     queue_md = gr.Markdown(elem_id="queue_line")
+    with gr.Accordion("Your jobs (queued, running, interrupted)", open=True):
+        jobs_table = gr.Dataframe(headers=JOBS_HEADERS, value=[], interactive=False, elem_id="my_jobs")
+        with gr.Row():
+            chosen_job = gr.Dropdown([], label="Job", allow_custom_value=True, elem_id="chosen_job")
+            refresh_jobs_btn = gr.Button("Refresh list", elem_id="refresh_jobs_btn")
+            cancel_chosen_btn = gr.Button("Cancel this job", elem_id="cancel_chosen_btn")
+            resume_chosen_btn = gr.Button("Resume this job", elem_id="resume_chosen_btn")
     progress_box = gr.HTML(progress_html(None), js_on_load=None)
     status_md = gr.Markdown(elem_id="job_status")
     with gr.Row():
@@ -188,16 +227,27 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
 
     method.change(on_method, method, [preset, iterations], api_visibility="private")
     preset.change(on_preset, [method, preset], iterations, api_visibility="private")
+    jobs_outputs = [jobs_table, chosen_job]
+    hidden = {"api_visibility": "private", "show_progress": "hidden"}
     start_btn.click(start_erase, [erase_choice, free_text, method, preset, iterations, lam, search, target,
                                   vocab, own_candidates, page.owner],
                     [page.job_id, page.saved_job, timer, queue_md], api_name="start_erase",
-                    api_visibility=page.api)
+                    api_visibility=page.api).then(list_jobs, page.owner, jobs_outputs, **hidden)
+    refresh_jobs_btn.click(list_jobs, page.owner, jobs_outputs, api_name="my_jobs", api_visibility=page.api)
+    cancel_chosen_btn.click(cancel_chosen, [chosen_job, page.owner], queue_md, api_name="cancel_job",
+                            api_visibility=page.api).then(list_jobs, page.owner, jobs_outputs, **hidden)
+    resume_chosen_btn.click(resume_chosen, [chosen_job, page.owner], [queue_md, timer, page.job_id, page.saved_job],
+                            api_name="resume_job", api_visibility=page.api
+                            ).then(list_jobs, page.owner, jobs_outputs, **hidden)
+    page.runs_changed.change(list_jobs, page.owner, jobs_outputs, **hidden)  # a job of this page ended
     timer.tick(tick, [page.job_id, page.owner],
                [timer, progress_box, status_md, loss_plot, targets_plot, preview, queue_md, page.runs_changed],
                show_progress="hidden", api_visibility="private")
     job_box, job_json = gr.Textbox(visible=False), gr.Textbox(visible=False)
     job_box.submit(job_status_json, [job_box, page.owner], job_json, api_name="job_status", api_visibility=page.api)
     # the next tick replaces the cancel line; the status line says "cancelling" till the job stops
-    cancel_btn.click(cancel, [page.job_id, page.owner], queue_md, api_name="cancel", api_visibility=page.api)
-    resume_btn.click(resume, [page.job_id, page.owner], [queue_md, timer], api_name="resume", api_visibility=page.api)
-    return EraseTab(reattach, timer)
+    cancel_btn.click(cancel, [page.job_id, page.owner], queue_md, api_name="cancel", api_visibility=page.api
+                     ).then(list_jobs, page.owner, jobs_outputs, **hidden)
+    resume_btn.click(resume, [page.job_id, page.owner], [queue_md, timer], api_name="resume", api_visibility=page.api
+                     ).then(list_jobs, page.owner, jobs_outputs, **hidden)
+    return EraseTab(reattach, timer, list_jobs, jobs_outputs)

@@ -7,6 +7,7 @@ import warnings
 import gradio as gr
 
 from age_explorer.core.bundle import PromptWarning
+from age_explorer.core.checks import check_text
 from age_explorer.core.imageio import to_pil
 from age_explorer.core.sampling import generate, parse_seeds
 
@@ -27,6 +28,7 @@ def build(page: Page) -> gr.Dropdown:
             seed_list = parse_seeds(seeds_text, limit=MAX_SEEDS)
             if not prompt or not prompt.strip():
                 raise ValueError("the prompt is empty: type something such as 'a red circle'")
+            check_text("the prompt", prompt)  # the text encoder reads 77 tokens; a huge prompt only costs time
             run = None if model_choice in (None, "", ORIGINAL) else ex.run(model_choice, owner_of(owner, request))
         progress(0, desc="loading model")
         with shown_as_error(), ex.model(run.path if run else None) as bundle, \

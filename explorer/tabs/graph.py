@@ -16,7 +16,7 @@ from age_explorer.core.graph.store import GraphStore
 
 from .. import plots
 from ..components import concept_graph
-from .common import COMPUTE_SLOT, Page
+from .common import COMPUTE_SLOT, Page, bounded_slider, plain
 
 EMPTY_FIG = "{}"
 DEFAULT_THRESHOLD = plots.DEFAULT_THRESHOLD
@@ -65,27 +65,27 @@ def build(page: Page) -> GraphTab:
 
     def details_of(store, selected):
         meta = store.meta()
-        text = (f"**{meta['method'].upper()}** (preset {meta.get('preset')}, target {meta.get('target')!r}), "
-                f"{len(store.rows_done())} rows, {meta['images_per_concept']} images per concept, "
-                f"classifier {meta['evaluator']}.")
+        text = (f"**{plain(meta['method'].upper())}** (preset {plain(meta.get('preset'))}, target "
+                f"{plain(repr(meta.get('target')))}), {len(store.rows_done())} rows, {meta['images_per_concept']} "
+                f"images per concept, classifier {plain(meta['evaluator'])}.")
         recovery = store.recovery()
         rates = plots.recovery_by_concept(recovery)
         if rates:
-            text += (f" Recovery layer: {len(rates)} erased concepts attacked ({', '.join(sorted(set(recovery.attack)))}); "
+            text += (f" Recovery layer: {len(rates)} erased concepts attacked ({plain(', '.join(sorted(set(recovery.attack))))}); "
                      f"rings show the {plots.RECOVERY_ATTACK} attack's ASR.")
         if not selected:
             return text + " Click a node or pick a concept.", None
         nodes = store.nodes().set_index("concept")
         if selected not in nodes.index:
-            return text + f"\n\n{selected!r} is not in this graph.", None
-        text += f"\n\n**{selected}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
+            return text + f"\n\n{plain(repr(selected))} is not in this graph.", None
+        text += f"\n\n**{plain(selected)}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
         if selected in rates:
-            text += " Recovery ASR: " + ", ".join(f"{a} {v:.2f}" for a, v in sorted(rates[selected].items())) + "."
+            text += " Recovery ASR: " + ", ".join(f"{plain(a)} {v:.2f}" for a, v in sorted(rates[selected].items())) + "."
         edges = store.edges()
         row = edges[edges.erased == selected]
         if len(row):
             worst = row[row.affected != selected].nlargest(3, "delta_top1")
-            text += " Erasing it hurts most: " + ", ".join(f"{r.affected} (Δ {r.delta_top1:.2f})" for r in worst.itertuples())
+            text += " Erasing it hurts most: " + ", ".join(f"{plain(r.affected)} (Δ {r.delta_top1:.2f})" for r in worst.itertuples())
             return text, plots.spillover_bar_figure(row, selected)
         return text + " (no row for it in this graph)", None
 
@@ -141,7 +141,8 @@ def build(page: Page) -> GraphTab:
     with gr.Row():
         graph_dd = gr.Dropdown(names, value=names[0] if names else None, label="Graph", elem_id="graph_dd")
         group_radio = gr.Radio(groupings, value=groupings[0] if groupings else None, label="Group by")
-        threshold = gr.Slider(0, 1, DEFAULT_THRESHOLD, step=0.05, label="Show edges with Δ ≥", elem_id="threshold")
+        threshold = bounded_slider("the edge threshold (Δ ≥)", 0, 1, DEFAULT_THRESHOLD, step=0.05,
+                                   label="Show edges with Δ ≥", elem_id="threshold")
         concept_dd = gr.Dropdown(concepts, value=None, label="Concept", elem_id="concept_dd")
     init = graph_outputs(names[0] if names else None, DEFAULT_THRESHOLD, groupings[0] if groupings else None, None)
     graph_view = concept_graph(init[0])

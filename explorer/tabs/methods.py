@@ -20,7 +20,7 @@ from age_explorer.core.sampling import parse_seeds
 from .. import plots
 from ..service import Explorer, before_after_rows
 from ..space import gpu
-from .common import COMPUTE_SLOT, Page, owner_of, shown_as_error
+from .common import COMPUTE_SLOT, Page, error, owner_of, plain, shown_as_error
 
 MAX_SEEDS = 8
 SHOWN_COLUMNS = {"rank": "rank", "method": "method", "erased_of": "erased", "neighbours": "neighbour Δ",
@@ -46,7 +46,7 @@ def show_rows(ex: Explorer, erased: str):
         raise gr.Error("pick a concept")
     rows = ex.method_rows(erased)
     if rows.empty:
-        raise gr.Error(f"no graph has a row of {erased!r} yet")
+        raise error(f"no graph has a row of {erased!r} yet")
     order = [c for c in ex.concept_set().concepts if c in rows.columns] or list(rows.columns)
     return plots.methods_rows_figure(rows[order], erased)
 
@@ -73,7 +73,7 @@ def show_pair(ex: Explorer, run_a, run_b, seeds_text, owner="", request: gr.Requ
     with shown_as_error(), ex.model() as bundle, ex.compute():
         shown = before_after(bundle, columns, before_after_rows(ex, manifest), seeds, seeds_text,
                              progress=lambda share, desc: progress(share, desc=desc))
-    return shown.sheet, shown.legend
+    return shown.sheet, plain(shown.legend)
 
 
 def build(page: Page, concepts: list[str], tab: gr.Tab) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import tools
-from .common import Page
+from .common import Page, error
 
 
 def build(page: Page) -> None:
@@ -15,7 +15,7 @@ def build(page: Page) -> None:
         try:
             return query(ex, *args)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise error(str(err)) from None
 
     def list_graphs() -> list[dict]:
         """List the concept graphs: name, erasure method, preset, target, rows measured, images per concept."""
@@ -46,7 +46,7 @@ def build(page: Page) -> None:
             k: how many neighbours to return.
             graph: a graph name from list_graphs, or empty for the first graph.
         """
-        return answer(tools.nearest_concepts, concept, int(k), graph)
+        return answer(tools.nearest_concepts, concept, k, graph)
 
     def rank_methods() -> list[dict]:
         """Rank the erasure methods of this model's graphs: share of rows erased (G after <= 0.10), mean spillover on

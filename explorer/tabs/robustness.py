@@ -13,12 +13,13 @@ import pandas as pd
 from age_explorer.core.app.workflows import attack_defaults, attack_summary, past_attacks, plan_attack
 from age_explorer.core.attacks import ATTACKS
 
-from .common import ACTIVE, Page, job_line, owner_of, progress_html, shown_as_error, whole_number
+from .common import ACTIVE, Page, error, job_line, owner_of, plain, progress_html, shown_as_error, whole_number
 
 DEFAULT_ATTACK = "embedding"
 PROBE_COLUMNS = ["probe", "kind", "seeds", "asr", "asr_base"]
 NO_ATTACK = (None, "No attack of this run yet: choose an attack and press **Run attack**.", None)
 
+NAME_FIELDS = ("attack", "concept", "run_description", "evaluator")  # of an attack's result, shown in its summary
 
 def build(page: Page) -> gr.Dropdown:
     """The tab's components; returns its run list."""
@@ -34,7 +35,9 @@ def build(page: Page) -> gr.Dropdown:
         """(contact sheet, summary, probes table) of one past attack."""
         folder = Path(entry.folder)
         probes = pd.read_csv(folder / "probes.csv")[PROBE_COLUMNS].round(3)
-        return str(folder / "contact_sheet.png"), attack_summary(entry.result), probes
+        # names as text; the learned words are in code spans, which show any text as it is
+        named = {**entry.result, **{key: plain(entry.result.get(key, "")) for key in NAME_FIELDS}}
+        return str(folder / "contact_sheet.png"), attack_summary(named), probes
 
     def listing(run_dir: str, chosen: str | None):
         """The run's attacks as dropdown choices, and the one named ``chosen`` (default: the newest)."""
@@ -60,7 +63,7 @@ def build(page: Page) -> gr.Dropdown:
         run = run_of(run_label, owner, request)
         _, entry = listing(run.path, chosen or "")
         if entry is None:
-            raise gr.Error(f"run {run_label} has no attack {chosen!r}: pick one of the run's attacks")
+            raise error(f"run {run_label} has no attack {chosen!r}: pick one of the run's attacks")
         return shown(entry)
 
     def on_attack(attack):
@@ -71,8 +74,8 @@ def build(page: Page) -> gr.Dropdown:
         run = run_of(run_label, owner, request)
         with shown_as_error():
             config = plan_attack(attack, steps, seeds, concept, list(run.concepts))
-        job_id = ex.submit_attack(run.path, config, owner=owner_of(owner, request))
-        return job_id, gr.Timer(active=True), f"Job `{job_id}` queued: {attack} attack on {run.label}."
+            job_id = ex.submit_attack(run.path, config, owner=owner_of(owner, request))
+        return job_id, gr.Timer(active=True), f"Job `{job_id}` queued: {plain(attack)} attack on {plain(run.label)}."
 
     def tick(job_id, run_label, owner="", request: gr.Request = None):
         if not job_id:

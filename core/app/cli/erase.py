@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
+import sys
 from pathlib import Path
 
 from .common import THREADS_HELP, add_model_args, load_model, use_threads
@@ -17,7 +19,8 @@ EARLIER_SPELLINGS = {"concepts": ["--concept"], "lam": ["--lambda"], "negative_g
 # Fields whose flag is not the generated one: the preset is make_config's own argument (with 'none' and
 # the backend's default), and explicit candidates come from a file, one per line.
 OWN_FLAGS = {"preset", "candidates"}
-MAX_CHECK_IMAGES = 1024  # images of the top-1 target's check (the graphs use 32)
+MAX_CHECK_IMAGES = 1024
+INTERRUPTED = 130  # the shell's exit status of a command stopped by Ctrl-C (128 + SIGINT)  # images of the top-1 target's check (the graphs use 32)
 
 
 def config_classes() -> dict[str, type]:
@@ -50,7 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "classifier when the target is one of its concepts (the toy world), record it in the manifest and "
         "say why when it is below 0.9; 0 skips it (default 32, the graphs' N)"))
     parser.add_argument("--out", required=True, help="run folder")
-    parser.set_defaults(func=run, config_fields=fields)
+    parser.set_defaults(func=run, config_fields=fields, on_interrupt=interrupted_hint)
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What to do after a Ctrl-C that came before the run's steps (loading) or as a second press."""
+    if (Path(args.out) / "checkpoint").is_dir():
+        return f"the run in {args.out} keeps its last checkpoint; run the same command with --resume to continue it"
+    return f"no checkpoint was written yet; run the same command again (with --force if {args.out} exists)"
 
 
 def erase_overrides(args: argparse.Namespace) -> dict:
@@ -67,6 +77,8 @@ def erase_overrides(args: argparse.Namespace) -> dict:
                          f"for the methods each flag belongs to")
     if args.candidates:
         values["candidates"] = [w.strip() for w in Path(args.candidates).read_text().splitlines() if w.strip()]
+        if not values["candidates"]:  # else the vocabulary would be used, as if no file were given
+            raise ValueError(f"the candidates file {args.candidates} holds no candidate: write one per line")
     return values
 
 
@@ -99,10 +111,15 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(post, refresh=False)
 
     try:
-        result = erase(bundle, config, args.out, callbacks=[show], resume=args.resume)
+        with StopOnCtrlC() as ctrl_c:
+            result = erase(bundle, config, args.out, callbacks=[show], stop=ctrl_c.pressed, resume=args.resume)
     finally:  # closed before an error is printed, so the error is the last line
         for bar in bars:
             bar.close()
+    if result.status == "stopped":
+        print(f"interrupted at step {result.steps_done}: the run is checkpointed in {args.out}; "
+              f"run the same command with --resume to continue it", file=sys.stderr)
+        return INTERRUPTED
     m = result.manifest
     print(f"{result.status}: {result.steps_done} steps in {m.seconds:.1f} s -> {result.run_dir}")
     for concept, targets in (m.targets or {}).items():
@@ -121,6 +138,29 @@ def run(args: argparse.Namespace) -> int:
         for line in notes(record):
             print(f"  note: {line}")
     return 0
+
+
+class StopOnCtrlC:
+    """While active, a first Ctrl-C asks the run to stop after its current step (it then writes a
+    checkpoint that --resume continues exactly); a second one interrupts at once."""
+
+    def __init__(self):
+        self._pressed = False
+
+    def pressed(self) -> bool:
+        return self._pressed
+
+    def _on_sigint(self, signum, frame):
+        if self._pressed:
+            raise KeyboardInterrupt
+        self._pressed = True
+
+    def __enter__(self):
+        self._before = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._before)
 
 
 def started_threads(out: Path) -> int | None:

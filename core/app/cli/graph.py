@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 from .common import THREADS_HELP, add_model_args, load_model, use_threads
 from .config_flags import json_object
@@ -64,9 +66,20 @@ def run(args: argparse.Namespace) -> int:
     if args.subset:
         concept_set = concept_set.subset(args.subset)
     spec = CapabilitySpec(images_per_concept=args.images_per_concept, seed=args.seed, steps=args.steps)
+    recipe = row_recipe(args, bundle)
+    recipe.config(concept_set.concepts[0])  # a bad recipe is refused before any image is made
+    out = Path(args.out)
+    fresh = not out.exists() or not any(out.iterdir())
     start = time.time()
-    store = build_graph(bundle, concept_set, args.out, row_recipe(args, bundle), spec, args.evaluator,
-                        backend=args.backend, ray_address=args.ray_address)
+    try:
+        store = build_graph(bundle, concept_set, args.out, recipe, spec, args.evaluator,
+                            backend=args.backend, ray_address=args.ray_address)
+    except Exception:
+        # a graph this command began that failed before its first row leaves no half-written folder
+        # (a Ctrl-C keeps it: the build resumes from what it has)
+        if fresh and out.is_dir() and not _has_rows(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     meta = store.meta()
     seconds = meta.get("row_seconds", {})
     print(f"\n{len(store.rows_done())} rows in {args.out}; this run {time.time() - start:.0f} s; "
@@ -76,3 +89,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"mean {sum(seconds.values()) / len(seconds):.1f} s per row")
     print(summary(store, concept_set, similarity_measures(bundle, concept_set)))
     return 0
+
+
+def _has_rows(out: Path) -> bool:
+    from ...graph.store import GraphStore
+
+    try:
+        return bool(GraphStore(out).rows_done())
+    except Exception:  # noqa: BLE001  a damaged edges file: keep the folder for the user to look at
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import THREADS_HELP, use_threads
 
@@ -33,20 +34,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def check_erase_job(model: str, method: str, preset: str | None, options: dict) -> None:
+    """Refuse at submit what the worker would refuse later: an unknown preset, values out of range and,
+    on the toy model (a closed vocabulary; an open model takes any text), an unknown concept."""
+    from ...erasure import make_config
+
+    config = make_config(method, preset, **options)
+    if model == "toy":
+        from ...bundle import load_bundle
+
+        bundle = load_bundle("toy", device="cpu")
+        bundle.backend.check_concepts(bundle, config.concepts, getattr(config, "target", None))
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from ..jobs import JobStore, Worker
 
+    if args.jobs_command == "submit-erase":  # checked before the store is opened: a refusal writes nothing
+        options = {"concepts": args.concept, **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {})}
+        if args.iterations is not None:
+            options["iterations"] = args.iterations
+        check_erase_job(args.model, args.method, args.preset, options)
     store = JobStore(args.data_dir)
     if args.jobs_command == "list":
-        jobs = store.list(status=args.status)
+        damaged: list[str] = []
+        jobs = store.list(status=args.status, damaged=damaged)
         print(f"{'id':32s}  {'kind':8s}  {'device':6s}  {'status':11s}  {'progress':>11s}  config")
         for job in jobs:
             cfg = job.config
             what = ", ".join(cfg.get("options", {}).get("concepts", [])) or ", ".join(cfg.get("prompts", []))
             print(f"{job.id:32s}  {job.kind:8s}  {job.device:6s}  {job.status:11s}  {job.step:>5d}/{job.total:<5d}  "
                   f"{cfg.get('method', '')} {what}")
+        for message in damaged:  # the other jobs are listed all the same
+            print(f"warning: {message}", file=sys.stderr)
     elif args.jobs_command == "show":
         job = store.get(args.job_id)
         print(json.dumps({k: v for k, v in job.__dict__.items()}, indent=2, default=str))
@@ -56,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
         store.resume(args.job_id)
         print(f"{args.job_id}: queued again; a worker continues it from its last checkpoint")
     elif args.jobs_command == "submit-erase":
-        options = {"concepts": args.concept, **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {})}
-        if args.iterations:
-            options["iterations"] = args.iterations
         job_id = store.submit("erase", {"model": args.model, "method": args.method, "preset": args.preset,
                                         "options": options}, device=args.device)
         print(job_id)

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = lambda msg, cat, *a, **k: tqdm.write(f"warning: {msg}", file=sys.stderr)
         try:
             return args.func(args)
+        except KeyboardInterrupt:  # Ctrl-C: one line, with what to do next where the command knows it
+            hint = getattr(args, "on_interrupt", None)
+            print("interrupted" + (f": {hint(args)}" if hint else ""), file=sys.stderr)
+            return 130
         # input, file and network errors are one line; FloatingPointError: a diverged loss
         except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as err:
             print(f"error: {err}", file=sys.stderr)
