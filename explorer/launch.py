@@ -16,7 +16,7 @@ import argparse
 import importlib.util
 import os
 
-from .app import Settings, build_app
+from .preview import StartPageProcess
 
 # No component of the page takes a file, but Gradio's upload route is always there: cap what it accepts
 # (a file over it is refused with HTTP 413 and never stays on disk).
@@ -54,10 +54,18 @@ def main(argv: list[str] | None = None) -> None:
                         default=os.environ.get("AGE_EXPLORER_PUBLIC", "1" if os.environ.get("SPACE_ID") else "0") == "1",
                         help="a server for strangers: each session sees and cancels only its own jobs and runs "
                              "(default on a Space, i.e. when SPACE_ID is set; env AGE_EXPLORER_PUBLIC=0/1)")
+    parser.add_argument("--start-page", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get("AGE_EXPLORER_START_PAGE", "1") == "1",
+                        help="while the app loads, serve a page with the first concept graph on its port (the "
+                             "embedded toy model's graphs; default on); env AGE_EXPLORER_START_PAGE=0/1")
     args = parser.parse_args(argv)
     if args.mcp and importlib.util.find_spec("mcp") is None:
         parser.error('--mcp needs the MCP extra of gradio: pip install "gradio[mcp]"')
+    # the start-up page holds the port while gradio and torch load (explorer/preview.py)
+    start_page = StartPageProcess(args.host, args.port, args.model, args.data_dir) if args.start_page else None
     try:
+        from .app import Settings, build_app
+
         demo = build_app(Settings(model=args.model, device=args.device, data_dir=args.data_dir, mcp=args.mcp,
                                   allow_server_token=args.allow_server_token, public=args.public,
                                   evaluator=args.evaluator, concept_set=args.concept_set,
@@ -67,5 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: cannot use the data folder: {where}{err.strerror or err}\n")
     except ValueError as err:  # e.g. a damaged job store
         parser.exit(2, f"error: {err}\n")
+    finally:
+        if start_page is not None:
+            start_page.stop()  # the app takes the port; the page reloads into it
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    mcp_server=args.mcp, **LAUNCH_OPTIONS)

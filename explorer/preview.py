@@ -33,9 +33,10 @@ page (tabs, clicks, erasure) replaces this one in a few seconds.</p>
 <div id="concept_graph"><div id="network" style="min-height:640px"></div></div>
 <script src="/start/plotly.min.js"></script>
 <script>
-fetch("/start/figure.json").then(r => r.json()).then(fig =>
-  Plotly.newPlot("network", fig.data, fig.layout, {responsive: true, displaylogo: false})
-).then(() => { document.getElementById("network").dataset.ready = "1"; });
+fetch("/start/figure.json").then(r => r.ok ? r.json() : null).then(fig => fig &&
+  Plotly.newPlot("network", fig.data, fig.layout, {responsive: true, displaylogo: false}).then(() => {
+    document.getElementById("network").dataset.ready = "1";
+  }));
 async function poll() {
   try {
     const r = await fetch("/", {method: "HEAD", cache: "no-store"});
@@ -51,15 +52,14 @@ setTimeout(poll, 300);
 def first_graph(model: str, data_dir: str | None) -> Path | None:
     """The graph the app draws first, found without torch: only for the embedded toy model, whose
     weights revision is in a JSON file (another model's needs its backend, which loads torch)."""
+    from age_explorer.core.app.jobs import default_data_dir
     from age_explorer.core.graph.store import model_graphs
     from age_explorer.core.paths import assets_dir, toy_model_dir
 
     if model != "toy":
         return None
     revision = json.loads((toy_model_dir() / "manifest.json").read_text()).get("revision")
-    roots = [(assets_dir() / "graphs", "shipped")]
-    if data_dir:
-        roots.append((Path(data_dir) / "graphs", "computed"))
+    roots = [(assets_dir() / "graphs", "shipped"), (Path(data_dir or default_data_dir()) / "graphs", "computed")]
     graphs = model_graphs(roots, model, revision)
     return next(iter(graphs.values()), None)
 

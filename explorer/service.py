@@ -24,7 +24,7 @@ from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.device import resolve_device
 from age_explorer.core.export_lora import DEFAULT_RANK
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
-from age_explorer.core.graph.store import DamagedGraphError, GraphStore
+from age_explorer.core.graph.store import DamagedGraphError, GraphStore, model_graphs
 from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
 from age_explorer.core.paths import assets_dir
 from age_explorer.core.runs import RunManifest, run_weights
@@ -202,20 +202,8 @@ class Explorer:
     # ---- graphs ----------------------------------------------------------------------------------
     def graph_dirs(self) -> dict[str, Path]:
         """Shipped graphs of this model (assets/graphs) and graphs computed here (data dir)."""
-        found = {}
-        revision = weights_revision(self.settings.model)
-        for root, tag in ((assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")):
-            if root.is_dir():
-                stores = [s for s in map(GraphStore, sorted(root.iterdir())) if s.exists and self._readable(s)]
-                metas = [(s, s.meta()) for s in stores]
-                # a graph of another model, or of an earlier training of the toy model, is not this one's
-                metas = [(s, m) for s, m in metas if m.get("model") == self.settings.model
-                         and (revision is None or m.get("model_revision") == revision)]
-                # the most complete graph first: it is the one drawn on first paint; on a tie the ESD
-                # graph, the paper's Section 3 baseline that the others are compared with
-                for store, _ in sorted(metas, key=lambda sm: (-len(sm[0].rows_done()), sm[1].get("method") != "esd")):
-                    found[f"{store.folder.name} ({tag})"] = store.folder
-        return found
+        roots = [(assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")]
+        return model_graphs(roots, self.settings.model, weights_revision(self.settings.model), self._readable)
 
     def methods_table(self):
         """The ranked methods table of this model's complete-enough graphs (core/graph/methods.py)."""

@@ -224,12 +224,14 @@ def _wait_for_server(url: str, server, timeout: float = 180) -> None:
     import time
     import urllib.request
 
+    from age_explorer.explorer.preview import HEADER as START_PAGE
+
     end = time.time() + timeout
     while time.time() < end:
         assert server.poll() is None, "the server exited"
         try:
             with urllib.request.urlopen(url, timeout=5) as answer:
-                if answer.status == 200:
+                if answer.status == 200 and not answer.headers.get(START_PAGE):  # the app, not its start-up page
                     return
         except OSError:
             time.sleep(0.5)

@@ -70,3 +70,38 @@ def test_a_taken_port_leaves_the_start_page_out(tmp_path):
 def test_no_start_page_graph_for_a_model_whose_revision_needs_torch():
     assert first_graph("CompVis/stable-diffusion-v1-4", None) is None
     assert first_graph("toy", None).name == "toy-esd"  # the most complete graph; on a tie, ESD
+
+
+@pytest.mark.slow
+def test_the_launcher_serves_the_start_page_then_hands_the_port_to_the_app(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    server = subprocess.Popen([sys.executable, str(app), "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        end = time.time() + 300
+        while time.time() < end and "app" not in seen:
+            assert server.poll() is None, "the launcher exited"
+            try:
+                code, headers, _ = get(url)
+            except OSError:  # not listening, or between the start page and the app
+                time.sleep(0.1)
+                continue
+            what = "start page" if headers.get(HEADER) else "app"
+            if not seen or seen[-1] != what:
+                seen.append(what)
+            time.sleep(0.1)
+        assert seen == ["start page", "app"]
+        assert get(url + "config")[0] == 200  # gradio's own routes answer now
+    finally:
+        server.terminate()
+        server.wait(60)
