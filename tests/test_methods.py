@@ -3,9 +3,10 @@
 A new method adds its row to ``CASES`` (a test fails until it does): the extra config fields its tiny
 runs need, and whether Stable Diffusion runs it without more downloads. Each method then gets the same
 checks: registry and presets, config bounds, one-line errors, a toy erasure that moves the erased
-concept more than an unrelated one and is then attacked and evaluated, and on tiny random SD-1.x / SDXL pipelines an erasure whose
-diffusers export reloads in plain diffusers (a process that does not import the project) with the
-project's own images, and whose delta export loads on the base with the run's images.
+concept more than an unrelated one and is then attacked and evaluated, and on tiny random SD-1.x /
+SDXL pipelines an erasure whose diffusers export and full-rank LoRA reload in plain diffusers (a
+process that does not import the project) with the project's own images, whose delta export loads on
+the base with the run's images, and which is evaluated (NudeNet on a prompt CSV).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import METHODS, PRESETS, erase, get_method, make_config
 from age_explorer.core.evaluation import EvaluationConfig
 from age_explorer.core.export import export_run
+from age_explorer.core.export_options import PEFT_FOLDER
 from age_explorer.core.sampling import generate
 from age_explorer.core.toyworld.backend import ToyBackend
 from tests.tiny_models import TINY_SD_RECIPE
@@ -123,14 +125,21 @@ def test_toy_erasure_moves_the_erased_concept_more_than_an_unrelated_one(method,
     assert {"ESR-1", "PSR-1"} <= set(evaluated["metrics"])
 
 
+# argv: output file, base folder, then each export: a diffusers folder, or "lora=<PEFT folder>" (on the base)
 PLAIN_DIFFUSERS = """
 import sys, torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 out = {}
-for folder in sys.argv[2:]:
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    out[folder] = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
-                       generator=torch.Generator().manual_seed(9), output_type="pt").images
+for item in sys.argv[3:]:
+    lora = item[len("lora="):] if item.startswith("lora=") else None
+    pipe = StableDiffusionPipeline.from_pretrained(sys.argv[2] if lora else item, safety_checker=None,
+                                                   requires_safety_checker=False)
+    if lora:  # the model card's lines: the project's DDIM sampler, then the LoRA
+        pipe.scheduler = DDIMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items()
+                                                    if k != "_use_default_values"})
+        pipe.load_lora_weights(lora)
+    out[item] = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
+                     generator=torch.Generator().manual_seed(9), output_type="pt").images
 assert not any(m.startswith("age_explorer") for m in sys.modules), "the project was imported"
 torch.save(out, sys.argv[1])
 """
@@ -151,11 +160,14 @@ def sd_exports(tiny_sd_dir, tmp_path_factory):
             continue
         run_dir = work / method
         erase(bundle, config, run_dir)
-        runs[method] = (run_dir, export_run(run_dir, work / "exports", fmt="diffusers", name=method))
+        folder = export_run(run_dir, work / "exports", fmt="diffusers", name=method)
+        lora = export_run(run_dir, work / "exports", fmt="lora", rank="full", name=f"{method}-lora") / PEFT_FOLDER
+        runs[method] = (run_dir, folder, lora)
     out = work / "plain.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), *(str(f) for _, f in runs.values())],
-                          env=env, cwd=work, capture_output=True, text=True, timeout=600)
+    exports = [str(e) for _, folder, lora in runs.values() for e in (folder, f"lora={lora}")]
+    done = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), str(tiny_sd_dir), *exports],
+                          env=env, cwd=work, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     return runs, refusals, torch.load(out)
 
@@ -168,15 +180,23 @@ def test_tiny_sd_erasure_reloads_in_plain_diffusers_with_the_projects_images(met
     if case.sd_refusal:
         assert case.sd_refusal in refusals[method] and "\n" not in refusals[method]
         return
-    run_dir, folder = runs[method]
+    run_dir, folder, lora = runs[method]
     ours = generate(load_bundle(str(run_dir), device="cpu"), ["a red circle"], [9], steps=4, guidance_scale=7.5)
     theirs = plain[str(folder)]
     assert float(((ours * 255).round() - (theirs * 255).round()).abs().max()) == 0
+    # the full-rank LoRA on the base: the same images within float rounding of the factors
+    assert float(((ours * 255).round() - (plain[f"lora={lora}"] * 255).round()).abs().max()) <= 2
     base = generate(load_bundle(str(tiny_sd_dir), device="cpu"), ["a red circle"], [9], steps=4, guidance_scale=7.5)
     assert not torch.equal(ours, base), "the erasure changed nothing"
     delta = export_run(run_dir, run_dir.parent / "delta-exports", fmt="delta", name=method)
     again = generate(load_bundle(str(delta), device="cpu"), ["a red circle"], [9], steps=4, guidance_scale=7.5)
     assert torch.equal(again, ours), "the delta export loads on the base with other weights"
+    # evaluated like any run: NudeNet's real detector on a two-row prompt CSV, offline
+    prompts = run_dir.parent / "prompts.csv"
+    prompts.write_text("prompt,evaluation_seed,evaluation_guidance\na red circle,1,7.5\na photo,2,7.5\n")
+    results = evaluate(run_dir, EvaluationConfig(metrics=["nudity"], prompts=str(prompts), steps=2),
+                       device="cpu", out=run_dir.parent / f"{method}-evaluation", log=lambda line: None).results
+    assert results["model"]["method"] == method and 0 <= results["metrics"]["nudity_exposure_rate"] <= 1
 
 
 @pytest.mark.slow
