@@ -13,6 +13,8 @@ own work, is what is measured; ``--clients threads --client-niceness 0`` runs th
 this process at normal priority (they then also wait for each other's GIL).
 
     python scripts/load_test.py --users 20 --iterations 30
+    python scripts/load_test.py --users 20 --iterations 30 --public --jobs-per-user 4   # each user also submits
+                                                                                        # jobs, one past the cap
 """
 
 from __future__ import annotations
@@ -68,19 +70,36 @@ def erase_and_wait(client: Client, concept: str, iterations: int) -> tuple[dict,
         time.sleep(0.5)
 
 
-def user(url: str, graph: str, concepts: list[str], stop, seed: int, niceness: int, results) -> None:
-    """One simulated user: random requests, one at a time, until ``stop``; puts (latencies, errors)."""
+CAP_REFUSAL = "the most one visitor may have"  # the per-session job cap's one line (public mode)
+
+
+def user(url: str, graph: str, concepts: list[str], stop, seed: int, niceness: int, results, jobs: int = 0) -> None:
+    """One simulated user: first ``jobs`` short erasures submitted (a public server refuses those over its
+    per-session cap), then random requests, one at a time, until ``stop``; puts (latencies, errors,
+    jobs accepted, jobs refused at the cap)."""
     if niceness:
         os.nice(niceness)
     rng = random.Random(seed)
     client = Client(url, verbose=False)
+    accepted = refused = 0
+    errors = []
+    for _ in range(jobs):
+        try:
+            client.predict([rng.choice(concepts)], "", "esd", "toy-esd", 2, 1.0, "gumbel", "", "(preset)", "",
+                           api_name="/start_erase")
+            accepted += 1
+        except Exception as err:  # the cap's refusal is the expected answer; anything else is an error
+            if CAP_REFUSAL in str(err):
+                refused += 1
+            else:
+                errors.append(f"start_erase: {err}")
     first = rng.randrange(1000)
     actions = [
         ("select_concept", lambda c: client.predict(graph, 0.3, "shape", c, api_name="/select_concept")),
         ("concept_spillover", lambda c: client.predict(c, graph, api_name="/concept_spillover")),
         ("generate", lambda c: client.predict(f"a {c}", f"{first}-{first + 1}", "original", api_name="/generate")),
     ]
-    latencies, errors = defaultdict(list), []
+    latencies = defaultdict(list)
     while not stop.is_set():
         name, action = rng.choice(actions)
         start = time.time()
@@ -89,7 +108,7 @@ def user(url: str, graph: str, concepts: list[str], stop, seed: int, niceness: i
             latencies[name].append(time.time() - start)
         except Exception as err:  # recorded and reported: the point is to count them
             errors.append(f"{name}: {err}")
-    results.put((dict(latencies), errors))
+    results.put((dict(latencies), errors, accepted, refused))
 
 
 def main() -> int:
@@ -101,6 +120,9 @@ def main() -> int:
                         help="each user a process of its own (default), or a thread of this process")
     parser.add_argument("--client-niceness", type=int, default=19,
                         help="CPU niceness of the users (19: the lowest priority; 0: as the server)")
+    parser.add_argument("--public", action="store_true", help="serve in public mode (per-session jobs and cap)")
+    parser.add_argument("--jobs-per-user", type=int, default=0,
+                        help="short erasures each user submits first (with --public: up to the cap and past it)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -109,7 +131,8 @@ def main() -> int:
         log_path = Path(data_dir) / "server.log"
         with open(log_path, "wb") as log:
             server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--device", "cpu", "--data-dir", data_dir,
-                                       "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                       "--port", str(port), "--public" if args.public else "--no-public"],
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             client = connect(url, server, log_path)
             graphs = [g["graph"] for g in client.predict(api_name="/list_graphs")]
@@ -129,31 +152,35 @@ def main() -> int:
                     os.nice(args.client_niceness)
             users = [start_user(target=user, args=(url, graph, concepts, stop, i,
                                                    args.client_niceness if args.clients == "processes" else 0,
-                                                   results)) for i in range(args.users)]
+                                                   results, args.jobs_per_user)) for i in range(args.users)]
             for u in users:
                 u.start()
             loaded, loaded_s = erase_and_wait(client, args.concept, args.iterations)
             stop.set()
-            latencies, errors = defaultdict(list), []
+            latencies, errors, accepted, refused = defaultdict(list), [], 0, 0
             for _ in users:
-                user_latencies, user_errors = results.get(timeout=600)
+                user_latencies, user_errors, user_accepted, user_refused = results.get(timeout=600)
                 for name, values in user_latencies.items():
                     latencies[name] += values
                 errors += user_errors
+                accepted, refused = accepted + user_accepted, refused + user_refused
             for u in users:
                 u.join()
         finally:
             server.terminate()
             server.wait(30)
 
-        sums = [RunManifest.read(Path(s["artifacts"]["run_dir"])).delta_sha256 if s["status"] == "done" else None
-                for s in (alone, loaded)]
+        # a public server names run folders relative to its data folder
+        sums = [RunManifest.read(Path(data_dir) / s["artifacts"]["run_dir"]).delta_sha256 if s["status"] == "done"
+                else None for s in (alone, loaded)]
     print(f"{args.users} users ({args.clients}, niceness {args.client_niceness}) for {loaded_s:.0f} s "
           f"against graph {graph!r}")
     print(f"{'endpoint':<20}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
     for name, values in sorted(latencies.items()):
         v = np.array(values)
         print(f"{name:<20}{len(v):>9}{np.percentile(v, 50):>8.2f}{np.percentile(v, 95):>8.2f}{v.max():>8.2f}")
+    if args.jobs_per_user:
+        print(f"jobs submitted by the users: {accepted} accepted, {refused} refused at the per-session cap")
     print(f"errors: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:10]))
     print(f"erasure alone: {alone['status']} in {alone_s:.0f} s; under load: {loaded['status']} in {loaded_s:.0f} s "
           f"({loaded_s / alone_s:.2f}x)")
