@@ -151,21 +151,21 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
         ids = [job.id for job in jobs]
         return pd.DataFrame(rows, columns=JOBS_HEADERS), gr.Dropdown(choices=ids, value=ids[-1] if ids else None)
 
-    def cancel_chosen(job_id, owner="", request: gr.Request = None):
+    def cancel_job(job_id, owner, request, missing: str) -> str:
         if not job_id:
-            raise gr.Error("no job chosen: pick one of your jobs in the list")
+            raise gr.Error(missing)
         with shown_as_error(KeyError):
             return f"Job `{job_id}`: {ex.cancel(job_id, owner_of(owner, request))}"
+
+    def cancel_chosen(job_id, owner="", request: gr.Request = None):
+        return cancel_job(job_id, owner, request, "no job chosen: pick one of your jobs in the list")
 
     def resume_chosen(job_id, owner="", request: gr.Request = None):
         message, timer = resume(job_id, owner, request)
         return message, timer, job_id, job_id  # the progress follows the resumed job
 
     def cancel(job_id, owner="", request: gr.Request = None):
-        if not job_id:
-            raise gr.Error("no job to cancel")
-        with shown_as_error(KeyError):
-            return f"Job `{job_id}`: {ex.cancel(job_id, owner_of(owner, request))}"
+        return cancel_job(job_id, owner, request, "no job to cancel")
 
     def resume(job_id, owner="", request: gr.Request = None):
         if not job_id:
