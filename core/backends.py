@@ -37,6 +37,8 @@ class Backend:
     preset_prefix: ClassVar[str | None] = None
     # steps between preview images written by a background erasure (0: none; they cost a generation)
     preview_every: ClassVar[int] = 0
+    # the side of one image in a labelled before/after sheet (small models' images are drawn crisp at 64)
+    sheet_image_px: ClassVar[int] = 128
     # whether the family ships its own classifier for G(c) (then it is the default evaluator, named after it)
     has_evaluator: ClassVar[bool] = False
     # the model card of an export: licence (None: the base model's own card's), tags, whether a base

@@ -52,7 +52,7 @@ setTimeout(poll, 300);
 def first_graph(model: str, data_dir: str | None) -> Path | None:
     """The graph the app draws first, found without torch: only for the embedded toy model, whose
     weights revision is in a JSON file (another model's needs its backend, which loads torch)."""
-    from age_explorer.core.app.jobs import default_data_dir
+    from age_explorer.core.app.job_store import default_data_dir
     from age_explorer.core.graph.store import model_graphs
     from age_explorer.core.paths import assets_dir, toy_model_dir
 

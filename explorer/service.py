@@ -18,14 +18,15 @@ import torch
 
 from age_explorer.core.app.cpu_split import CpuSplit
 from age_explorer.core.app.evaluation import default_out as evaluation_dir
-from age_explorer.core.app.workflows import RunEntry, find_run, list_runs
+from age_explorer.explorer.workflows import RunEntry, find_run, list_runs
 from age_explorer.core.backends import backend_for
 from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.device import resolve_device
 from age_explorer.core.export_lora import DEFAULT_RANK
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore, model_graphs
-from age_explorer.core.app.jobs import JobStore, UnknownJobError, WorkerProcess, default_data_dir
+from age_explorer.core.app.job_store import JobStore, UnknownJobError, default_data_dir
+from age_explorer.core.app.worker import WorkerProcess
 from age_explorer.core.paths import assets_dir
 from age_explorer.core.runs import RunManifest, run_weights
 

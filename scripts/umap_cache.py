@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from age_explorer.core.app.workflows import prompt_for
+from age_explorer.explorer.workflows import prompt_for
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.graph.embedding_map import UMAP_TABLE, compute_map, read_map, write_map
 from age_explorer.core.graph.store import GraphStore

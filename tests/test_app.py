@@ -504,7 +504,7 @@ def test_finished_runs_reach_generate_and_a_cli_run_appears(client, server, toy_
 
 
 def test_presets_offered_fit_the_method_the_model_and_the_device():
-    from age_explorer.core.app.workflows import check_preset, preset_steps, presets_offered
+    from age_explorer.explorer.workflows import check_preset, preset_steps, presets_offered
 
     assert presets_offered("age", "toy", "cpu") == ["toy", "toy-fast"]
     assert presets_offered("esd", "toy", "cpu") == ["toy-esd", "toy-esd-fast"]

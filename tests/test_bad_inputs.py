@@ -1,24 +1,9 @@
-"""A few rows of the bad-input table (scripts/bad_inputs_table.py), run by the script's own helper: the
+"""A few rows of the bad-input table (tests/bad_inputs_table.py), run by the script's own helper: the
 real `age-explorer` in a subprocess answers with one line of error and writes nothing."""
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _table_script():
-    spec = importlib.util.spec_from_file_location("bad_inputs_table", ROOT / "scripts" / "bad_inputs_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-table = _table_script()
+from tests import bad_inputs_table as table
 
 # Each row starts `age-explorer`, whose start-up imports torch and diffusers (about 6 CPU-seconds), so five
 # rows take about 15 s on two idle cores and more on busy ones: slow, out of the quick loop.

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from age_explorer.core.app.cpu_split import CpuSplit
-from age_explorer.core.app.jobs import JobStore, UnknownJobError, Worker, WorkerProcess
+from age_explorer.core.app.job_store import JobStore, UnknownJobError
+from age_explorer.core.app.worker import Worker, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +178,7 @@ def test_worker_process_runs_jobs_in_its_own_process_with_its_threads(tiny_sd_di
 
 _SERVER = """
 import sys, time
-from age_explorer.core.app.jobs import WorkerProcess
+from age_explorer.core.app.worker import WorkerProcess
 WorkerProcess(sys.argv[1], "cpu", threads=1, poll_interval=0.05).start()
 print("started", flush=True)
 time.sleep(3600)
@@ -221,7 +222,7 @@ def test_orphaned_worker_stops_itself_and_the_job_resumes_once_to_the_same_weigh
 
 
 def _alive(pid: int) -> bool:
-    from age_explorer.core.app.jobs import _pid_alive
+    from age_explorer.core.app.job_store import _pid_alive
 
     return _pid_alive(pid)
 
@@ -282,7 +283,7 @@ def test_a_runner_whose_lease_was_taken_stops_and_writes_nothing(tmp_path):
         store._db().execute("UPDATE jobs SET lease = 'someone-else' WHERE id = ?", (ctx.job.id,))
         ctx.report(1, 10, {"x": 1}, force=True)
         seen["stopped"] = ctx.should_stop()
-        from age_explorer.core.app.jobs import JobCancelled
+        from age_explorer.core.app.job_store import JobCancelled
 
         raise JobCancelled()
 
@@ -348,7 +349,7 @@ def test_a_jobs_progress_is_its_last_step_report_and_its_history_is_in_the_run_f
 def test_a_damaged_job_row_is_named_and_the_other_jobs_go_on(tmp_path):
     import sqlite3
 
-    from age_explorer.core.app.jobs import DamagedJobError
+    from age_explorer.core.app.job_store import DamagedJobError
 
     store = JobStore(tmp_path)
     broken, good = (store.submit("erase", {"options": {"concepts": [c]}}) for c in ("red circle", "blue circle"))

@@ -102,7 +102,7 @@ def test_a_plugin_method_runs_from_the_cli_with_flags_from_its_config(shrink, tm
 
 
 def test_the_erase_form_sends_a_plugin_only_its_own_fields(shrink, toy_bundle):
-    from age_explorer.core.app.workflows import plan_erase, preset_steps
+    from age_explorer.explorer.workflows import plan_erase, preset_steps
     from age_explorer.explorer.tabs.erase import form_options
 
     options = form_options(shrink, None, 1.0, "gumbel", "a red square", "(preset)", "")
@@ -185,7 +185,7 @@ def test_a_plugin_metric_runs_from_the_cli_and_shows_in_results_card_and_explore
     import pandas as pd
 
     from age_explorer.core.app.cli.main import main
-    from age_explorer.core.app.workflows import evaluation_view
+    from age_explorer.explorer.workflows import evaluation_view
     from age_explorer.core.evaluation.results import card_lines, compare_table
 
     run, classes = tmp_path / "run", tmp_path / "three.csv"

@@ -81,7 +81,7 @@ def test_the_check_size_is_bounded(tmp_path, capsys, value):
 
 
 def test_an_explorer_job_records_the_check_and_its_page_shows_the_note(tmp_path):
-    from age_explorer.core.app.jobs import run_erase_job
+    from age_explorer.core.app.job_kinds import run_erase_job
     from age_explorer.explorer.tabs.erase import status_text
 
     ctx = types.SimpleNamespace(

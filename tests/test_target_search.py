@@ -144,7 +144,7 @@ def test_two_stage_resumes_exactly(toy_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_study_script_runs_and_resumes(tmp_path):
-    from scripts.target_search_study import main
+    from benchmarks.target_search_study import main
 
     args = ["--out", str(tmp_path), "--variants", "nearest", "--concepts", CONCEPT, "--iterations", "2",
             "--images", "2", "--workers", "1"]

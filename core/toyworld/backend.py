@@ -42,6 +42,7 @@ class ToyBackend(Backend):
     default_presets = {"age": "toy", "esd": "toy-esd", "uce": "toy-uce"}
     preset_prefix = "toy"
     preview_every = 50
+    sheet_image_px = 64
     has_evaluator = True
     card_license = "apache-2.0"
     card_tags = ("toy-world",)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from age_explorer.core.app.jobs import erase_run_dir
-from age_explorer.core.app.workflows import plan_erase, preset_steps, presets_offered
+from age_explorer.core.app.job_kinds import erase_run_dir
+from age_explorer.explorer.workflows import plan_erase, preset_steps, presets_offered
 from age_explorer.core.backends import get_backend
 from age_explorer.core.erasure import METHODS, get_method
 from age_explorer.core.runs import read_history

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 from gradio.components.plot import PlotData
 
-from age_explorer.core.app.workflows import prompt_for
+from age_explorer.explorer.workflows import prompt_for
 from age_explorer.core.graph.embedding_map import compute_map, read_map
 from age_explorer.core.graph.store import GraphStore
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from age_explorer.core.app.workflows import before_after
+from age_explorer.explorer.workflows import before_after
 from age_explorer.core.runs import RunManifest
 from age_explorer.core.sampling import parse_seeds
 

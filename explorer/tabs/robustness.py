@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from age_explorer.core.app.workflows import attack_defaults, attack_summary, past_attacks, plan_attack
+from age_explorer.explorer.workflows import attack_defaults, attack_summary, past_attacks, plan_attack
 from age_explorer.core.attacks import ATTACKS
 
 from .common import ACTIVE, Page, error, job_line, owner_of, plain, progress_html, shown_as_error, whole_number

@@ -50,7 +50,8 @@ def check_erase_job(model: str, method: str, preset: str | None, options: dict) 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..jobs import JobStore, Worker
+    from ..job_store import JobStore
+    from ..worker import Worker
 
     if args.jobs_command == "submit-erase":  # checked before the store is opened: a refusal writes nothing
         options = {"concepts": args.concept, **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {})}

@@ -1,8 +1,8 @@
 """Speed on a busy CPU: each workload on idle cores and beside a competing CPU-bound process, old
 thread settings against new, in one run; prints a table of seconds per iteration and the ratio to idle.
 
-    python scripts/contention_bench.py                                   # all workloads, all competitors
-    python scripts/contention_bench.py --workload esd --competitor torch2 --repeats 3
+    python benchmarks/contention_bench.py                                   # all workloads, all competitors
+    python benchmarks/contention_bench.py --workload esd --competitor torch2 --repeats 3
 
 Workloads (toy model, each in a fresh process so that the thread settings are chosen as a command
 chooses them): ``esd`` (toy-esd: the median model step after the first), ``age`` (toy-fast: the

@@ -4,8 +4,8 @@ One row = erase one concept with a preset, then generate N images of every conce
 model and classify them (``core.graph.sweep.compute_row``). This times the three parts apart, for
 each thread count given, and says whether the images are the same bytes across thread counts.
 
-    python scripts/graph_row_profile.py --threads 1,2
-    python scripts/graph_row_profile.py --concept "blue square" --preset toy-esd --threads 1
+    python benchmarks/graph_row_profile.py --threads 1,2
+    python benchmarks/graph_row_profile.py --concept "blue square" --preset toy-esd --threads 1
 """
 
 from __future__ import annotations

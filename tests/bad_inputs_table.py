@@ -1,6 +1,6 @@
 """Send bad inputs to the CLI and the app, check each answer, and write the table of docs/bad-inputs.md.
 
-Usage: python scripts/bad_inputs_table.py [--out docs/bad-inputs.md] [--work DIR] [--jobs 3]
+Usage: python -m tests.bad_inputs_table [--out docs/bad-inputs.md] [--work DIR] [--jobs 3]
 
 CLI rows run ``python -m age_explorer.core.app.cli ...`` as a real subprocess in a work folder (a temporary
 one unless --work is given). Each row records the exit code and the last line of stderr, and checks:
@@ -360,17 +360,13 @@ def make_fixtures(work: Path, log=print) -> dict:
         (work / name / damaged).write_bytes(content)
     if not (work / "truncated-unet").exists():
         log("making a tiny diffusers pipeline with truncated UNet weights")
-        import importlib.util
+        from tests.tiny_models import build_tiny_pipeline
 
-        spec = importlib.util.spec_from_file_location("tiny_models", ROOT / "tests" / "tiny_models.py")
-        tiny = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = tiny
-        spec.loader.exec_module(tiny)
         with tempfile.TemporaryDirectory() as tmp:
-            tiny.build_tiny_pipeline(Path(tmp)).save_pretrained(work / "truncated-unet")
+            build_tiny_pipeline(Path(tmp)).save_pretrained(work / "truncated-unet")
         weights = next((work / "truncated-unet" / "unet").glob("diffusion_pytorch_model*"))
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    from age_explorer.core.app.jobs import JobStore
+    from age_explorer.core.app.job_store import JobStore
 
     damaged = JobStore(work / "jobs-damaged")
     if not damaged.list():
@@ -736,7 +732,7 @@ def main() -> int:
     page = "\n".join([
         "# Bad inputs and the answers they get",
         "",
-        f"Made by `python scripts/bad_inputs_table.py --out docs/bad-inputs.md` with age-explorer {version('age-explorer')} "
+        f"Made by `python -m tests.bad_inputs_table --out docs/bad-inputs.md` with age-explorer {version('age-explorer')} "
         f"on the toy model, on {os.cpu_count()} CPU cores, in {seconds:.0f} s: {len(rows)} inputs, {cli_n} through the CLI "
         f"and {len(rows) - cli_n} through the app. Every row is an observation of that run (W = its work folder).",
         "",

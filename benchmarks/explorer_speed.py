@@ -8,11 +8,11 @@ Starts ``python app.py`` (CPU, a fresh data folder) and measures, against the re
 - threshold change: the same view at thresholds not drawn before (the slider calls the same function);
 - before / after of a finished run (a 2-step ESD run made first through the page's API), 4 seeds;
 then the same requests again while ``--users`` simulated users (processes at the lowest CPU priority,
-as in ``scripts/load_test.py``) keep browsing and generating.
+as in ``benchmarks/load_test.py``) keep browsing and generating.
 
-    python scripts/explorer_speed.py --users 10
-    python scripts/explorer_speed.py --first-paint 5                         # first paint only, 5 runs
-    python scripts/explorer_speed.py --first-paint 5 --app OLD/app.py@OLDPKG --app app.py   # two trees, alternating
+    python benchmarks/explorer_speed.py --users 10
+    python benchmarks/explorer_speed.py --first-paint 5                         # first paint only, 5 runs
+    python benchmarks/explorer_speed.py --first-paint 5 --app OLD/app.py@OLDPKG --app app.py   # two trees, alternating
 
 (``APP@PATH``: start APP with PYTHONPATH=PATH, a folder whose ``age_explorer`` package is the other tree's.)
 """

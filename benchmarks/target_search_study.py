@@ -10,9 +10,9 @@ Rows run in parallel worker processes of one thread each (``--workers``). The CS
 finish and a re-run skips the rows it holds, so a killed study resumes. Everything goes under ``--out``:
 ``rows.csv``, ``table.md``, ``study.json`` (the manifest) and ``runs/<variant>-<concept>/``.
 
-    python scripts/target_search_study.py --out study/ --workers 14
-    python scripts/target_search_study.py --out study/ --variants paper,damage --concepts "purple triangle"
-    python scripts/target_search_study.py --list        # the variants and what they change
+    python benchmarks/target_search_study.py --out study/ --workers 14
+    python benchmarks/target_search_study.py --out study/ --variants paper,damage --concepts "purple triangle"
+    python benchmarks/target_search_study.py --list        # the variants and what they change
 """
 
 from __future__ import annotations

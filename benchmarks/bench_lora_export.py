@@ -11,8 +11,8 @@ Two deltas: ``xattn`` (every cross-attention weight, as ESD-x and AGE for object
   ``--old-commit``, read with ``git show``): every changed tensor's base and erased values in memory,
   all float64 differences at once, an exact SVD of every layer whatever the rank.
 
-    OMP_NUM_THREADS=2 python scripts/bench_lora_export.py --work /tmp/lora-bench
-    OMP_NUM_THREADS=2 python scripts/bench_lora_export.py --cases xattn:8:old full:8:new
+    OMP_NUM_THREADS=2 python benchmarks/bench_lora_export.py --work /tmp/lora-bench
+    OMP_NUM_THREADS=2 python benchmarks/bench_lora_export.py --cases xattn:8:old full:8:new
 
 Prints a markdown table (delta, rank, code, layers, wall seconds, CPU seconds of the process, peak RSS
 GB, relative Frobenius error); the load average before the first row says how busy the machine was.

@@ -1,8 +1,8 @@
 """The GPU check: the figures docs/erasure.md reports for a CUDA machine, on random weights of the SD-1.4
 architecture (nothing to download), written to one JSON as they come.
 
-    python scripts/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, about 6 minutes on an H200
-    python scripts/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
+    python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, about 6 minutes on an H200
+    python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
 
 Parts, each timed on its own and recorded even when a later one fails:
 1. ``bench``: the engine's AGE iteration against the reference-style loop (fp32, TF32, bf16), side by side;

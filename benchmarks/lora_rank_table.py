@@ -9,7 +9,7 @@ and seeds as the graph's G (``CapabilitySpec``, the toy classifier):
 - G after of the erased concept and the mean same-shape / same-colour / unrelated spillover
   Delta = G_0 - G_after, beside the full delta's.
 
-    OMP_NUM_THREADS=1 python scripts/lora_rank_table.py --out lora-ranks/
+    OMP_NUM_THREADS=1 python benchmarks/lora_rank_table.py --out lora-ranks/
 
 Writes OUT/rank_table.csv and OUT/manifest.json (config, seeds, versions, base model); needs peft.
 """

@@ -4,8 +4,8 @@ Prints one row per setting (precision, TF32 matmuls on or off) with seconds per 
 the share of each part. Parts are timed with a device synchronisation around each call, so the
 total is a little above `age-explorer bench erase`'s.
 
-    python scripts/profile_age_step.py --arch sd14 --device cuda --iterations 10
-    python scripts/profile_age_step.py --arch toy --device cpu --iterations 4
+    python benchmarks/profile_age_step.py --arch sd14 --device cuda --iterations 10
+    python benchmarks/profile_age_step.py --arch toy --device cpu --iterations 4
 """
 
 from __future__ import annotations

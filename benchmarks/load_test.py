@@ -12,8 +12,8 @@ process at the lowest CPU priority (``--client-niceness 19``), so that the serve
 own work, is what is measured; ``--clients threads --client-niceness 0`` runs them as threads of
 this process at normal priority (they then also wait for each other's GIL).
 
-    python scripts/load_test.py --users 20 --iterations 30
-    python scripts/load_test.py --users 20 --iterations 30 --public --jobs-per-user 4   # each user also submits
+    python benchmarks/load_test.py --users 20 --iterations 30
+    python benchmarks/load_test.py --users 20 --iterations 30 --public --jobs-per-user 4   # each user also submits
                                                                                         # jobs, one past the cap
 """
 

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..backends import backends
-from ..bundle import ModelBundle, PromptWarning
-from ..checks import short
-from ..erasure import get_method
-from ..erasure.config import MAX_ITERATIONS, PRESETS, make_config, presets_for
-from ..graph.capability import CapabilitySpec
-from ..graph.concept_sets import ConceptSet
-from ..graph.sweep import RowRecipe, measure_row, open_graph
-from ..graph.store import GraphStore
-from ..imageio import contact_sheet, to_pil
-from ..runs import CorruptRunError, RunManifest, run_weights
-from ..sampling import generate, parse_seeds
-from .jobs import JobStore
+from age_explorer.core.backends import backends
+from age_explorer.core.bundle import ModelBundle, PromptWarning
+from age_explorer.core.checks import short
+from age_explorer.core.erasure import get_method
+from age_explorer.core.erasure.config import MAX_ITERATIONS, PRESETS, make_config, presets_for
+from age_explorer.core.graph.capability import CapabilitySpec
+from age_explorer.core.graph.concept_sets import ConceptSet
+from age_explorer.core.graph.sweep import RowRecipe, measure_row, open_graph
+from age_explorer.core.graph.store import GraphStore
+from age_explorer.core.imageio import contact_sheet, to_pil
+from age_explorer.core.runs import CorruptRunError, RunManifest, run_weights
+from age_explorer.core.sampling import generate, parse_seeds
+from age_explorer.core.app.job_store import JobStore
 
 RUNS_FOLDER = "runs"  # runs made with `age-explorer erase --out DATA/runs/NAME` live here
 
@@ -181,7 +181,7 @@ def before_after(bundle: ModelBundle, columns: list[tuple[str, str | None]], row
     strips = [[batch[i * n:(i + 1) * n] for batch in images] for i in range(len(rows))]
     row_labels = [f"{label}: {concept}" for label, concept in rows]
     column_labels = [name for name, _ in columns]
-    sheet = contact_sheet(strips, row_labels, column_labels, image_px=64 if bundle.kind == "toy" else 128)
+    sheet = contact_sheet(strips, row_labels, column_labels, image_px=bundle.backend.sheet_image_px)
     legend = (f"Seeds {seeds_text.strip()}, left to right in each strip. Columns: {', '.join(column_labels)}. "
               f"Rows: {'; '.join(row_labels)}.")
     return BeforeAfter(sheet, legend, (to_pil(images[0][0], 256), to_pil(images[1][0], 256)))
@@ -231,7 +231,7 @@ class PastAttack:
 
 def attack_defaults(attack: str) -> tuple[int | None, str]:
     """(optimisation steps, evaluation seeds) of an attack's config; steps None for the prompt probes."""
-    from ..attacks import make_attack_config
+    from age_explorer.core.attacks import make_attack_config
 
     config = make_attack_config(attack)
     return getattr(config, "steps", None), config.seeds
@@ -241,7 +241,7 @@ def plan_attack(attack: str, steps: float | None, seeds: str, concept: str | Non
     """The validated config of an attack on a run that erased ``run_concepts``, asked for from a form,
     or a ValueError of one line. ``steps`` applies to the optimising attacks; blank keeps the attack's
     default; no ``concept`` attacks the run's first."""
-    from ..attacks import ATTACKS, make_attack_config
+    from age_explorer.core.attacks import ATTACKS, make_attack_config
 
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {short(attack)}; choose one of {', '.join(ATTACKS)}")
@@ -259,7 +259,7 @@ def plan_attack(attack: str, steps: float | None, seeds: str, concept: str | Non
 
 def past_attacks(run_dir: str | Path) -> list[PastAttack]:
     """The finished attacks of a run, newest first (a damaged or foreign folder is skipped)."""
-    from ..attacks import RESULT, read_result
+    from age_explorer.core.attacks import RESULT, read_result
 
     folder = Path(run_dir) / "attacks"
     found = []
@@ -304,7 +304,7 @@ MAX_PAGE_IMAGES_PER_CLASS = 64
 def plan_evaluation(images_per_class: float | None, classifier: str | None = None, concept_set: str | None = None):
     """The config of an object-erasure evaluation (ESR/PSR) asked for from a form, or a ValueError;
     ``classifier`` and ``concept_set``: the server's choice (None: the model's defaults)."""
-    from ..evaluation.config import EvaluationConfig
+    from age_explorer.core.evaluation.config import EvaluationConfig
 
     n = PAGE_IMAGES_PER_CLASS if images_per_class is None else images_per_class
     if not (math.isfinite(n) and n == int(n) and 1 <= n <= MAX_PAGE_IMAGES_PER_CLASS):
@@ -321,7 +321,7 @@ class EvaluationView:
 
 def evaluation_view(folder: str | Path) -> EvaluationView:
     """An evaluation result folder as the page shows it."""
-    from ..evaluation.results import read_results
+    from age_explorer.core.evaluation.results import read_results
 
     data = read_results(folder)
     metrics = data["metrics"]
