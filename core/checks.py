@@ -55,12 +55,14 @@ def check_template(name: str, template: str, placeholder: str) -> None:
         raise ValueError(f"{name} must contain {placeholder}, got {short(template)}")
 
 
-def help_field(text: str | Callable[[], str], default):
+def help_field(text: str | Callable[[], str], default, choices: tuple | None = None):
     """A config field with its help text (the CLI flag's and the app's), or a function giving it when a
-    registry's current entries belong in it; a list or dict default is copied for each instance."""
+    registry's current entries belong in it; a list or dict default is copied for each instance.
+    ``choices``: the values a form offers for it (the config still checks them on construction)."""
+    metadata = {"help": text} if choices is None else {"help": text, "choices": tuple(choices)}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def help_text(config_field) -> str:

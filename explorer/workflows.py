@@ -104,6 +104,13 @@ def preset_steps(method: str, preset: str | None) -> int | None:
     return getattr(config, "iterations", None)
 
 
+def preset_values(method: str, preset: str | None, names) -> dict:
+    """The values a preset (or the method's defaults) gives the config fields ``names`` the method has:
+    what a form shows before anyone edits it, so that sending it back changes nothing."""
+    config = make_config(method, preset, concepts=["x"])
+    return {name: getattr(config, name) for name in names if hasattr(config, name)}
+
+
 def check_preset(method: str, preset: str | None, kind: str, device: str) -> None:
     """A preset that does not fit the method, the model or the device is an error that says what to pick."""
     offered = presets_offered(method, kind, device)

@@ -145,11 +145,11 @@ class AGEConfig(EraseConfig):
                                f"{DAMAGE_FLOOR} unless set), the better search on the toy world; damage_net: damage net of "
                                "the erasure (the part of each candidate's change that goes with the erased "
                                "concept's own change is not counted); two_stage: damage picks a neighbourhood, "
-                               "then the paper's search within it", "gumbel")
+                               "then the paper's search within it", "gumbel", choices=TARGET_SEARCHES)
     damage_samples: int = help_field("latents per damage measurement (damage search)", 2)
     pi_mode: str = help_field("learned: pi is searched by target_search (the paper); ablations: uniform (pi frozen at "
                          "1/n), nearest (one fixed target, the candidate closest in text embedding), most_damaged "
-                         "(one fixed target, the candidate a short ESD-'' probe damages most)", "learned")
+                         "(one fixed target, the candidate a short ESD-'' probe damages most)", "learned", choices=PI_MODES)
     damage_probe_steps: int = help_field("ESD-'' steps of the probe that measures damage for pi_mode=most_damaged "
                                     "(the weights are put back after it)", 20)
     near_copy_floor: float = help_field("drop candidates whose frozen output on the erased concept's latents is closer to "

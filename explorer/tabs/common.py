@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import html
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +43,19 @@ class Page:
     @property
     def settings(self) -> Settings:
         return self.explorer.settings
+
+
+def bind(handler, page: Page):
+    """``handler(page, *inputs)`` as the event handler of one page: a module-level handler is a plain
+    function of the page and the tab's inputs (testable without a server), and Gradio sees the inputs'
+    signature without ``page``, its ``gr.Request`` annotation included (``functools.partial`` hides it)."""
+    @functools.wraps(handler)
+    def on_page(*args, **kwargs):
+        return handler(page, *args, **kwargs)
+
+    signature = inspect.signature(handler)
+    on_page.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return on_page
 
 
 def owner_of(owner: str, request) -> str | None:

@@ -18,9 +18,9 @@ from age_explorer.core.runs import RunManifest
 from age_explorer.core.sampling import parse_seeds
 
 from .. import plots
-from ..service import Explorer, before_after_rows
+from ..service import before_after_rows
 from ..space import gpu
-from .common import COMPUTE_SLOT, Page, error, owner_of, plain, shown_as_error
+from .common import COMPUTE_SLOT, Page, bind, error, owner_of, plain, shown_as_error
 
 MAX_SEEDS = 8
 SHOWN_COLUMNS = {"rank": "rank", "method": "method", "erased_of": "erased", "neighbours": "neighbour Δ",
@@ -28,9 +28,9 @@ SHOWN_COLUMNS = {"rank": "rank", "method": "method", "erased_of": "erased", "nei
                  "embedding_asr": "embedding ASR", "row_s": "row s", "graph": "graph (source)"}
 
 
-def ranked_table(ex: Explorer) -> pd.DataFrame:
+def ranked_table(page: Page) -> pd.DataFrame:
     """The table as the page shows it: rates in %, the graph folder each row comes from."""
-    table = ex.methods_table()
+    table = page.explorer.methods_table()
     if table.empty:
         return pd.DataFrame(columns=list(SHOWN_COLUMNS.values()))
     table = table.assign(erased_of=[f"{e}/{r}" for e, r in zip(table.erased, table.rows)])
@@ -40,8 +40,9 @@ def ranked_table(ex: Explorer) -> pd.DataFrame:
     return table[list(SHOWN_COLUMNS)].rename(columns=SHOWN_COLUMNS)
 
 
-def show_rows(ex: Explorer, erased: str):
+def show_rows(page: Page, erased: str):
     """Every method's spillover row of ``erased``, as a heatmap."""
+    ex = page.explorer
     if not erased:
         raise gr.Error("pick a concept")
     rows = ex.method_rows(erased)
@@ -51,17 +52,17 @@ def show_rows(ex: Explorer, erased: str):
     return plots.methods_rows_figure(rows[order], erased)
 
 
-def runs_of(ex: Explorer, erased: str, owner="", request: gr.Request = None):
+def runs_of(page: Page, erased: str, owner="", request: gr.Request = None):
     """The two run lists: the finished runs that erased ``erased`` (newest first), each method's newest two."""
-    labels = [run.label for run in ex.runs(owner_of(owner, request)) if erased in run.concepts]
+    labels = [run.label for run in page.explorer.runs(owner_of(owner, request)) if erased in run.concepts]
     first = labels[0] if labels else None
     second = next((label for label in labels[1:]), None)
     return gr.Dropdown(choices=labels, value=first), gr.Dropdown(choices=labels, value=second)
 
 
-@gpu
-def show_pair(ex: Explorer, run_a, run_b, seeds_text, owner="", request: gr.Request = None, progress=gr.Progress()):
+def show_pair(page: Page, run_a, run_b, seeds_text, owner="", request: gr.Request = None, progress=gr.Progress()):
     """The original and two runs of the same concept on the same seeds, as one contact sheet."""
+    ex = page.explorer
     if not run_a or not run_b:
         raise gr.Error("pick two finished runs of the concept (erase it in the Erase tab with two methods)")
     with shown_as_error():
@@ -77,7 +78,6 @@ def show_pair(ex: Explorer, run_a, run_b, seeds_text, owner="", request: gr.Requ
 
 
 def build(page: Page, concepts: list[str], tab: gr.Tab) -> None:
-    ex = page.explorer
     gr.Markdown("Which method should I use for this concept? One row per graph of this model: the rows it "
                 "erased (G after ≤ 0.10), the mean spillover Δ (%) on the concept's group neighbours and on "
                 "unrelated concepts, ESR/PSR (%), the embedding attack's success rate (%) where the graph has a "
@@ -98,14 +98,15 @@ def build(page: Page, concepts: list[str], tab: gr.Tab) -> None:
     sheet = gr.Image(label="original | A | B, same seeds", type="pil", elem_id="methods_sheet", interactive=False)
     legend = gr.Markdown(elem_id="methods_legend")
 
-    rows_btn.click(partial(show_rows, ex), concept, rows_plot, api_name="method_rows", api_visibility=page.api)
+    on = partial(bind, page=page)
+    rows_btn.click(on(show_rows), concept, rows_plot, api_name="method_rows", api_visibility=page.api)
     # filled when the tab opens, so graphs and runs made meanwhile appear
-    tab.select(partial(ranked_table, ex), None, table, api_visibility="private", show_progress="hidden")
+    tab.select(on(ranked_table), None, table, api_visibility="private", show_progress="hidden")
     for event in (concept.change, tab.select):
-        event(partial(runs_of, ex), [concept, page.owner], [run_a, run_b], api_visibility="private")
-    gr.Button(visible=False).click(partial(runs_of, ex), [concept, page.owner], [run_a, run_b],
+        event(on(runs_of), [concept, page.owner], [run_a, run_b], api_visibility="private")
+    gr.Button(visible=False).click(on(runs_of), [concept, page.owner], [run_a, run_b],
                                    api_name="method_runs", api_visibility=page.api)
-    pair_btn.click(partial(show_pair, ex), [run_a, run_b, seeds, page.owner], [sheet, legend],
+    pair_btn.click(gpu(on(show_pair)), [run_a, run_b, seeds, page.owner], [sheet, legend],
                    api_name="method_pair", api_visibility=page.api, **COMPUTE_SLOT)
-    gr.Button(visible=False).click(partial(ranked_table, ex), None, table, api_name="methods",
+    gr.Button(visible=False).click(on(ranked_table), None, table, api_name="methods",
                                    api_visibility=page.api)
