@@ -15,6 +15,9 @@ this process at normal priority (they then also wait for each other's GIL).
     python benchmarks/load_test.py --users 20 --iterations 30
     python benchmarks/load_test.py --users 20 --iterations 30 --public --jobs-per-user 4   # each user also submits
                                                                                         # jobs, one past the cap
+    python benchmarks/load_test.py ... --app OLD/app.py@OLDPKG --app app.py   # two trees, one after the other
+
+(``APP@PATH``: start APP with PYTHONPATH=PATH, a folder whose ``age_explorer`` package is the other tree's.)
 """
 
 from __future__ import annotations
@@ -111,34 +114,23 @@ def user(url: str, graph: str, concepts: list[str], stop, seed: int, niceness: i
     results.put((dict(latencies), errors, accepted, refused))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=40, help="model steps of the erasure (toy preset)")
-    parser.add_argument("--concept", default="red circle")
-    parser.add_argument("--clients", choices=["processes", "threads"], default="processes",
-                        help="each user a process of its own (default), or a thread of this process")
-    parser.add_argument("--client-niceness", type=int, default=19,
-                        help="CPU niceness of the users (19: the lowest priority; 0: as the server)")
-    parser.add_argument("--public", action="store_true", help="serve in public mode (per-session jobs and cap)")
-    parser.add_argument("--jobs-per-user", type=int, default=0,
-                        help="short erasures each user submits first (with --public: up to the cap and past it)")
-    args = parser.parse_args()
-
+def measure(args, app: str) -> dict:
+    """One load test against ``app`` (``APP.py`` or ``APP.py@PATH``); prints its table, returns its numbers."""
+    script, _, path = app.partition("@")
+    env = {**os.environ, **({"PYTHONPATH": path} if path else {})}
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
         log_path = Path(data_dir) / "server.log"
         with open(log_path, "wb") as log:
-            server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--device", "cpu", "--data-dir", data_dir,
+            server = subprocess.Popen([sys.executable, script, "--device", "cpu", "--data-dir", data_dir,
                                        "--port", str(port), "--public" if args.public else "--no-public"],
-                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             client = connect(url, server, log_path)
             graphs = [g["graph"] for g in client.predict(api_name="/list_graphs")]
             if not graphs:
-                print("no graph to browse: assets/graphs is empty", file=sys.stderr)
-                return 2
+                raise SystemExit("no graph to browse: assets/graphs is empty")
             graph = graphs[0]
             concepts = [c["concept"] for c in client.predict(graph, api_name="/list_concepts")]
 
@@ -148,8 +140,6 @@ def main() -> int:
                 stop, results, start_user = ctx.Event(), ctx.Queue(), ctx.Process
             else:
                 stop, results, start_user = threading.Event(), queue.Queue(), threading.Thread
-                if args.client_niceness:  # threads share the process's priority: this one steps back too
-                    os.nice(args.client_niceness)
             users = [start_user(target=user, args=(url, graph, concepts, stop, i,
                                                    args.client_niceness if args.clients == "processes" else 0,
                                                    results, args.jobs_per_user)) for i in range(args.users)]
@@ -173,7 +163,7 @@ def main() -> int:
         # a public server names run folders relative to its data folder
         sums = [RunManifest.read(Path(data_dir) / s["artifacts"]["run_dir"]).delta_sha256 if s["status"] == "done"
                 else None for s in (alone, loaded)]
-    print(f"{args.users} users ({args.clients}, niceness {args.client_niceness}) for {loaded_s:.0f} s "
+    print(f"{app}: {args.users} users ({args.clients}, niceness {args.client_niceness}) for {loaded_s:.0f} s "
           f"against graph {graph!r}")
     print(f"{'endpoint':<20}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
     for name, values in sorted(latencies.items()):
@@ -187,8 +177,42 @@ def main() -> int:
     same = sums[0] is not None and sums[0] == sums[1]
     print(f"same weights alone and under load: {same} ({sums[0]} / {sums[1]})")
     ok = not errors and alone["status"] == loaded["status"] == "done" and same
-    print("result:", "all requests served, erasure unaffected" if ok else "FAILED")
-    return 0 if ok else 1
+    print("result:", "all requests served, erasure unaffected" if ok else "FAILED", flush=True)
+    return {"ok": ok, "window": loaded_s, "latencies": latencies, "errors": len(errors)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=40, help="model steps of the erasure (toy preset)")
+    parser.add_argument("--concept", default="red circle")
+    parser.add_argument("--clients", choices=["processes", "threads"], default="processes",
+                        help="each user a process of its own (default), or a thread of this process")
+    parser.add_argument("--client-niceness", type=int, default=19,
+                        help="CPU niceness of the users (19: the lowest priority; 0: as the server)")
+    parser.add_argument("--public", action="store_true", help="serve in public mode (per-session jobs and cap)")
+    parser.add_argument("--jobs-per-user", type=int, default=0,
+                        help="short erasures each user submits first (with --public: up to the cap and past it)")
+    parser.add_argument("--app", action="append", default=None,
+                        help="app.py to serve, APP or APP@PATH (PYTHONPATH=PATH: a folder whose age_explorer "
+                             "package is another tree's); repeatable, one load test each, in turn; default this tree's")
+    args = parser.parse_args()
+    if args.clients == "threads" and args.client_niceness:  # threads share the process's priority: it steps back
+        os.nice(args.client_niceness)
+
+    apps = args.app or [str(ROOT / "app.py")]
+    measured = {app: measure(args, app) for app in apps}
+    if len(apps) > 1:
+        names = sorted({name for m in measured.values() for name in m["latencies"]})
+        print("\n| app | window s | " + " | ".join(f"{n} p50 / p95 / max s (requests)" for n in names) + " | errors |")
+        print("|---" * (len(names) + 3) + "|")
+        for app, m in measured.items():
+            cells = []
+            for name in names:
+                v = np.array(m["latencies"].get(name, [np.nan]))
+                cells.append(f"{np.percentile(v, 50):.2f} / {np.percentile(v, 95):.2f} / {v.max():.2f} ({len(v)})")
+            print(f"| {app} | {m['window']:.0f} | " + " | ".join(cells) + f" | {m['errors']} |")
+    return 0 if all(m["ok"] for m in measured.values()) else 1
 
 
 if __name__ == "__main__":

@@ -167,7 +167,9 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
     labels = list(nodes[group_col]) if group_col else ["concept"] * len(nodes)
     colours = group_colours(labels)
     grouping = group_col[len("group_"):] if group_col and group_col.startswith("group_") else group_col
-    fig = go.Figure()
+    # traces as plain dicts, made into a figure once without plotly's validation at the end: building
+    # about a hundred validated traces took most of a concept pick's time on a server
+    traces = []
     shown = top_out_edges(edges, threshold, kind, k)
     mid_x, mid_y, mid_text = [], [], []
     heads = {"x": [], "y": [], "angle": [], "size": [], "color": [], "opacity": []}
@@ -180,21 +182,19 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
         colour = OUT_EDGE if e.erased == selected else IN_EDGE if e.affected == selected else "#999"
         opacity = 0.95 if not selected or selected in (e.erased, e.affected) else 0.12
         width = 0.5 + 3 * weight
-        fig.add_trace(go.Scatter(x=[x0, tip[0]], y=[y0, tip[1]], mode="lines", name=EDGE_TRACE,
-                                 line=dict(color=colour, width=width), opacity=opacity, hoverinfo="skip",
-                                 showlegend=False))
+        traces.append(dict(type="scatter", x=[x0, tip[0]], y=[y0, tip[1]], mode="lines", name=EDGE_TRACE,
+                           line=dict(color=colour, width=width), opacity=opacity, hoverinfo="skip", showlegend=False))
         for key, value in (("x", tip[0]), ("y", tip[1]), ("angle", math.degrees(math.atan2(x1 - x0, y1 - y0))),
                            ("size", 8 + 3 * width), ("color", colour), ("opacity", opacity)):
             heads[key].append(value)  # angle: clockwise from up, the arrow symbol's direction
         mid_x.append((x0 + x1) / 2)
         mid_y.append((y0 + y1) / 2)
         mid_text.append(f"{e.erased} → {e.affected}: Δ = {weight:.2f}")
-    fig.add_trace(go.Scatter(x=heads["x"], y=heads["y"], mode="markers", name=ARROWHEADS, hoverinfo="skip",
-                             showlegend=False, marker=dict(symbol="arrow", angle=heads["angle"], size=heads["size"],
-                                                           color=heads["color"], opacity=heads["opacity"],
-                                                           line=dict(width=0))))
-    fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", marker=dict(size=8, opacity=0),
-                             hovertext=mid_text, hoverinfo="text", name="edges", showlegend=False))
+    traces.append(dict(type="scatter", x=heads["x"], y=heads["y"], mode="markers", name=ARROWHEADS, hoverinfo="skip",
+                       showlegend=False, marker=dict(symbol="arrow", angle=heads["angle"], size=heads["size"],
+                                                     color=heads["color"], opacity=heads["opacity"], line=dict(width=0))))
+    traces.append(dict(type="scatter", x=mid_x, y=mid_y, mode="markers", marker=dict(size=8, opacity=0),
+                       hovertext=mid_text, hoverinfo="text", name="edges", showlegend=False))
     strongest = edges[edges.erased != edges.affected].sort_values(kind, ascending=False).groupby("erased").head(1)
     worst = {r.erased: f"{r.affected} (Δ {getattr(r, kind):.2f})" for r in strongest.itertuples()}
     rates = recovery_by_concept(recovery)
@@ -217,8 +217,8 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
     places = label_positions(pos, sizes, centre_of, rings)
     if ringed:  # drawn under the nodes; a click on a ring selects its concept as a click on the node does
         asr = [rates[c][attack] for c in ringed]
-        fig.add_trace(go.Scatter(
-            x=[pos[c][0] for c in ringed], y=[pos[c][1] for c in ringed], mode="markers", customdata=ringed,
+        traces.append(dict(
+            type="scatter", x=[pos[c][0] for c in ringed], y=[pos[c][1] for c in ringed], mode="markers", customdata=ringed,
             marker=dict(symbol="circle-open", size=[ring_size(g0_of[c]) for c in ringed], color=asr,
                         colorscale=RECOVERY_SCALE, cmin=0, cmax=1, line=dict(width=[recovery_ring_width(a) for a in asr])),
             hovertext=[f"<b>{c}</b>{recovery_text(rates[c], attack)}" for c in ringed], hoverinfo="text",
@@ -227,8 +227,8 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
         members = nodes[[lbl == group for lbl in labels]]
         g0 = members.G0_top1.fillna(0.5)
         xs, ys = [pos[c][0] for c in members.concept], [pos[c][1] for c in members.concept]
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers+text", text=list(members.concept),
+        traces.append(dict(
+            type="scatter", x=xs, y=ys, mode="markers+text", text=list(members.concept),
             textposition=[places[c] for c in members.concept],
             textfont=dict(size=LABEL_SIZE, shadow=LABEL_HALO),
             customdata=list(members.concept),
@@ -240,23 +240,24 @@ def network_figure(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: float = 
             hoverinfo="text", name=str(group)))
     # a weight legend: arrow width grows with Δ
     for weight in (0.3, 0.6, 0.9):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#999", width=0.5 + 3 * weight),
-                                 name=f"Δ {weight:.1f}", legendgroup="weights", legendgrouptitle_text="edge Δ"))
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="lines", line=dict(color="#999", width=0.5 + 3 * weight),
+                           name=f"Δ {weight:.1f}", legendgroup="weights", legendgrouptitle=dict(text="edge Δ")))
     if ringed:  # a ring legend as the width legend: ring width and colour grow with the ASR
         for rate in (0.0, 0.5, 1.0):
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"ASR {rate:.1f}",
-                                     marker=dict(symbol="circle-open", size=14, color=[rate], colorscale=RECOVERY_SCALE,
-                                                 cmin=0, cmax=1, line=dict(width=recovery_ring_width(rate))),
-                                     legendgroup="recovery", legendgrouptitle_text=f"recovery ASR ({attack})"))
+            traces.append(dict(type="scatter", x=[None], y=[None], mode="markers", name=f"ASR {rate:.1f}",
+                               marker=dict(symbol="circle-open", size=14, color=[rate], colorscale=RECOVERY_SCALE,
+                                           cmin=0, cmax=1, line=dict(width=recovery_ring_width(rate))),
+                               legendgroup="recovery", legendgrouptitle=dict(text=f"recovery ASR ({attack})")))
     if selected:
         for colour, name in ((OUT_EDGE, f"{selected} → (its erasure hurts)"), (IN_EDGE, f"→ {selected}")):
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=colour, width=3), name=name,
-                                     legendgroup="selected", legendgrouptitle_text="selected"))
+            traces.append(dict(type="scatter", x=[None], y=[None], mode="lines", line=dict(color=colour, width=3),
+                               name=name, legendgroup="selected", legendgrouptitle=dict(text="selected")))
+    fig = go.Figure(data=traces, _validate=False)
     fig.update_layout(xaxis=dict(visible=False, range=list(GRAPH_X_RANGE)),
                       yaxis=dict(visible=False, range=list(GRAPH_Y_RANGE), scaleanchor="x"),
                       margin=GRAPH_MARGIN, height=GRAPH_HEIGHT, uirevision="graph",
                       legend=dict(title_text=grouping or "", groupclick="toggleitem"),
-                      title=f"Δ ≥ {threshold:.2f}, each concept's strongest {k} out-edges: {len(shown)} edges",
+                      title=dict(text=f"Δ ≥ {threshold:.2f}, each concept's strongest {k} out-edges: {len(shown)} edges"),
                       clickmode="event")
     return fig
 

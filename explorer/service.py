@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -32,6 +33,8 @@ from age_explorer.core.runs import RunManifest, run_weights
 
 
 log = logging.getLogger("age_explorer.explorer")
+# an absolute POSIX path in a message (not a URL's "//host/..." nor a ratio such as "3/4")
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;:()\[\]{}<>]+")
 
 
 @dataclass
@@ -301,7 +304,7 @@ class Explorer:
         def shown(item, key=None):
             if isinstance(item, str):
                 if key == "error":
-                    item = item.splitlines()[0] if item else item
+                    return self.without_paths(item.splitlines()[0]) if item else item
                 root = next((r for r in roots if item.startswith(r)), None)
                 return item[len(root):] if root else item
             if isinstance(item, dict):
@@ -311,6 +314,22 @@ class Explorer:
             return item
 
         return shown(value)
+
+    def without_paths(self, text: str) -> str:
+        """A message as a public server shows it: each path in the data folder relative to it (``runs/NAME``),
+        any other absolute path by its last part. Unchanged in local mode, where paths help the operator."""
+        if not self.settings.public:
+            return text
+        roots = sorted({str(self.data_dir), str(self.data_dir.resolve())}, key=len, reverse=True)
+
+        def neutral(match: re.Match) -> str:
+            path = match.group()
+            root = next((r for r in roots if path == r or path.startswith(r + os.sep)), None)
+            if root is not None:
+                return path[len(root) + 1:] or "the data folder"
+            return Path(path).name or path
+
+        return ABSOLUTE_PATH.sub(neutral, text)
 
     def cancel(self, job_id: str, owner: str | None = None) -> str:
         self.job(job_id, owner)

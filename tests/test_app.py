@@ -687,3 +687,32 @@ def test_names_show_as_text_and_a_public_server_shows_no_path_or_traceback(tmp_p
         assert shown == "uce-red-circle-delta" and (tmp_path / "exports" / shown / "delta.safetensors").is_file()
     finally:
         demo.close()
+
+
+def test_a_public_servers_error_toasts_and_job_lines_name_no_server_path(tmp_path, toy_bundle):
+    """A damaged run's toast names the file by its place in the data folder; a job's error names no server
+    folder; a local server keeps the full path, which helps its operator."""
+    from age_explorer.core.erasure import erase, make_config
+
+    run_dir = tmp_path / "runs" / "uce-red-circle"
+    erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), run_dir)
+    (run_dir / "delta.safetensors").write_bytes(b"damaged")
+    demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False, public=True))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="runs/uce-red-circle/delta.safetensors does not match") as caught:
+            client.predict("UCE: red circle (uce-red-circle)", "delta", api_name="/export")
+        assert str(tmp_path) not in str(caught.value)
+        job_id = _erase(client)[0]
+        demo.explorer.store.finish(job_id, "failed", error=f"OSError: cannot write {tmp_path}/jobs/{job_id}/run "
+                                                             "nor /srv/app/cache/x.bin\nTraceback ...")
+        status = json.loads(client.predict(job_id, api_name="/job_status"))
+        assert status["error"] == f"OSError: cannot write jobs/{job_id}/run nor x.bin"
+        # URLs and ratios are not paths
+        assert demo.explorer.without_paths("see https://hf.co/a/b, 3/4 done") == "see https://hf.co/a/b, 3/4 done"
+    finally:
+        demo.close()
+    local = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False))
+    assert local.explorer.without_paths(f"{run_dir} is missing") == f"{run_dir} is missing"

@@ -91,3 +91,15 @@ def test_labels_of_a_crowded_cluster_move_aside():
     sizes = {"a": 20.0, "b": 20.0}
     places = plots.label_positions(pos, sizes, {"a": (0.0, -1.0), "b": (0.0, -1.0)})
     assert places["b"] == "top center" and places["a"] != "top center"
+
+
+def test_the_network_figure_built_without_validation_is_a_valid_figure():
+    """The network's traces skip plotly's validation when built (it took most of a concept pick's time):
+    the same figure passes it, so nothing in it is misspelt or out of range."""
+    import plotly.graph_objects as go
+
+    store = GraphStore(assets_dir() / "graphs" / "toy-esd")
+    fig = plots.network_figure(store.nodes(), store.edges(), 0.3, "group_shape", "red circle", recovery=store.recovery())
+    checked = go.Figure(fig.to_dict())  # validates every trace and the layout; raises on a bad property
+    assert len(checked.data) == len(fig.data) and checked.layout.title.text.startswith("Δ ≥ 0.30")
+    assert checked.data[-1].legendgrouptitle.text == "selected" and checked.layout.legend.title.text == "shape"

@@ -82,9 +82,19 @@ def plain(text: str) -> str:
     return html.escape(str(text), quote=False)
 
 
+def for_visitor(message: str) -> str:
+    """``message`` as the app serving this request shows it: a public server names no server path
+    (:meth:`Explorer.without_paths`). Gradio keeps the app whose event runs in a context variable."""
+    from gradio.context import LocalContext
+
+    explorer = getattr(LocalContext.blocks.get(None), "explorer", None)
+    return explorer.without_paths(message) if isinstance(explorer, Explorer) else message
+
+
 def error(message: str) -> gr.Error:
-    """An error toast whose text is shown as text (Gradio draws a toast's message as HTML)."""
-    return gr.Error(plain(message))
+    """An error toast whose text is shown as text (Gradio draws a toast's message as HTML), with no
+    server path in public mode."""
+    return gr.Error(plain(for_visitor(message)))
 
 
 def number_from(value, name: str, lo: float, hi: float) -> float:
@@ -156,7 +166,7 @@ def job_state(job) -> str:
 
 def job_line(job) -> str:
     """What a background job is doing or what became of it, in one Markdown line."""
-    return f"**{job_state(job)}**" + (f": {plain(job.error.splitlines()[0])}" if job.error else "")
+    return f"**{job_state(job)}**" + (f": {plain(for_visitor(job.error.splitlines()[0]))}" if job.error else "")
 
 
 def run_list_updates(page: Page, owner: str, current: list, newest: bool = False) -> list:

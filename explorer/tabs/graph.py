@@ -22,6 +22,14 @@ EMPTY_FIG = "{}"
 DEFAULT_THRESHOLD = plots.DEFAULT_THRESHOLD
 
 
+class ReadGraph:
+    """A graph's files as read once: the figures of a view use each of them several times."""
+
+    def __init__(self, store: GraphStore):
+        self.meta, self.nodes, self.edges, self.recovery = store.meta(), store.nodes(), store.edges(), store.recovery()
+        self.rows_done = list(dict.fromkeys(self.edges.erased))
+
+
 @dataclass
 class GraphTab:
     graph_dd: gr.Dropdown  # other tabs add graphs to it (a spillover row measured from the page)
@@ -41,47 +49,61 @@ def build(page: Page) -> GraphTab:
             graphs.update(ex.graph_dirs())  # a graph computed since the page was built
         return GraphStore(graphs[name])
 
+    # Each view of a graph (graph, threshold, grouping, selected concept) is drawn once while the graph's
+    # files are unchanged (``version``): many visitors click the same nodes, and each figure is built and
+    # cached on its own, so a concept not picked before costs its network and its row only (the heatmap
+    # does not depend on it), and the files are read once per version, not once per figure.
+    @functools.lru_cache(maxsize=16)
+    def files(folder: str, version: tuple) -> ReadGraph:
+        return ReadGraph(GraphStore(folder))
+
     @functools.lru_cache(maxsize=512)
-    def drawn(folder: str, version: tuple, name: str, threshold: float, grouping: str | None, selected: str | None):
-        """The figures of one view of a graph, kept while its files are unchanged (``version``): many
-        visitors click the same nodes, and building the network figure takes most of a second of
-        CPU that the other requests of the server wait for."""
-        store = GraphStore(folder)
-        nodes, edges = store.nodes(), store.edges()
+    def network_json(folder: str, version: tuple, threshold: float, grouping: str | None, selected: str | None) -> str:
+        graph = files(folder, version)
         col = f"group_{grouping}" if grouping else None
-        fig = plots.network_figure(nodes, edges, threshold, col, selected, recovery=store.recovery())
-        heat = plots.heatmap_figure(store.matrix(), nodes, col, f"Δ (rows = erased): {name}")
-        details, bar = details_of(store, selected)
-        return fig.to_json(), heat.to_json(), details, bar.to_json() if bar is not None else None
+        return plots.network_figure(graph.nodes, graph.edges, threshold, col, selected, recovery=graph.recovery).to_json()
+
+    @functools.lru_cache(maxsize=64)
+    def heatmap_json(folder: str, version: tuple, name: str, grouping: str | None) -> str:
+        col = f"group_{grouping}" if grouping else None
+        return plots.heatmap_figure(GraphStore(folder).matrix(), files(folder, version).nodes, col,
+                                    f"Δ (rows = erased): {name}").to_json()
+
+    @functools.lru_cache(maxsize=512)
+    def row_json(folder: str, version: tuple, selected: str | None) -> tuple[str, str | None]:
+        text, bar = details_of(files(folder, version), selected)
+        return text, bar.to_json() if bar is not None else None
 
     def graph_outputs(name, threshold, grouping, selected):
         if not name:
             return EMPTY_FIG, None, "No graph yet: compute one with `age-explorer graph`.", None
         store = store_of(name)
-        network, heat, details, bar = drawn(str(store.folder), store.version(), name, float(threshold),
-                                            grouping or None, selected or None)
+        folder, version, grouping, selected = str(store.folder), store.version(), grouping or None, selected or None
+        details, bar = row_json(folder, version, selected)
+        heat = heatmap_json(folder, version, name, grouping)
         # gr.Plot takes the cached JSON as is (a figure would be validated and serialised again)
-        return network, PlotData(type="plotly", plot=heat), details, PlotData(type="plotly", plot=bar) if bar else None
+        return (network_json(folder, version, float(threshold), grouping, selected), PlotData(type="plotly", plot=heat),
+                details, PlotData(type="plotly", plot=bar) if bar else None)
 
-    def details_of(store, selected):
-        meta = store.meta()
+    def details_of(graph: ReadGraph, selected):
+        meta = graph.meta
         text = (f"**{plain(meta['method'].upper())}** (preset {plain(meta.get('preset'))}, target "
-                f"{plain(repr(meta.get('target')))}), {len(store.rows_done())} rows, {meta['images_per_concept']} "
+                f"{plain(repr(meta.get('target')))}), {len(graph.rows_done)} rows, {meta['images_per_concept']} "
                 f"images per concept, classifier {plain(meta['evaluator'])}.")
-        recovery = store.recovery()
+        recovery = graph.recovery
         rates = plots.recovery_by_concept(recovery)
         if rates:
             text += (f" Recovery layer: {len(rates)} erased concepts attacked ({plain(', '.join(sorted(set(recovery.attack))))}); "
                      f"rings show the {plots.RECOVERY_ATTACK} attack's ASR.")
         if not selected:
             return text + " Click a node or pick a concept.", None
-        nodes = store.nodes().set_index("concept")
+        nodes = graph.nodes.set_index("concept")
         if selected not in nodes.index:
             return text + f"\n\n{plain(repr(selected))} is not in this graph.", None
         text += f"\n\n**{plain(selected)}**: G₀ = {nodes.loc[selected, 'G0_top1']:.2f}."
         if selected in rates:
             text += " Recovery ASR: " + ", ".join(f"{plain(a)} {v:.2f}" for a, v in sorted(rates[selected].items())) + "."
-        edges = store.edges()
+        edges = graph.edges
         row = edges[edges.erased == selected]
         if len(row):
             worst = row[row.affected != selected].nlargest(3, "delta_top1")
