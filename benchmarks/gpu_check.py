@@ -1,17 +1,28 @@
 """The GPU check: the figures docs/erasure.md reports for a CUDA machine, on random weights of the SD-1.4
 architecture (nothing to download), written to one JSON as they come.
 
-    python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, about 6 minutes on an H200
+    python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, under 8 minutes (estimate)
     python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
 
-Parts, each timed on its own and recorded even when a later one fails:
+Parts, in this order, each timed on its own and recorded even when a later one fails:
 1. ``bench``: the engine's AGE iteration against the reference-style loop (fp32, TF32, bf16), side by side;
-2. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
+2. ``compiled_chain``: the engine's AGE iteration (bf16 on a GPU) with the eager "sample till t" chain, the
+   eager chain on a channels-last UNet, and the compiled chain (``compile_chain``: CUDA graphs on a GPU),
+   with seconds per model step, the estimate for 1000, peak memory, and each row's wall time (the
+   compilation included);
+3. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
+   25 ``netfive`` concepts x ``--row-images`` images generated in batches of 100 and classified by a
+   ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32;
+4. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
    model steps (and as many pi steps), with wall time, seconds per model step, the estimate for the
    recipe's 1000 and the peak GPU memory;
-3. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
-4. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
+5. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
+6. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
    pipeline saved as a folder.
+
+The defaults' time, estimated from the H200 figures in docs/erasure.md: bench 1 min, compiled_chain
+about 2.5 min (most of it compiling two chain shapes), graph_row 1.5 min, imagenette 1.3 min, sdxl_esd
+1 min, evaluate 0.5 min: under 8 minutes.
 
 The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
 (``age_explorer.core.app.random_pipelines``).
@@ -20,6 +31,7 @@ The pipelines are diffusers' real classes at the published UNet/VAE sizes with t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -39,13 +51,16 @@ TINY_UNET = dict(SD14_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), 
 
 
 def bundle_for(device: torch.device, tiny: bool):
-    bundle = random_sd14_bundle(device)
-    if tiny:
-        from diffusers import UNet2DConditionModel
+    """Random SD-1.4 weights; ``tiny``: a small UNet in a pipeline of SD-1.4's other parts (SD-1.4's own
+    UNet is not built: half a minute of CPU)."""
+    if not tiny:
+        return random_sd14_bundle(device)
+    from age_explorer.core.stable_diffusion import StableDiffusionBackend
 
-        torch.manual_seed(0)
-        bundle.unet = UNet2DConditionModel(**TINY_UNET).to(device).eval()
-    return bundle
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = random_sd14_pipeline(Path(tmp), device, unet=TINY_UNET)
+    return StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture, small UNet", device,
+                                                       torch.float32, None)
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -64,6 +79,83 @@ def part_bench(device, tiny, iterations) -> dict:
                       "speedup": rows["reference_fp32"]["s_per_iter"] / sec}
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return {"iterations_timed": iterations, "rows": rows}
+
+
+def part_compiled_chain(device, tiny, iterations) -> dict:
+    """The engine's AGE iteration (paper recipe, 100 candidates) with the eager and the compiled chain."""
+    bundle = bundle_for(device, tiny)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    rows: dict[str, dict] = {}
+    for name, options in [("eager", {}), ("eager_channels_last", {"channels_last": True}),
+                          ("compiled", {"compile_chain": True})]:
+        started = time.perf_counter()
+        sec, info = engine_seconds(bundle, iterations, precision, **options)
+        rows[name] = {"s_per_iter": sec, "s_per_model_step": 2 * sec,
+                      "estimate_1000_model_steps_min": 2 * sec * 1000 / 60, "peak_gib": info["peak_gib"],
+                      "speedup": rows["eager"]["s_per_iter"] / sec if rows else 1.0,
+                      "wall_s": time.perf_counter() - started}
+    return {"precision": precision, "iterations_timed": 2 * (iterations // 2), "rows": rows}
+
+
+class TimedEvaluator:
+    """An evaluator whose ``topk`` calls are timed (the classification's share of a row)."""
+
+    def __init__(self, evaluator):
+        self.evaluator, self.seconds = evaluator, 0.0
+
+    def topk(self, images, k):
+        started = time.perf_counter()
+        out = self.evaluator.topk(images, k)  # its indices come back on the CPU: the GPU work is done
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+def random_resnet50(tiny: bool):
+    """ResNet-50's architecture (ImageNet's 1000 classes) with random weights: the graph's classifier's cost."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    small = dict(embedding_size=16, hidden_sizes=[16, 32, 32, 32], depths=[1, 1, 1, 1]) if tiny else {}
+    return ResNetForImageClassification(ResNetConfig(num_labels=1000, **small))
+
+
+def part_graph_row(device, tiny, images, erase_iterations, work: Path) -> dict:
+    """One SD-1.4 graph row as ``build_graph`` computes it: erase, then G of every concept of the set."""
+    from age_explorer.core.graph.capability import CapabilitySpec, ImageNetEvaluator, _imagenet_preprocess, capability
+    from age_explorer.core.graph.concept_sets import load_concept_set
+    from age_explorer.core.graph.sweep import RowRecipe, erase_row
+    from age_explorer.core.runs import delta_weights
+    from age_explorer.core.stable_diffusion import StableDiffusionBackend
+
+    pipe = random_sd14_pipeline(work / "sd14-row", device, unet=TINY_UNET if tiny else None)
+    bundle = StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture", device, torch.float32,
+                                                         None)
+    concept_set = load_concept_set("netfive")
+    evaluator = TimedEvaluator(ImageNetEvaluator("random ResNet-50", random_resnet50(tiny), _imagenet_preprocess(),
+                                                 concept_set, device))
+    cuda = device.type == "cuda"
+    recipe = RowRecipe("esd", "esd-x", {"iterations": erase_iterations, "precision": "bf16" if cuda else "fp32",
+                                        "requires_gpu": cuda})
+    spec = CapabilitySpec(images_per_concept=images).resolved(bundle)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    delta, erase_s = erase_row(bundle, recipe, concept_set.concepts[0], work)
+    started = time.perf_counter()
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    with delta_weights(bundle, delta), bf16:
+        after = capability(bundle, concept_set, evaluator, spec)
+    measure_s = time.perf_counter() - started
+    n_images = len(concept_set.concepts) * images
+    generate_s = measure_s - evaluator.seconds
+    per_image = measure_s / n_images
+    erase_1000_s = erase_s / erase_iterations * 1000
+    return {"erased": concept_set.concepts[0], "concepts": len(concept_set.concepts), "images_per_concept": images,
+            "images": n_images, "steps": spec.steps, "precision": "bf16" if cuda else "fp32",
+            "erase_iterations": erase_iterations, "erase_s": erase_s, "generate_s": generate_s,
+            "classify_s": evaluator.seconds, "s_per_image": per_image,
+            "estimate_row_n32_min": (erase_1000_s + per_image * 32 * len(concept_set.concepts)) / 60,
+            "estimate_row_n32_erase_min": erase_1000_s / 60, "peak_gib": peak_gib(device),
+            "mean_G_top1": float(after.G_top1.mean())}
 
 
 def part_imagenette(device, tiny, iterations, work: Path) -> dict:
@@ -129,16 +221,22 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
             "metrics": result.results["metrics"], "unavailable": result.results["unavailable"]}
 
 
+PARTS = ("bench", "compiled_chain", "graph_row", "imagenette", "sdxl_esd", "evaluate")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the JSON to write (rewritten after every part)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a small UNet instead of SD-1.4's (a CPU test)")
-    parser.add_argument("--bench-iterations", type=int, default=10)
-    parser.add_argument("--age-iterations", type=int, default=60, help="model steps of the imagenette run")
-    parser.add_argument("--sdxl-iterations", type=int, default=10)
+    parser.add_argument("--bench-iterations", type=int, default=4)
+    parser.add_argument("--chain-iterations", type=int, default=6, help="loop iterations per compiled_chain row")
+    parser.add_argument("--row-images", type=int, default=4, help="images per concept of the graph row")
+    parser.add_argument("--row-erase-iterations", type=int, default=10, help="esd-x steps of the graph row")
+    parser.add_argument("--age-iterations", type=int, default=16, help="model steps of the imagenette run")
+    parser.add_argument("--sdxl-iterations", type=int, default=4)
     parser.add_argument("--eval-images", type=int, default=8)
-    parser.add_argument("--parts", default="bench,imagenette,sdxl_esd,evaluate")
+    parser.add_argument("--parts", default=",".join(PARTS))
     args = parser.parse_args()
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -160,10 +258,18 @@ def main() -> int:
 
     figures["diffusers"] = diffusers.__version__
     parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; parts: {', '.join(PARTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "bench" in parts:
             record("bench", lambda: part_bench(device, args.tiny, args.bench_iterations))
+        if "compiled_chain" in parts:
+            record("compiled_chain", lambda: part_compiled_chain(device, args.tiny, args.chain_iterations))
+        if "graph_row" in parts:
+            record("graph_row", lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
+                                                       work))
         if "imagenette" in parts:
             record("imagenette", lambda: part_imagenette(device, args.tiny, args.age_iterations, work))
         if "sdxl_esd" in parts:

@@ -8,7 +8,7 @@ from age_explorer.explorer.service import Explorer, Settings
 from age_explorer.explorer.tabs import erase
 from age_explorer.explorer.tabs.common import Page
 
-from .test_plugins import shrink  # noqa: F401  (the fixture: a closed-form plugin method)
+from .test_plugins import shrink  # noqa: F401,F811  (the fixture: a closed-form plugin method)
 
 
 @pytest.fixture

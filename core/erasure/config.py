@@ -31,6 +31,8 @@ MAX_ITERATIONS = 100_000
 MAX_DDIM_STEPS = 1000  # the schedule has 1000 training timesteps
 MAX_GUIDANCE = 100.0  # classifier-free guidance scale and negative guidance (eta)
 MAX_BATCH = 256
+# How a fine-tuning run executes, not what it computes: a checkpoint resumes under other values of these
+EXECUTION_FIELDS = ("compile_chain", "channels_last")
 
 
 def _list(text: str):
@@ -86,6 +88,13 @@ class EraseConfig(MethodConfig):
     pool_size: int = help_field("frozen samples per concept in pool mode", 16)
     precision: str = help_field("fp32, or bf16 autocast for the UNet passes", "fp32")
     checkpoint_every: int = help_field("write a resumable checkpoint every N model steps (0: only at the end or on stop)", 0)
+    compile_chain: bool = help_field(
+        "compile the 'sample till t' UNet calls with torch.compile (CUDA graphs on a GPU): the same recipe, equal "
+        "to the eager calls within float rounding; the first steps pay the compilation (ESD, AGE, AP: CA has no "
+        "such chain)", False)
+    channels_last: bool = help_field(
+        "keep the UNet in channels-last memory format (the layout GPUs' convolution kernels prefer): the same "
+        "recipe, equal within float rounding", False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -101,6 +110,9 @@ class EraseConfig(MethodConfig):
         check_choice("loss_space", self.loss_space, LOSS_SPACES)
         check_choice("xt_source", self.xt_source, XT_SOURCES)
         check_choice("precision", self.precision, PRECISIONS)
+        for name in EXECUTION_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass

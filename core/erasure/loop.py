@@ -2,7 +2,8 @@
 
 - trainable vs frozen UNet predictions without a second UNet copy (``torch.func.functional_call``
   with the original values of the trained weights);
-- "sample till t" latents (DDIM with CFG, the current model, no grad), batched across trajectories;
+- "sample till t" latents (DDIM with CFG, the current model, no grad), batched across trajectories,
+  its UNet calls optionally compiled (``compile_chain``) and the UNet optionally channels-last;
 - the loss space (x0 as in the paper, or eps);
 - callbacks with per-step reports, a stop flag honoured within one step, checkpoints and resume.
 """
@@ -27,7 +28,7 @@ from ..bundle import ModelBundle
 from ..manifest import write_json_atomic
 from ..prediction import add_noise, eps_from_x0, x0_from_output
 from ..sampling import guided_ddim_step
-from .config import EraseConfig
+from .config import EXECUTION_FIELDS, EraseConfig
 from .params import select_parameters
 from .registry import MethodResult
 
@@ -55,9 +56,16 @@ class Callback(Protocol):
 class Predictor:
     """Trainable predictions use the UNet's live weights; frozen ones swap in the original values."""
 
-    def __init__(self, bundle: ModelBundle, parameter_set: str, precision: str):
+    def __init__(self, bundle: ModelBundle, parameter_set: str, precision: str, compile_chain: bool = False,
+                 channels_last: bool = False):
         self.bundle = bundle
         self.unet = bundle.unet
+        if compile_chain:
+            check_compiler(bundle.device)
+        # before the original values are copied, so that frozen and trainable passes share the format
+        self.channels_last = channels_last
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.params = select_parameters(self.unet, parameter_set)
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
         for p in self.unet.parameters():
@@ -67,6 +75,8 @@ class Predictor:
         use_bf16 = precision == "bf16"
         self.autocast = (lambda: torch.autocast(bundle.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
+        # the "sample till t" chain's UNet call: the live one, or the same call compiled for this run
+        self.chain = self._compiled_live() if compile_chain else self.live
 
     def trainable(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -76,6 +86,23 @@ class Predictor:
     def live(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """The model being trained, without gradients ("sample till t")."""
         return self.trainable(x, t, states)
+
+    def _compiled_live(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """:meth:`live` through ``torch.compile``, once per run: the chain's shapes are fixed by the
+        config (one compilation per batch shape), and on CUDA the calls are captured as CUDA graphs and
+        replayed. The graphs read the trained weights in place, so optimizer steps reach them."""
+        cuda = self.bundle.device.type == "cuda"
+        unet = torch.compile(self.unet, mode="reduce-overhead" if cuda else None, dynamic=False)
+
+        @torch.no_grad()
+        def chain(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            if cuda:  # a new replay: the previous call's output buffers may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+            with self.autocast():
+                out = unet(x, t, **self.bundle.unet_kwargs(states)).sample
+            # a replayed graph's output lives in a buffer the next replay overwrites
+            return out.float().clone() if cuda else out.float()
+        return chain
 
     @torch.no_grad()
     def frozen(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -102,10 +129,34 @@ class Predictor:
             for name, p in self.params.items():
                 p.copy_(self.original[name])
                 p.requires_grad_(False)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.contiguous_format)
 
     def changed(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.params.items()
+        return {n: p.detach().cpu().clone(memory_format=torch.contiguous_format) for n, p in self.params.items()
                 if not torch.equal(p.detach(), self.original[n])}
+
+
+def check_compiler(device: torch.device) -> None:
+    """``compile_chain`` needs inductor's compiler for the device: one line saying what is missing, before
+    any work starts, instead of a compiler's traceback at the first step."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        found, needed = has_triton(), "Triton (pip install triton)"
+    elif device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        needed = "a C++ compiler (g++, or the one $CXX names)"
+        try:
+            get_cpp_compiler()
+            found = True
+        except Exception:  # inductor's own error when no compiler is found
+            found = False
+    else:
+        found, needed = False, "a CPU or a CUDA GPU"
+    if not found:
+        raise RuntimeError(f"compile_chain needs {needed} on {device}; install it or set compile_chain=False")
 
 
 class FineTuneRun:
@@ -122,7 +173,8 @@ class FineTuneRun:
         self.callbacks = list(callbacks or [])
         self.stop = stop or (lambda: False)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.predictor = Predictor(bundle, config.parameter_set, config.precision)
+        self.predictor = Predictor(bundle, config.parameter_set, config.precision, config.compile_chain,
+                                   config.channels_last)
         self.optimizer = torch.optim.Adam(list(self.predictor.params.values()), lr=config.lr)
         self.scheduler = bundle.sampling_scheduler()
         self.scheduler.set_timesteps(config.ddim_steps, device=bundle.device)
@@ -167,7 +219,7 @@ class FineTuneRun:
         uncond = self.uncond.expand(len(cond), -1, -1)
         timesteps = self.scheduler.timesteps
         for t in timesteps[:n_steps]:
-            z = guided_ddim_step(self.scheduler, self.predictor.live, z, t, cond, uncond,
+            z = guided_ddim_step(self.scheduler, self.predictor.chain, z, t, cond, uncond,
                                  self.cfg.start_guidance).to(z.dtype)
         t = timesteps[n_steps] if n_steps < len(timesteps) else timesteps[-1]
         return list(z.chunk(len(conds))), t.expand(b)
@@ -280,9 +332,10 @@ class FineTuneRun:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir}")
         meta = json.loads((folder / "state.json").read_text())
         saved = dict(meta["config"])
-        saved.pop("method", None)
         current = self.cfg.to_dict()
-        current.pop("method", None)
+        for name in ("method", *EXECUTION_FIELDS):
+            saved.pop(name, None)
+            current.pop(name, None)
         if saved != json.loads(json.dumps(current)):
             raise ValueError(f"the checkpoint in {self.run_dir} was made with another configuration; "
                              f"resume with the same settings or start a new run folder")
@@ -342,12 +395,17 @@ def fine_tune_runner(run_class: type[FineTuneRun]):
     """The registry runner of a fine-tuning method: run it, collect the changed weights, and always
     put the bundle's weights back."""
     def run(bundle: ModelBundle, config, run_dir, callbacks=None, stop=None, resume=False) -> MethodResult:
-        job = run_class(bundle, config, run_dir, callbacks, stop)
+        try:
+            job = run_class(bundle, config, run_dir, callbacks, stop)
+        except BaseException:  # a method's setup failed after the UNet went channels-last
+            if config.channels_last:
+                bundle.unet.to(memory_format=torch.contiguous_format)
+            raise
         try:
             outcome = job.run(resume=resume)
             changed = job.predictor.changed()
             return MethodResult(outcome["status"], outcome["steps_done"], changed,
-                                {n: job.predictor.original[n] for n in changed},
+                                {n: job.predictor.original[n].contiguous() for n in changed},
                                 job.extra_results(Path(run_dir)), job.history, job.pi_history)
         finally:
             job.predictor.restore()
