@@ -56,7 +56,7 @@ def validate_repo_id(repo_id: str) -> str:
 
 
 def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None = None, sheet: bool = False,
-               checkpoint: str | None = None) -> str:
+               checkpoint: str | None = None, checkpoint_config: str | None = None) -> str:
     """README.md with YAML front matter for the Hub. ``lora``: the LoRA export's summary; ``sheet``:
     the export holds the before/after contact sheet; ``checkpoint``: the single file's name."""
     from .backends import get_backend
@@ -87,7 +87,7 @@ def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None
     elif fmt == "lora":
         lines += _lora_section(lora or {}, backend.name)
     elif fmt == "checkpoint":
-        lines += _checkpoint_section(checkpoint or "", backend.pipeline_loader().__name__)
+        lines += _checkpoint_section(checkpoint or "", backend.pipeline_loader().__name__, checkpoint_config)
     else:
         lines += ["This export is a complete pipeline folder." + backend.card_pipeline_hint, ""]
     lines += backend.card_usage(fmt)
@@ -207,7 +207,7 @@ def _count(n: int, noun: str) -> str:
 
 
 # the tool version whose own loader code was run on these files (scripts/check_exports_in_tools.py)
-CHECKED_WITH = "ComfyUI 0.3.64"
+CHECKED_WITH = "ComfyUI 0.3.64 and AUTOMATIC1111 1.10.1"
 
 
 def _lora_section(lora: dict, kind: str) -> list[str]:
@@ -235,7 +235,7 @@ def _lora_section(lora: dict, kind: str) -> list[str]:
                   f"(`diff_b`) apply them; AUTOMATIC1111 ignores `diff_b` keys, so there these biases stay at the "
                   f"base model's values: off by up to {lora.get('bias_delta_max_abs', 0.0):.3g} per entry, Frobenius "
                   f"norm {lora.get('bias_delta_frobenius', 0.0):.3g} against {lora.get('weight_delta_frobenius', 0.0):.3g} "
-                  f"for the weight matrices (ComfyUI's loader checked at version {CHECKED_WITH.split()[-1]}).", ""]
+                  f"for the weight matrices (checked with the loader code of {CHECKED_WITH}).", ""]
     else:
         lines += ["Biases: the run changed none, so every tool applies the whole LoRA.", ""]
     if lora.get("left_out"):
@@ -245,16 +245,23 @@ def _lora_section(lora: dict, kind: str) -> list[str]:
     return lines
 
 
-def _checkpoint_section(file: str, pipeline: str) -> list[str]:
-    return [f"This export is one file in the original Stable Diffusion single-file (LDM) layout, `{file}`: the "
-            f"erased UNet with the base model's VAE and text encoder(s). ComfyUI's checkpoint loader detects and "
-            f"loads it (checked with {CHECKED_WITH}), the UNet class AUTOMATIC1111 builds for the model loads its "
-            f"UNet with no missing or unexpected key, and diffusers reads it with `{pipeline}.from_single_file`.", "",
-            "## Where to put it", "",
-            f"- AUTOMATIC1111: `{file}` into `stable-diffusion-webui/models/Stable-diffusion/`, then choose it as "
-            f"the Stable Diffusion checkpoint.",
-            f"- ComfyUI: `{file}` into `ComfyUI/models/checkpoints/`, then a Load Checkpoint node.",
-            f"- diffusers: `{pipeline}.from_single_file(\"{file}\", config=BASE_MODEL)`.", ""]
+def _checkpoint_section(file: str, pipeline: str, config: str | None = None) -> list[str]:
+    """``config``: the SD-2.x config written beside the file (None for SD-1.x and SDXL)."""
+    lines = [f"This export is one file in the original Stable Diffusion single-file (LDM) layout, `{file}`: the "
+             f"erased UNet with the base model's VAE and text encoder(s). ComfyUI's checkpoint loader detects and "
+             f"loads it and the UNet class AUTOMATIC1111 builds for the model loads its UNet with no missing or "
+             f"unexpected key (checked with {CHECKED_WITH}); diffusers reads it with `{pipeline}.from_single_file`.", ""]
+    if config:
+        lines += [f"`{config}` is the model's SD-2 config (its prediction type, v or epsilon, included): keep it "
+                  f"beside `{file}` for AUTOMATIC1111, which reads a `.yaml` of the checkpoint's name before it "
+                  f"guesses the config from the weights. ComfyUI and diffusers do not need it.", ""]
+    beside = f" with `{config}` beside it" if config else ""
+    return lines + [
+        "## Where to put it", "",
+        f"- AUTOMATIC1111: `{file}`{beside} into `stable-diffusion-webui/models/Stable-diffusion/`, then choose it "
+        f"as the Stable Diffusion checkpoint.",
+        f"- ComfyUI: `{file}` into `ComfyUI/models/checkpoints/`, then a Load Checkpoint node.",
+        f"- diffusers: `{pipeline}.from_single_file(\"{file}\", config=BASE_MODEL)`.", ""]
 
 
 def is_hub_base(base: str) -> bool:
@@ -337,7 +344,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
 
         erased = load_bundle(str(run_dir), device="cpu")  # verifies checksum and base before anything is written
         base_source, backend = erased.base_source, erased.backend
-        lora = checkpoint = None
+        lora = checkpoint = checkpoint_config = None
         if fmt == "delta":
             copy_run_file(run_dir, DELTA, tmp / DELTA)
             copy_run_file(run_dir, MANIFEST, tmp / MANIFEST)
@@ -346,13 +353,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
             lora = _export_lora(run_dir, manifest, base_source, lora_config, tmp, name, progress)
         elif fmt == "checkpoint":
             checkpoint = f"{name}{CHECKPOINT_SUFFIX}"
-            write_checkpoint(erased, tmp / checkpoint, stored_dtype)
+            written = write_checkpoint(erased, tmp / checkpoint, stored_dtype)
+            checkpoint_config = written.name if written else None
         else:
             erased.backend.save_pipeline(erased, tmp, stored_dtype)
         sheet = _before_after_sheet(run_dir, manifest, erased, backend, tmp / SHEET, progress)
         _copy_evaluation(run_dir, tmp)
         (tmp / "README.md").write_text(model_card(manifest, run_dir, fmt, lora=lora, sheet=sheet,
-                                                         checkpoint=checkpoint))
+                                                         checkpoint=checkpoint, checkpoint_config=checkpoint_config))
         if final.exists():
             for item in tmp.iterdir():  # only what this export wrote replaces what is there
                 old = final / item.name

@@ -11,8 +11,10 @@ and transformers' ``CLIPTextModel`` against OpenCLIP's text tower where the orig
 - SD-2.x: the same, but ``cond_stage_model.model.*`` in OpenCLIP's names (q, k and v joined into
   ``in_proj``). diffusers' SD-2 text encoder stops at the penultimate layer, which is the one SD-2
   reads, so the file has one text layer fewer than the original: loaders warn about that layer and
-  never use it. No ``.yaml`` is written: AUTOMATIC1111 picks the SD-2 config (and v-prediction) from
-  the weights themselves, as ComfyUI does.
+  never use it. Beside it goes ``<name>.yaml``, the model's original (LDM) inference config, written
+  from the run's architecture and scheduler (v-prediction or not): AUTOMATIC1111 reads a ``.yaml`` of
+  the checkpoint's name before it guesses the config, and its guess of v-prediction runs the UNet once
+  and compares the output with the released SD-2 models' behaviour, which an erased model need not keep.
 - SDXL: ``model.diffusion_model.*`` (with ``label_emb`` for the size and pooled-text embedding),
   ``first_stage_model.*``, ``conditioner.embedders.0.transformer.*`` (CLIP-L, transformers' names) and
   ``conditioner.embedders.1.model.*`` (OpenCLIP bigG, with its ``text_projection``).
@@ -164,16 +166,83 @@ def is_openclip(text_encoder) -> bool:
     return text_encoder.config.hidden_act == "gelu"
 
 
-def write_checkpoint(bundle, path: Path, dtype: torch.dtype | None = None) -> None:
-    """Write the single file, in ``dtype`` (default: the base's stored dtype)."""
+def ldm_config(bundle) -> dict | None:
+    """The original (LDM) inference config of an SD-2.x bundle, the ``.yaml`` AUTOMATIC1111 reads beside
+    the checkpoint; None for SD-1.x and SDXL, whose config A1111 and ComfyUI tell from the weights alone.
+
+    Every number comes from the bundle: the UNet's levels become ``channel_mult``, the levels with
+    cross-attention ``attention_resolutions`` (their downsampling factors), the scheduler's betas and
+    ``prediction_type`` the ``linear_start`` / ``linear_end`` / ``parameterization``."""
+    if bundle.backend.name != "stable-diffusion" or not is_openclip(bundle.text_encoder):
+        return None
+    unet, vae, scheduler = bundle.unet.config, bundle.vae.config, bundle.scheduler_config
+    if scheduler.get("beta_schedule", "scaled_linear") != "scaled_linear":  # the only schedule LDM's "linear" means
+        raise ValueError(f"the checkpoint format's SD-2 config has no place for the beta schedule "
+                         f"{scheduler.get('beta_schedule')!r}")
+    base = unet.block_out_channels[0]
+    levels = len(unet.block_out_channels)
+    heads = unet.num_attention_heads or unet.attention_head_dim  # diffusers' attention_head_dim counts heads
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    head_channels = {c // h for c, h in zip(unet.block_out_channels, heads)}
+    depth = unet.transformer_layers_per_block
+    if len(head_channels) != 1 or not isinstance(depth, int) or any(c % base for c in unet.block_out_channels):
+        raise ValueError("the checkpoint format's SD-2 config needs the same head size and transformer depth "
+                         "in every UNet level")
+    vae_base = vae.block_out_channels[0]
+    unet_params = {
+        "use_checkpoint": False, "use_fp16": False, "image_size": unet.sample_size,
+        "in_channels": unet.in_channels, "out_channels": unet.out_channels, "model_channels": base,
+        "attention_resolutions": [2 ** i for i, kind in reversed(list(enumerate(unet.down_block_types)))
+                                  if "CrossAttn" in kind],
+        "num_res_blocks": unet.layers_per_block, "channel_mult": [c // base for c in unet.block_out_channels],
+        "num_head_channels": head_channels.pop(), "use_spatial_transformer": True,
+        "use_linear_in_transformer": bool(unet.use_linear_projection), "transformer_depth": depth,
+        "context_dim": unet.cross_attention_dim, "legacy": False}
+    ddconfig = {"double_z": True, "z_channels": vae.latent_channels, "resolution": vae.sample_size,
+                "in_channels": vae.in_channels, "out_ch": vae.out_channels, "ch": vae_base,
+                "ch_mult": [c // vae_base for c in vae.block_out_channels], "num_res_blocks": vae.layers_per_block,
+                "attn_resolutions": [], "dropout": 0.0}
+    params = {
+        "linear_start": scheduler.get("beta_start", 0.00085), "linear_end": scheduler.get("beta_end", 0.012),
+        "num_timesteps_cond": 1, "timesteps": scheduler.get("num_train_timesteps", 1000),
+        "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": unet.sample_size,
+        "channels": unet.in_channels, "cond_stage_trainable": False, "conditioning_key": "crossattn",
+        "scale_factor": vae.scaling_factor, "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": vae.latent_channels, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}},
+        # SD-2 reads the penultimate layer of OpenCLIP ViT-H, the last one diffusers' text encoder keeps
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                              "params": {"freeze": True, "layer": "penultimate"}}}
+    if scheduler.get("prediction_type", "epsilon") == "v_prediction":
+        params = {"parameterization": "v", **params}
+    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
+def config_path(checkpoint: Path) -> Path:
+    """Where AUTOMATIC1111 looks for a checkpoint's own config: the same name with ``.yaml``."""
+    return checkpoint.with_suffix(".yaml")
+
+
+def write_checkpoint(bundle, path: Path, dtype: torch.dtype | None = None) -> Path | None:
+    """Write the single file, in ``dtype`` (default: the base's stored dtype), and for SD-2.x its config
+    beside it; return the config's path (None where there is none)."""
+    import yaml
     from safetensors.torch import save_file
 
     from .stable_diffusion import stored_dtype
 
+    config = ldm_config(bundle)  # before anything is written: a config it cannot express is refused first
     dtype = dtype or stored_dtype(bundle.base_source or bundle.source)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in checkpoint_state_dict(bundle).items()}
     save_file(tensors, str(path), metadata={"format": "pt", "written_by": "age-explorer"})
     os.chmod(path, 0o644)  # readable like the other files of the export
+    if config is None:
+        return None
+    config_file = config_path(path)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.chmod(config_file, 0o644)
+    return config_file
 
 
 def _transformers_names(text_encoder) -> dict[str, torch.Tensor]:

@@ -350,3 +350,99 @@ def test_checkpoint_of_a_toy_run_is_refused_in_one_line(toy_bundle, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the checkpoint format is the single-file layout of Stable Diffusion") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+# SD-2 768-v at its real size: the UNet of stabilityai/stable-diffusion-2's config, OpenCLIP ViT-H's text
+# tower as diffusers holds it (23 of its 24 layers: SD-2 reads the penultimate one)
+SD2_UNET = dict(SD14_UNET, sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                use_linear_projection=True)
+GOLDEN_SD2 = [
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight", "model.diffusion_model.input_blocks.3.0.op.weight",
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias", "model.diffusion_model.out.2.weight",
+    "cond_stage_model.model.token_embedding.weight", "cond_stage_model.model.positional_embedding",
+    "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+    "cond_stage_model.model.transformer.resblocks.22.mlp.c_proj.bias", "cond_stage_model.model.ln_final.weight",
+    "first_stage_model.decoder.up.3.upsample.conv.weight"]
+
+
+def test_sd2_single_file_has_the_original_layout_and_the_768_v_config():
+    """At SD-2's real size: OpenCLIP names for the text encoder, linear ``proj_in`` in the UNet, and a config
+    whose numbers are those of Stability's v2-inference-v.yaml (written out here from its layout)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from age_explorer.core.app.bench import SD14_SCHEDULER
+    from age_explorer.core.export_checkpoint import checkpoint_state_dict, ldm_config
+
+    bundle = _meta_bundle(SD2_UNET, xl=False)
+    with torch.device("meta"):
+        bundle.text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                                           num_attention_heads=16, hidden_act="gelu"))
+    bundle.scheduler_config = dict(SD14_SCHEDULER, prediction_type="v_prediction")
+    keys = checkpoint_state_dict(bundle)
+    assert set(GOLDEN_SD2) <= set(keys)
+    assert keys["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (320, 320)  # linear, not 1x1 conv
+    assert keys["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3072, 1024)
+    assert not [k for k in keys if k.startswith("cond_stage_model.") and not k.startswith("cond_stage_model.model.")]
+    config = ldm_config(bundle)
+    params = config["model"]["params"]
+    unet = params["unet_config"]["params"]
+    assert config["model"]["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion" and params["parameterization"] == "v"
+    assert (unet["model_channels"], unet["channel_mult"], unet["attention_resolutions"], unet["num_res_blocks"]) == \
+        (320, [1, 2, 4, 4], [4, 2, 1], 2)
+    assert (unet["num_head_channels"], unet["context_dim"], unet["use_linear_in_transformer"], unet["transformer_depth"],
+            unet["legacy"]) == (64, 1024, True, 1, False)
+    assert (params["linear_start"], params["linear_end"], params["timesteps"], params["scale_factor"]) == \
+        (0.00085, 0.012, 1000, 0.18215)
+    ddconfig = params["first_stage_config"]["params"]["ddconfig"]
+    assert (ddconfig["ch"], ddconfig["ch_mult"], ddconfig["z_channels"], ddconfig["num_res_blocks"]) == (128, [1, 2, 4, 4], 4, 2)
+    assert params["cond_stage_config"]["params"]["layer"] == "penultimate"
+    # diffusers' own reading of an original config builds this very UNet from it
+    with torch.device("meta"):
+        rebuilt = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(config, keys))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in bundle.unet.state_dict().items()}
+    bundle.scheduler_config = dict(SD14_SCHEDULER)  # SD-2 base (512 px) predicts epsilon: no parameterization key
+    assert "parameterization" not in ldm_config(bundle)["model"]["params"]
+    assert ldm_config(_meta_bundle(SD14_UNET, xl=False)) is None and ldm_config(_meta_bundle(SDXL_UNET, xl=True)) is None
+
+
+def test_sd2_checkpoint_export_writes_the_config_beside_the_file(tmp_path_factory, tmp_path):
+    """A tiny SD-2 (v-prediction) run: the file and its ``.yaml`` of the same name, from which diffusers' own
+    converters rebuild the run's UNet and the base's VAE and text encoder exactly; the card names the yaml."""
+    import yaml
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    from safetensors.torch import load_file
+
+    from tests.tiny_models import build_tiny_sd2_pipeline
+
+    work = tmp_path_factory.mktemp("tiny_sd2")
+    build_tiny_sd2_pipeline(work).save_pretrained(work / "pipeline")
+    base = load_bundle(str(work / "pipeline"), device="cpu")
+    run = erase(base, make_config("age", None, concepts=["a red circle"], candidates=["a dog", "a cat"], **TINY),
+                tmp_path / "run").run_dir
+    folder = export_run(run, tmp_path / "exports", fmt="checkpoint")
+    name = folder.name
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", f"{name}.safetensors", f"{name}.yaml"]
+    config = yaml.safe_load((folder / f"{name}.yaml").read_text())
+    assert config["model"]["params"]["parameterization"] == "v"
+    keys = load_file(str(folder / f"{name}.safetensors"))
+    erased = load_bundle(str(run), device="cpu")
+    unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(config, keys))
+    unet.load_state_dict(convert_ldm_unet_checkpoint(keys, dict(unet.config)))
+    vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(config, keys))
+    vae.load_state_dict(convert_ldm_vae_checkpoint(keys, dict(vae.config)))
+    # transformers from 5.6 on names a CLIPTextModel's tensors without the "text_model." the converter writes
+    text = {k.removeprefix("text_model."): v
+            for k, v in convert_open_clip_checkpoint(base.text_encoder, keys, prefix="cond_stage_model.model.").items()}
+    for ours, theirs in ((erased.unet.state_dict(), unet.state_dict()), (base.vae.state_dict(), vae.state_dict()),
+                         ({k.removeprefix("text_model."): v for k, v in base.text_encoder.state_dict().items()}, text)):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not all(torch.equal(v, base.unet.state_dict()[k]) for k, v in erased.unet.state_dict().items())
+    card = (folder / "README.md").read_text()
+    a1111 = next(line for line in card.splitlines() if line.startswith("- AUTOMATIC1111"))
+    assert f"`{name}.safetensors` with `{name}.yaml` beside it" in a1111

@@ -48,6 +48,34 @@ def build_tiny_pipeline(work: Path):
                                    requires_safety_checker=False)
 
 
+def build_tiny_sd2_pipeline(work: Path):
+    """A randomly initialised SD-2.x ``StableDiffusionPipeline``: what makes a model SD-2 at a tiny size,
+    an OpenCLIP-style text encoder (GELU, as ``CLIPTextModel`` holds SD-2's), linear projections in the
+    UNet's transformers, the same head size in every level, and a v-prediction scheduler (SD-2 768-v)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer(work / "tokenizer_src")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32,
+                        sample_size=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def build_tiny_sdxl_pipeline(work: Path):
     """A randomly initialised ``StableDiffusionXLPipeline`` of the real classes: two CLIP text encoders
     (the second with a projection, for the pooled embedding), a "text_time" UNet conditioned on the
