@@ -74,7 +74,7 @@ def old_module(commit: str):
     # its own names from export_options: the ones it used still exist except the old kohya file name
     source = source.replace("KOHYA_FILE, ", "")
     folder = Path(tempfile.mkdtemp(prefix="old-export-lora-"))
-    (folder / "old_export_lora.py").write_text(source.replace("from .export_options", "from age_explorer.core.export_options"))
+    (folder / "old_export_lora.py").write_text(source.replace("from .export_options", "from age_explorer.core.export.options"))
     spec = importlib.util.spec_from_file_location("old_export_lora", folder / "old_export_lora.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -86,7 +86,7 @@ def one_case(work: Path, case: str, commit: str) -> dict:
     """Run in a child process: factor one delta at one rank with one code; its own time and peak memory."""
     import torch
 
-    from age_explorer.core.export_lora import SafetensorsValues, lowrank_delta, parse_rank
+    from age_explorer.core.export.lora import SafetensorsValues, lowrank_delta, parse_rank
 
     which, rank_text, code = case.split(":")
     rank = parse_rank(rank_text)

@@ -55,7 +55,7 @@ def bundle_for(device: torch.device, tiny: bool):
     UNet is not built: half a minute of CPU)."""
     if not tiny:
         return random_sd14_bundle(device)
-    from age_explorer.core.stable_diffusion import StableDiffusionBackend
+    from age_explorer.core.backends.stable_diffusion import StableDiffusionBackend
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = random_sd14_pipeline(Path(tmp), device, unet=TINY_UNET)
@@ -125,7 +125,7 @@ def part_graph_row(device, tiny, images, erase_iterations, work: Path) -> dict:
     from age_explorer.core.graph.concept_sets import load_concept_set
     from age_explorer.core.graph.sweep import RowRecipe, erase_row
     from age_explorer.core.runs import delta_weights
-    from age_explorer.core.stable_diffusion import StableDiffusionBackend
+    from age_explorer.core.backends.stable_diffusion import StableDiffusionBackend
 
     pipe = random_sd14_pipeline(work / "sd14-row", device, unet=TINY_UNET if tiny else None)
     bundle = StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture", device, torch.float32,
@@ -184,7 +184,7 @@ TINY_SDXL_UNET = dict(SDXL_UNET, sample_size=8, block_out_channels=(32, 64), lay
 
 def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
     from age_explorer.core.erasure import PRESETS, erase, make_config
-    from age_explorer.core.stable_diffusion_xl import StableDiffusionXLBackend
+    from age_explorer.core.backends.stable_diffusion_xl import StableDiffusionXLBackend
 
     pipe = random_sdxl_pipeline(work / "sdxl", device, unet=TINY_SDXL_UNET if tiny else None)
     bundle = StableDiffusionXLBackend.bundle_from_pipeline(pipe, "random SDXL architecture", device, torch.float32,
@@ -205,7 +205,7 @@ def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
 
 def part_evaluate(device, tiny, images, work: Path) -> dict:
     """NudeNet on images of a random SD-1.4-architecture pipeline (saved as a folder, as a user's model)."""
-    from age_explorer.core.app.evaluation import evaluate
+    from age_explorer.core.app.evaluate import evaluate
     from age_explorer.core.evaluation import EvaluationConfig
 
     folder = work / "sd14-random"

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
-from age_explorer.core.export import export_run
-from age_explorer.core.export_lora import PEFT_FILE, PEFT_FOLDER, parse_rank
+from age_explorer.core.export.writers import export_run
+from age_explorer.core.export.lora import PEFT_FILE, PEFT_FOLDER, parse_rank
 from age_explorer.core.graph.capability import CapabilitySpec, load_evaluator
 from age_explorer.core.graph.concept_sets import load_concept_set
-from age_explorer.core.manifest import environment_versions, write_json_atomic
+from age_explorer.core.files import environment_versions, write_json_atomic
 from age_explorer.core.runs import RunManifest, is_run_dir
 from age_explorer.core.sampling import generate
 

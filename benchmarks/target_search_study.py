@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from age_explorer.core.manifest import environment_versions, write_json_atomic
+    from age_explorer.core.files import environment_versions, write_json_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .manifest import file_sha256, write_json_atomic
+from .files import file_sha256, write_json_atomic
 
 RUN_KIND = "age-explorer erasure run"
 DELTA = "delta.safetensors"

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from age_explorer.core.app.cpu_split import CpuSplit
-from age_explorer.core.app.evaluation import default_out as evaluation_dir
+from age_explorer.core.app.evaluate import default_out as evaluation_dir
 from age_explorer.explorer.workflows import RunEntry, find_run, list_runs
 from age_explorer.core.backends import backend_for
 from age_explorer.core.bundle import ModelBundle, load_bundle, weights_revision
 from age_explorer.core.device import resolve_device
-from age_explorer.core.export_lora import DEFAULT_RANK
+from age_explorer.core.export.lora import DEFAULT_RANK
 from age_explorer.core.graph.concept_sets import ConceptSet, load_concept_set
 from age_explorer.core.graph.store import DamagedGraphError, GraphStore, model_graphs
 from age_explorer.core.app.job_store import JobStore, UnknownJobError, default_data_dir
@@ -379,7 +379,7 @@ class Explorer:
     def export(self, run_dir: str, fmt: str, rank: int | str | None = DEFAULT_RANK) -> Path:
         """Export a run into a new folder ``<run>-<format>[-N]``: an export never replaces another.
         ``rank``: the rank of a LoRA export."""
-        from age_explorer.core.export import export_run
+        from age_explorer.core.export.writers import export_run
 
         run = Path(run_dir)
         base = f"{run.parent.name if run.name == 'run' else run.name}-{fmt}"

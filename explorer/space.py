@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             print(build_space(args.out, args.hardware, args.force))
         else:
-            from age_explorer.core.export import push_to_hub
+            from age_explorer.core.export.writers import push_to_hub
 
             with tempfile.TemporaryDirectory() as tmp:
                 folder = build_space(Path(tmp) / "space", args.hardware)

@@ -13,11 +13,11 @@ On a UNet of the real size with random weights (SD-1.4's config, SD-2 768-v's, o
 VAE and text encoder(s) of the real sizes, also random:
 
 1. the base is written as a single-file checkpoint with the project's key map
-   (``core/export_checkpoint.py``), and ComfyUI's ``load_checkpoint_guess_config`` loads it: the model
+   (``core/export/checkpoint.py``), and ComfyUI's ``load_checkpoint_guess_config`` loads it: the model
    type it detects, and its missing / unexpected key lines;
 2. an "erased" model: a rank-4 change of every Linear and Conv weight of the chosen set (``xattn``: the
    cross-attention layers; ``full``: the whole UNet) and a random change of its biases and norms. The
-   project's LoRA code (``core/export_lora.py``, rank 8, so the weights are exactly representable)
+   project's LoRA code (``core/export/lora.py``, rank 8, so the weights are exactly representable)
    writes the kohya file, and each tool applies it to the base:
    - ComfyUI: ``load_lora_for_models`` + ``patch_model``;
    - AUTOMATIC1111 (``extensions-builtin/Lora``): ``networks.load_network`` on the file, then
@@ -109,8 +109,8 @@ def import_comfyui(folder: Path):
     from transformers import (ByT5Tokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,  # noqa: F401
                               T5EncoderModel, T5Tokenizer)
 
-    import age_explorer.core.export_checkpoint  # noqa: F401
-    import age_explorer.core.export_lora  # noqa: F401
+    import age_explorer.core.export.checkpoint  # noqa: F401
+    import age_explorer.core.export.lora  # noqa: F401
 
     for name in STUBBED:
         if name not in sys.modules:
@@ -264,8 +264,8 @@ def differences(diffs: dict) -> str:
 def check_model(kind: str, comfy, a1111: "A1111 | None", work: Path, report) -> None:
     from safetensors.torch import save_file
 
-    from age_explorer.core.export_checkpoint import checkpoint_state_dict, config_path, ldm_config
-    from age_explorer.core.export_lora import lowrank_delta
+    from age_explorer.core.export.checkpoint import checkpoint_state_dict, config_path, ldm_config
+    from age_explorer.core.export.lora import lowrank_delta
 
     dtype = torch.float16 if kind == "sdxl" else torch.float32  # SDXL in fp32 would need 3 x 10 GB here
     as_file = {"dtype": dtype}  # ComfyUI's UNet in the file's dtype (on a CPU it would take float32)
@@ -457,7 +457,7 @@ class A1111:
         """A1111's UNet class loads the file's ``model.diffusion_model.*`` tensors: missing and unexpected keys."""
         from safetensors.torch import load_file
 
-        from age_explorer.core.export_checkpoint import config_path
+        from age_explorer.core.export.checkpoint import config_path
 
         config = config_path(file) if kind == "sd2" else None
         unet, target = self._build_unet(kind, config)
@@ -516,7 +516,7 @@ class A1111:
         recognises: the project's kohya names with zero rank-1 factors, on A1111's UNet class (meta device)."""
         from safetensors.torch import save_file
 
-        from age_explorer.core.export_lora import LowRankDelta
+        from age_explorer.core.export.lora import LowRankDelta
 
         layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         down = {n: torch.zeros(1, *m.weight.shape[1:]) for n, m in layers.items()}
@@ -568,7 +568,7 @@ class A1111:
         import yaml
         from safetensors import safe_open
 
-        from age_explorer.core.export_checkpoint import config_path
+        from age_explorer.core.export.checkpoint import config_path
 
         self._import()
         picked = self.configs.find_checkpoint_config(None, SimpleNamespace(filename=str(file)))

@@ -337,7 +337,7 @@ def make_fixtures(work: Path, log=print) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from age_explorer.core.manifest import file_sha256
+    from age_explorer.core.files import file_sha256
 
     delta = load_file(str(run / "delta.safetensors"))
     save_file({name: torch.full_like(t, float("nan")) for name, t in delta.items()}, str(nan_run / "delta.safetensors"))

@@ -260,7 +260,7 @@ def test_a_delta_of_nan_with_a_matching_checksum_is_refused(toy_bundle, tmp_path
     from safetensors.torch import load_file, save_file
 
     from age_explorer.core.erasure import erase, make_config
-    from age_explorer.core.manifest import file_sha256
+    from age_explorer.core.files import file_sha256
     from age_explorer.core.runs import CorruptRunError, run_weights
 
     run = tmp_path / "run"

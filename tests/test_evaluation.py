@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from age_explorer.core.app.evaluation import evaluate
+from age_explorer.core.app.evaluate import evaluate
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.app.cli.main import main
 from age_explorer.core.erasure import erase, make_config

@@ -7,7 +7,7 @@ from age_explorer.core.app.bench import SD14_UNET
 from age_explorer.core.app.random_pipelines import SD_VAE, SDXL_UNET
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
-from age_explorer.core.export import export_run, push_to_hub, validate_name, validate_repo_id
+from age_explorer.core.export.writers import export_run, push_to_hub, validate_name, validate_repo_id
 from age_explorer.core.sampling import generate
 from tests.hub_standin import HubStandIn
 from tests.tiny_models import TINY_SD_RECIPE
@@ -146,7 +146,7 @@ def test_model_card_holds_the_runs_evaluation_table(toy_bundle, tmp_path):
 
     import pandas as pd
 
-    from age_explorer.core.app.evaluation import evaluate
+    from age_explorer.core.app.evaluate import evaluate
     from age_explorer.core.evaluation import EvaluationConfig
 
     run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "uce-red-circle").run_dir
@@ -179,7 +179,7 @@ def test_export_follows_no_symbolic_link_planted_in_the_run_folder(toy_bundle, t
     secret the links point at reaches no exported file; a link planted after the check is not opened."""
     import shutil
 
-    from age_explorer.core.export import copy_run_file
+    from age_explorer.core.export.writers import copy_run_file
 
     run = erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "run").run_dir
     secret = tmp_path / "secret.txt"
@@ -276,7 +276,7 @@ def test_single_file_key_names_are_the_original_layouts(xl):
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
                                                      convert_open_clip_checkpoint)
 
-    from age_explorer.core.export_checkpoint import checkpoint_state_dict
+    from age_explorer.core.export.checkpoint import checkpoint_state_dict
 
     bundle = _meta_bundle(SDXL_UNET if xl else SD14_UNET, xl)
     keys = checkpoint_state_dict(bundle)
@@ -324,7 +324,7 @@ def test_sdxl_checkpoint_holds_the_unet_vae_and_both_text_encoders(tiny_sdxl_dir
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from safetensors.torch import load_file
 
-    from age_explorer.core.export_checkpoint import write_checkpoint
+    from age_explorer.core.export.checkpoint import write_checkpoint
 
     bundle = load_bundle(str(tiny_sdxl_dir), device="cpu")
     with torch.no_grad():  # an "erased" UNet: every tensor moved, so a misplaced one cannot match by chance
@@ -373,7 +373,7 @@ def test_sd2_single_file_has_the_original_layout_and_the_768_v_config():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from age_explorer.core.app.bench import SD14_SCHEDULER
-    from age_explorer.core.export_checkpoint import checkpoint_state_dict, ldm_config
+    from age_explorer.core.export.checkpoint import checkpoint_state_dict, ldm_config
 
     bundle = _meta_bundle(SD2_UNET, xl=False)
     with torch.device("meta"):

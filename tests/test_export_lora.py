@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
-from age_explorer.core.export import export_run
-from age_explorer.core.export_lora import (PEFT_FILE, PEFT_FOLDER, SafetensorsValues, kohya_file, lowrank_delta,
+from age_explorer.core.export.writers import export_run
+from age_explorer.core.export.lora import (PEFT_FILE, PEFT_FOLDER, SafetensorsValues, kohya_file, lowrank_delta,
                                            parse_rank, truncated_svd)
 from age_explorer.core.sampling import generate
 from tests.tiny_models import TINY_SD_RECIPE, build_tiny_pipeline

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from age_explorer.core.app.evaluation import evaluate
+from age_explorer.core.app.evaluate import evaluate
 from age_explorer.core.attacks import run_attack
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import METHODS, PRESETS, erase, get_method, make_config
 from age_explorer.core.evaluation import EvaluationConfig
-from age_explorer.core.export import export_run
-from age_explorer.core.export_options import PEFT_FOLDER
+from age_explorer.core.export.writers import export_run
+from age_explorer.core.export.options import PEFT_FOLDER
 from age_explorer.core.sampling import generate
 from age_explorer.core.toyworld.backend import ToyBackend
 from tests.tiny_models import TINY_SD_RECIPE

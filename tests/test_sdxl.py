@@ -12,7 +12,7 @@ import torch
 from age_explorer.core.bundle import load_bundle
 from age_explorer.core.erasure import erase, make_config
 from age_explorer.core.erasure.params import PARAMETER_SETS
-from age_explorer.core.export import export_run
+from age_explorer.core.export.writers import export_run
 from age_explorer.core.sampling import generate
 from tests.tiny_models import CANDIDATES, TINY_SD_RECIPE
 

@@ -58,7 +58,7 @@ def test_build_refuses_a_non_empty_folder_and_says_why(tmp_path, capsys):
 def test_push_uploads_the_space(space, monkeypatch):
     import huggingface_hub.constants
 
-    from age_explorer.core.export import push_to_hub
+    from age_explorer.core.export.writers import push_to_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
     with HubStandIn() as hub:

@@ -56,7 +56,7 @@ def random_sd14_bundle(device: torch.device) -> ModelBundle:
     """SD-1.4's UNet architecture with random weights (nothing to download)."""
     from diffusers import UNet2DConditionModel
 
-    from ..stable_diffusion import StableDiffusionBackend
+    from ..backends.stable_diffusion import StableDiffusionBackend
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD14_UNET).to(device).eval()

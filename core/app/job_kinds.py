@@ -132,7 +132,7 @@ def run_evaluate_job(ctx: JobContext) -> dict:
     """config: {"model": a run folder (or model), "out": result folder, "config": {...EvaluationConfig...}}.
     The result folder is replaced only once every metric is done."""
     from ..evaluation.config import EvaluationConfig
-    from .evaluation import evaluate
+    from .evaluate import evaluate
 
     cfg = ctx.job.config
     try:

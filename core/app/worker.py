@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from ..manifest import folder_lock
+from ..files import folder_lock
 from .job_kinds import default_runners
 from .job_store import HEARTBEAT_SECONDS, Job, JobCancelled, JobContext, JobStore, Runner
 

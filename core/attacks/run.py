@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..imageio import contact_sheet
-from ..manifest import environment_versions, write_json_atomic
+from ..files import environment_versions, write_json_atomic
 from .common import AttackTarget, Judge, Probe, Progress, default_judge, generate_states
 from .config import AttackConfig
 from .registry import get_attack, make_attack_config

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..manifest import environment_versions, folder_lock
+from ..files import environment_versions, folder_lock
 from .config import (PRESETS, AGEConfig, APConfig, CAConfig, ESDConfig, MACECFRConfig, MACEConfig, RECEConfig,
                      UCEConfig, make_config, presets_for)
 from .registry import METHODS, Method, get_method, register_method

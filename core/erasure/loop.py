@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
 from ..bundle import ModelBundle
-from ..manifest import write_json_atomic
+from ..files import write_json_atomic
 from ..prediction import add_noise, eps_from_x0, x0_from_output
 from ..sampling import guided_ddim_step
 from .config import EXECUTION_FIELDS, EraseConfig

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..manifest import file_sha256
+from ..files import file_sha256
 from .weights import Unavailable, cached_checkpoint, checkpoints_dir, load_checked, load_state
 
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")

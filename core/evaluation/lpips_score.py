@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..manifest import file_sha256
+from ..files import file_sha256
 from .weights import Unavailable, cached_checkpoint, checkpoints_dir, load_checked, load_state, package_file
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..manifest import write_json_atomic
+from ..files import write_json_atomic
 
 SCHEMA = "age-explorer.evaluation/1"
 RESULTS, TABLE, MANIFEST = "results.json", "results.csv", "manifest.json"

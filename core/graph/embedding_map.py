@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import write_json_atomic
+from ..files import write_json_atomic
 
 UMAP_TABLE, UMAP_META = "umap.csv", "umap.json"
 SEED = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 import pandas as pd
 
-from ..manifest import publish, write_json_atomic
+from ..files import publish, write_json_atomic
 
 NODES, EDGES, META = "nodes.csv", "edges.csv", "graph.json"
 EDGE_COLUMNS = ["erased", "affected", "G_before_top1", "G_after_top1", "delta_top1",

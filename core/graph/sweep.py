@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bundle import ModelBundle, load_bundle
-from ..manifest import environment_versions
+from ..files import environment_versions
 from ..runs import RunManifest, delta_weights, read_delta
 from .capability import CapabilitySpec, capability, default_evaluator_name, load_evaluator
 from .concept_sets import ConceptSet

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..manifest import environment_versions, write_json_atomic
+from ..files import environment_versions, write_json_atomic
 from ..prediction import add_noise, v_target
 from .classifier import ToyClassifier, augment
 from .concepts import ToyWorld

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from age_explorer.core.app.evaluation import default_out as evaluation_dir
+from age_explorer.core.app.evaluate import default_out as evaluation_dir
 from age_explorer.explorer.workflows import (PAGE_IMAGES_PER_CLASS, before_after, evaluation_view, plan_evaluation,
                                              spillover_row)
 from age_explorer.core.runs import RunManifest

@@ -9,8 +9,8 @@ import os
 
 import gradio as gr
 
-from age_explorer.core.export import FORMATS, push_to_hub
-from age_explorer.core.export_lora import DEFAULT_RANK, FULL_RANK
+from age_explorer.core.export.writers import FORMATS, push_to_hub
+from age_explorer.core.export.lora import DEFAULT_RANK, FULL_RANK
 
 from .common import Page, bind, owner_of, shown_as_error
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if len(args.target) != 1:
         raise ValueError("evaluate one model or run at a time, or compare result folders with --compare")
-    from ..evaluation import evaluate
+    from ..evaluate import evaluate
 
     config = EvaluationConfig(**given_values(args, args.config_fields))  # bad options fail before any model loads
     use_threads(args.threads)

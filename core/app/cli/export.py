@@ -14,7 +14,7 @@ HELP = "export an erased run: delta (default), diffusers folder, LoRA or single-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the rank flag: default and help of the config (a module without torch, so --help is quick)
-    from ...export_options import DEFAULT_RANK, FORMATS, LoraExportConfig
+    from ...export.options import DEFAULT_RANK, FORMATS, LoraExportConfig
 
     parser.add_argument("run_dir")
     parser.add_argument("--format", choices=FORMATS, default="delta")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ...export import export_run, push_to_hub
+    from ...export.writers import export_run, push_to_hub
 
     use_threads(None)  # the contact sheet's images and the LoRA's SVDs compute
     run_dir = Path(args.run_dir)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from .bundle import ModelBundle
+    from ..bundle import ModelBundle
 
 _REGISTRY: dict[str, type["Backend"]] = {}
 # module paths of the built-in backends, imported lazily so that importing the engine stays cheap
-_BUILT_IN = ("age_explorer.core.toyworld.backend", "age_explorer.core.stable_diffusion",
-             "age_explorer.core.stable_diffusion_xl")
+_BUILT_IN = ("age_explorer.core.toyworld.backend", "age_explorer.core.backends.stable_diffusion",
+             "age_explorer.core.backends.stable_diffusion_xl")
 
 
 class Backend:
@@ -55,7 +55,7 @@ class Backend:
         """The preset a run of ``method`` on this family starts from when none is given: the family's
         entry in ``default_presets``, else the method's preset named ``<prefix>-<method>`` (``toy-ca``)
         or, for a family without a prefix, ``<method>`` itself (the paper's SD recipe), when it exists."""
-        from .erasure.config import PRESETS
+        from ..erasure.config import PRESETS
 
         if method in cls.default_presets:
             return cls.default_presets[method]

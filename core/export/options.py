@@ -1,6 +1,6 @@
 """What an export can be, without torch: the formats, the LoRA files' names and the LoRA rank.
 
-``age-explorer export --help`` builds its flags from these (``core/export.py`` does the work).
+``age-explorer export --help`` builds its flags from these (``core/export/writers.py`` does the work).
 """
 
 from __future__ import annotations

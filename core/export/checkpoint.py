@@ -230,7 +230,7 @@ def write_checkpoint(bundle, path: Path, dtype: torch.dtype | None = None) -> Pa
     import yaml
     from safetensors.torch import save_file
 
-    from .stable_diffusion import stored_dtype
+    from ..backends.stable_diffusion import stored_dtype
 
     config = ldm_config(bundle)  # before anything is written: a config it cannot express is refused first
     dtype = dtype or stored_dtype(bundle.base_source or bundle.source)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .backends import Backend, register_backend
-from .bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, diffusers_pipeline_class, looks_like_hub_id
+from . import Backend, register_backend
+from ..bundle import LOAD_LOCK, ModelBundle, ModelUnavailableError, diffusers_pipeline_class, looks_like_hub_id
 
 
 @register_backend

@@ -25,14 +25,14 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from .bundle import PromptWarning
-from .device import resolve_dtype
-from .export_lora import (DEFAULT_RANK, FULL_RANK, PEFT_FILE, PEFT_FOLDER, LoraExportConfig, SafetensorsValues,
+from ..bundle import PromptWarning
+from ..device import resolve_dtype
+from .lora import (DEFAULT_RANK, FULL_RANK, PEFT_FILE, PEFT_FOLDER, LoraExportConfig, SafetensorsValues,
                           kohya_file, lowrank_delta, lowrank_summary)
-from .export_checkpoint import refuse_checkpoint_kind, write_checkpoint
-from .export_options import CHECKPOINT_SUFFIX, FORMATS
-from .manifest import environment_versions, write_json_atomic
-from .runs import DELTA, MANIFEST, RunManifest
+from .checkpoint import refuse_checkpoint_kind, write_checkpoint
+from .options import CHECKPOINT_SUFFIX, FORMATS
+from ..files import environment_versions, write_json_atomic
+from ..runs import DELTA, MANIFEST, RunManifest
 
 SHEET = "before_after.png"  # the before/after contact sheet a run folder or an export holds
 SHEET_SEEDS = [0, 1, 2, 3]
@@ -59,7 +59,7 @@ def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None
                checkpoint: str | None = None, checkpoint_config: str | None = None) -> str:
     """README.md with YAML front matter for the Hub. ``lora``: the LoRA export's summary; ``sheet``:
     the export holds the before/after contact sheet; ``checkpoint``: the single file's name."""
-    from .backends import get_backend
+    from ..backends import get_backend
 
     backend = get_backend(manifest.base_model_kind or "stable-diffusion")
     base = manifest.base_model
@@ -115,7 +115,7 @@ def model_card(manifest: RunManifest, run_dir: Path, fmt: str, lora: dict | None
 def _evaluation_section(run_dir: Path) -> list[str]:
     """The run's evaluation (``RUN/evaluation``, written by ``age-explorer evaluate RUN``) as card lines;
     none when it has no evaluation, a line saying why when its results cannot be read."""
-    from .evaluation.results import RESULTS, card_lines
+    from ..evaluation.results import RESULTS, card_lines
 
     folder = run_dir / EVALUATION
     if not (folder / RESULTS).is_file():
@@ -129,7 +129,7 @@ def _evaluation_section(run_dir: Path) -> list[str]:
 
 def _copy_evaluation(run_dir: Path, folder: Path) -> None:
     """The evaluation's result files beside the card whose table they hold."""
-    from .evaluation.results import MANIFEST as EVAL_MANIFEST, RESULTS, TABLE
+    from ..evaluation.results import MANIFEST as EVAL_MANIFEST, RESULTS, TABLE
 
     source = run_dir / EVALUATION
     if not (source / RESULTS).is_file():
@@ -266,7 +266,7 @@ def _checkpoint_section(file: str, pipeline: str, config: str | None = None) -> 
 
 def is_hub_base(base: str) -> bool:
     """The base was loaded by Hub id (not a local folder), so the card may name it as ``base_model``."""
-    from .bundle import looks_like_hub_id
+    from ..bundle import looks_like_hub_id
 
     return not Path(base).expanduser().exists() and looks_like_hub_id(base)
 
@@ -340,7 +340,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "delta", nam
         raise FileExistsError(f"{final} is a file, not an export folder")
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     try:
-        from .bundle import load_bundle
+        from ..bundle import load_bundle
 
         erased = load_bundle(str(run_dir), device="cpu")  # verifies checksum and base before anything is written
         base_source, backend = erased.base_source, erased.backend
@@ -382,7 +382,7 @@ def _export_lora(run_dir: Path, manifest: RunManifest, base_source: str, config:
                  name: str, progress=None) -> dict:
     """The LoRA files, factored layer by layer against the base UNet with the erased tensors read from
     the delta file one at a time: besides the base model, only one layer and the factors are held."""
-    from .bundle import load_bundle
+    from ..bundle import load_bundle
 
     base = load_bundle(base_source, device="cpu", revision=manifest.base_revision)
     erased = SafetensorsValues(run_dir / (manifest.delta_file or DELTA))
@@ -416,9 +416,9 @@ def _before_after_sheet(run_dir: Path, manifest: RunManifest, erased, backend, p
         return True
     if not backend.preview_every:
         return False
-    from .bundle import load_bundle
-    from .imageio import contact_sheet
-    from .sampling import generate
+    from ..bundle import load_bundle
+    from ..imageio import contact_sheet
+    from ..sampling import generate
 
     erased = erased or load_bundle(str(run_dir), device="cpu")
     images = (lambda done, total: progress(done, total, "contact sheet images")) if progress else None

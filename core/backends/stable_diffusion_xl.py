@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import register_backend
-from .bundle import ModelBundle
+from . import register_backend
+from ..bundle import ModelBundle
 from .stable_diffusion import StableDiffusionBackend
 
 

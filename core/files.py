@@ -1,4 +1,5 @@
-"""Run manifests: what produced an output (config, seeds, versions), written atomically."""
+"""What writing every output shares: atomic publish and JSON writes, folder locks, checksums, and the
+package versions a manifest records (the manifests themselves: ``runs.RunManifest``)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from ..evaluation import results as res
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.registry import GENERATES, METRIC_FAMILIES, PROMPTS, SHARED, EvaluationContext
 from ..evaluation.weights import Unavailable
-from ..manifest import environment_versions
+from ..files import environment_versions
 
 @dataclass
 class Evaluation:

@@ -39,7 +39,7 @@ import torch
 
 # the file names, the rank flag and its config live in a module without torch (the CLI's --help reads
 # them); they are part of this module's names as well
-from .export_options import (DEFAULT_RANK, FULL_RANK, PEFT_FILE, PEFT_FOLDER, LoraExportConfig, kohya_file,
+from .options import (DEFAULT_RANK, FULL_RANK, PEFT_FILE, PEFT_FOLDER, LoraExportConfig, kohya_file,
                              parse_rank)
 
 __all__ = ["LowRankDelta", "kohya_name", "lowrank_delta", "lowrank_summary", "DEFAULT_RANK", "FULL_RANK",
