@@ -333,8 +333,17 @@ def read_history(run_dir: str | Path) -> list[dict]:
     ``history.jsonl``, or from ``history.csv`` in a run folder written before it ([] when neither exists)."""
     run_dir = Path(run_dir)
     if (run_dir / HISTORY).is_file():
-        lines = (run_dir / HISTORY).read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        lines = [line for line in (run_dir / HISTORY).read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # cut short by a kill or a full disk mid-write: a resume rewrites it
+                    break
+                raise CorruptRunError(f"{run_dir / HISTORY}: line {i + 1} is not a step report; delete the file "
+                                      "to resume without the curve so far") from None
+        return rows
     if not (run_dir / HISTORY_TABLE).is_file():
         return []
     meta = {"step", "phase", "concept", "elapsed", "pick", "pick_is_neighbour"}

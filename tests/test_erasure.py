@@ -110,6 +110,8 @@ def test_history_is_appended_per_step_and_read_once_per_step_after_a_resume(sd, 
     assert stopped.status == "stopped" and lengths == [1, 2, 3]  # on disk before each callback ran
     with open(run / HISTORY, "a") as f:  # what a run killed at step 4, after the checkpoint at 3, leaves
         f.write(json.dumps({**read_history(run)[-1], "step": 4, "losses": {"erase": -1.0}}) + "\n")
+        f.write('{"step": 5, "phase": "mo')  # and a report cut short: killed, or the disk full, mid-write
+    assert [r["step"] for r in read_history(run)] == [1, 2, 3, 4]
     erase(sd, config, run, resume=True)
     rows = read_history(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[3]["losses"] != {"erase": -1.0}
@@ -118,6 +120,9 @@ def test_history_is_appended_per_step_and_read_once_per_step_after_a_resume(sd, 
     assert [(r["step"], r["phase"], r["concept"]) for r in old] == [(r["step"], r["phase"], r["concept"]) for r in rows]
     assert [r["losses"] for r in old] == [pytest.approx(r["losses"]) for r in rows]
     assert read_history(tmp_path / "nothing") == []
+    (run / HISTORY).write_text('{"step": 1, "ph\n' + json.dumps(rows[1]) + "\n")  # damage before the end
+    with pytest.raises(CorruptRunError, match="line 1 is not a step report"):
+        read_history(run)
 
 
 def test_stop_ends_within_one_step_with_a_usable_checkpoint(sd, tmp_path):
