@@ -133,6 +133,7 @@ class Explorer:
             starter.start()
             self.worker.supervise(self.store)
         self._bundle: ModelBundle | None = None
+        self._graph_folders: dict[str, Path] = {}
         self._lock = threading.Lock()
         self._weights_lock = threading.RLock()
         self._export_lock = threading.Lock()
@@ -208,6 +209,14 @@ class Explorer:
         """Shipped graphs of this model (assets/graphs) and graphs computed here (data dir)."""
         roots = [(assets_dir() / "graphs", "shipped"), (self.data_dir / "graphs", "computed")]
         return model_graphs(roots, self.settings.model, weights_revision(self.settings.model), self._readable)
+
+    def graph_folder(self, name: str) -> Path:
+        """The folder of this model's graph ``name``, looking again on disk for one made since the last look."""
+        if name not in self._graph_folders:
+            self._graph_folders = self.graph_dirs()
+        if name not in self._graph_folders:
+            raise ValueError(f"no graph named {name!r} for this model")
+        return self._graph_folders[name]
 
     def methods_table(self):
         """The ranked methods table of this model's complete-enough graphs (core/graph/methods.py)."""

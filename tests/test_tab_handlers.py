@@ -76,3 +76,17 @@ def test_bad_form_input_is_one_line_and_queues_nothing(page):
             erase.start_erase(page, *args, owner="browser-a")
         assert "\n" not in str(err.value)
     assert page.explorer.store.list() == []
+
+
+def test_the_graph_tab_draws_a_concepts_view_and_names_an_unknown_graph_in_one_line(page):
+    import gradio as gr
+
+    from age_explorer.explorer.tabs import graph
+
+    network, heatmap, details, bar = graph.graph_outputs(page, "toy-esd (shipped)", 0.3, "shape", "red circle")
+    assert '"red circle"' in network and heatmap.type == "plotly" and bar.type == "plotly"
+    assert "**red circle**" in details and "Erasing it hurts most" in details
+    assert graph.graph_outputs(page, "toy-esd (shipped)", 0.3, "shape", "red circle")[0] is network  # drawn once, cached
+    with pytest.raises(gr.Error, match="no graph named 'nowhere'") as err:
+        graph.graph_outputs(page, "nowhere", 0.3, "shape", None)
+    assert "\n" not in str(err.value)
