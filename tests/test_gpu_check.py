@@ -28,19 +28,16 @@ def test_an_unknown_part_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_compiled_chain_and_graph_row_parts_on_cpu(tmp_path):
+def test_the_graph_row_part_on_cpu(tmp_path):
+    """The graph row part end to end. The compiled_chain part is left out here: on a cold compiler cache
+    it compiles a UNet for minutes on a CPU, and what it times (``compile_chain``) is checked against the
+    eager chain in tests/test_compiled_chain.py."""
     out = tmp_path / "g.json"
-    done = _run("--tiny", "--device", "cpu", "--parts", "compiled_chain,graph_row", "--chain-iterations", "4",
-                "--row-images", "1", "--row-erase-iterations", "2", "--out", str(out))
+    done = _run("--tiny", "--device", "cpu", "--parts", "graph_row", "--row-images", "1",
+                "--row-erase-iterations", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     parts = json.loads(out.read_text())["parts"]
-    assert list(parts) == ["compiled_chain", "graph_row"]
-    assert not any("error" in part for part in parts.values()), parts
-    chain = parts["compiled_chain"]
-    assert chain["iterations_timed"] == 4 and set(chain["rows"]) == {"eager", "eager_channels_last", "compiled"}
-    for row in chain["rows"].values():
-        assert row["s_per_iter"] > 0 and row["s_per_model_step"] == 2 * row["s_per_iter"]
-    assert chain["rows"]["eager"]["speedup"] == 1.0
+    assert list(parts) == ["graph_row"] and "error" not in parts["graph_row"], parts
     row = parts["graph_row"]
     assert (row["concepts"], row["images"], row["steps"]) == (25, 25, 50)
     assert row["generate_s"] > 0 and row["classify_s"] > 0 and 0 <= row["mean_G_top1"] <= 1
