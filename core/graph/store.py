@@ -146,9 +146,7 @@ class GraphStore:
 
     def matrix(self, kind: str = "delta_top1") -> pd.DataFrame:
         """Delta as a matrix: rows = erased, columns = affected, ordered as the nodes."""
-        order = list(self.nodes().concept)
-        return self.edges().pivot(index="erased", columns="affected", values=kind).reindex(
-            index=[c for c in order if c in set(self.edges().erased)], columns=order)
+        return delta_matrix(self.nodes(), self.edges(), kind)
 
     def to_networkx(self) -> nx.DiGraph:
         graph = nx.DiGraph(**{k: v for k, v in self.meta().items() if isinstance(v, (str, int, float))})
@@ -178,3 +176,13 @@ def model_graphs(roots: list[tuple[Path, str]], model: str, revision: str | None
         for store, _ in sorted(metas, key=lambda sm: (-len(sm[0].rows_done()), sm[1].get("method") != "esd")):
             found[f"{store.folder.name} ({tag})"] = store.folder
     return found
+
+
+def delta_matrix(nodes: pd.DataFrame, edges: pd.DataFrame, kind: str = "delta_top1") -> pd.DataFrame:
+    """A graph's edges as a matrix: rows = erased, columns = affected, ordered as the nodes (from files
+    already read, so a caller holding them does not read them again)."""
+    order = list(nodes.concept)
+    erased = set(edges.erased)
+    return edges.pivot(index="erased", columns="affected", values=kind).reindex(
+        index=[c for c in order if c in erased], columns=order)
+

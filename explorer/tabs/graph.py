@@ -12,7 +12,7 @@ from gradio.components.plot import PlotData
 
 from age_explorer.explorer.workflows import prompt_for
 from age_explorer.core.graph.embedding_map import compute_map, read_map
-from age_explorer.core.graph.store import GraphStore
+from age_explorer.core.graph.store import GraphStore, delta_matrix
 
 from .. import plots
 from ..components import concept_graph
@@ -60,7 +60,8 @@ def network_json(folder: str, version: tuple, threshold: float, grouping: str | 
 @functools.lru_cache(maxsize=64)
 def heatmap_json(folder: str, version: tuple, name: str, grouping: str | None) -> str:
     col = f"group_{grouping}" if grouping else None
-    return plots.heatmap_figure(GraphStore(folder).matrix(), files(folder, version).nodes, col,
+    graph = files(folder, version)
+    return plots.heatmap_figure(delta_matrix(graph.nodes, graph.edges), graph.nodes, col,
                                 f"Δ (rows = erased): {name}").to_json()
 
 
