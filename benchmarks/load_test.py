@@ -8,9 +8,11 @@ the erasure's time alone and under load, and whether both runs produced the same
 checksum of the delta).
 
 The users stand for browsers on other machines, but run on this one. By default each is its own
-process at the lowest CPU priority (``--client-niceness 19``), so that the server, not the clients'
-own work, is what is measured; ``--clients threads --client-niceness 0`` runs them as threads of
-this process at normal priority (they then also wait for each other's GIL).
+process at niceness 5 (``--client-niceness``): below the server (0), so that the server, not the
+clients' own work, is what is measured, and above the server's erasure worker (10), which a browser
+never waits for; a user at niceness 19 waits for the worker's core before it can send a request or
+read its answer. ``--clients threads --client-niceness 0`` runs them as threads of this process at
+normal priority (they then also wait for each other's GIL).
 
     python benchmarks/load_test.py --users 20 --iterations 30
     python benchmarks/load_test.py --users 20 --iterations 30 --public --jobs-per-user 4   # each user also submits
@@ -73,6 +75,7 @@ def erase_and_wait(client: Client, concept: str, iterations: int) -> tuple[dict,
         time.sleep(0.5)
 
 
+SLOW = 1.0  # s: a graph query slower than this is reported with when it was sent
 CAP_REFUSAL = "the most one visitor may have"  # the per-session job cap's one line (public mode)
 
 
@@ -108,7 +111,7 @@ def user(url: str, graph: str, concepts: list[str], stop, seed: int, niceness: i
         start = time.time()
         try:
             action(rng.choice(concepts))
-            latencies[name].append(time.time() - start)
+            latencies[name].append((start, time.time() - start))
         except Exception as err:  # recorded and reported: the point is to count them
             errors.append(f"{name}: {err}")
     results.put((dict(latencies), errors, accepted, refused))
@@ -143,6 +146,7 @@ def measure(args, app: str) -> dict:
             users = [start_user(target=user, args=(url, graph, concepts, stop, i,
                                                    args.client_niceness if args.clients == "processes" else 0,
                                                    results, args.jobs_per_user)) for i in range(args.users)]
+            window_start = time.time()
             for u in users:
                 u.start()
             loaded, loaded_s = erase_and_wait(client, args.concept, args.iterations)
@@ -150,8 +154,8 @@ def measure(args, app: str) -> dict:
             latencies, errors, accepted, refused = defaultdict(list), [], 0, 0
             for _ in users:
                 user_latencies, user_errors, user_accepted, user_refused = results.get(timeout=600)
-                for name, values in user_latencies.items():
-                    latencies[name] += values
+                for name, values in user_latencies.items():  # (seconds into the window, latency)
+                    latencies[name] += [(start - window_start, seconds) for start, seconds in values]
                 errors += user_errors
                 accepted, refused = accepted + user_accepted, refused + user_refused
             for u in users:
@@ -167,8 +171,12 @@ def measure(args, app: str) -> dict:
           f"against graph {graph!r}")
     print(f"{'endpoint':<20}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'max s':>8}")
     for name, values in sorted(latencies.items()):
-        v = np.array(values)
+        v = np.array([seconds for _, seconds in values])
         print(f"{name:<20}{len(v):>9}{np.percentile(v, 50):>8.2f}{np.percentile(v, 95):>8.2f}{v.max():>8.2f}")
+    for name, values in sorted(latencies.items()):  # when the slow ones were sent: a burst, or all along
+        slow = sorted(at for at, seconds in values if seconds > SLOW and name != "generate")
+        if slow:
+            print(f"{name}: {len(slow)} requests over {SLOW:.0f} s, sent {slow[0]:.0f}-{slow[-1]:.0f} s into the window")
     if args.jobs_per_user:
         print(f"jobs submitted by the users: {accepted} accepted, {refused} refused at the per-session cap")
     print(f"errors: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:10]))
@@ -188,8 +196,9 @@ def main() -> int:
     parser.add_argument("--concept", default="red circle")
     parser.add_argument("--clients", choices=["processes", "threads"], default="processes",
                         help="each user a process of its own (default), or a thread of this process")
-    parser.add_argument("--client-niceness", type=int, default=19,
-                        help="CPU niceness of the users (19: the lowest priority; 0: as the server)")
+    parser.add_argument("--client-niceness", type=int, default=5,
+                        help="CPU niceness of the users (default 5: below the server, above its erasure worker "
+                             "at 10; 0: as the server)")
     parser.add_argument("--public", action="store_true", help="serve in public mode (per-session jobs and cap)")
     parser.add_argument("--jobs-per-user", type=int, default=0,
                         help="short erasures each user submits first (with --public: up to the cap and past it)")
@@ -209,7 +218,7 @@ def main() -> int:
         for app, m in measured.items():
             cells = []
             for name in names:
-                v = np.array(m["latencies"].get(name, [np.nan]))
+                v = np.array([seconds for _, seconds in m["latencies"].get(name, [(0, np.nan)])])
                 cells.append(f"{np.percentile(v, 50):.2f} / {np.percentile(v, 95):.2f} / {v.max():.2f} ({len(v)})")
             print(f"| {app} | {m['window']:.0f} | " + " | ".join(cells) + f" | {m['errors']} |")
     return 0 if all(m["ok"] for m in measured.values()) else 1

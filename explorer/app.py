@@ -50,5 +50,5 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     show_progress="hidden")
         wire_run_lists(page, loaded, [compare_tab, robustness_tab, generate_tab, export_tab])
         wire_runs_endpoint(page, [compare_runs, export_runs])
-    demo.explorer = ex
+    demo.explorer, demo.page = ex, page
     return demo

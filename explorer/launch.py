@@ -78,5 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if start_page is not None:
             start_page.stop()  # the app takes the port; the page reloads into it
+    from .tabs.graph import warm_first_views
+
+    warm_first_views(demo.page)
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    mcp_server=args.mcp, **LAUNCH_OPTIONS)

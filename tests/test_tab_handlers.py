@@ -90,3 +90,18 @@ def test_the_graph_tab_draws_a_concepts_view_and_names_an_unknown_graph_in_one_l
     with pytest.raises(gr.Error, match="no graph named 'nowhere'") as err:
         graph.graph_outputs(page, "nowhere", 0.3, "shape", None)
     assert "\n" not in str(err.value)
+
+
+def test_the_views_the_page_opens_on_are_drawn_before_anyone_clicks(page):
+    """A fresh server draws the first graph's view of each concept in the background, so that the first
+    visitors' clicks are served from the cache instead of each waiting for the others' figures."""
+    from age_explorer.explorer.tabs import graph
+
+    names, first, groupings = graph.opening_view(page)
+    graph.network_json.cache_clear()
+    graph.warm_first_views(page).join(60)
+    concepts = list(first.nodes().concept)
+    assert graph.network_json.cache_info().currsize == len(concepts) > 1
+    for concept in concepts:  # the same arguments a click sends: every one a cache hit
+        graph.graph_outputs(page, names[0], graph.DEFAULT_THRESHOLD, groupings[0], concept)
+    assert graph.network_json.cache_info().misses == len(concepts)
