@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from age_explorer.core.graph.analysis import (abnormal_nodes, asymmetry, asymmetry_score, compare_graphs,
-                                              locality, similarity_vs_delta)
+                                              locality, paired_against_first, similarity_vs_delta)
 from age_explorer.core.graph.concept_sets import ConceptSet
 from age_explorer.core.graph.store import EDGE_COLUMNS, GraphStore
 
@@ -84,3 +84,17 @@ def test_compare_graphs_uses_only_common_rows(tmp_path, store):
     assert set(table[table.erased != "(mean)"].erased) == {"A", "B"}
     half = table[(table.graph == "half") & (table.erased == "A")]
     assert half.in_g.iloc[0] == pytest.approx(0.2)
+
+
+def test_paired_against_first_counts_rows_and_tests_the_differences(tmp_path, store):
+    """Halving every Δ: each row's same-group Δ drops (A 0.4 -> 0.2, B 0.2 -> 0.1; C has no neighbour and
+    is not counted), each self Δ drops; an exact Wilcoxon p of two differences of one sign is 0.5."""
+    half = write_graph(tmp_path / "half", {e: {a: d / 2 for a, d in row.items()} for e, row in DELTA.items()})
+    same = write_graph(tmp_path / "same")
+    table = paired_against_first(compare_graphs({"full": store, "half": half, "same": same}, CONCEPTS))
+    by = table.set_index(["graph", "column"])
+    assert tuple(by.loc[("half", "in_g"), ["lower", "tied", "higher"]]) == (2, 0, 0)
+    assert by.loc[("half", "in_g"), "wilcoxon_p"] == pytest.approx(0.5)
+    assert tuple(by.loc[("half", "self"), ["lower", "tied", "higher"]]) == (3, 0, 0)
+    assert by.loc[("half", "self"), "this"] == pytest.approx(by.loc[("half", "self"), "first"] / 2)
+    assert list(by.loc["same"].tied) == [2, 3, 3] and by.loc["same"].wilcoxon_p.isna().all()

@@ -161,6 +161,30 @@ def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out.astype({c: "Int64" for c in lower})
 
 
+def paired_against_first(table: pd.DataFrame, tolerance: float = 1e-9) -> pd.DataFrame:
+    """Each later graph against the first, row by row (the same erased concepts): for each locality
+    column, the rows below, tied with and above the first graph's, and the two-sided Wilcoxon
+    signed-rank p of the differences (ties dropped; none when every row ties). This is how a cheaper
+    recipe is judged equivalent: no column whose p is small."""
+    from scipy.stats import wilcoxon
+
+    columns = [c for c in table.columns if c.startswith("in_")] + ["unrelated", "self"]
+    graphs = list(dict.fromkeys(table.graph))
+    first = table[table.graph == graphs[0]].set_index("erased")[columns]
+    rows = []
+    for name in graphs[1:]:
+        block = table[table.graph == name].set_index("erased")[columns].loc[first.index]
+        for column in columns:
+            diff = (block[column] - first[column]).dropna().to_numpy()  # NaN: a row with no such neighbour
+            moved = diff[abs(diff) > tolerance]
+            p_value = float(wilcoxon(moved).pvalue) if len(moved) else float("nan")
+            rows.append({"graph": name, "column": column, "first": float(first[column].mean()),
+                         "this": float(block[column].mean()), "lower": int((diff < -tolerance).sum()),
+                         "tied": int((abs(diff) <= tolerance).sum()), "higher": int((diff > tolerance).sum()),
+                         "wilcoxon_p": p_value})
+    return pd.DataFrame(rows)
+
+
 def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame | None = None) -> str:
     """The paper's Section 3 findings, stated with this graph's numbers."""
     meta = store.meta()

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ...bundle import load_bundle
     from ...graph.analysis import (abnormal_nodes, asymmetry, compare_graphs, compare_summary, locality,
-                                   similarity_measures, similarity_vs_delta, summary)
+                                   paired_against_first, similarity_measures, similarity_vs_delta, summary)
     from ...graph.concept_sets import ConceptSet
     from ...graph.store import GraphStore
 
@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         print("mean Delta top-1 on the rows all graphs have; *_lower: rows below the first graph")
         with pd.option_context("display.width", 200, "display.max_columns", 30):
             print(compare_summary(table).to_string(index=False, float_format=fmt))
+            print(f"\neach graph against {next(iter(stores))}, row by row: rows lower / tied / higher, "
+                  "and the Wilcoxon signed-rank p of the differences")
+            print(paired_against_first(table).to_string(index=False, float_format=fmt,
+                                                        formatters={"wilcoxon_p": lambda p: f"{p:.2g}"}))
             if args.tables:
                 print("\nper row\n" + table.to_string(index=False, float_format=fmt))
             print_recovery(stores, concept_set, args.tables)
