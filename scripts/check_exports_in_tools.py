@@ -220,6 +220,30 @@ def comfy_unet_map(model_patcher, comfy) -> dict[str, str]:
     return comfy.utils.unet_to_diffusers(model_patcher.model.model_config.unet_config)
 
 
+def kohya_layer_names(unet) -> dict[str, str]:
+    """Every Linear and Conv2d layer of the UNet -> the kohya name the project's LoRA export gives it."""
+    from age_explorer.core.export.lora import kohya_name, original_layout_names
+
+    special = original_layout_names(unet)
+    return {n: special.get(n) or kohya_name(n) for n, m in unet.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def comfy_key_coverage(model_patcher, comfy, unet) -> str:
+    """Which of the project's kohya names of every Linear and Conv2d layer ComfyUI's LoRA key map
+    (``comfy.lora.model_lora_keys_unet``) knows, and whether each names the layer's own weight."""
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    mapping = comfy_unet_map(model_patcher, comfy)
+    names = kohya_layer_names(unet)
+    unknown = sorted(name for name in names.values() if name not in key_map)
+    wrong = sorted(name for module, name in names.items()
+                   if name in key_map and key_map[name] != f"diffusion_model.{mapping[f'{module}.weight']}")
+    return (f"- ComfyUI LoRA key coverage (the project's kohya names of all {len(names)} Linear and Conv2d layers, "
+            f"comfy.lora.model_lora_keys_unet): {len(names) - len(unknown)} known, {len(unknown)} unknown"
+            f"{': ' + ', '.join(unknown[:3]) if unknown else ''}; {len(wrong)} naming another layer"
+            f"{': ' + ', '.join(wrong[:3]) if wrong else ''}")
+
+
 def compare_unet(mapping: dict[str, str], theirs: dict[str, torch.Tensor], unet, names: set[str]) -> dict:
     """Max |a tool's UNet tensor - ours| over the changed weights, changed biases, changed other tensors and
     the unchanged ones; ``mapping``: ComfyUI's diffusers -> LDM names, ``theirs``: the tool's UNet by LDM name."""
@@ -285,6 +309,7 @@ def check_model(kind: str, comfy, a1111: "A1111 | None", work: Path, report) -> 
     report(f"- ComfyUI, base single file: detected {type(patcher.model.model_config).__name__} "
            f"({patcher.model.model_type.name}); key warnings: "
            f"{key_warnings(logs.take('unet missing', 'unet unexpected', 'clip missing', 'Missing VAE', 'left over'))}")
+    report(comfy_key_coverage(patcher, comfy, model.unet))
     del patcher
     gc.collect()
     kinds = ("xattn", "full") if kind == "sd1" else ("xattn",)
@@ -516,12 +541,12 @@ class A1111:
         recognises: the project's kohya names with zero rank-1 factors, on A1111's UNet class (meta device)."""
         from safetensors.torch import save_file
 
-        from age_explorer.core.export.lora import LowRankDelta
+        from age_explorer.core.export.lora import LowRankDelta, original_layout_names
 
         layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         down = {n: torch.zeros(1, *m.weight.shape[1:]) for n, m in layers.items()}
         up = {n: torch.zeros(m.weight.shape[0], 1, *([1, 1] if isinstance(m, torch.nn.Conv2d) else [])) for n, m in layers.items()}
-        kohya = LowRankDelta(1, down, up, {}, 0.0).kohya_state_dict()
+        kohya = LowRankDelta(1, down, up, {}, 0.0, kohya_names=original_layout_names(unet)).kohya_state_dict()
         self._load_model(kind, self._build_unet(kind)[0])
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "every-layer.safetensors"

@@ -292,3 +292,44 @@ def test_cli_lora_export_names_each_file_for_its_tool(sd_run, tmp_path, capsys):
     assert (f"{kohya_file('erased')} for AUTOMATIC1111 and ComfyUI, {PEFT_FOLDER}/{PEFT_FILE} for diffusers"
             in printed)
     assert (out / kohya_file("erased")).is_file() and (out / PEFT_FOLDER / PEFT_FILE).is_file()
+
+
+# the kohya names of the layers AUTOMATIC1111 finds only by their original (LDM) name (its diffusers-name
+# conversion has no rule for SDXL's label_emb and puts up_blocks.0's upsampler at position 1); ComfyUI reads both
+GOLDEN_KOHYA_SDXL = {"add_embedding.linear_1": "lora_unet_label_emb_0_0",
+                     "add_embedding.linear_2": "lora_unet_label_emb_0_2",
+                     "up_blocks.0.upsamplers.0.conv": "lora_unet_output_blocks_2_2_conv"}
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd1", "sdxl"])
+def test_kohya_names_of_layers_a1111_finds_only_by_their_original_name(xl):
+    """At the published sizes: SDXL's three such layers get their LDM names, SD-1.x none. On a small random
+    SDXL UNet, each such name is the original-layout key (as the single-file export writes it, '_' for '.')
+    that holds the very tensor, and the kohya file uses it."""
+    from diffusers import UNet2DConditionModel
+
+    from age_explorer.core.app.bench import SD14_UNET
+    from age_explorer.core.app.random_pipelines import SDXL_UNET
+    from age_explorer.core.export.checkpoint import unet_state_dict
+    from age_explorer.core.export.lora import original_layout_names
+
+    with torch.device("meta"):
+        published = UNet2DConditionModel(**(SDXL_UNET if xl else SD14_UNET))
+    assert original_layout_names(published) == (GOLDEN_KOHYA_SDXL if xl else {})
+    if not xl:
+        return
+    torch.manual_seed(0)
+    small = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    names = original_layout_names(small)
+    assert names["up_blocks.0.upsamplers.0.conv"] == "lora_unet_output_blocks_1_2_conv"  # one layer per block here
+    ldm = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): v for k, v in unet_state_dict(small).items()}
+    params = dict(small.named_parameters())
+    for module, name in names.items():
+        assert torch.equal(ldm[name], params[f"{module}.weight"])
+    erased = {f"{m}.weight": params[f"{m}.weight"].detach() + 1 for m in names}
+    kohya = lowrank_delta(small, erased, 1).kohya_state_dict()
+    assert {k.rsplit(".", 2)[0] for k in kohya} == set(names.values())

@@ -22,7 +22,8 @@ Two files, the same numbers:
   ``StableDiffusionPipeline.load_lora_weights`` loads: ``unet.<module>.lora_A.weight`` /
   ``lora_B.weight``, plus ``lora_B.bias`` holding the changed biases (PEFT's ``lora_bias``);
 - ``<export name>-comfyui-a1111.safetensors``, the kohya layout that AUTOMATIC1111 and ComfyUI load:
-  ``lora_unet_<module with _ for .>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``, and
+  ``lora_unet_<module with _ for .>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (three SDXL
+  layers by their original LDM name instead: :func:`original_layout_names`), and
   ``<...>.diff_b`` for each changed bias, which ComfyUI adds to the layer's bias (``comfy/lora.py``)
   and AUTOMATIC1111 ignores. diffusers' kohya converter refuses ``diff_b``, hence the PEFT folder.
 
@@ -42,7 +43,7 @@ import torch
 from .options import (DEFAULT_RANK, FULL_RANK, PEFT_FILE, PEFT_FOLDER, LoraExportConfig, kohya_file,
                              parse_rank)
 
-__all__ = ["LowRankDelta", "kohya_name", "lowrank_delta", "lowrank_summary", "DEFAULT_RANK", "FULL_RANK",
+__all__ = ["LowRankDelta", "kohya_name", "original_layout_names", "lowrank_delta", "lowrank_summary", "DEFAULT_RANK", "FULL_RANK",
            "PEFT_FILE", "PEFT_FOLDER", "LoraExportConfig", "kohya_file", "parse_rank", "SafetensorsValues"]
 
 # randomized SVD: extra columns beyond the rank and power iterations (Halko et al.'s recipe); a layer whose
@@ -101,6 +102,7 @@ class LowRankDelta:
     relative_error: float  # ||delta - up@down||_F / ||delta||_F over all weight matrices together
     left_out: dict[str, float] = field(default_factory=dict)  # tensor -> ||its delta||_F, not representable
     weight_delta_frobenius: float = 0.0  # ||delta||_F over all weight matrices together
+    kohya_names: dict[str, str] = field(default_factory=dict)  # module -> its kohya name where not kohya_name's
 
     def module_delta(self, module: str) -> torch.Tensor:
         """``up @ down`` in the weight's shape (what the LoRA adds to ``<module>.weight``)."""
@@ -121,7 +123,7 @@ class LowRankDelta:
         """``biases``: a ``diff_b`` key for every changed bias (ComfyUI adds it to the layer's bias)."""
         out = {}
         for module in self.down:
-            name = kohya_name(module)
+            name = self.kohya_names.get(module) or kohya_name(module)
             out[f"{name}.lora_down.weight"] = self.down[module].contiguous()
             out[f"{name}.lora_up.weight"] = self.up[module].contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(self.rank))
@@ -135,6 +137,23 @@ def kohya_name(module: str) -> str:
     ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``: kohya's sd-scripts
     trains SD-1.x on the diffusers UNet and names a layer by its diffusers path with '_' for '.'."""
     return "lora_unet_" + module.replace(".", "_")
+
+
+def original_layout_names(unet: torch.nn.Module) -> dict[str, str]:
+    """The layers that AUTOMATIC1111 finds only by their original (LDM) name, and those names. Its
+    conversion of diffusers names has no rule for SDXL's added-conditioning MLP (``add_embedding``, LDM
+    ``label_emb.0``), and puts the first up block's upsampler at position 1 of its output block, which
+    holds only for an up block without attentions (SD-1.x, SD-2.x): SDXL's has them, so its upsampler
+    is at 2. With ``lora_unet_<LDM name>`` AUTOMATIC1111 and ComfyUI both find them."""
+    names = {}
+    if getattr(unet, "add_embedding", None) is not None:
+        names.update({"add_embedding.linear_1": "lora_unet_label_emb_0_0",
+                      "add_embedding.linear_2": "lora_unet_label_emb_0_2"})
+    first = next(iter(getattr(unet, "up_blocks", [])), None)
+    if first is not None and getattr(first, "attentions", None) and getattr(first, "upsamplers", None):
+        # the first up block's layers are output blocks 0..n-1; the last of them ends with the upsampler
+        names["up_blocks.0.upsamplers.0.conv"] = f"lora_unet_output_blocks_{len(first.resnets) - 1}_2_conv"
+    return names
 
 
 def lowrank_delta(unet: torch.nn.Module, erased: Mapping[str, torch.Tensor], rank: int | None,
@@ -201,7 +220,8 @@ def lowrank_delta(unet: torch.nn.Module, erased: Mapping[str, torch.Tensor], ran
         for module_name in layers:
             bias.setdefault(module_name, torch.zeros(shapes[module_name][0]))
     error = (residual_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
-    return LowRankDelta(file_rank, down, up, bias, error, left_out, total_sq ** 0.5)
+    kohya_names = {m: n for m, n in original_layout_names(unet).items() if m in down}
+    return LowRankDelta(file_rank, down, up, bias, error, left_out, total_sq ** 0.5, kohya_names)
 
 
 def exact_svd(rows: int, columns: int, rank: int) -> bool:
