@@ -98,12 +98,6 @@ def presets_offered(method: str, kind: str, device: str) -> list[str]:
     return [p for p in fits if device.startswith("cuda") or not PRESETS[p][1].get("requires_gpu")]
 
 
-def preset_steps(method: str, preset: str | None) -> int | None:
-    """The model steps a preset (or the method's defaults) runs; None for a closed-form method."""
-    config = make_config(method, preset, concepts=["x"])
-    return getattr(config, "iterations", None)
-
-
 def preset_values(method: str, preset: str | None, names) -> dict:
     """The values a preset (or the method's defaults) gives the config fields ``names`` the method has:
     what a form shows before anyone edits it, so that sending it back changes nothing."""

@@ -504,7 +504,7 @@ def test_finished_runs_reach_generate_and_a_cli_run_appears(client, server, toy_
 
 
 def test_presets_offered_fit_the_method_the_model_and_the_device():
-    from age_explorer.explorer.workflows import check_preset, preset_steps, presets_offered
+    from age_explorer.explorer.workflows import check_preset, preset_values, presets_offered
 
     assert presets_offered("age", "toy", "cpu") == ["toy", "toy-fast"]
     assert presets_offered("esd", "toy", "cpu") == ["toy-esd", "toy-esd-fast"]
@@ -512,7 +512,8 @@ def test_presets_offered_fit_the_method_the_model_and_the_device():
     assert presets_offered("age", "stable-diffusion", "cuda") == ["imagenette", "nudity", "artist"]
     assert presets_offered("age", "stable-diffusion-xl", "cuda") == ["sdxl-imagenette", "sdxl-nudity", "sdxl-artist"]
     assert presets_offered("esd", "stable-diffusion-xl", "cuda") == ["sdxl-esd-x"]
-    assert preset_steps("age", "toy") == 200 and preset_steps("uce", "toy-uce") is None
+    assert preset_values("age", "toy", ["iterations"]) == {"iterations": 200}
+    assert preset_values("uce", "toy-uce", ["iterations"]) == {}  # closed form: no model steps
     with pytest.raises(ValueError, match="not made for the toy model: pick one of toy-esd"):
         check_preset("esd", "esd-x", "toy", "cuda")
 

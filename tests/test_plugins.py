@@ -102,14 +102,14 @@ def test_a_plugin_method_runs_from_the_cli_with_flags_from_its_config(shrink, tm
 
 
 def test_the_erase_form_sends_a_plugin_only_its_own_fields(shrink, toy_bundle):
-    from age_explorer.explorer.workflows import plan_erase, preset_steps
+    from age_explorer.explorer.workflows import plan_erase, preset_values
     from age_explorer.explorer.tabs.erase import form_options
 
     options = form_options(shrink, None, 1.0, "gumbel", "a red square", "(preset)", "")
     assert options == {"target": "a red square"}  # no λ, search, vocabulary or checkpoints: not its fields
     config = plan_erase(toy_bundle, "cpu", ["red circle"], "shrink-values", None, options)
     assert isinstance(config, ShrinkConfig) and config.target == "a red square"
-    assert preset_steps("shrink-values", None) is None
+    assert preset_values("shrink-values", None, ["iterations"]) == {}
     with pytest.raises(ValueError, match="closed-form edit with no model steps"):
         plan_erase(toy_bundle, "cpu", ["red circle"], "shrink-values", None,
                    form_options(shrink, 5, None, None, None, None, ""))

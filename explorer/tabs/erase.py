@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from age_explorer.core.app.job_kinds import erase_run_dir
-from age_explorer.explorer.workflows import plan_erase, preset_steps, preset_values, presets_offered
+from age_explorer.explorer.workflows import plan_erase, preset_values, presets_offered
 from age_explorer.core.backends import get_backend
 from age_explorer.core.checks import help_text
 from age_explorer.core.erasure import METHODS, get_method
@@ -66,13 +66,15 @@ def field_widget(name: str, method, value, visible: bool):
     return gr.Textbox(value=value, label=label, info=info, visible=visible)
 
 
-def field_updates(method_name: str, preset: str | None) -> list:
-    """Each form field's update for a method and preset: shown with the method's help and the preset's
-    value where the method's config has the field, hidden where it has not."""
+def preset_form(method_name: str, preset: str | None) -> list:
+    """The form's model steps (None for a closed-form method) and each option field's update for a method
+    and preset: shown with the method's help and the preset's value where the method's config has the
+    field, hidden where it has not."""
     method = get_method(method_name)
-    values = preset_values(method_name, preset, FORM_FIELDS)
-    return [gr.update(visible=True, value=values[name], info=help_text(config_field(method, name)))
-            if name in values else gr.update(visible=False) for name in FORM_FIELDS]
+    values = preset_values(method_name, preset, ("iterations", *FORM_FIELDS))
+    return [values.get("iterations"), *[
+        gr.update(visible=True, value=values[name], info=help_text(config_field(method, name)))
+        if name in values else gr.update(visible=False) for name in FORM_FIELDS]]
 
 
 def form_options(method, iterations, lam, search, target, vocab, own_candidates) -> dict:
@@ -117,13 +119,13 @@ def presets_of(page: Page, method: str) -> tuple[list[str], str | None]:
 # ---- handlers: functions of the page and the tab's inputs, bound to a page by build() ------------------
 def on_method(page: Page, method):
     offered, value = presets_of(page, method)
-    return gr.Dropdown(choices=offered, value=value), preset_steps(method, value), *field_updates(method, value)
+    return gr.Dropdown(choices=offered, value=value), *preset_form(method, value)
 
 
 def on_preset(page: Page, method, preset):
     if preset not in presets_offered(method, page.explorer.model_kind, page.explorer.device):
         return gr.skip(), *[gr.skip()] * len(FORM_FIELDS)
-    return preset_steps(method, preset), *field_updates(method, preset)
+    return tuple(preset_form(method, preset))
 
 
 def queue_text(page: Page, job_id) -> str:
@@ -245,11 +247,11 @@ def build(page: Page, concepts: list[str]) -> EraseTab:
         method = gr.Radio([(m.display_name, m.name) for m in methods], value=first.name, label="Method", elem_id="method")
         preset = gr.Dropdown(offered, value=preset_value, label="Preset (those that fit the method and this model)",
                              elem_id="preset", allow_custom_value=True)
-        iterations = whole_number(value=preset_steps(first.name, preset_value), label="Model steps (blank: preset)",
+        values = preset_values(first.name, preset_value, ("iterations", *FORM_FIELDS))
+        iterations = whole_number(value=values.get("iterations"), label="Model steps (blank: preset)",
                                   precision=0, elem_id="iterations")
     with gr.Row():
         # each widget as the first method with the field declares it; on_method shows the chosen method's
-        values = preset_values(first.name, preset_value, FORM_FIELDS)
         option_fields = []
         for name in FORM_FIELDS:
             owner_method = first if name in first.options else next(m for m in methods if name in m.options)
