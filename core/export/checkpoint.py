@@ -84,16 +84,19 @@ def unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     pairs = sorted(unet_block_map(unet.config), key=lambda pair: -len(pair[0]))
     out = {}
     for key, value in unet.state_dict().items():
-        for ours, theirs in pairs:
-            if key.startswith(ours):
-                rest = key[len(ours):]
-                if ".resnets." in ours:
-                    rest = _renamed(rest, _UNET_RESNET)
-                out[theirs + rest] = value
-                break
-        else:
+        match = _longest_prefix(key, pairs)
+        if match is None:
             raise ValueError(f"the UNet tensor {key} has no place in the single-file layout")
+        ours, theirs = match
+        rest = key[len(ours):]
+        out[theirs + (_renamed(rest, _UNET_RESNET) if ".resnets." in ours else rest)] = value
     return out
+
+
+def _longest_prefix(key: str, pairs: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first (diffusers prefix, LDM prefix) pair whose diffusers prefix starts ``key``; ``pairs`` sorted
+    longest first, so that the most specific prefix wins."""
+    return next(((ours, theirs) for ours, theirs in pairs if key.startswith(ours)), None)
 
 
 def vae_state_dict(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,18 +116,18 @@ def vae_state_dict(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     pairs.sort(key=lambda pair: -len(pair[0]))
     out = {}
     for key, value in vae.state_dict().items():
-        for ours, theirs in pairs:
-            if key.startswith(ours):
-                rest = key[len(ours):]
-                if ".attn_1." in theirs:
-                    rest = _renamed(rest, _VAE_ATTENTION)
-                    if value.dim() == 2:
-                        value = value.reshape(*value.shape, 1, 1)
-                elif "block" in theirs:
-                    rest = _renamed(rest, _VAE_RESNET)
-                key = theirs + rest
-                break
-        out[key] = value  # conv_in, conv_out, quant_conv, post_quant_conv: the same names
+        match = _longest_prefix(key, pairs)
+        if match is not None:  # else conv_in, conv_out, quant_conv, post_quant_conv: the same names
+            ours, theirs = match
+            rest = key[len(ours):]
+            if ".attn_1." in theirs:
+                rest = _renamed(rest, _VAE_ATTENTION)
+                if value.dim() == 2:
+                    value = value.reshape(*value.shape, 1, 1)
+            elif "block" in theirs:
+                rest = _renamed(rest, _VAE_RESNET)
+            key = theirs + rest
+        out[key] = value
     return out
 
 
