@@ -93,6 +93,35 @@ def test_ray_backend_gives_the_same_rows_as_local(toy_bundle, toy_subset, tmp_pa
     pd.testing.assert_frame_equal(a, b)
 
 
+@pytest.mark.slow
+def test_ray_rows_take_one_gpu_each_when_there_are_several():
+    """On a Ray cluster with (declared) GPUs, a graph of a model on a GPU starts one row worker per GPU and
+    Ray gives each its own device: no GPU is needed to check the scheduling."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    from age_explorer.core.graph.sweep import MEASURE_PARTS, ray_worker_plan
+
+    assert ray_worker_plan({"CPU": 16.0, "GPU": 4.0}, True, 25) == (4, {"num_cpus": 1, "num_gpus": 1})
+    assert ray_worker_plan({"CPU": 2.0}, False, 25) == (2, {"num_cpus": 1, "num_gpus": 0})
+    assert ray_worker_plan({"CPU": 16.0, "GPU": 8.0}, True, 1)[0] == MEASURE_PARTS  # no more than the parts
+
+    class Probe:
+        def devices(self):
+            return ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        n_workers, resources = ray_worker_plan(ray.available_resources(), True, 25)
+        workers = [ray.remote(**resources)(Probe).remote() for _ in range(n_workers)]
+        seen = ray.get([w.devices.remote() for w in workers], timeout=120)
+    finally:
+        ray.shutdown()
+    assert n_workers == 3
+    assert sorted(str(ids[0]) for ids, _ in seen) == ["0", "1", "2"]
+    assert sorted(visible for _, visible in seen) == ["0", "1", "2"]  # each worker's "cuda" is its own GPU
+
+
 @pytest.mark.parametrize("content, message", [
     ("name,group\nred circle,circle\n", "no 'concept' column"),
     ("concept\nred circle\nRed Circle\n", "lists 'Red Circle' twice"),

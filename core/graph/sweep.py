@@ -178,6 +178,14 @@ class RowWorker:
         return after, time.time() - start
 
 
+def ray_worker_plan(available: dict, use_gpu: bool, rows: int) -> tuple[int, dict]:
+    """How many row workers to start, and the Ray resources each asks for: one per GPU when the model is on
+    a GPU (Ray gives each its own device through CUDA_VISIBLE_DEVICES, so its "cuda" is that GPU), else
+    one per CPU; never more than there are row parts to measure."""
+    slots = int(available.get("GPU" if use_gpu else "CPU", 1))
+    return max(1, min(slots, rows * MEASURE_PARTS)), {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
+
+
 def _ray_rows(store, source, bundle, concept_set, evaluator_name, spec, recipe, todo, nodes, address,
               progress, log) -> None:
     """Rows on Ray workers (one per CPU, or per GPU): a worker erases a row, then the row's parts are
@@ -190,9 +198,8 @@ def _ray_rows(store, source, bundle, concept_set, evaluator_name, spec, recipe, 
     if started_here:
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     use_gpu = bundle.device.type == "cuda"
-    slots = int(ray.available_resources().get("GPU" if use_gpu else "CPU", 1))
-    n_workers = max(1, min(slots, len(todo) * MEASURE_PARTS))
-    actor = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(RowWorker)
+    n_workers, resources = ray_worker_plan(ray.available_resources(), use_gpu, len(todo))
+    actor = ray.remote(**resources)(RowWorker)
     workers = [actor.remote(source, "cuda" if use_gpu else str(bundle.device), concept_set, evaluator_name, spec)
                for _ in range(n_workers)]
     concepts = concept_set.concepts
