@@ -269,3 +269,19 @@ def test_a_commands_help_imports_no_engine(command):
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'pandas', 'umap') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_bench_methods_on_the_sd14_stand_in_runs_the_closed_form_methods(monkeypatch, capsys):
+    """`bench methods --arch sd14` on its stand-in text side (a hash tokenizer, random states): the closed-form
+    edits find a prompt's last word through the tokenizer and run (a small UNet of SD-1.4's text width here)."""
+    from age_explorer.core.app import bench
+
+    monkeypatch.setattr(bench, "SD14_UNET", dict(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=768,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32))
+    assert main(["bench", "methods", "--arch", "sd14", "--method", "uce", "--method", "rece", "--method", "mace-cfr",
+                 "--threads", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["uce", "rece", "mace-cfr"] and not any("refused" in r for r in rows)
+    assert all(float(r[2]) >= 0 for r in rows)

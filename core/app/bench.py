@@ -44,10 +44,17 @@ class _RandomStates(torch.nn.Module):
 
 
 class _HashTokenizer:
+    """A stand-in tokenizer: a batch of prompts becomes each prompt's hash then padding (what the random
+    text encoder reads); one prompt, unpadded, becomes start, a hash per word, end (what the closed-form
+    edits read to find a prompt's last word)."""
     model_max_length = 77
     all_special_tokens: list[str] = []
+    bos_token_id, eos_token_id = 49406, 49407
 
     def __call__(self, prompts, **_):
+        if isinstance(prompts, str):
+            words = [zlib.crc32(w.encode()) % 49406 for w in prompts.split()]
+            return type("Enc", (), {"input_ids": [self.bos_token_id, *words, self.eos_token_id]})()
         ids = torch.tensor([[zlib.crc32(p.encode()) % 49407] + [0] * 76 for p in prompts])
         return type("Enc", (), {"input_ids": ids})()
 
