@@ -125,7 +125,7 @@ def warm_first_views(page: Page) -> threading.Thread | None:
     """Draws, in a background thread, the view of each concept that the page opens on (the first graph, the
     default threshold and grouping), so that the first visitors' clicks are served from the cache: on a
     fresh server twenty visitors clicking at once otherwise each wait for the others' figures (about 0.15 s
-    of one core each, 4 s for a 25-concept graph)."""
+    of one core a concept, 4 s for a 25-concept graph)."""
     names, first, groupings = opening_view(page)
     if first is None:
         return None
