@@ -7,7 +7,8 @@ method would take hours; this script counts the calls and times each kind of cal
    loop steps on a small SD-1.4-shaped UNet (the GPU check's), and hooks on the UNet record each call's
    batch and whether a backward pass goes through it (its output requires a gradient); the mean per step,
    AGE's and AP's model and π steps apart. Set-up before the loop (CA's anchor images, the candidates'
-   probes) is not a step's and is left out, as ``age-explorer bench methods`` leaves it out;
+   probes) is not a step's and is left out, as ``age-explorer bench methods`` leaves it out (with the
+   same changes to the presets, ``core.app.bench.sd14_cpu_overrides``);
 2. seconds: SD-1.4's own UNet (860 M parameters, float32) at each batch those calls use, a forward without
    gradients and a forward with the cross-attention weights trainable plus its backward (median of
    ``--repeats``, after one warm-up; a batch over 2 with a backward pass is timed at 2 and scaled by the
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from age_explorer.core.app.bench import sd14_cpu_overrides
 from age_explorer.core.erasure import METHODS, erase, get_method, make_config
 
 # benchmarks/: the GPU check's small SD-1.4-shaped UNet in a pipeline of SD-1.4's other parts
@@ -39,18 +41,6 @@ from gpu_check import bundle_for  # noqa: E402
 # a larger batch with a backward pass is timed as this batch's time per sample: SD-1.4's activations at
 # batch 8 with gradients would not fit beside the rest in this machine's 23 GB (the cost is linear in the batch)
 MAX_BACKWARD_BATCH = 2
-CANDIDATES = ["dog", "cat", "car", "tree", "house"]  # the same few words `bench methods --arch sd14` gives
-
-
-def overrides_for(method) -> dict:
-    """What `bench methods --arch sd14` changes in an SD preset to run it on a CPU: no GPU requirement, five
-    candidate words (each would cost a UNet probe at set-up), two anchor images (CA's set-up)."""
-    out = {"requires_gpu": False}
-    if "candidates" in method.options:
-        out["candidates"] = CANDIDATES
-    if "anchor_images" in method.options:
-        out["anchor_images"] = 2
-    return out
 
 
 def count_steps(bundle, name: str, steps: int) -> tuple[str | None, dict[str, list[list[tuple[int, bool]]]]]:
@@ -58,22 +48,20 @@ def count_steps(bundle, name: str, steps: int) -> tuple[str | None, dict[str, li
     first reported step is dropped: its calls cannot be told from the set-up's before it."""
     method = get_method(name)
     preset = bundle.backend.default_preset(name)
-    config = make_config(name, preset, concepts=["garbage truck"], iterations=steps, **overrides_for(method))
+    config = make_config(name, preset, concepts=["garbage truck"], iterations=steps, **sd14_cpu_overrides(method))
     calls: list[tuple[int, bool]] = []
     per_phase: dict[str, list] = defaultdict(list)
-    set_up: list = []
+    set_up_done = False
 
     def after(_module, _args, _kwargs, output):
         sample = output[0] if isinstance(output, tuple) else output.sample
         calls.append((int(sample.shape[0]), bool(sample.requires_grad)))
 
     def on_step(report):
-        phase = getattr(report, "phase", None) or "step"
-        if not set_up:  # the first report: its calls include the set-up's
-            set_up.append(True)
-            calls.clear()
-            return
-        per_phase[phase].append(list(calls))
+        nonlocal set_up_done
+        if set_up_done:  # the first report's calls include the set-up's: dropped
+            per_phase[getattr(report, "phase", None) or "step"].append(list(calls))
+        set_up_done = True
         calls.clear()
 
     handle = bundle.unet.register_forward_hook(after, with_kwargs=True)

@@ -224,8 +224,8 @@ def kohya_layer_names(unet) -> dict[str, str]:
     """Every Linear and Conv2d layer of the UNet -> the kohya name the project's LoRA export gives it."""
     from age_explorer.core.export.lora import kohya_name, original_layout_names
 
-    special = original_layout_names(unet)
-    return {n: special.get(n) or kohya_name(n) for n, m in unet.named_modules()
+    original = original_layout_names(unet)
+    return {n: kohya_name(n, original) for n, m in unet.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 

@@ -59,6 +59,17 @@ class _HashTokenizer:
         return type("Enc", (), {"input_ids": ids})()
 
 
+def sd14_cpu_overrides(method) -> dict:
+    """What a method's SD preset changes to run on the SD-1.4 stand-in on a CPU: no GPU requirement, five
+    candidate words (each costs a UNet probe at set-up) and two anchor images (CA's set-up)."""
+    out = {"requires_gpu": False}
+    if "candidates" in method.options:
+        out["candidates"] = ["dog", "cat", "car", "tree", "house"]
+    if "anchor_images" in method.options:
+        out["anchor_images"] = 2
+    return out
+
+
 def random_sd14_bundle(device: torch.device) -> ModelBundle:
     """SD-1.4's UNet architecture with random weights (nothing to download)."""
     from diffusers import UNet2DConditionModel

@@ -123,7 +123,7 @@ class LowRankDelta:
         """``biases``: a ``diff_b`` key for every changed bias (ComfyUI adds it to the layer's bias)."""
         out = {}
         for module in self.down:
-            name = self.kohya_names.get(module) or kohya_name(module)
+            name = kohya_name(module, self.kohya_names)
             out[f"{name}.lora_down.weight"] = self.down[module].contiguous()
             out[f"{name}.lora_up.weight"] = self.up[module].contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(self.rank))
@@ -132,11 +132,12 @@ class LowRankDelta:
         return out
 
 
-def kohya_name(module: str) -> str:
+def kohya_name(module: str, original: Mapping[str, str] | None = None) -> str:
     """``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`` ->
     ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``: kohya's sd-scripts
-    trains SD-1.x on the diffusers UNet and names a layer by its diffusers path with '_' for '.'."""
-    return "lora_unet_" + module.replace(".", "_")
+    trains SD-1.x on the diffusers UNet and names a layer by its diffusers path with '_' for '.'.
+    ``original``: the layers named by their original layout instead (:func:`original_layout_names`)."""
+    return (original or {}).get(module) or "lora_unet_" + module.replace(".", "_")
 
 
 def original_layout_names(unet: torch.nn.Module) -> dict[str, str]:

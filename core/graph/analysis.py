@@ -144,14 +144,21 @@ def compare_graphs(stores: dict[str, GraphStore], concept_set: ConceptSet, kind:
     return table[["graph"] + [c for c in table.columns if c != "graph"]]
 
 
-def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per graph: mean of each locality column, and on how many rows it is below the first graph's."""
+def _aligned(table: pd.DataFrame) -> tuple[list[str], list[str], pd.DataFrame, list[tuple[str, pd.DataFrame]]]:
+    """The locality columns of a :func:`compare_graphs` table, its graphs in order, the first graph's rows,
+    and each graph's rows (the first's included) in the first graph's row order."""
     columns = [c for c in table.columns if c.startswith("in_")] + ["unrelated", "self"]
     graphs = list(dict.fromkeys(table.graph))
     first = table[table.graph == graphs[0]].set_index("erased")[columns]
+    blocks = [(name, table[table.graph == name].set_index("erased")[columns].loc[first.index]) for name in graphs]
+    return columns, graphs, first, blocks
+
+
+def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per graph: mean of each locality column, and on how many rows it is below the first graph's."""
+    columns, graphs, first, blocks = _aligned(table)
     rows = []
-    for name in graphs:
-        block = table[table.graph == name].set_index("erased")[columns].loc[first.index]
+    for name, block in blocks:
         row = {"graph": name, "rows": len(block), **block.mean().to_dict()}
         if name != graphs[0]:
             row.update({f"{c}_lower": int((block[c] < first[c] - 1e-9).sum()) for c in columns})
@@ -168,12 +175,9 @@ def paired_against_first(table: pd.DataFrame, tolerance: float = 1e-9) -> pd.Dat
     recipe is judged equivalent: no column whose p is small."""
     from scipy.stats import wilcoxon
 
-    columns = [c for c in table.columns if c.startswith("in_")] + ["unrelated", "self"]
-    graphs = list(dict.fromkeys(table.graph))
-    first = table[table.graph == graphs[0]].set_index("erased")[columns]
+    columns, _, first, blocks = _aligned(table)
     rows = []
-    for name in graphs[1:]:
-        block = table[table.graph == name].set_index("erased")[columns].loc[first.index]
+    for name, block in blocks[1:]:
         for column in columns:
             diff = (block[column] - first[column]).dropna().to_numpy()  # NaN: a row with no such neighbour
             moved = diff[abs(diff) > tolerance]

@@ -185,4 +185,3 @@ def delta_matrix(nodes: pd.DataFrame, edges: pd.DataFrame, kind: str = "delta_to
     erased = set(edges.erased)
     return edges.pivot(index="erased", columns="affected", values=kind).reindex(
         index=[c for c in order if c in erased], columns=order)
-

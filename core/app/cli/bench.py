@@ -118,7 +118,7 @@ def run_methods(args: argparse.Namespace) -> int:
     from ...bundle import load_bundle
     from ...device import resolve_device
     from ...erasure import METHODS, get_method
-    from ..bench import method_seconds, random_sd14_bundle
+    from ..bench import method_seconds, random_sd14_bundle, sd14_cpu_overrides
 
     use_threads(args.threads)
     device = resolve_device(args.device)
@@ -133,13 +133,9 @@ def run_methods(args: argparse.Namespace) -> int:
         preset = bundle.backend.default_preset(name)
         overrides = {}
         if args.arch == "sd14":
-            overrides["requires_gpu"] = False
+            overrides = sd14_cpu_overrides(method)
             if method.fine_tuned:
                 overrides["iterations"] = args.steps
-            if "candidates" in method.options:  # the probes would run a UNet pass per candidate
-                overrides["candidates"] = ["dog", "cat", "car", "tree", "house"]
-            if "anchor_images" in method.options:
-                overrides["anchor_images"] = 2
         with tempfile.TemporaryDirectory() as tmp:
             row = method_seconds(bundle, name, preset, args.concept, Path(tmp) / "run", **overrides)
         if "refused" in row:
