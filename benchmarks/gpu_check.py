@@ -43,22 +43,24 @@ from pathlib import Path
 import torch
 
 from age_explorer.core.app.bench import SD14_UNET, engine_seconds, random_sd14_bundle, reference_style_seconds
-from age_explorer.core.app.random_pipelines import SDXL_UNET, random_sd14_pipeline, random_sdxl_pipeline
+from age_explorer.core.app.random_pipelines import SD_VAE, SDXL_UNET, random_sd14_pipeline, random_sdxl_pipeline
 from age_explorer.core.device import resolve_device
 
 TINY_UNET = dict(SD14_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
                  attention_head_dim=4)
+# the VAE's 8x upsampling with few channels: on a CPU the published VAE's decoding is half of a tiny row
+TINY_VAE = dict(SD_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
 
 
 def bundle_for(device: torch.device, tiny: bool):
-    """Random SD-1.4 weights; ``tiny``: a small UNet in a pipeline of SD-1.4's other parts (SD-1.4's own
-    UNet is not built: half a minute of CPU)."""
+    """Random SD-1.4 weights; ``tiny``: a small UNet and VAE in a pipeline of SD-1.4's other parts (SD-1.4's
+    own UNet is not built: half a minute of CPU)."""
     if not tiny:
         return random_sd14_bundle(device)
     from age_explorer.core.backends.stable_diffusion import StableDiffusionBackend
 
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = random_sd14_pipeline(Path(tmp), device, unet=TINY_UNET)
+        pipe = random_sd14_pipeline(Path(tmp), device, unet=TINY_UNET, vae=TINY_VAE)
     return StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture, small UNet", device,
                                                        torch.float32, None)
 
@@ -127,7 +129,7 @@ def part_graph_row(device, tiny, images, erase_iterations, work: Path) -> dict:
     from age_explorer.core.runs import delta_weights
     from age_explorer.core.backends.stable_diffusion import StableDiffusionBackend
 
-    pipe = random_sd14_pipeline(work / "sd14-row", device, unet=TINY_UNET if tiny else None)
+    pipe = random_sd14_pipeline(work / "sd14-row", device, **(dict(unet=TINY_UNET, vae=TINY_VAE) if tiny else {}))
     bundle = StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture", device, torch.float32,
                                                          None)
     concept_set = load_concept_set("netfive")
@@ -186,7 +188,7 @@ def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
     from age_explorer.core.erasure import PRESETS, erase, make_config
     from age_explorer.core.backends.stable_diffusion_xl import StableDiffusionXLBackend
 
-    pipe = random_sdxl_pipeline(work / "sdxl", device, unet=TINY_SDXL_UNET if tiny else None)
+    pipe = random_sdxl_pipeline(work / "sdxl", device, **(dict(unet=TINY_SDXL_UNET, vae=TINY_VAE) if tiny else {}))
     bundle = StableDiffusionXLBackend.bundle_from_pipeline(pipe, "random SDXL architecture", device, torch.float32,
                                                            None)
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -209,7 +211,8 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
     from age_explorer.core.evaluation import EvaluationConfig
 
     folder = work / "sd14-random"
-    random_sd14_pipeline(work / "sd14", device, unet=TINY_UNET if tiny else None).save_pretrained(folder)
+    tiny_parts = dict(unet=TINY_UNET, vae=TINY_VAE) if tiny else {}
+    random_sd14_pipeline(work / "sd14", device, **tiny_parts).save_pretrained(folder)
     prompts = work / "prompts.csv"
     prompts.write_text("prompt,evaluation_seed,evaluation_guidance\n" +
                        "".join(f"a photo of a person on a beach,{seed},7.5\n" for seed in range(images)))
@@ -228,7 +231,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the JSON to write (rewritten after every part)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a small UNet instead of SD-1.4's (a CPU test)")
+    parser.add_argument("--tiny", action="store_true", help="a small UNet and VAE instead of the published ones (a CPU test)")
     parser.add_argument("--bench-iterations", type=int, default=4)
     parser.add_argument("--chain-iterations", type=int, default=6, help="loop iterations per compiled_chain row")
     parser.add_argument("--row-images", type=int, default=4, help="images per concept of the graph row")

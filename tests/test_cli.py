@@ -251,6 +251,28 @@ def test_help_imports_neither_torch_nor_diffusers():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["erase", "--concept", "red circle", "--iterations", "0"], "error: iterations must be a whole number from 1"),
+    (["erase", "--method", "esd", "--concept", "red circle", "--target", "red circle"], "is the erased concept itself"),
+    (["toyworld", "train", "--concepts", "LIST"], "holds a JSON list, not an object"),
+], ids=["erase iterations", "erase target", "toyworld concepts"])
+def test_a_bad_flag_value_is_refused_before_the_engine_loads(argv, message, tmp_path):
+    """A value the config or the concepts file refuses is one line within the CLI's own start-up, not after
+    torch, diffusers and the model have loaded (seconds on the toy model, minutes from the Hub)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "list.json").write_text("[]")
+    argv = [str(tmp_path / "list.json") if a == "LIST" else a for a in argv] + ["--out", str(tmp_path / "out")]
+    probe = ("import sys\n"
+             "from age_explorer.core.app.cli.main import main\n"
+             f"code = main({argv!r})\n"
+             "print(code, sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "2 []" and message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_commands_help_imports_no_engine(command):
     """`age-explorer COMMAND --help` builds that command's flags (from the method registry, the configs

@@ -62,8 +62,10 @@ def _text_config(tokenizer, hidden: int, layers: int, heads: int, projection: in
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 1)
 
 
-def random_sd14_pipeline(work: Path, device: torch.device, text_layers: int = 2, unet: dict | None = None):
-    """A ``StableDiffusionPipeline`` with SD-1.4's UNet and VAE architectures and random weights."""
+def random_sd14_pipeline(work: Path, device: torch.device, text_layers: int = 2, unet: dict | None = None,
+                         vae: dict | None = None):
+    """A ``StableDiffusionPipeline`` with SD-1.4's UNet and VAE architectures (or the ``unet`` and ``vae``
+    configs given) and random weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -72,15 +74,17 @@ def random_sd14_pipeline(work: Path, device: torch.device, text_layers: int = 2,
     with torch.device(device):  # random init on the GPU: minutes less than on the CPU at this size
         text_encoder = CLIPTextModel(_text_config(tokenizer, 768, text_layers, 12))
         model = UNet2DConditionModel(**(unet or SD14_UNET))
-        vae = AutoencoderKL(**SD_VAE)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model,
+        autoencoder = AutoencoderKL(**(vae or SD_VAE))
+    return StableDiffusionPipeline(vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, unet=model,
                                    scheduler=DDIMScheduler(**SD14_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def random_sdxl_pipeline(work: Path, device: torch.device, text_layers: int = 2, unet: dict | None = None):
+def random_sdxl_pipeline(work: Path, device: torch.device, text_layers: int = 2, unet: dict | None = None,
+                         vae: dict | None = None):
     """A ``StableDiffusionXLPipeline`` with SDXL 1.0's UNet architecture (1024 px), text encoders of its
-    widths (768 and 1280, pooled projection 1280) and random weights."""
+    widths (768 and 1280, pooled projection 1280) and random weights; ``unet`` and ``vae`` configs replace
+    the published ones."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -91,8 +95,8 @@ def random_sdxl_pipeline(work: Path, device: torch.device, text_layers: int = 2,
         text_encoder = CLIPTextModel(_text_config(tokenizer, 768, text_layers, 12))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 1280, text_layers, 20, 1280))
         model = UNet2DConditionModel(**unet)
-        vae = AutoencoderKL(**dict(SD_VAE, sample_size=1024), scaling_factor=0.13025)
+        autoencoder = AutoencoderKL(**dict(vae or SD_VAE, sample_size=1024), scaling_factor=0.13025)
     # SDXL 1.0's scheduler config: Euler, with the DDIM fields (clip_sample, set_alpha_to_one) it keeps unused
     scheduler = EulerDiscreteScheduler.from_config(dict(SD14_SCHEDULER, timestep_spacing="leading"))
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+    return StableDiffusionXLPipeline(vae=autoencoder, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=model, scheduler=scheduler)

@@ -29,7 +29,11 @@ class ToyWorld:
     @classmethod
     def from_json(cls, path: str | Path) -> "ToyWorld":
         try:
-            world = cls._from_data(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+                raise ValueError(f"it holds a JSON {kind}, not an object of shapes, colours and templates")
+            world = cls._from_data(data)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
             what = f"no {err.args[0]!r} entry" if isinstance(err, KeyError) else str(err).splitlines()[0]
             raise ValueError(f"{path} is not a toy world's concepts file ({what}); see the shipped "

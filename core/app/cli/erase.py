@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.target_check_images <= MAX_CHECK_IMAGES:
         raise ValueError(f"--target-check-images must be a whole number from 0 (skip) to {MAX_CHECK_IMAGES}, "
                          f"got {args.target_check_images}")
+    # the flags' values checked before the model loads (seconds on the toy model, minutes from the Hub); the
+    # run's config is built below, on the preset of the model's family when none is named
+    make_config(args.method, args.preset if args.preset != "none" else None, **overrides)
     use_threads(args.threads or (started_threads(Path(args.out)) if args.resume else None))
     bundle = load_model(args)
     preset = args.preset if args.preset != "none" else None

@@ -47,11 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ...paths import toy_model_dir
-    from ...toyworld.train import ToyTrainConfig, train_toy_model
+    from ...toyworld.concepts import ToyWorld
+    from ...toyworld.config import ToyTrainConfig
+
+    concepts = Path(args.concepts) if args.concepts else toy_model_dir() / "concepts.json"
+    # a bad file or flag is refused before torch and diffusers load (seconds)
+    ToyWorld.from_json(concepts)
+    cfg = ToyTrainConfig(**given_values(args, args.config_fields))
+    from ...toyworld.train import train_toy_model
 
     use_threads(args.threads)
-    cfg = ToyTrainConfig(**given_values(args, args.config_fields))
-    concepts = Path(args.concepts) if args.concepts else toy_model_dir() / "concepts.json"
     start = time.time()
     out = train_toy_model(args.out, concepts, cfg)
     print(f"toy model written to {out} in {time.time() - start:.0f} s")
