@@ -39,7 +39,7 @@ def _wait(predicate, timeout: float, what: str):
 @pytest.mark.slow
 def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tiny_sd_dir, tmp_path, one_thread):
     store = JobStore(tmp_path / "data")
-    job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60, checkpoint_every=3))
+    job_id = store.submit("erase", _erase_config(str(tiny_sd_dir), iterations=30, checkpoint_every=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     worker = subprocess.Popen([sys.executable, "-m", "age_explorer.core.app.cli", "jobs", "--data-dir", str(tmp_path / "data"),
                                "worker", "--device", "cpu", "--once"], env=env, cwd=ROOT,
@@ -60,7 +60,7 @@ def test_sigkilled_worker_job_is_interrupted_and_resumes_to_the_same_weights(tin
     assert restarted.run_one().status == "done"
 
     reference = JobStore(tmp_path / "reference")
-    ref_id = reference.submit("erase", _erase_config(str(tiny_sd_dir), iterations=60))
+    ref_id = reference.submit("erase", _erase_config(str(tiny_sd_dir), iterations=30))
     assert Worker(reference, "cpu").run_one().status == "done"
     resumed = load_file(str(run_dir / "delta.safetensors"))
     uninterrupted = load_file(str(tmp_path / "reference" / "jobs" / ref_id / "run" / "delta.safetensors"))
