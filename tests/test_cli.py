@@ -60,6 +60,24 @@ def test_bench_presets_prints_a_row_per_run_and_a_mean(capsys):
     assert float(rows[0][4]) > 0 and float(rows[2][2]) == float(rows[0][4])
 
 
+def test_bench_presets_times_a_shortcut_beside_its_recipe(capsys, monkeypatch):
+    """PRESET+FIELD=VALUE: the fields reach the erasure's config; a bad spec is one line before any run."""
+    configs = []
+    real_erase = __import__("age_explorer.core.erasure", fromlist=["erase"]).erase
+    monkeypatch.setattr("age_explorer.core.erasure.erase",
+                        lambda bundle, config, run_dir: configs.append(config) or real_erase(bundle, config, run_dir))
+    assert main(["bench", "presets", "--preset", "toy-esd", "--preset", "toy-esd+xt_source=pool+pool_size=2",
+                 "--concept", "red circle", "--iterations", "2", "--threads", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("toy-esd")]
+    assert [r[0] for r in rows] == ["toy-esd", "toy-esd+xt_source=pool+pool_size=2"] * 2
+    assert [(c.xt_source, c.pool_size) for c in configs] == [("sample", 16), ("pool", 2)]
+    for spec, message in (("toy-esd+pool", "write its fields as PRESET+FIELD=VALUE"),
+                          ("toy-esd+warp=9", "unknown esd option(s): warp"), ("nope", "unknown preset 'nope'")):
+        assert main(["bench", "presets", "--preset", spec, "--concept", "red circle"]) == 2
+        printed = capsys.readouterr()
+        assert message in printed.err and "\n" not in printed.err.strip() and "whole erasures" not in printed.out
+
+
 def test_steps_zero_is_an_error_not_the_default(tmp_path, capsys):
     assert main(["generate", "--prompt", "a red ring", "--steps", "0", "--out", str(tmp_path / "g")]) == 2
     assert "steps must be a whole number from 1 to 1000, got 0" in capsys.readouterr().err

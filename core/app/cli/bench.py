@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bp = bench_sub.add_parser("presets", help="seconds of whole erasures with presets (e.g. toy against toy-fast)")
     bp.add_argument("--model", default="toy")
     bp.add_argument("--device", default="auto")
-    bp.add_argument("--preset", action="append", required=True, help="preset to time (repeat)")
+    bp.add_argument("--preset", action="append", required=True, metavar="PRESET[+FIELD=VALUE...]", help=(
+        "preset to time (repeat); config fields over it after '+', values in JSON, e.g. "
+        "toy+xt_source=pool or toy+ddim_steps=5+share_draws=true, to time a shortcut against its recipe"))
     bp.add_argument("--concept", action="append", required=True, help="concept to erase (repeat)")
     bp.add_argument("--iterations", type=int, default=None, help="override the presets' model steps (smoke runs)")
     bp.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -76,28 +78,55 @@ def run_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_spec(spec: str) -> tuple[str, dict]:
+    """``toy`` or ``toy+xt_source=pool+ddim_steps=5``: a preset and config fields over it (a value is
+    read as JSON, else as text)."""
+    import json
+
+    from ...erasure import PRESETS
+
+    preset, *pairs = spec.split("+")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    options = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not (sep and field.strip()):
+            raise ValueError(f"--preset {spec!r}: write its fields as PRESET+FIELD=VALUE, e.g. toy+xt_source=pool")
+        try:
+            options[field.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[field.strip()] = value
+    return preset, options
+
+
 def run_presets(args: argparse.Namespace) -> int:
     import tempfile
 
     import torch
 
     from ...bundle import load_bundle
+    from ...erasure import PRESETS, make_config
     from ..bench import preset_seconds
 
+    overrides = {"iterations": args.iterations} if args.iterations else {}
+    specs = {spec: preset_spec(spec) for spec in args.preset}
+    for preset, options in specs.values():  # every spec checked before the model loads
+        make_config(PRESETS[preset][0], preset, concepts=args.concept, **{**options, **overrides})
     use_threads(args.threads)
     bundle = load_bundle(args.model, device=args.device)
-    overrides = {"iterations": args.iterations} if args.iterations else {}
+    width = max(10, *(len(spec) for spec in specs))
     print(f"whole erasures on {bundle.device} ({torch.get_num_threads()} CPU threads), model {args.model}")
-    print(f"{'preset':10s} {'concept':16s} {'loop steps':>10s} {'seconds':>8s} {'peak RSS GiB':>13s}")
+    print(f"{'preset':{width}s} {'concept':16s} {'loop steps':>10s} {'seconds':>8s} {'peak RSS GiB':>13s}")
     means = {}
-    for preset in args.preset:
+    for spec, (preset, options) in specs.items():
         for concept in args.concept:
             with tempfile.TemporaryDirectory() as tmp:
-                row = preset_seconds(bundle, preset, concept, Path(tmp) / "run", **overrides)
-            means.setdefault(preset, []).append(row["seconds"])
-            print(f"{preset:10s} {concept:16s} {row['steps']:10d} {row['seconds']:8.1f} {row['peak_rss_gib']:13.2f}")
-    for preset, seconds in means.items():
-        print(f"{preset:10s} {'mean':16s} {'':10s} {sum(seconds) / len(seconds):8.1f}")
+                row = preset_seconds(bundle, preset, concept, Path(tmp) / "run", **{**options, **overrides})
+            means.setdefault(spec, []).append(row["seconds"])
+            print(f"{spec:{width}s} {concept:16s} {row['steps']:10d} {row['seconds']:8.1f} {row['peak_rss_gib']:13.2f}")
+    for spec, seconds in means.items():
+        print(f"{spec:{width}s} {'mean':16s} {'':10s} {sum(seconds) / len(seconds):8.1f}")
     return 0
 
 
