@@ -52,6 +52,11 @@ TINY_UNET = dict(SD14_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), 
 TINY_VAE = dict(SD_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
 
 
+def sd14_parts(tiny: bool) -> dict:
+    """The ``unet`` and ``vae`` configs of ``random_sd14_pipeline``: the published ones, or small ones."""
+    return dict(unet=TINY_UNET, vae=TINY_VAE) if tiny else {}
+
+
 def bundle_for(device: torch.device, tiny: bool):
     """Random SD-1.4 weights; ``tiny``: a small UNet and VAE in a pipeline of SD-1.4's other parts (SD-1.4's
     own UNet is not built: half a minute of CPU)."""
@@ -60,8 +65,8 @@ def bundle_for(device: torch.device, tiny: bool):
     from age_explorer.core.backends.stable_diffusion import StableDiffusionBackend
 
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = random_sd14_pipeline(Path(tmp), device, unet=TINY_UNET, vae=TINY_VAE)
-    return StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture, small UNet", device,
+        pipe = random_sd14_pipeline(Path(tmp), device, **sd14_parts(tiny))
+    return StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture, small UNet and VAE", device,
                                                        torch.float32, None)
 
 
@@ -129,7 +134,7 @@ def part_graph_row(device, tiny, images, erase_iterations, work: Path) -> dict:
     from age_explorer.core.runs import delta_weights
     from age_explorer.core.backends.stable_diffusion import StableDiffusionBackend
 
-    pipe = random_sd14_pipeline(work / "sd14-row", device, **(dict(unet=TINY_UNET, vae=TINY_VAE) if tiny else {}))
+    pipe = random_sd14_pipeline(work / "sd14-row", device, **sd14_parts(tiny))
     bundle = StableDiffusionBackend.bundle_from_pipeline(pipe, "random SD-1.4 architecture", device, torch.float32,
                                                          None)
     concept_set = load_concept_set("netfive")
@@ -211,8 +216,7 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
     from age_explorer.core.evaluation import EvaluationConfig
 
     folder = work / "sd14-random"
-    tiny_parts = dict(unet=TINY_UNET, vae=TINY_VAE) if tiny else {}
-    random_sd14_pipeline(work / "sd14", device, **tiny_parts).save_pretrained(folder)
+    random_sd14_pipeline(work / "sd14", device, **sd14_parts(tiny)).save_pretrained(folder)
     prompts = work / "prompts.csv"
     prompts.write_text("prompt,evaluation_seed,evaluation_guidance\n" +
                        "".join(f"a photo of a person on a beach,{seed},7.5\n" for seed in range(images)))
@@ -231,7 +235,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the JSON to write (rewritten after every part)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a small UNet and VAE instead of the published ones (a CPU test)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a small UNet and VAE instead of the published ones (a CPU test)")
     parser.add_argument("--bench-iterations", type=int, default=4)
     parser.add_argument("--chain-iterations", type=int, default=6, help="loop iterations per compiled_chain row")
     parser.add_argument("--row-images", type=int, default=4, help="images per concept of the graph row")

@@ -7,18 +7,18 @@ from age_explorer.core.cpu_threads import default_threads, usable_cores
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-MAX_WORKERS = 2  # the CI machine's cores
+CI_CORES = 2
 # The project's rule (core.cpu_threads): the free cores at start, so a busy CI runner gets one thread
-# instead of a team that waits for its displaced member; at most 2, the CI machine's count, shared
-# among the suite's worker processes (pytest-xdist) so that they do not oversubscribe the cores.
+# instead of a team that waits for its displaced member; at most the CI machine's count, shared among
+# the suite's worker processes (pytest-xdist) so that they do not oversubscribe the cores.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, default_threads()[0]) // _workers))
+torch.set_num_threads(max(1, min(CI_CORES, default_threads()[0]) // _workers))
 
 
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject.toml): a worker per usable core, at most two. Many tests wait on a server,
     a browser or a subprocess, so a second worker fills the idle core; more would only share them."""
-    return min(MAX_WORKERS, usable_cores())
+    return min(CI_CORES, usable_cores())
 
 
 @pytest.fixture(scope="session", autouse=True)

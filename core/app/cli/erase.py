@@ -19,8 +19,8 @@ EARLIER_SPELLINGS = {"concepts": ["--concept"], "lam": ["--lambda"], "negative_g
 # Fields whose flag is not the generated one: the preset is make_config's own argument (with 'none' and
 # the backend's default), and explicit candidates come from a file, one per line.
 OWN_FLAGS = {"preset", "candidates"}
-MAX_CHECK_IMAGES = 1024
-INTERRUPTED = 130  # the shell's exit status of a command stopped by Ctrl-C (128 + SIGINT)  # images of the top-1 target's check (the graphs use 32)
+MAX_CHECK_IMAGES = 1024  # images of the top-1 target's check (the graphs use 32)
+INTERRUPTED = 130  # the shell's exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def config_classes() -> dict[str, type]:
@@ -91,15 +91,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.target_check_images <= MAX_CHECK_IMAGES:
         raise ValueError(f"--target-check-images must be a whole number from 0 (skip) to {MAX_CHECK_IMAGES}, "
                          f"got {args.target_check_images}")
-    # the flags' values checked before the model loads (seconds on the toy model, minutes from the Hub); the
-    # run's config is built below, on the preset of the model's family when none is named
-    make_config(args.method, args.preset if args.preset != "none" else None, **overrides)
+    # built before the model loads, so a bad value is refused in seconds (minutes from the Hub); with no
+    # --preset it is rebuilt on the preset of the model's family once the model is known
+    config = make_config(args.method, args.preset if args.preset != "none" else None, **overrides)
     use_threads(args.threads or (started_threads(Path(args.out)) if args.resume else None))
     bundle = load_model(args)
-    preset = args.preset if args.preset != "none" else None
-    if preset is None and args.preset is None:
-        preset = bundle.backend.default_preset(args.method)
-    config = make_config(args.method, preset, **overrides)
+    if args.preset is None:
+        config = make_config(args.method, bundle.backend.default_preset(args.method), **overrides)
     claim_run_folder(Path(args.out), args.resume, args.force)
     bars = []  # the bar appears with the first step, so that set-up errors print alone
 
