@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from age_explorer.core.graph.analysis import (abnormal_nodes, asymmetry, asymmetry_score, compare_graphs,
-                                              locality, paired_against_first, similarity_vs_delta)
+                                              locality, paired_against_first, similarity_vs_delta, summary)
 from age_explorer.core.graph.concept_sets import ConceptSet
 from age_explorer.core.graph.store import EDGE_COLUMNS, GraphStore
 
@@ -21,15 +21,17 @@ CONCEPTS = ConceptSet("abc", ["A", "B", "C"], {"g": {"A": "x", "B": "x", "C": "y
 
 def write_graph(folder, delta=DELTA) -> GraphStore:
     folder.mkdir(parents=True)
-    nodes = pd.DataFrame({"concept": list(G0), "group_g": ["x", "x", "y"], "G0_top1": list(G0.values()),
-                          "G0_topk": list(G0.values())})
+    names = list(dict.fromkeys(a for row in delta.values() for a in row))
+    nodes = pd.DataFrame({"concept": names, "group_g": [CONCEPTS.groups["g"][c] for c in names],
+                          "G0_top1": [G0[c] for c in names], "G0_topk": [G0[c] for c in names]})
     nodes["low_G0"] = nodes.G0_top1 < 0.6
     nodes.to_csv(folder / "nodes.csv", index=False)
     rows = [{"erased": e, "affected": a, "G_before_top1": G0[a], "G_after_top1": G0[a] - d, "delta_top1": d,
              "G_before_topk": G0[a], "G_after_topk": G0[a] - d, "delta_topk": d}
             for e, row in delta.items() for a, d in row.items()]
     pd.DataFrame(rows, columns=EDGE_COLUMNS).to_csv(folder / "edges.csv", index=False)
-    (folder / "graph.json").write_text(json.dumps({"model": "hand-made", "method": "esd"}))
+    (folder / "graph.json").write_text(json.dumps({"model": "hand-made", "method": "esd", "preset": "esd-x", "images_per_concept": 4,
+                                                   "evaluator": "hand-made"}))
     return GraphStore(folder)
 
 
@@ -47,6 +49,20 @@ def test_locality_per_row_and_mean(store):
     mean = table.loc["(mean)"]
     assert mean.in_g == pytest.approx(0.3) and mean.out_g == pytest.approx(0.425 / 3)
     assert mean.self == pytest.approx(2.3 / 3)
+
+
+def test_a_graph_of_one_concept_has_its_self_delta_and_no_spillover(tmp_path):
+    """``graph --subset`` with one concept: its row holds the self edge alone. The summary said nothing
+    before this and crashed on the missing spillover columns."""
+    one = write_graph(tmp_path / "one", {"A": {"A": 0.75}})
+    concepts = CONCEPTS.subset(["A"])
+    table = locality(one, concepts).set_index("erased")
+    assert table.loc["A", "self"] == pytest.approx(0.75) and math.isnan(table.loc["A", "in_g"])
+    assert table.loc["(mean)", "self"] == pytest.approx(0.75)
+    text = summary(one, concepts)
+    assert text.splitlines()[1] == ("no other concept measured, so no spillover; the erased concept itself: "
+                                    "mean Delta top-1 0.750")
+    assert len(text.splitlines()) == 2
 
 
 def test_asymmetry_pairs_and_score(store):

@@ -220,3 +220,17 @@ def test_a_umap_cache_of_other_concepts_or_another_model_is_not_used(tmp_path):
     (tmp_path / UMAP_TABLE).write_text("concept,x,y\nred circle,nan,1\n")
     assert read_map(tmp_path, ["red circle"], meta) is None
     assert read_map(tmp_path / "missing", concepts, meta) is None
+
+
+def test_the_graph_command_on_one_concept_measures_its_self_delta(tmp_path, capsys):
+    """``graph --subset`` with one concept (how one row is rechecked at other seeds) ends with its summary;
+    it used to write the row and then stop on a traceback in the summary."""
+    from age_explorer.core.app.cli.main import main
+
+    out = tmp_path / "one"
+    assert main(["graph", "--model", "toy", "--concepts", "toy", "--subset", "red circle", "--method", "esd",
+                 "--preset", "toy-esd", "--options", json.dumps(TOY_ROW_OPTIONS), "--images-per-concept", "2",
+                 "--steps", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 rows in" in printed and "no other concept measured, so no spillover" in printed
+    assert list(GraphStore(out).edges().affected) == ["red circle"]

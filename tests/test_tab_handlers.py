@@ -92,6 +92,18 @@ def test_the_graph_tab_draws_a_concepts_view_and_names_an_unknown_graph_in_one_l
     assert "\n" not in str(err.value)
 
 
+def test_a_graph_of_one_concept_is_drawn_and_says_it_measured_no_other(tmp_path):
+    from age_explorer.explorer.tabs import graph
+
+    from .test_analysis import write_graph
+
+    store = write_graph(tmp_path / "one", {"A": {"A": 0.75}})
+    folder, version = str(store.folder), store.version()
+    assert '"A"' in graph.network_json(folder, version, 0.3, "g", "A")
+    details, bar = graph.row_json(folder, version, "A")
+    assert details.endswith("**A**: G₀ = 1.00. No other concept is measured in this graph.") and bar
+
+
 def test_the_views_the_page_opens_on_are_drawn_before_anyone_clicks(page):
     """A fresh server draws the first graph's view of each concept in the background, so that the first
     visitors' clicks are served from the cache instead of each waiting for the others' figures."""

@@ -29,11 +29,14 @@ def _off_diagonal(edges: pd.DataFrame) -> pd.DataFrame:
 
 def locality(store: GraphStore, concept_set: ConceptSet, kind: str = "delta_top1") -> pd.DataFrame:
     """Per row: mean Delta in each grouping's group, outside it, and on concepts related by no grouping."""
-    edges = _off_diagonal(store.edges())
+    all_edges = store.edges()
+    edges = _off_diagonal(all_edges)
     rows = []
-    for erased, block in edges.groupby("erased", sort=False):
+    # every row done, also one with no other concept measured (a one-concept graph: its self Delta alone)
+    for erased in dict.fromkeys(all_edges.erased):
+        block = edges[edges.erased == erased]
         delta = dict(zip(block.affected, block[kind]))
-        row = {"erased": erased, "self": float(store.edges().query("erased == affected and erased == @erased")[kind].mean())}
+        row = {"erased": erased, "self": float(all_edges[(all_edges.erased == erased) & (all_edges.affected == erased)][kind].mean())}
         related_any: set[str] = set()
         for grouping in concept_set.groups:
             inside = set(concept_set.related(erased, grouping))
@@ -115,7 +118,7 @@ def similarity_measures(bundle: ModelBundle, concept_set: ConceptSet, latents: i
             if i != j:
                 rows.append({"a": a, "b": b, "text_l2": float(l2[i, j]), "text_cosine": float(cosine[i, j]),
                              "output_distance": float(output_dist[i, j])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["a", "b", "text_l2", "text_cosine", "output_distance"])
 
 
 def similarity_vs_delta(store: GraphStore, similarity: pd.DataFrame, kind: str = "delta_top1") -> pd.DataFrame:
@@ -198,6 +201,10 @@ def summary(store: GraphStore, concept_set: ConceptSet, similarity: pd.DataFrame
              f"evaluator {meta['evaluator']}"]
     loc = locality(store, concept_set)
     mean = loc[loc.erased == "(mean)"].iloc[0]
+    if not len(_off_diagonal(store.edges())):  # spillover, asymmetry and similarity need a second concept
+        lines.append(f"no other concept measured, so no spillover; the erased concept itself: mean Delta top-1 "
+                     f"{mean['self']:.3f}")
+        return "\n".join(lines)
     lines.append("1. locality (mean Delta top-1):")
     unrelated = mean["unrelated"]
     for grouping in concept_set.groups:
