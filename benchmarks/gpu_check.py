@@ -10,19 +10,22 @@ Parts, in this order, each timed on its own and recorded even when a later one f
    eager chain on a channels-last UNet, and the compiled chain (``compile_chain``: CUDA graphs on a GPU),
    with seconds per model step, the estimate for 1000, peak memory, and each row's wall time (the
    compilation included);
-3. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
+3. ``shortcuts``: the same eager iteration with each shortcut of docs/erasure.md ("Each shortcut on its
+   own": ``ddim_steps`` 25, ``share_draws``, ``xt_source`` pool) beside the unchanged recipe, with seconds
+   per model step at the expected "till t" draw, the estimate for 1000 and the speed-up;
+4. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
    25 ``netfive`` concepts x ``--row-images`` images generated in batches of 100 and classified by a
    ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32;
-4. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
+5. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
    model steps (and as many pi steps), with wall time, seconds per model step, the estimate for the
    recipe's 1000 and the peak GPU memory;
-5. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
-6. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
+6. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
+7. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
    pipeline saved as a folder.
 
 The defaults' time, estimated from the H200 figures in docs/erasure.md: bench 1 min, compiled_chain
-about 2.5 min (most of it compiling two chain shapes), graph_row 1.5 min, imagenette 1.3 min, sdxl_esd
-1 min, evaluate 0.5 min: under 8 minutes.
+about 2.5 min (most of it compiling two chain shapes), shortcuts 1 min, graph_row 1.5 min, imagenette
+1.3 min, sdxl_esd 1 min, evaluate 0.5 min: under 9 minutes (``--parts`` without ``shortcuts``: under 8).
 
 The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
 (``age_explorer.core.app.random_pipelines``).
@@ -34,6 +37,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -102,6 +106,70 @@ def part_compiled_chain(device, tiny, iterations) -> dict:
                       "speedup": rows["eager"]["s_per_iter"] / sec if rows else 1.0,
                       "wall_s": time.perf_counter() - started}
     return {"precision": precision, "iterations_timed": 2 * (iterations // 2), "rows": rows}
+
+
+# the shortcuts of docs/erasure.md's "Each shortcut on its own", on the SD recipe; ddim_steps 25 halves the
+# recipe's 50 as the toy rows' 5 halve the toy recipe's 10
+SHORTCUTS = [("recipe", {}), ("ddim_steps_25", {"ddim_steps": 25}), ("share_draws", {"share_draws": True}),
+             ("pool", {"xt_source": "pool"})]
+
+
+def steady_seconds(step: dict) -> float:
+    """A step's seconds without its pool builds (a pool is built once per prompt, not every step)."""
+    return step["seconds"] - step["pool_build_seconds"]
+
+
+def seconds_per_chain_step(runs: list[list[dict]]) -> float | None:
+    """The slope of a step's steady seconds on its "till t" DDIM steps, within each run and phase (whose
+    fixed costs differ), pooled: the cost of one chain DDIM step. None when no draw varied."""
+    num = den = 0.0
+    for steps in runs:
+        for phase in {s["phase"] for s in steps}:
+            group = [s for s in steps if s["phase"] == phase]
+            n_mean = statistics.mean(s["chain_ddim_steps"] for s in group)
+            t_mean = statistics.mean(steady_seconds(s) for s in group)
+            num += sum((s["chain_ddim_steps"] - n_mean) * (steady_seconds(s) - t_mean) for s in group)
+            den += sum((s["chain_ddim_steps"] - n_mean) ** 2 for s in group)
+    return num / den if den else None
+
+
+def part_shortcuts(device, tiny, iterations) -> dict:
+    """The engine's AGE iteration (paper recipe, 100 candidates, eager, bf16 on a GPU) with each shortcut.
+
+    A step's time grows with the "till t" DDIM steps it draws (n ~ U{0..ddim_steps-1} per chain), so a
+    few steps are a noisy sample. Each row therefore gives its time at the expected draw: the measured
+    steady mean plus b x (expected - drawn DDIM steps per step), b being the seconds of one chain DDIM step
+    fitted on all rows' steps. The pool's builds (one per prompt drawn: the erased concept and each
+    candidate a pick lands on, up to all of them) are timed apart and added as a range."""
+    bundle = bundle_for(device, tiny)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    measured = {}
+    for name, options in SHORTCUTS:
+        started = time.perf_counter()
+        _, info = engine_seconds(bundle, iterations, precision, **options)
+        measured[name] = (info, time.perf_counter() - started)
+    slope = seconds_per_chain_step([info["steps"] for info, _ in measured.values()])
+    rows: dict[str, dict] = {}
+    for name, (info, wall) in measured.items():
+        steps = info["steps"]
+        steady = statistics.mean(steady_seconds(s) for s in steps)
+        drawn = statistics.mean(s["chain_ddim_steps"] for s in steps)
+        expected = statistics.mean(s["chains"] for s in steps) * (info["ddim_steps"] - 1) / 2
+        per_model_step = 2 * (steady + slope * (expected - drawn) if slope is not None else steady)
+        row = {"options": dict(SHORTCUTS)[name], "s_per_model_step_measured": 2 * steady,
+               "chain_ddim_steps_per_iter": drawn, "expected_chain_ddim_steps_per_iter": expected,
+               "s_per_model_step": per_model_step, "estimate_1000_model_steps_min": per_model_step * 1000 / 60,
+               "peak_gib": info["peak_gib"], "wall_s": wall}
+        builds = [s["pool_build_seconds"] / s["pool_builds"] for s in steps if s["pool_builds"]]
+        if builds:
+            row["s_per_pool_build"] = statistics.mean(builds)
+            row["estimate_1000_model_steps_every_pool_min"] = (
+                row["estimate_1000_model_steps_min"] + (info["candidates"] + 1) * row["s_per_pool_build"] / 60)
+        rows[name] = row
+    for row in rows.values():
+        row["speedup"] = rows["recipe"]["s_per_model_step"] / row["s_per_model_step"]
+    return {"precision": precision, "iterations_timed": 2 * (iterations // 2), "s_per_chain_ddim_step": slope,
+            "rows": rows}
 
 
 class TimedEvaluator:
@@ -228,7 +296,7 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
             "metrics": result.results["metrics"], "unavailable": result.results["unavailable"]}
 
 
-PARTS = ("bench", "compiled_chain", "graph_row", "imagenette", "sdxl_esd", "evaluate")
+PARTS = ("bench", "compiled_chain", "shortcuts", "graph_row", "imagenette", "sdxl_esd", "evaluate")
 
 
 def main() -> int:
@@ -239,6 +307,7 @@ def main() -> int:
                         help="a small UNet and VAE instead of the published ones (a CPU test)")
     parser.add_argument("--bench-iterations", type=int, default=4)
     parser.add_argument("--chain-iterations", type=int, default=6, help="loop iterations per compiled_chain row")
+    parser.add_argument("--shortcut-iterations", type=int, default=6, help="loop iterations per shortcuts row")
     parser.add_argument("--row-images", type=int, default=4, help="images per concept of the graph row")
     parser.add_argument("--row-erase-iterations", type=int, default=10, help="esd-x steps of the graph row")
     parser.add_argument("--age-iterations", type=int, default=16, help="model steps of the imagenette run")
@@ -275,6 +344,8 @@ def main() -> int:
             record("bench", lambda: part_bench(device, args.tiny, args.bench_iterations))
         if "compiled_chain" in parts:
             record("compiled_chain", lambda: part_compiled_chain(device, args.tiny, args.chain_iterations))
+        if "shortcuts" in parts:
+            record("shortcuts", lambda: part_shortcuts(device, args.tiny, args.shortcut_iterations))
         if "graph_row" in parts:
             record("graph_row", lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
                                                        work))

@@ -42,3 +42,48 @@ def test_the_graph_row_part_on_cpu(tmp_path):
     assert (row["concepts"], row["images"], row["steps"]) == (25, 25, 50)
     assert row["generate_s"] > 0 and row["classify_s"] > 0 and 0 <= row["mean_G_top1"] <= 1
     assert row["estimate_row_n32_min"] > row["estimate_row_n32_erase_min"] > 0
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_check
+
+    return gpu_check
+
+
+def _step(phase, seconds, ddim, builds=0, build_seconds=0.0):
+    return {"phase": phase, "seconds": seconds, "chains": 1, "chain_ddim_steps": ddim, "pool_builds": builds,
+            "pool_build_seconds": build_seconds}
+
+
+def test_the_chain_step_cost_is_fitted_within_each_run_and_phase(gpu_check):
+    """Two runs whose phases have different fixed costs, every step 0.1 s a chain DDIM step, and a pool
+    build (2 s) that is not the chain's: the fit gives 0.1 exactly; with no draw varying, no slope."""
+    recipe = [_step("theta", 1.0 + 0.1 * n, n) for n in (3, 40, 17)] + [_step("pi", 0.3 + 0.1 * n, n) for n in (9, 0)]
+    other = [_step("theta", 5.0 + 0.1 * n, n) for n in (2, 11)] + [_step("theta", 7.0 + 0.1 * 6, 6, 1, 2.0)]
+    assert gpu_check.seconds_per_chain_step([recipe, other]) == pytest.approx(0.1)
+    assert gpu_check.seconds_per_chain_step([[_step("theta", 1.0, 4), _step("theta", 1.3, 4)]]) is None
+
+
+def test_the_shortcuts_part_times_each_shortcut_beside_the_recipe(gpu_check, toy_bundle, monkeypatch, one_thread):
+    """The part's arithmetic on the toy model (the SD UNet is what a GPU run times): each row's draws are
+    counted, the π steps of share_draws draw none of their own, the pool's builds are timed apart."""
+    monkeypatch.setattr(gpu_check, "bundle_for", lambda device, tiny: toy_bundle)
+    monkeypatch.setattr(gpu_check, "SHORTCUTS", [*gpu_check.SHORTCUTS[:3], ("pool", {"xt_source": "pool",
+                                                                                      "pool_size": 2})])
+    part = gpu_check.part_shortcuts(toy_bundle.device, True, 4)
+    rows = part["rows"]
+    assert list(rows) == ["recipe", "ddim_steps_25", "share_draws", "pool"] and part["iterations_timed"] == 4
+    # every step of the recipe draws one chain of n ~ U{0..49} DDIM steps; share_draws only its model steps
+    assert rows["recipe"]["expected_chain_ddim_steps_per_iter"] == 24.5
+    assert rows["ddim_steps_25"]["expected_chain_ddim_steps_per_iter"] == 12.0
+    assert rows["share_draws"]["expected_chain_ddim_steps_per_iter"] == 24.5 / 2
+    assert 0 <= rows["ddim_steps_25"]["chain_ddim_steps_per_iter"] <= 24
+    assert rows["pool"]["chain_ddim_steps_per_iter"] == 0 and rows["pool"]["s_per_pool_build"] > 0
+    assert rows["pool"]["estimate_1000_model_steps_every_pool_min"] > rows["pool"]["estimate_1000_model_steps_min"]
+    assert rows["recipe"]["speedup"] == 1.0
+    for row in rows.values():
+        assert row["s_per_model_step"] > 0
+        assert row["estimate_1000_model_steps_min"] == pytest.approx(row["s_per_model_step"] * 1000 / 60)
+        assert row["speedup"] == pytest.approx(rows["recipe"]["s_per_model_step"] / row["s_per_model_step"])

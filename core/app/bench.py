@@ -158,7 +158,9 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
 
 def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candidates: int = 100,
                    work_dir: Path | None = None, **overrides) -> tuple[float, dict]:
-    """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise)."""
+    """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise). The info dict also holds
+    each timed step's phase, seconds, "sample till t" DDIM steps (a step's time grows with its draw) and,
+    in pool mode, the seconds of the frozen pools it built (one per prompt, the first time it is drawn)."""
     import tempfile
 
     from ..erasure.age import AGERun
@@ -174,6 +176,9 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
                          precision=precision, k_closest=candidates, num_centers=candidates,
                          loss_space=overrides.pop("loss_space", "x0"), **overrides)
     times: list[float] = []
+    steps: list[dict] = []
+    drawn: list[int] = []  # the current step's "till t" DDIM steps, one entry per chain
+    built: list[float] = []  # the current step's pool builds, seconds each
     last = [time.perf_counter()]
 
     def clock(report):
@@ -181,10 +186,33 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         now = time.perf_counter()
         if report.step > 2:  # warm-up
             times.append(now - last[0])
+            steps.append({"phase": report.phase, "seconds": now - last[0], "chains": len(drawn),
+                          "chain_ddim_steps": sum(drawn), "pool_builds": len(built), "pool_build_seconds": sum(built)})
+        drawn.clear()
+        built.clear()
         last[0] = now
 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         run = AGERun(bundle, config, tmp, callbacks=[clock])
+        sample_till = run.sample_till
+
+        def counted_sample_till(conds, n_steps):
+            drawn.append(n_steps)
+            return sample_till(conds, n_steps)
+
+        pool_latents = run.pool_latents
+
+        def timed_pool_latents(key, cond, t):
+            new = key not in run.pools
+            _sync(bundle.device)
+            started = time.perf_counter()
+            out = pool_latents(key, cond, t)
+            if new:
+                _sync(bundle.device)
+                built.append(time.perf_counter() - started)
+            return out
+
+        run.sample_till, run.pool_latents = counted_sample_till, timed_pool_latents
         if bundle.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(bundle.device)
@@ -194,7 +222,8 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         finally:
             run.predictor.restore()
     peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
-    return sum(times) / len(times), {"peak_gib": peak}
+    return sum(times) / len(times), {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates,
+                                         "steps": steps}
 
 
 def preset_seconds(bundle: ModelBundle, preset: str, concept: str, run_dir: Path, **overrides) -> dict:
