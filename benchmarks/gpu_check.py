@@ -147,16 +147,16 @@ def part_shortcuts(device, tiny, iterations) -> dict:
     for name, options in SHORTCUTS:
         started = time.perf_counter()
         _, info = engine_seconds(bundle, iterations, precision, **options)
-        measured[name] = (info, time.perf_counter() - started)
-    slope = seconds_per_chain_step([info["steps"] for info, _ in measured.values()])
+        measured[name] = (options, info, time.perf_counter() - started)
+    slope = seconds_per_chain_step([info["steps"] for _, info, _ in measured.values()])
     rows: dict[str, dict] = {}
-    for name, (info, wall) in measured.items():
+    for name, (options, info, wall) in measured.items():
         steps = info["steps"]
         steady = statistics.mean(steady_seconds(s) for s in steps)
         drawn = statistics.mean(s["chain_ddim_steps"] for s in steps)
         expected = statistics.mean(s["chains"] for s in steps) * (info["ddim_steps"] - 1) / 2
         per_model_step = 2 * (steady + slope * (expected - drawn) if slope is not None else steady)
-        row = {"options": dict(SHORTCUTS)[name], "s_per_model_step_measured": 2 * steady,
+        row = {"options": options, "s_per_model_step_measured": 2 * steady,
                "chain_ddim_steps_per_iter": drawn, "expected_chain_ddim_steps_per_iter": expected,
                "s_per_model_step": per_model_step, "estimate_1000_model_steps_min": per_model_step * 1000 / 60,
                "peak_gib": info["peak_gib"], "wall_s": wall}

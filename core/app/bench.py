@@ -175,8 +175,7 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     config = make_config("age", None, concepts=[concept], candidates=words, iterations=iterations // 2 + 1,
                          precision=precision, k_closest=candidates, num_centers=candidates,
                          loss_space=overrides.pop("loss_space", "x0"), **overrides)
-    times: list[float] = []
-    steps: list[dict] = []
+    steps: list[dict] = []  # the timed steps
     drawn: list[int] = []  # the current step's "till t" DDIM steps, one entry per chain
     built: list[float] = []  # the current step's pool builds, seconds each
     last = [time.perf_counter()]
@@ -185,7 +184,6 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         _sync(bundle.device)
         now = time.perf_counter()
         if report.step > 2:  # warm-up
-            times.append(now - last[0])
             steps.append({"phase": report.phase, "seconds": now - last[0], "chains": len(drawn),
                           "chain_ddim_steps": sum(drawn), "pool_builds": len(built), "pool_build_seconds": sum(built)})
         drawn.clear()
@@ -222,7 +220,7 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         finally:
             run.predictor.restore()
     peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
-    return sum(times) / len(times), {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates,
+    return sum(s["seconds"] for s in steps) / len(steps), {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates,
                                          "steps": steps}
 
 
