@@ -101,7 +101,7 @@ def test_a_graph_of_one_concept_is_drawn_and_says_it_measured_no_other(tmp_path)
     folder, version = str(store.folder), store.version()
     assert '"A"' in graph.network_json(folder, version, 0.3, "g", "A")
     details, bar = graph.row_json(folder, version, "A")
-    assert details.endswith("**A**: G₀ = 1.00. No other concept is measured in this graph.") and bar
+    assert details.endswith("**A**: G₀ = 1.00. No other concept is measured in this graph.") and bar is None
 
 
 def test_the_views_the_page_opens_on_are_drawn_before_anyone_clicks(page):
