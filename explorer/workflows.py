@@ -300,6 +300,7 @@ def attack_summary(result: dict) -> str:
 # ESR/PSR from the page: a few images per class fit a CPU (the paper's 500 are the CLI's default)
 PAGE_IMAGES_PER_CLASS = 8
 MAX_PAGE_IMAGES_PER_CLASS = 64
+EVALUATION_COLUMNS = ["class", "role", "top1", "top5", "images"]  # the per-class table, empty or not
 
 
 def plan_evaluation(images_per_class: float | None, classifier: str | None = None, concept_set: str | None = None):
@@ -338,7 +339,5 @@ def evaluation_view(folder: str | Path) -> EvaluationView:
     summary += (f"  \nESR: share of the erased class's images no longer classified as it; PSR: share of the other "
                 f"classes' images still classified right. {len(objects.get('seeds', []))} images per class, "
                 f"classifier {objects.get('classifier')}" + (f", {seconds:.0f} s." if seconds is not None else "."))
-    table = pd.DataFrame(objects.get("per_class", []))
-    if len(table):
-        table = table[["class", "role", "top1", "top5", "images"]].round(3)
+    table = pd.DataFrame(objects.get("per_class", []), columns=EVALUATION_COLUMNS).round(3)
     return EvaluationView(summary, table)

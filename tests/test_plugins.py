@@ -185,7 +185,7 @@ def test_a_plugin_metric_runs_from_the_cli_and_shows_in_results_card_and_explore
     import pandas as pd
 
     from age_explorer.core.app.cli.main import main
-    from age_explorer.explorer.workflows import evaluation_view
+    from age_explorer.explorer.workflows import EVALUATION_COLUMNS, evaluation_view
     from age_explorer.core.evaluation.results import card_lines, compare_table
 
     run, classes = tmp_path / "run", tmp_path / "three.csv"
@@ -209,3 +209,9 @@ def test_a_plugin_metric_runs_from_the_cli_and_shows_in_results_card_and_explore
     assert compare_table([folder])["brightness"].iloc[0] == pytest.approx(data["metrics"]["brightness"])
     assert any(line.startswith("| brightness |") for line in card_lines(folder))
     assert "brightness **" in evaluation_view(folder).summary  # the explorer's Before/after evaluation
+    assert list(evaluation_view(folder).table.columns) == EVALUATION_COLUMNS
+    # without the objects family the per-class table is empty and keeps its column names (no "1 2 3" headers)
+    data.pop("objects")
+    (folder / "results.json").write_text(json.dumps(data))
+    shown = evaluation_view(folder)
+    assert shown.table.empty and list(shown.table.columns) == EVALUATION_COLUMNS and "brightness **" in shown.summary

@@ -9,8 +9,8 @@ from pathlib import Path
 import gradio as gr
 
 from age_explorer.core.app.evaluate import default_out as evaluation_dir
-from age_explorer.explorer.workflows import (PAGE_IMAGES_PER_CLASS, before_after, evaluation_view, plan_evaluation,
-                                             spillover_row)
+from age_explorer.explorer.workflows import (EVALUATION_COLUMNS, PAGE_IMAGES_PER_CLASS, before_after, evaluation_view,
+                                             plan_evaluation, spillover_row)
 from age_explorer.core.runs import RunManifest
 from age_explorer.core.sampling import parse_seeds
 
@@ -150,7 +150,7 @@ def build(page: Page, graph_tab: GraphTab) -> gr.Dropdown:
             eval_status = gr.Markdown(elem_id="eval_status")
             eval_summary = gr.Markdown(elem_id="eval_summary")
             eval_table = gr.Dataframe(label="Per class: top-1 and top-5 hit rates", elem_id="eval_table",
-                                      interactive=False)
+                                      headers=EVALUATION_COLUMNS, value=[], interactive=False)
     slider = gr.ImageSlider(label="one pair: original | erased", type="pil", elem_id="slider")
     spill_btn = gr.Button("Measure the spillover row and add it to the graph", elem_id="spill_btn")
     spill_plot = gr.Plot(label="Spillover of the erased concept")

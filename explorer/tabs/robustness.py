@@ -143,7 +143,7 @@ def build(page: Page) -> gr.Dropdown:
         with gr.Column():
             summary = gr.Markdown(elem_id="attack_summary")
             probes = gr.Dataframe(label="ASR per probe: erased model (asr) and base model (asr_base)",
-                                  elem_id="attack_probes", interactive=False, wrap=True,
+                                  headers=PROBE_COLUMNS, value=[], elem_id="attack_probes", interactive=False, wrap=True,
                                   column_widths=["40%", "20%", "16%", "12%", "12%"])
     timer = gr.Timer(1.0, active=False)
     job_id = gr.Textbox(visible=False)  # the session's attack job; a component, so API clients get its id
