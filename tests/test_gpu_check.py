@@ -87,3 +87,64 @@ def test_the_shortcuts_part_times_each_shortcut_beside_the_recipe(gpu_check, toy
         assert row["s_per_model_step"] > 0
         assert row["estimate_1000_model_steps_min"] == pytest.approx(row["s_per_model_step"] * 1000 / 60)
         assert row["speedup"] == pytest.approx(rows["recipe"]["s_per_model_step"] / row["s_per_model_step"])
+
+
+def _measured(options, slope, draws, fixed=1.0, ddim_steps=50):
+    """An engine_seconds result whose steps cost ``fixed`` + ``slope`` per chain DDIM step."""
+    steps = [_step(phase, fixed + slope * n, n) for phase in ("theta", "pi") for n in draws]
+    return options, {"steps": steps, "ddim_steps": ddim_steps, "peak_gib": None, "candidates": 100}, 1.0
+
+
+def test_rows_that_run_the_chain_alike_share_its_fitted_cost(gpu_check):
+    """Eager rows at 0.1 s a chain DDIM step, compiled ones at 0.02: each row is brought to its expected draw
+    (24.5 DDIM steps for 50, 12 for 25) with the cost of its own kind of chain, not a pooled one."""
+    measured = {"eager": _measured({}, 0.1, (3, 40, 10)),
+                "compiled": _measured({"compile_chain": True}, 0.02, (30, 45, 2)),
+                "compiled_ddim_steps_25": _measured({"compile_chain": True, "ddim_steps": 25}, 0.02, (0, 7, 20),
+                                                    ddim_steps=25)}
+    rows = gpu_check.at_expected_draw(measured, baseline="eager")
+    assert rows["eager"]["s_per_chain_ddim_step"] == pytest.approx(0.1)
+    assert rows["compiled"]["s_per_chain_ddim_step"] == pytest.approx(0.02)
+    assert rows["compiled_ddim_steps_25"]["s_per_chain_ddim_step"] == pytest.approx(0.02)
+    assert rows["eager"]["s_per_model_step"] == pytest.approx(2 * (1.0 + 0.1 * 24.5))
+    assert rows["compiled"]["s_per_model_step"] == pytest.approx(2 * (1.0 + 0.02 * 24.5))
+    assert rows["compiled_ddim_steps_25"]["s_per_model_step"] == pytest.approx(2 * (1.0 + 0.02 * 12))
+    assert rows["compiled"]["speedup"] == pytest.approx(3.45 / 1.49)
+    assert rows["eager"]["speedup"] == 1.0
+
+
+def test_the_compiled_chain_part_has_its_four_rows_against_the_eager_one(gpu_check, monkeypatch):
+    """The part's rows and arithmetic, engine_seconds stubbed (the compiled chain itself is checked against
+    the eager one in tests/test_compiled_chain.py; compiling the tiny UNet takes minutes on a CPU)."""
+    cost = {(False, False): 0.1, (False, True): 0.12, (True, False): 0.02}
+
+    def fake_engine_seconds(bundle, iterations, precision, **options):
+        _, info, _ = _measured(options, cost[gpu_check.chain_kind(options)], (5, 30, 12),
+                               ddim_steps=options.get("ddim_steps", 50))
+        return None, info
+
+    monkeypatch.setattr(gpu_check, "bundle_for", lambda device, tiny: None)
+    monkeypatch.setattr(gpu_check, "engine_seconds", fake_engine_seconds)
+    part = gpu_check.part_compiled_chain(gpu_check.torch.device("cpu"), True, 6)
+    rows = part["rows"]
+    assert list(rows) == ["eager", "eager_channels_last", "compiled", "compiled_ddim_steps_25"]
+    assert part["precision"] == "fp32" and part["iterations_timed"] == 6
+    assert rows["compiled_ddim_steps_25"]["options"] == {"compile_chain": True, "ddim_steps": 25}
+    assert rows["compiled_ddim_steps_25"]["speedup"] == pytest.approx(6.9 / (2 * (1.0 + 0.02 * 12)))
+    assert rows["eager_channels_last"]["speedup"] == pytest.approx(6.9 / (2 * (1.0 + 0.12 * 24.5)))
+
+
+def test_each_phases_first_chain_is_warm_up(toy_bundle, monkeypatch, one_thread):
+    """A compiled chain compiles on its first call, so engine_seconds does not time the step of each phase's
+    first chain, even after the first two steps: here the first three draws are 0 DDIM steps (no chain)."""
+    from age_explorer.core.app.bench import engine_seconds
+    from age_explorer.core.erasure.loop import FineTuneRun
+
+    draws = iter([0, 0, 0, 3, 2, 1, 4, 2])
+    real_randint = FineTuneRun.randint
+    monkeypatch.setattr(FineTuneRun, "randint",
+                        lambda self, high: next(draws) if high == self.cfg.ddim_steps else real_randint(self, high))
+    _, info = engine_seconds(toy_bundle, 6, "fp32", ddim_steps=5, loss_space="eps")
+    # steps 1-2 warm-up; step 3 (theta) draws no chain; step 4 is pi's first chain, step 5 theta's
+    assert [(s["step"], s["phase"], s["chain_ddim_steps"]) for s in info["steps"]] == [
+        (3, "theta", 0), (6, "pi", 1), (7, "theta", 4), (8, "pi", 2)]

@@ -160,7 +160,9 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
                    work_dir: Path | None = None, **overrides) -> tuple[float, dict]:
     """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise). The info dict also holds
     each timed step's phase, seconds, "sample till t" DDIM steps (a step's time grows with its draw) and,
-    in pool mode, the seconds of the frozen pools it built (one per prompt, the first time it is drawn)."""
+    in pool mode, the seconds of the frozen pools it built (one per prompt, the first time it is drawn). The
+    first two steps and the step of each phase's first "till t" chain (where a compiled chain compiles) are
+    warm-up, not timed."""
     import tempfile
 
     from ..erasure.age import AGERun
@@ -178,13 +180,17 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     steps: list[dict] = []  # the timed steps
     drawn: list[int] = []  # the current step's "till t" DDIM steps, one entry per chain
     built: list[float] = []  # the current step's pool builds, seconds each
+    chained: set[str] = set()  # the phases whose chain has run: a compiled chain compiles on its first call
     last = [time.perf_counter()]
 
     def clock(report):
         _sync(bundle.device)
         now = time.perf_counter()
-        if report.step > 2:  # warm-up
-            steps.append({"phase": report.phase, "seconds": now - last[0], "chains": len(drawn),
+        first_chain = any(drawn) and report.phase not in chained
+        if any(drawn):
+            chained.add(report.phase)
+        if report.step > 2 and not first_chain:  # warm-up: the first two steps and each phase's first chain
+            steps.append({"step": report.step, "phase": report.phase, "seconds": now - last[0], "chains": len(drawn),
                           "chain_ddim_steps": sum(drawn), "pool_builds": len(built), "pool_build_seconds": sum(built)})
         drawn.clear()
         built.clear()
@@ -220,8 +226,10 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         finally:
             run.predictor.restore()
     peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
-    return sum(s["seconds"] for s in steps) / len(steps), {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates,
-                                         "steps": steps}
+    if not steps:
+        raise ValueError(f"none of the {iterations} iterations was timed (all warm-up); time more iterations")
+    info = {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates, "steps": steps}
+    return sum(s["seconds"] for s in steps) / len(steps), info
 
 
 def preset_seconds(bundle: ModelBundle, preset: str, concept: str, run_dir: Path, **overrides) -> dict:
