@@ -86,6 +86,10 @@ def test_the_graph_tab_draws_a_concepts_view_and_names_an_unknown_graph_in_one_l
     network, heatmap, details, bar = graph.graph_outputs(page, "toy-esd (shipped)", 0.3, "shape", "red circle")
     assert '"red circle"' in network and heatmap.type == "plotly" and bar.type == "plotly"
     assert "**red circle**" in details and "Erasing it hurts most" in details
+    assert details.startswith("**ESD (toy-esd, target '')**, 25 rows, 32 images per concept")
+    # a graph that differs from its preset by an option says which, as the Methods table does
+    assert graph.graph_outputs(page, "toy-age-ddim5 (shipped)", 0.3, "shape", None)[2].startswith(
+        "**AGE (toy, ddim_steps 5)**, 25 rows")
     assert graph.graph_outputs(page, "toy-esd (shipped)", 0.3, "shape", "red circle")[0] is network  # drawn once, cached
     with pytest.raises(gr.Error, match="no graph named 'nowhere'") as err:
         graph.graph_outputs(page, "nowhere", 0.3, "shape", None)

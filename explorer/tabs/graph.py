@@ -13,6 +13,7 @@ from gradio.components.plot import PlotData
 
 from age_explorer.explorer.workflows import prompt_for
 from age_explorer.core.graph.embedding_map import compute_map, read_map
+from age_explorer.core.graph.methods import graph_label
 from age_explorer.core.graph.store import GraphStore, delta_matrix
 
 from .. import plots
@@ -74,8 +75,7 @@ def row_json(folder: str, version: tuple, selected: str | None) -> tuple[str, st
 
 def details_of(graph: ReadGraph, selected):
     meta = graph.meta
-    text = (f"**{plain(meta['method'].upper())}** (preset {plain(meta.get('preset'))}, target "
-            f"{plain(repr(meta.get('target')))}), {len(graph.rows_done)} rows, {meta['images_per_concept']} "
+    text = (f"**{plain(graph_label(meta))}**, {len(graph.rows_done)} rows, {meta['images_per_concept']} "
             f"images per concept, classifier {plain(meta['evaluator'])}.")
     recovery = graph.recovery
     rates = plots.recovery_by_concept(recovery)
