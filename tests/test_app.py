@@ -663,7 +663,9 @@ def test_names_show_as_text_and_a_public_server_shows_no_path_or_traceback(tmp_p
     folder = tmp_path / "graphs" / "evil-esd"
     shutil.copytree(assets_dir() / "graphs" / "toy-esd", folder)
     meta = json.loads((folder / "graph.json").read_text())
-    (folder / "graph.json").write_text(json.dumps({**meta, "preset": evil, "target": evil}))
+    # the target as a sweep writes it: in the options, and repeated at the top
+    (folder / "graph.json").write_text(json.dumps({**meta, "preset": evil, "target": evil,
+                                                   "options": {**meta["options"], "target": evil}}))
     erase(toy_bundle, make_config("uce", "toy-uce", concepts=["red circle"]), tmp_path / "runs" / "uce-red-circle")
     demo = build_app(Settings(model="toy", device="cpu", data_dir=str(tmp_path), start_worker=False, public=True))
     port = free_port()
