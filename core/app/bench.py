@@ -187,11 +187,12 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         _sync(bundle.device)
         now = time.perf_counter()
         first_chain = any(drawn) and report.phase not in chained
-        if any(drawn):
+        if first_chain:
             chained.add(report.phase)
         if report.step > 2 and not first_chain:  # warm-up: the first two steps and each phase's first chain
-            steps.append({"step": report.step, "phase": report.phase, "seconds": now - last[0], "chains": len(drawn),
-                          "chain_ddim_steps": sum(drawn), "pool_builds": len(built), "pool_build_seconds": sum(built)})
+            steps.append({"step": report.step, "phase": report.phase, "seconds": now - last[0],
+                          "chains": len(drawn), "chain_ddim_steps": sum(drawn), "pool_builds": len(built),
+                          "pool_build_seconds": sum(built)})
         drawn.clear()
         built.clear()
         last[0] = now

@@ -96,7 +96,8 @@ def details_of(graph: ReadGraph, selected):
         worst = row[row.affected != selected].nlargest(3, "delta_top1")
         if not len(worst):  # a graph of one concept: no spillover to chart
             return text + " No other concept is measured in this graph.", None
-        text += " Erasing it hurts most: " + ", ".join(f"{plain(r.affected)} (Δ {r.delta_top1:.2f})" for r in worst.itertuples())
+        text += " Erasing it hurts most: " + ", ".join(f"{plain(r.affected)} (Δ {r.delta_top1:.2f})"
+                                                       for r in worst.itertuples())
         return text, plots.spillover_bar_figure(row, selected)
     return text + " (no row for it in this graph)", None
 

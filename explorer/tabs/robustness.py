@@ -143,8 +143,8 @@ def build(page: Page) -> gr.Dropdown:
         with gr.Column():
             summary = gr.Markdown(elem_id="attack_summary")
             probes = gr.Dataframe(label="ASR per probe: erased model (asr) and base model (asr_base)",
-                                  headers=PROBE_COLUMNS, value=[], elem_id="attack_probes", interactive=False, wrap=True,
-                                  column_widths=["40%", "20%", "16%", "12%", "12%"])
+                                  headers=PROBE_COLUMNS, value=[], elem_id="attack_probes", interactive=False,
+                                  wrap=True, column_widths=["40%", "20%", "16%", "12%", "12%"])
     timer = gr.Timer(1.0, active=False)
     job_id = gr.Textbox(visible=False)  # the session's attack job; a component, so API clients get its id
     page.run_lists.append((run_dd, False))
