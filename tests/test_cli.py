@@ -241,6 +241,7 @@ def test_every_config_field_is_a_flag_that_lands_in_the_config(method, field, er
     ("age", ["--synonym", "crimson"], "synonyms", ["crimson"]),
     ("age", ["--preset", "imagenette", "--allow-cpu"], "requires_gpu", False),
     ("age", ["--share-draws"], "share_draws", True),
+    ("age", ["--batch-pi-chain"], "batch_pi_chain", True),
     ("esd", ["--target", ""], "target", ""),
 ])
 def test_the_flags_spelled_before_generation_still_work(method, flags, field, value, erase_config):

@@ -66,9 +66,11 @@ def test_save_load_reproduces_outputs_exactly(sd, tmp_path):
     assert not torch.equal(a, generate(sd, ["a red circle"], [0], steps=3))
 
 
-@pytest.mark.parametrize("options", [{}, dict(share_draws=True, concepts=["a red circle", "a dog"])])
+@pytest.mark.parametrize("options", [{}, dict(share_draws=True, concepts=["a red circle", "a dog"]),
+                                     dict(batch_pi_chain=True, concepts=["a red circle", "a dog"])])
 def test_resume_continues_the_same_run(sd, tmp_path, options):
-    # Stopping after step 3 (a model step) leaves a pi step next: with share_draws it needs the saved draws.
+    # Stopping after step 3 (a model step) leaves a pi step next: with share_draws or batch_pi_chain it
+    # needs the saved draws.
     config = make_config("age", None, **{"concepts": ["a red circle"], "candidates": CANDIDATES, "lr": 1e-3,
                                          **TINY, "iterations": 4, **options})
     erase(sd, config, tmp_path / "whole")
@@ -183,12 +185,82 @@ def test_shared_draws_pair_each_pi_step_with_its_model_step(sd, tmp_path, monkey
     assert {r.concept for r in reports} == {"a red circle", "a dog"}
 
 
+def test_chains_in_one_batch_give_each_chain_its_own_latents(sd, tmp_path):
+    """Chains advanced together, each leaving the batch after its own steps, give what each gives alone
+    from the same z_T, with as many UNet calls as the longest chain has steps."""
+    from age_explorer.core.erasure.age import AGERun
+
+    config = make_config("age", None, concepts=["a red circle"], candidates=CANDIDATES, **TINY)
+    run = AGERun(sd, config, tmp_path / "run")
+    a, b, c = (sd.encode([p]) for p in ("a red circle", "a dog", "a cat"))
+    chain, calls = run.predictor.chain, []
+    run.predictor.chain = lambda *args: calls.append(1) or chain(*args)
+    for lengths in [(3, 1), (1, 3), (2, 2), (0, 2)]:
+        run.generator.manual_seed(5)
+        together = run.sample_till_each([([a, b], lengths[0]), ([c], lengths[1])])
+        assert len(calls) == max(lengths)
+        calls.clear()
+        run.generator.manual_seed(5)  # alone, one after the other: the same z_T draws in the same order
+        alone = [run.sample_till([a, b], lengths[0]), run.sample_till([c], lengths[1])]
+        for (z_together, t_together), (z_alone, t_alone) in zip(together, alone):
+            assert torch.equal(t_together, t_alone)
+            for x, y in zip(z_together, z_alone):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        calls.clear()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pi_l1=True), dict(target_search="damage")])
+def test_batched_pi_chain_runs_each_pi_steps_own_draws_in_its_model_steps_batch(sd, tmp_path, monkeypatch, options):
+    from age_explorer.core.erasure.age import AGERun
+    from age_explorer.core.erasure.loop import FineTuneRun
+
+    batches, read = [], []
+    original = FineTuneRun.sample_till_each
+
+    def recorded(self, chains):
+        out = original(self, chains)
+        batches.append(([[c.clone() for c in conds] for conds, _ in chains], [n for _, n in chains], out))
+        return out
+
+    def pi_step(original_step):
+        def step(self, k, concept, c_e, *args):
+            shared = args[-1]
+            read.append((k, self.mixture(k, shared["uniform"])[1], shared))
+            return original_step(self, k, concept, c_e, *args)
+        return step
+
+    monkeypatch.setattr(FineTuneRun, "sample_till_each", recorded)
+    monkeypatch.setattr(AGERun, "_gumbel_pi_step", pi_step(AGERun._gumbel_pi_step))
+    monkeypatch.setattr(AGERun, "_damage_pi_step", pi_step(AGERun._damage_pi_step))
+    config = make_config("age", None, concepts=["a red circle", "a dog"], candidates=CANDIDATES,
+                         batch_pi_chain=True, seed=2, **{**TINY, "iterations": 6, **options})
+    reports = []
+    erase(sd, config, tmp_path / "run", callbacks=[reports.append])
+    assert [r.phase for r in reports] == ["theta", "pi"] * 6
+    assert len(batches) == 6 and len(read) == 6  # one chain batch per model step, none in the pi steps
+    damage = options.get("target_search") == "damage"
+    reads = ["z_e"] if damage else ["z_t", "z_e"] if options.get("pi_l1") else ["z_t"]
+    for (conds, lengths, out), (k, e_t, shared), pi in zip(batches, read, reports[1::2]):
+        assert len(conds) == 2 and len(conds[0]) == 2 and len(conds[1]) == len(reads)
+        assert pi.concept == config.concepts[k]
+        latents, t = out[1]
+        assert shared["t"] is t and all(shared[name] is z for name, z in zip(reads, latents))
+        own = {"z_t": e_t, "z_e": sd.encode([config.concepts[k]])}
+        for name, cond in zip(reads, conds[1]):  # the pi step's own concept and Gumbel sample
+            torch.testing.assert_close(cond, own[name])
+    # the pi steps draw apart from their model steps: not always the same concept or timestep
+    assert len({(r.concept, p.concept) for r, p in zip(reports[0::2], reports[1::2])}) > 1
+    assert any(a != b for _, (a, b), _ in batches)
+
+
 @pytest.mark.parametrize("method, options, message", [
     ("age", dict(lam=-1.0), "lambda must be"),
     ("age", dict(lr=float("nan")), "lr must be a positive finite"),
     ("age", dict(parameter_set="attn9"), "unknown parameter set"),
     ("esd", dict(concepts=[]), "at least one non-empty concept"),
     ("age", dict(target_search="psychic"), "target_search must be"),
+    ("age", dict(batch_pi_chain=True, share_draws=True), "choose one"),
+    ("age", dict(batch_pi_chain=True, xt_source="pool"), "runs none"),
     ("uce", dict(preserve=["a red circle"]), "both erased and preserved"),
 ])
 def test_invalid_configs_raise_clear_errors(method, options, message):

@@ -13,6 +13,10 @@
 - ``share_draws`` (beyond the paper, for speed): a pi step reuses the preceding model step's draws
   (erased concept, Gumbel sample, "sample till t" latents and timestep) instead of sampling afresh
   as the reference does every iteration; this halves the sampling, the larger part of a CPU step.
+- ``batch_pi_chain`` (beyond the paper, for speed): a pi step keeps its own draws, but its "sample till t"
+  chain runs in the batch of the model step before it, with the model before that step's update (the
+  reference samples after it). An iteration pair then runs its chains side by side instead of one after
+  the other: as many sequential UNet calls as the longer chain has steps, for the same arithmetic.
 
 Target search (``target_search``):
 - ``gumbel`` (paper, default): pi ascends lambda L2 through the straight-through gradient. As in the
@@ -105,7 +109,8 @@ class AGERun(FineTuneRun):
         self.total_steps = config.iterations * config.pgd_num_steps
         self.neighbours = self._neighbours()
         self.pi_log_every = max(1, self.total_steps // 400)
-        # share_draws: the model step's draws, kept for the pi step that follows it
+        # share_draws: the model step's draws, kept for the pi step that follows it;
+        # batch_pi_chain: that pi step's own draws, its chain run in the model step's batch
         self.shared: dict | None = None
         # The probes below draw from their own generator, so that a run with the paper's settings
         # makes the same draws (and the same weights) as before they existed.
@@ -284,15 +289,16 @@ class AGERun(FineTuneRun):
         e_bar = e_t.detach()
         target_key = self._pool_key(k, weights) if cfg.xt_source == "pool" and shared is None else ("mixture", e_bar)
         if model_step:
-            losses, latents, t = self._model_step(concept, c_e, e_bar, target_key)
+            (z_e, z_t), t = self._model_step_latents(i, [(concept, c_e), target_key])
+            losses = self._model_step(c_e, e_bar, z_e, z_t, t)
             if cfg.share_draws:
-                self.shared = {"k": k, "uniform": uniform, "z_e": latents[0], "z_t": latents[1], "t": t}
+                self.shared = {"k": k, "uniform": uniform, "z_e": z_e, "z_t": z_t, "t": t}
             phase = "theta"
             if cfg.erase_check_every and self.model_steps_done(i + 1) % cfg.erase_check_every == 0:
                 losses.update(self._erasure_check())
         elif self.pi_frozen:  # an ablation: pi is not searched
             losses, phase = {}, "pi"
-        elif cfg.target_search in ("damage", "damage_floor", "damage_net") or not self.neighbourhood_chosen:
+        elif self._damage_pi_steps():
             losses = self._damage_pi_step(k, concept, c_e, shared)
             phase = "pi"
         else:
@@ -306,9 +312,40 @@ class AGERun(FineTuneRun):
                           elapsed=0.0, eta=0.0, targets=self.top_targets(), pick=name,
                           pick_is_neighbour=(name in neighbours) if neighbours is not None else None)
 
-    def _model_step(self, concept, c_e, e_bar, target_key):
+    def _damage_pi_steps(self) -> bool:
+        return self.cfg.target_search in ("damage", "damage_floor", "damage_net") or not self.neighbourhood_chosen
+
+    def _pi_latents_ahead(self, i: int) -> list[str] | None:
+        """The latents the pi step at ``i`` reads ("z_t": the target mixture's, "z_e": the erased concept's),
+        when they can be drawn a step early: None for a model step, a frozen pi, or a pi step that first
+        resets pi (the two-stage search's switch)."""
+        if i >= self.total_steps or self.is_model_step(i) or self.pi_frozen:
+            return None
+        if not self.neighbourhood_chosen and self._past_damage_stage(i):
+            return None
+        if self._damage_pi_steps():
+            return ["z_e"]
+        return ["z_t", "z_e"] if self.cfg.pi_l1 else ["z_t"]
+
+    def _model_step_latents(self, i, keys) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The model step's latents. With ``batch_pi_chain``, also the draws of the pi step after it (its
+        concept, Gumbel sample, z_T and timestep), its chain run in the same batch, kept in ``self.shared``."""
+        ahead = self._pi_latents_ahead(i + 1) if self.cfg.batch_pi_chain else None
+        if ahead is None:
+            return self.draw_latents(keys)
+        n = self.randint(self.cfg.ddim_steps)
+        k = self.randint(len(self.cfg.concepts))
+        with torch.no_grad():
+            _, e_t, _, uniform = self.mixture(k)
+        conds = {"z_t": e_t, "z_e": self.erased_states[k:k + 1]}
+        n_pi = self.randint(self.cfg.ddim_steps)
+        (own, t), (theirs, t_pi) = self.sample_till_each([([c for _, c in keys], n),
+                                                          ([conds[name] for name in ahead], n_pi)])
+        self.shared = {"k": k, "uniform": uniform, "t": t_pi, "z_e": None, "z_t": None, **dict(zip(ahead, theirs))}
+        return own, t
+
+    def _model_step(self, c_e, e_bar, z_e, z_t, t):
         cfg, pred = self.cfg, self.predictor
-        (z_e, z_t), t = self.draw_latents([(concept, c_e), target_key])
         b = len(z_e)
         ex = lambda s: s.expand(b, -1, -1)  # noqa: E731
         erase_to = e_bar if self.anchor_states is None else self.anchor_states
@@ -326,7 +363,7 @@ class AGERun(FineTuneRun):
         losses = {"erase": erase.item(), "preserve": preserve.item(), "total": loss.item()}
         if cfg.erase_check_every:
             losses["erase_weight"] = self.erase_weight
-        return losses, (z_e, z_t), t
+        return losses
 
     def _erasure_check(self) -> dict[str, float]:
         """The erasure-success constraint: raise the erasure weight while an erased concept is still made."""
@@ -427,7 +464,8 @@ class AGERun(FineTuneRun):
         tensors.update(optimizer_tensors(self.pi_optimizer, "piopt"))
         if self.shared is not None:
             tensors["shared/k"] = torch.tensor([self.shared["k"]])
-            tensors.update({f"shared/{name}": self.shared[name] for name in ("uniform", "z_e", "z_t", "t")})
+            tensors.update({f"shared/{name}": self.shared[name] for name in ("uniform", "z_e", "z_t", "t")
+                            if self.shared[name] is not None})  # batch_pi_chain draws only what its pi step reads
         return tensors
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -440,11 +478,11 @@ class AGERun(FineTuneRun):
         self.neighbourhood_chosen = bool(chosen)
         load_optimizer_tensors(self.pi_optimizer, tensors, "piopt")
         if "shared/k" in tensors:
-            device = self.bundle.device
+            device, dtype = self.bundle.device, self.bundle.dtype
+            latents = {name: tensors[f"shared/{name}"].to(device, dtype) if f"shared/{name}" in tensors else None
+                       for name in ("z_e", "z_t")}
             self.shared = {"k": int(tensors["shared/k"]), "uniform": tensors["shared/uniform"],
-                           "z_e": tensors["shared/z_e"].to(device, self.bundle.dtype),
-                           "z_t": tensors["shared/z_t"].to(device, self.bundle.dtype),
-                           "t": tensors["shared/t"].to(device)}
+                           "t": tensors["shared/t"].to(device), **latents}
 
     def extra_results(self, run_dir: Path) -> dict:
         import pandas as pd

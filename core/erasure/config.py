@@ -180,6 +180,10 @@ class AGEConfig(EraseConfig):
     erase_weight_max: float = help_field("erasure-success constraint: the erasure weight's ceiling", 16.0)
     share_draws: bool = help_field("a pi step reuses the preceding model step's concept, Gumbel sample and latents "
                               "(half the sampling; the reference draws afresh every iteration)", False)
+    batch_pi_chain: bool = help_field("a pi step's 'sample till t' chain runs in the batch of the model step before "
+                                      "it, with the model before that step's update; the pi step keeps its own "
+                                      "draws (the reference samples after the update, one chain after the other)",
+                                      False)
     pi_l1: bool = help_field("let the erasure term's gradient reach pi (the reference code detaches it)", False)
     neighbour_groups: dict = help_field("concept -> candidates that are its real neighbours, to log the search's hit rate", None)
     anchor: str | None = help_field("None: the erased concept is mapped to the searched target mixture (AGE); a prompt: "
@@ -221,6 +225,10 @@ class AGEConfig(EraseConfig):
                              f"leave target_search at 'gumbel', got {self.target_search!r}")
         if self.pgd_num_steps < 2:
             raise ValueError("pgd_num_steps must be >= 2 so that pi gets steps")
+        if self.batch_pi_chain and self.share_draws:
+            raise ValueError("batch_pi_chain and share_draws both give a pi step its latents; choose one")
+        if self.batch_pi_chain and self.xt_source != "sample":
+            raise ValueError(f"batch_pi_chain batches 'sample till t' chains; xt_source={self.xt_source!r} runs none")
 
 
 @dataclass

@@ -213,16 +213,31 @@ class FineTuneRun:
     def sample_till(self, conds: list[torch.Tensor], n_steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """DDIM with CFG from one shared z_T for each conditioning, for ``n_steps`` steps of the
         schedule, with the model being trained. Returns the latents and their timestep."""
+        return self.sample_till_each([(conds, n_steps)])[0]
+
+    @torch.no_grad()
+    def sample_till_each(self, chains: list[tuple[list[torch.Tensor], int]]
+                         ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Several "sample till t" chains advanced in one batch: each (conditionings sharing one z_T, its
+        own number of steps) leaves the batch once it has run its steps, so the UNet is called as many
+        times as the longest chain has steps, and no chain is computed past its own end."""
         b = self.cfg.batch_size
-        z = self.randn(b, *self.bundle.latent_shape).repeat(len(conds), 1, 1, 1)
-        cond = torch.cat([c.expand(b, -1, -1) for c in conds])
-        uncond = self.uncond.expand(len(cond), -1, -1)
+        zs = [self.randn(b, *self.bundle.latent_shape).repeat(len(conds), 1, 1, 1) for conds, _ in chains]
+        conds = [torch.cat([c.expand(b, -1, -1) for c in cs]) for cs, _ in chains]
         timesteps = self.scheduler.timesteps
-        for t in timesteps[:n_steps]:
-            z = guided_ddim_step(self.scheduler, self.predictor.chain, z, t, cond, uncond,
-                                 self.cfg.start_guidance).to(z.dtype)
-        t = timesteps[n_steps] if n_steps < len(timesteps) else timesteps[-1]
-        return list(z.chunk(len(conds))), t.expand(b)
+        for j, t in enumerate(timesteps[:max(n for _, n in chains)]):
+            live = [g for g, (_, n) in enumerate(chains) if n > j]
+            cond = torch.cat([conds[g] for g in live])
+            z = torch.cat([zs[g] for g in live])
+            z = guided_ddim_step(self.scheduler, self.predictor.chain, z, t, cond,
+                                 self.uncond.expand(len(cond), -1, -1), self.cfg.start_guidance).to(z.dtype)
+            for g, part in zip(live, z.split([len(zs[g]) for g in live])):
+                zs[g] = part
+        out = []
+        for (cs, n), z in zip(chains, zs):
+            t = timesteps[n] if n < len(timesteps) else timesteps[-1]
+            out.append((list(z.chunk(len(cs))), t.expand(b)))
+        return out
 
     @torch.no_grad()
     def pool_latents(self, key: str, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
