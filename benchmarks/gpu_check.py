@@ -12,8 +12,8 @@ Parts, in this order, each timed on its own and recorded even when a later one f
    model step at the expected "till t" draw, the estimate for 1000, peak memory, the speed-up over the eager
    row and each row's wall time (the first compiled row's includes the compilation);
 3. ``shortcuts``: the same eager iteration with each shortcut of docs/erasure.md ("Each shortcut on its
-   own": ``ddim_steps`` 25, ``share_draws``, ``xt_source`` pool) beside the unchanged recipe, with seconds
-   per model step at the expected "till t" draw, the estimate for 1000 and the speed-up;
+   own": ``ddim_steps`` 25, ``share_draws``, ``batch_pi_chain``, ``xt_source`` pool) beside the unchanged
+   recipe, with seconds per model step at the expected "till t" draw, the estimate for 1000 and the speed-up;
 4. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
    25 ``netfive`` concepts x ``--row-images`` images generated in batches of 100 and classified by a
    ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32;
@@ -25,7 +25,7 @@ Parts, in this order, each timed on its own and recorded even when a later one f
    pipeline saved as a folder.
 
 The defaults' time, estimated from the H200 figures in docs/erasure.md: bench 1 min, compiled_chain
-about 2.7 min (most of it compiling two chain shapes), shortcuts 1 min, graph_row 1.5 min, imagenette
+about 2.7 min (most of it compiling two chain shapes), shortcuts 1.2 min, graph_row 1.5 min, imagenette
 1.3 min, sdxl_esd 1 min, evaluate 0.5 min: under 9 minutes (``--parts`` without ``shortcuts``: under 8).
 
 The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
@@ -110,7 +110,7 @@ def part_compiled_chain(device, tiny, iterations) -> dict:
 # the shortcuts of docs/erasure.md's "Each shortcut on its own", on the SD recipe; ddim_steps 25 halves the
 # recipe's 50 as the toy rows' 5 halve the toy recipe's 10
 SHORTCUTS = [("recipe", {}), ("ddim_steps_25", {"ddim_steps": 25}), ("share_draws", {"share_draws": True}),
-             ("pool", {"xt_source": "pool"})]
+             ("batch_pi_chain", {"batch_pi_chain": True}), ("pool", {"xt_source": "pool"})]
 
 
 def part_shortcuts(device, tiny, iterations) -> dict:
@@ -139,18 +139,25 @@ def seconds_per_chain_step(runs: list[list[dict]]) -> float | None:
     return num / den if den else None
 
 
-def chain_kind(options: dict) -> tuple[bool, bool]:
-    """How a row runs its chain; rows that run it alike share the cost of one chain DDIM step."""
-    return bool(options.get("compile_chain")), bool(options.get("channels_last"))
+def chain_kind(options: dict) -> tuple[bool, bool, bool]:
+    """How a row runs its chain; rows that run it alike share the cost of one chain DDIM step (a batch of the
+    model step's and the pi step's chains costs more a DDIM step than the model step's alone)."""
+    return bool(options.get("compile_chain")), bool(options.get("channels_last")), bool(options.get("batch_pi_chain"))
+
+
+def expected_longest(chains: int, ddim_steps: int) -> float:
+    """The expected DDIM steps of a batch of chains: the largest of ``chains`` draws n ~ U{0..ddim_steps-1}."""
+    return sum(1 - ((j + 1) / ddim_steps) ** chains for j in range(ddim_steps))
 
 
 def timed_rows(device, tiny, iterations, settings: list[tuple[str, dict]], baseline: str) -> dict:
     """Each setting's AGE iteration, timed in one run, with its seconds per model step at the expected draw.
 
-    A step's time grows with the "till t" DDIM steps it draws (n ~ U{0..ddim_steps-1} per chain), so a
-    few steps are a noisy sample. Each row therefore gives its time at the expected draw: the measured
-    steady mean plus b x (expected - drawn DDIM steps per step), b being the seconds of one chain DDIM step
-    fitted on the steps of every row that runs its chain the same way (eager, channels-last or compiled)."""
+    A step's time grows with the "till t" DDIM steps it draws (n ~ U{0..ddim_steps-1} per chain; a batch of
+    chains runs as many as its longest), so a few steps are a noisy sample. Each row therefore gives its time
+    at the expected draw: the measured steady mean plus b x (expected - drawn DDIM steps per step), b being
+    the seconds of one chain DDIM step fitted on the steps of every row that runs its chain the same way
+    (eager, channels-last or compiled; alone or batched with the pi step's)."""
     bundle = bundle_for(device, tiny)
     precision = "bf16" if device.type == "cuda" else "fp32"
     measured = {}
@@ -172,7 +179,8 @@ def at_expected_draw(measured: dict[str, tuple[dict, dict, float]], baseline: st
         steps, slope = info["steps"], slopes[chain_kind(options)]
         steady = statistics.mean(steady_seconds(s) for s in steps)
         drawn = statistics.mean(s["chain_ddim_steps"] for s in steps)
-        expected = statistics.mean(s["chains"] for s in steps) * (info["ddim_steps"] - 1) / 2
+        expected = statistics.mean(sum(expected_longest(k, info["ddim_steps"]) for k in s["chain_batches"])
+                                   for s in steps)
         per_model_step = 2 * (steady + slope * (expected - drawn) if slope is not None else steady)
         row = {"options": options, "s_per_model_step_measured": 2 * steady,
                "chain_ddim_steps_per_iter": drawn, "expected_chain_ddim_steps_per_iter": expected,

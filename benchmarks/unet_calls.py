@@ -8,8 +8,9 @@ A forward pre-hook on the UNet counts every call, frozen ones included (``functi
 deep copy of the UNet run the same hooks). A call is in the chain when it comes from a guided DDIM step
 of the erasure loop. "Trajectories per chain call" is a chain call's batch over CFG's 2 x the config's
 batch: 2 when the erased concept's and the target's chains advance in one batched call, 1 when they run
-one after the other. "Sequential chains" counts the chains that start from z_T one after another in a
-step (a chain starts at the schedule's first timestep).
+one after the other, 3 while the π step's chain runs beside them (``batch_pi_chain``). "Sequential
+chains" counts the chains that start from z_T one after another in a step (a chain starts at the schedule's
+first timestep).
 """
 
 from __future__ import annotations
@@ -135,10 +136,13 @@ def measure(device: torch.device, model_steps: int) -> list[dict]:
     toy = load_bundle("toy", device=device)
     rows = engine_rows("toy", toy, "toy", "red circle", model_steps)
     rows += engine_rows("toy-fast", toy, "toy-fast", "red circle", model_steps)
+    rows += engine_rows("toy, batch_pi_chain", toy, "toy", "red circle", model_steps, batch_pi_chain=True)
     tiny_sd = bundle_for(device, tiny=True)
     candidates = [f"candidate {i}" for i in range(20)]
     rows += engine_rows("imagenette, tiny SD", tiny_sd, "imagenette", "garbage truck", model_steps,
                         candidates=candidates, k_closest=20, num_centers=20, requires_gpu=False)
+    rows += engine_rows("imagenette, tiny SD, batch_pi_chain", tiny_sd, "imagenette", "garbage truck", model_steps,
+                        candidates=candidates, k_closest=20, num_centers=20, requires_gpu=False, batch_pi_chain=True)
     rows.append(reference_row(tiny_sd, model_steps))
     return rows
 

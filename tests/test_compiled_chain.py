@@ -131,7 +131,7 @@ def test_a_checkpoint_resumes_under_other_execution_options(sd_bundle, tmp_path,
 def test_the_erased_concept_and_the_target_advance_in_one_batched_call_per_ddim_step(monkeypatch, one_thread):
     """The UNet call counter (benchmarks/unet_calls.py): an AGE model step runs one chain whose every DDIM
     step is one UNet call for both trajectories (and CFG), where the reference-style loop runs two chains
-    one after the other."""
+    one after the other; with batch_pi_chain the π step's chain joins that call and the π step runs none."""
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -147,6 +147,12 @@ def test_the_erased_concept_and_the_target_advance_in_one_batched_call_per_ddim_
         assert pi["chain_batches"] in ([2 * batch], [])  # the target's chain only (empty if it drew t = T)
         assert pi["other_calls"] == 2 and pi["other_batches"] == [batch]
     assert rows["toy-fast", "π step"]["chain_calls"] == 0  # share_draws: no chain of its own
+    for setting, batch in (("toy, batch_pi_chain", 4), ("imagenette, tiny SD, batch_pi_chain", 1)):
+        model, pi = rows[setting, "model step"], rows[setting, "π step"]
+        # the π step's chain (1 trajectory) runs beside the model step's (2) while both last, then the longer alone
+        assert model["sequential_chains"] == 1 and model["chain_calls_per_ddim_step"] == 1
+        assert set(model["trajectories_per_chain_call"]) <= {1, 2, 3} and pi["chain_calls"] == 0
+        assert model["other_batches"] == [2 * batch, 3 * batch] and pi["other_batches"] == [batch]
     reference = rows["reference-style loop, tiny SD", "iteration"]
     assert reference["sequential_chains"] == 2 and reference["trajectories_per_chain_call"] == [1]
     assert reference["other_calls"] == 5

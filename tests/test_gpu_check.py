@@ -53,7 +53,7 @@ def gpu_check(monkeypatch):
 
 
 def _step(phase, seconds, ddim, builds=0, build_seconds=0.0):
-    return {"phase": phase, "seconds": seconds, "chains": 1, "chain_ddim_steps": ddim, "pool_builds": builds,
+    return {"phase": phase, "seconds": seconds, "chain_batches": [1], "chain_ddim_steps": ddim, "pool_builds": builds,
             "pool_build_seconds": build_seconds}
 
 
@@ -70,15 +70,18 @@ def test_the_shortcuts_part_times_each_shortcut_beside_the_recipe(gpu_check, toy
     """The part's arithmetic on the toy model (the SD UNet is what a GPU run times): each row's draws are
     counted, the π steps of share_draws draw none of their own, the pool's builds are timed apart."""
     monkeypatch.setattr(gpu_check, "bundle_for", lambda device, tiny: toy_bundle)
-    monkeypatch.setattr(gpu_check, "SHORTCUTS", [*gpu_check.SHORTCUTS[:3], ("pool", {"xt_source": "pool",
+    monkeypatch.setattr(gpu_check, "SHORTCUTS", [*gpu_check.SHORTCUTS[:4], ("pool", {"xt_source": "pool",
                                                                                       "pool_size": 2})])
     part = gpu_check.part_shortcuts(toy_bundle.device, True, 4)
     rows = part["rows"]
-    assert list(rows) == ["recipe", "ddim_steps_25", "share_draws", "pool"] and part["iterations_timed"] == 4
-    # every step of the recipe draws one chain of n ~ U{0..49} DDIM steps; share_draws only its model steps
-    assert rows["recipe"]["expected_chain_ddim_steps_per_iter"] == 24.5
-    assert rows["ddim_steps_25"]["expected_chain_ddim_steps_per_iter"] == 12.0
-    assert rows["share_draws"]["expected_chain_ddim_steps_per_iter"] == 24.5 / 2
+    assert list(rows) == ["recipe", "ddim_steps_25", "share_draws", "batch_pi_chain", "pool"]
+    assert part["iterations_timed"] == 4
+    # every step of the recipe draws one chain of n ~ U{0..49} DDIM steps; share_draws only its model steps;
+    # batch_pi_chain runs each model step's chains and its pi step's in one batch: the longer of two draws
+    assert rows["recipe"]["expected_chain_ddim_steps_per_iter"] == pytest.approx(24.5)
+    assert rows["ddim_steps_25"]["expected_chain_ddim_steps_per_iter"] == pytest.approx(12.0)
+    assert rows["share_draws"]["expected_chain_ddim_steps_per_iter"] == pytest.approx(24.5 / 2)
+    assert rows["batch_pi_chain"]["expected_chain_ddim_steps_per_iter"] == pytest.approx((50 - 51 * 101 / 300) / 2)
     assert 0 <= rows["ddim_steps_25"]["chain_ddim_steps_per_iter"] <= 24
     assert rows["pool"]["chain_ddim_steps_per_iter"] == 0 and rows["pool"]["s_per_pool_build"] > 0
     assert rows["pool"]["estimate_1000_model_steps_every_pool_min"] > rows["pool"]["estimate_1000_model_steps_min"]
@@ -116,7 +119,7 @@ def test_rows_that_run_the_chain_alike_share_its_fitted_cost(gpu_check):
 def test_the_compiled_chain_part_has_its_four_rows_against_the_eager_one(gpu_check, monkeypatch):
     """The part's rows and arithmetic, engine_seconds stubbed (the compiled chain itself is checked against
     the eager one in tests/test_compiled_chain.py; compiling the tiny UNet takes minutes on a CPU)."""
-    cost = {(False, False): 0.1, (False, True): 0.12, (True, False): 0.02}
+    cost = {(False, False, False): 0.1, (False, True, False): 0.12, (True, False, False): 0.02}
 
     def fake_engine_seconds(bundle, iterations, precision, **options):
         _, info, _ = _measured(options, cost[gpu_check.chain_kind(options)], (5, 30, 12),

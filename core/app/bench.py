@@ -159,7 +159,8 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
 def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candidates: int = 100,
                    work_dir: Path | None = None, **overrides) -> tuple[float, dict]:
     """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise). The info dict also holds
-    each timed step's phase, seconds, "sample till t" DDIM steps (a step's time grows with its draw) and,
+    each timed step's phase, seconds, "sample till t" DDIM steps (a step's time grows with its draw; chains
+    batched together count their longest), the chains in each batch and,
     in pool mode, the seconds of the frozen pools it built (one per prompt, the first time it is drawn). The
     first two steps and the step of each phase's first "till t" chain (where a compiled chain compiles) are
     warm-up, not timed."""
@@ -178,7 +179,8 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
                          precision=precision, k_closest=candidates, num_centers=candidates,
                          loss_space=overrides.pop("loss_space", "x0"), **overrides)
     steps: list[dict] = []  # the timed steps
-    drawn: list[int] = []  # the current step's "till t" DDIM steps, one entry per chain
+    drawn: list[int] = []  # the current step's "till t" DDIM steps, one entry per batch of chains (its longest)
+    batched: list[int] = []  # the current step's chains per batch
     built: list[float] = []  # the current step's pool builds, seconds each
     chained: set[str] = set()  # the phases whose chain has run: a compiled chain compiles on its first call
     last = [time.perf_counter()]
@@ -191,19 +193,21 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
             chained.add(report.phase)
         if report.step > 2 and not first_chain:  # warm-up: the first two steps and each phase's first chain
             steps.append({"step": report.step, "phase": report.phase, "seconds": now - last[0],
-                          "chains": len(drawn), "chain_ddim_steps": sum(drawn), "pool_builds": len(built),
+                          "chain_batches": list(batched), "chain_ddim_steps": sum(drawn), "pool_builds": len(built),
                           "pool_build_seconds": sum(built)})
         drawn.clear()
+        batched.clear()
         built.clear()
         last[0] = now
 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         run = AGERun(bundle, config, tmp, callbacks=[clock])
-        sample_till = run.sample_till
+        sample_till_each = run.sample_till_each  # every chain runs through it
 
-        def counted_sample_till(conds, n_steps):
-            drawn.append(n_steps)
-            return sample_till(conds, n_steps)
+        def counted_sample_till_each(chains):
+            drawn.append(max(n for _, n in chains))  # the batch's UNet calls: its longest chain's steps
+            batched.append(len(chains))
+            return sample_till_each(chains)
 
         pool_latents = run.pool_latents
 
@@ -217,7 +221,7 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
                 built.append(time.perf_counter() - started)
             return out
 
-        run.sample_till, run.pool_latents = counted_sample_till, timed_pool_latents
+        run.sample_till_each, run.pool_latents = counted_sample_till_each, timed_pool_latents
         if bundle.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(bundle.device)
