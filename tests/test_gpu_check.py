@@ -116,25 +116,35 @@ def test_rows_that_run_the_chain_alike_share_its_fitted_cost(gpu_check):
     assert rows["eager"]["speedup"] == 1.0
 
 
-def test_the_compiled_chain_part_has_its_four_rows_against_the_eager_one(gpu_check, monkeypatch):
+def test_the_compiled_chain_part_has_its_five_rows_against_the_eager_one(gpu_check, monkeypatch):
     """The part's rows and arithmetic, engine_seconds stubbed (the compiled chain itself is checked against
     the eager one in tests/test_compiled_chain.py; compiling the tiny UNet takes minutes on a CPU)."""
-    cost = {(False, False, False): 0.1, (False, True, False): 0.12, (True, False, False): 0.02}
+    cost = {(False, False, False): 0.1, (False, True, False): 0.12, (True, False, False): 0.02,
+            (True, False, True): 0.03}
 
     def fake_engine_seconds(bundle, iterations, precision, **options):
-        _, info, _ = _measured(options, cost[gpu_check.chain_kind(options)], (5, 30, 12),
-                               ddim_steps=options.get("ddim_steps", 50))
+        slope, ddim_steps = cost[gpu_check.chain_kind(options)], options.get("ddim_steps", 50)
+        _, info, _ = _measured(options, slope, (5, 30, 12), ddim_steps=ddim_steps)
+        if options.get("batch_pi_chain"):  # a model step runs its chains and its pi step's; the pi step none
+            info["steps"] = [{**_step("theta", 1.0 + slope * n, n), "chain_batches": [2]} for n in (5, 20, 12)] + [
+                {**_step("pi", 1.0, 0), "chain_batches": []} for _ in range(3)]
         return None, info
 
     monkeypatch.setattr(gpu_check, "bundle_for", lambda device, tiny: None)
     monkeypatch.setattr(gpu_check, "engine_seconds", fake_engine_seconds)
     part = gpu_check.part_compiled_chain(gpu_check.torch.device("cpu"), True, 6)
     rows = part["rows"]
-    assert list(rows) == ["eager", "eager_channels_last", "compiled", "compiled_ddim_steps_25"]
+    assert list(rows) == ["eager", "eager_channels_last", "compiled", "compiled_ddim_steps_25",
+                          "compiled_ddim_steps_25_batch_pi_chain"]
     assert part["precision"] == "fp32" and part["iterations_timed"] == 6
     assert rows["compiled_ddim_steps_25"]["options"] == {"compile_chain": True, "ddim_steps": 25}
     assert rows["compiled_ddim_steps_25"]["speedup"] == pytest.approx(6.9 / (2 * (1.0 + 0.02 * 12)))
     assert rows["eager_channels_last"]["speedup"] == pytest.approx(6.9 / (2 * (1.0 + 0.12 * 24.5)))
+    # the longer of two draws on 25 steps, once per model/pi pair: 25 - 26 x 51 / 150 DDIM steps
+    batched = rows["compiled_ddim_steps_25_batch_pi_chain"]
+    assert batched["s_per_chain_ddim_step"] == pytest.approx(0.03)
+    assert batched["expected_chain_ddim_steps_per_iter"] == pytest.approx((25 - 26 * 51 / 150) / 2)
+    assert batched["s_per_model_step"] == pytest.approx(2 * (1.0 + 0.03 * (25 - 26 * 51 / 150) / 2))
 
 
 def test_each_phases_first_chain_is_warm_up(toy_bundle, monkeypatch, one_thread):
