@@ -165,6 +165,8 @@ def sd_exports(tiny_sd_dir, tmp_path_factory):
         runs[method] = (run_dir, folder, lora)
     out = work / "plain.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # our thread count: on some CPUs a matmul split over another number of threads rounds differently
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     exports = [str(e) for _, folder, lora in runs.values() for e in (folder, f"lora={lora}")]
     done = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), str(tiny_sd_dir), *exports],
                           env=env, cwd=work, capture_output=True, text=True, timeout=900)

@@ -62,9 +62,10 @@ def test_prompts_sharing_seeds_share_the_first_unconditional_prediction(toy_bund
     monkeypatch.setattr(sampling, "guided_ddim_step", lambda *a, copies=None, **k: (
         batch_sizes.append(len(a[2]) + (len(copies[0]) if copies else len(a[2]))), real(*a, copies=copies, **k))[1])
     together = generate(toy_bundle, prompts, seeds, steps=4)
-    # one batch of 6 images: 2 + 6 predictions at the first step instead of 12, the same images
+    # one batch of 6 images: 2 + 6 predictions at the first step instead of 12, the same images (within
+    # float rounding: on some CPUs a batch of another size takes another matmul kernel; 1.3e-6 measured)
     assert batch_sizes == [8, 12, 12, 12]
-    assert torch.equal(together, alone)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
     assert sampling.seed_copies([3, 4, 3, 4]) == ([0, 1], [0, 1, 0, 1]) and sampling.seed_copies([1, 2]) is None
 
 
