@@ -100,7 +100,8 @@ def part_bench(device, tiny, iterations) -> dict:
 # together: the candidates for the 10-minute target with an equivalent shortcut
 CHAIN_ROWS = [("eager", {}), ("eager_channels_last", {"channels_last": True}), ("compiled", {"compile_chain": True}),
               ("compiled_ddim_steps_25", {"compile_chain": True, "ddim_steps": 25}),
-              ("compiled_ddim_steps_25_batch_pi_chain", {"compile_chain": True, "ddim_steps": 25, "batch_pi_chain": True})]
+              ("compiled_ddim_steps_25_batch_pi_chain",
+               {"compile_chain": True, "ddim_steps": 25, "batch_pi_chain": True})]
 
 
 def part_compiled_chain(device, tiny, iterations) -> dict:
