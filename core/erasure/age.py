@@ -280,7 +280,7 @@ class AGERun(FineTuneRun):
     def step(self, i: int) -> StepReport:
         cfg = self.cfg
         model_step = self.is_model_step(i)
-        if not model_step and not self.neighbourhood_chosen and self._past_damage_stage(i):
+        if not model_step and self._switches_neighbourhood_at(i):
             self._choose_neighbourhood()
         shared, self.shared = (None if model_step else self.shared), None
         k = self.randint(len(cfg.concepts)) if shared is None else shared["k"]
@@ -321,7 +321,7 @@ class AGERun(FineTuneRun):
         resets pi (the two-stage search's switch)."""
         if i >= self.total_steps or self.is_model_step(i) or self.pi_frozen:
             return None
-        if not self.neighbourhood_chosen and self._past_damage_stage(i):
+        if self._switches_neighbourhood_at(i):
             return None
         if self._damage_pi_steps():
             return ["z_e"]
@@ -374,6 +374,10 @@ class AGERun(FineTuneRun):
 
     def _past_damage_stage(self, i: int) -> bool:
         return i >= round(self.cfg.damage_stage_fraction * self.total_steps)
+
+    def _switches_neighbourhood_at(self, i: int) -> bool:
+        """Whether a pi step at ``i`` first resets pi to the damage stage's neighbourhood (two-stage search)."""
+        return not self.neighbourhood_chosen and self._past_damage_stage(i)
 
     def _choose_neighbourhood(self) -> None:
         """Two-stage search: keep the candidates the damage stage ranked highest, with pi uniform over
