@@ -132,8 +132,14 @@ def steady_seconds(step: dict) -> float:
 
 def seconds_per_chain_step(runs: list[list[dict]]) -> float | None:
     """The slope of a step's steady seconds on its "till t" DDIM steps, within each run and phase (whose
-    fixed costs differ), pooled: the cost of one chain DDIM step. None when no draw varied."""
+    fixed costs differ), pooled: the cost of one chain DDIM step. None when no draw varied.
+
+    The fit is least squares with the slope and every run's and phase's fixed cost kept non-negative: a few
+    noisy steps of a fast model can otherwise give a slope that brings a row to a negative time at its
+    expected draw. With the fixed costs profiled out the problem is one-dimensional, so the constrained
+    slope is the unconstrained one clipped to [0, the smallest mean seconds / mean DDIM steps of a group]."""
     num = den = 0.0
+    ceiling = float("inf")
     for steps in runs:
         for phase in {s["phase"] for s in steps}:
             group = [s for s in steps if s["phase"] == phase]
@@ -141,7 +147,9 @@ def seconds_per_chain_step(runs: list[list[dict]]) -> float | None:
             t_mean = statistics.mean(steady_seconds(s) for s in group)
             num += sum((s["chain_ddim_steps"] - n_mean) * (steady_seconds(s) - t_mean) for s in group)
             den += sum((s["chain_ddim_steps"] - n_mean) ** 2 for s in group)
-    return num / den if den else None
+            if n_mean > 0:
+                ceiling = min(ceiling, max(t_mean, 0.0) / n_mean)
+    return min(max(num / den, 0.0), ceiling) if den else None
 
 
 def chain_kind(options: dict) -> tuple[bool, bool, bool]:
@@ -161,8 +169,9 @@ def timed_rows(device, tiny, iterations, settings: list[tuple[str, dict]], basel
     A step's time grows with the "till t" DDIM steps it draws (n ~ U{0..ddim_steps-1} per chain; a batch of
     chains runs as many as its longest), so a few steps are a noisy sample. Each row therefore gives its time
     at the expected draw: the measured steady mean plus b x (expected - drawn DDIM steps per step), b being
-    the seconds of one chain DDIM step fitted on the steps of every row that runs its chain the same way
-    (eager, channels-last or compiled; alone or batched with the pi step's)."""
+    the seconds of one chain DDIM step fitted (non-negative, see seconds_per_chain_step) on the steps of every
+    row that runs its chain the same way (eager, channels-last or compiled; alone or batched with the pi
+    step's)."""
     bundle = bundle_for(device, tiny)
     precision = "bf16" if device.type == "cuda" else "fp32"
     measured = {}

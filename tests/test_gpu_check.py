@@ -66,6 +66,18 @@ def test_the_chain_step_cost_is_fitted_within_each_run_and_phase(gpu_check):
     assert gpu_check.seconds_per_chain_step([[_step("theta", 1.0, 4), _step("theta", 1.3, 4)]]) is None
 
 
+def test_the_chain_step_cost_keeps_noisy_rows_at_a_positive_time(gpu_check):
+    """A few noisy steps of a fast model: a falling fit is taken as no cost a DDIM step, and a fit so steep that
+    the fixed cost would be negative is clipped to where it is zero, so no row is brought below 0 s."""
+    falling = [_step("theta", 1.0, 2), _step("theta", 0.1, 4)]
+    assert gpu_check.seconds_per_chain_step([falling]) == 0.0
+    steep = [_step("theta", 0.1, 2), _step("theta", 1.0, 4)]  # least squares: 0.45 s a step, -0.8 s fixed
+    assert gpu_check.seconds_per_chain_step([steep]) == pytest.approx(0.55 / 3)
+    info = {"steps": steep, "ddim_steps": 50, "peak_gib": None, "candidates": 100}
+    row = gpu_check.at_expected_draw({"recipe": ({}, info, 1.0)}, baseline="recipe")["recipe"]
+    assert row["s_per_model_step"] == pytest.approx(2 * 0.55 / 3 * 24.5)
+
+
 def test_the_shortcuts_part_times_each_shortcut_beside_the_recipe(gpu_check, toy_bundle, monkeypatch, one_thread):
     """The part's arithmetic on the toy model (the SD UNet is what a GPU run times): each row's draws are
     counted, the π steps of share_draws draw none of their own, the pool's builds are timed apart."""
