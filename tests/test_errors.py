@@ -39,7 +39,8 @@ def test_huge_seed_ranges_are_refused_at_once_without_memory(text, limit):
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert seconds < 0.1 and peak < 100_000
+    # generous: counting through a billion seeds takes tens of seconds; a loaded machine must not fail a refusal
+    assert seconds < 2.0 and peak < 100_000
 
 
 def test_seed_limit_allows_exactly_the_limit():
