@@ -1,7 +1,7 @@
 """The GPU check: the figures docs/erasure.md reports for a CUDA machine, on random weights of the SD-1.4
 architecture (nothing to download), written to one JSON as they come.
 
-    python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, about 9.5 minutes (estimate)
+    python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, within 8 minutes (below)
     python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
 
 Parts, in this order, each timed on its own and recorded even when a later one fails:
@@ -18,18 +18,21 @@ Parts, in this order, each timed on its own and recorded even when a later one f
 4. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
    25 ``netfive`` concepts x ``--row-images`` images generated in batches of 100 and classified by a
    ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32;
-5. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
+5. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
+6. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
    model steps (and as many pi steps), with wall time, seconds per model step, the estimate for the
    recipe's 1000 and the peak GPU memory;
-6. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
 7. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
    pipeline saved as a folder.
 
-The defaults' time, estimated from the H200 figures in docs/erasure.md: bench 1 min, compiled_chain
-about 3.2 min (most of it compiling three chain shapes), shortcuts 1.2 min, graph_row 1.5 min, imagenette
-1.3 min, sdxl_esd 1 min, evaluate 0.5 min: about 9.5 minutes. Each part is written as it ends, so a run
-stopped at a 10-minute limit keeps every part that finished; ``--parts`` without ``shortcuts`` and
-``sdxl_esd``: about 7.5 minutes.
+Each part's time at the default sizes, estimated from the H200 figures in docs/erasure.md (``PART_MINUTES``):
+bench 1 min, compiled_chain about 3.2 min (most of it compiling the chain's shapes), shortcuts 1.2 min,
+graph_row 1.5 min, sdxl_esd 1 min, imagenette 1.3 min, evaluate 0.5 min: about 9.7 minutes for all seven.
+The run keeps to a budget (``--budget-min``, 8 on a GPU, none with ``--tiny``): a part whose estimate no
+longer fits in what is left is recorded as skipped, with the reason, and not started. By the estimates the
+first four take 6.9 min; sdxl_esd runs when they and the start-up leave it its minute, and imagenette and
+evaluate only when the parts before them ran faster than estimated. Each part is written as it ends, so a
+run stopped at a time limit keeps every part that finished.
 
 The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
 (``age_explorer.core.app.random_pipelines``).
@@ -336,7 +339,21 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
             "metrics": result.results["metrics"], "unavailable": result.results["unavailable"]}
 
 
-PARTS = ("bench", "compiled_chain", "shortcuts", "graph_row", "imagenette", "sdxl_esd", "evaluate")
+PARTS = ("bench", "compiled_chain", "shortcuts", "graph_row", "sdxl_esd", "imagenette", "evaluate")
+# each part at the default sizes on an H100/H200-class GPU (estimated from the H200 figures): the budget's plan
+PART_MINUTES = {"bench": 1.0, "compiled_chain": 3.2, "shortcuts": 1.2, "graph_row": 1.5, "sdxl_esd": 1.0,
+                "imagenette": 1.3, "evaluate": 0.5}
+
+
+def over_budget(part: str, elapsed_s: float, budget_min: float | None) -> str | None:
+    """Why ``part`` is not started (its estimate does not fit in what is left of the budget), or None."""
+    if budget_min is None:
+        return None
+    left = budget_min - elapsed_s / 60
+    if PART_MINUTES[part] > left:
+        return (f"skipped: its estimate, {PART_MINUTES[part]:.1f} min, does not fit in the {left:.1f} min left of "
+                f"the {budget_min:g} min budget (--budget-min)")
+    return None
 
 
 def main() -> int:
@@ -354,14 +371,27 @@ def main() -> int:
     parser.add_argument("--sdxl-iterations", type=int, default=4)
     parser.add_argument("--eval-images", type=int, default=8)
     parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="skip the parts whose estimate no longer fits (default: 8 on a GPU, none with --tiny)")
     args = parser.parse_args()
+    budget_min = args.budget_min if args.budget_min is not None else (None if args.tiny else 8.0)
+    if budget_min is not None and budget_min <= 0:
+        parser.error(f"--budget-min must be positive, got {budget_min:g}")
+    script_started = time.perf_counter()
     device = resolve_device(args.device)
     out = Path(args.out)
     figures = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-               "torch": torch.__version__, "python": sys.version.split()[0], "tiny": args.tiny, "parts": {}}
+               "torch": torch.__version__, "python": sys.version.split()[0], "tiny": args.tiny,
+               "budget_min": budget_min, "parts": {}}
 
     def record(name, fn):
         started = time.perf_counter()
+        skipped = over_budget(name, started - script_started, budget_min)
+        if skipped:
+            figures["parts"][name] = {"skipped": skipped}
+            out.write_text(json.dumps(figures, indent=2, default=str))
+            print(f"[gpu_check] {name}: {skipped}", flush=True)
+            return
         print(f"[gpu_check] {name} ...", flush=True)
         try:
             figures["parts"][name] = fn()
@@ -389,10 +419,10 @@ def main() -> int:
         if "graph_row" in parts:
             record("graph_row", lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
                                                        work))
-        if "imagenette" in parts:
-            record("imagenette", lambda: part_imagenette(device, args.tiny, args.age_iterations, work))
         if "sdxl_esd" in parts:
             record("sdxl_esd", lambda: part_sdxl_esd(device, args.tiny, args.sdxl_iterations, work))
+        if "imagenette" in parts:
+            record("imagenette", lambda: part_imagenette(device, args.tiny, args.age_iterations, work))
         if "evaluate" in parts:
             record("evaluate", lambda: part_evaluate(device, args.tiny, args.eval_images, work))
     return 0

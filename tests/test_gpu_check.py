@@ -27,6 +27,33 @@ def test_an_unknown_part_is_refused(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
+def test_parts_that_no_longer_fit_the_budget_are_recorded_as_skipped(tmp_path):
+    """A budget too small for any part: nothing is started, each part says why in the JSON, and the run ends
+    normally; a budget of 0 is refused in one line."""
+    out = tmp_path / "g.json"
+    done = _run("--tiny", "--device", "cpu", "--parts", "graph_row,evaluate", "--budget-min", "0.001",
+                "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["budget_min"] == 0.001 and list(figures["parts"]) == ["graph_row", "evaluate"]
+    for name, estimate in (("graph_row", "1.5"), ("evaluate", "0.5")):
+        assert set(figures["parts"][name]) == {"skipped"}  # not started: no figures, no wall time
+        assert figures["parts"][name]["skipped"].startswith(f"skipped: its estimate, {estimate} min, does not fit")
+    refused = _run("--tiny", "--device", "cpu", "--budget-min", "0", "--out", str(tmp_path / "h.json"), timeout=300)
+    assert refused.returncode == 2 and "--budget-min must be positive" in refused.stderr
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_the_default_budget_plans_the_first_five_parts_of_a_gpu_run(gpu_check):
+    """By the estimates, 8 minutes hold the first four parts and sdxl_esd with a little start-up; a part is
+    started only while its estimate fits in what is left."""
+    assert tuple(gpu_check.PART_MINUTES) == gpu_check.PARTS
+    assert sum(gpu_check.PART_MINUTES[p] for p in gpu_check.PARTS[:5]) <= 8.0
+    assert gpu_check.over_budget("sdxl_esd", 6.9 * 60, 8.0) is None
+    assert "does not fit in the 0.8 min left of the 8 min budget" in gpu_check.over_budget("sdxl_esd", 7.2 * 60, 8.0)
+    assert gpu_check.over_budget("imagenette", 0.0, None) is None
+
+
 @pytest.mark.slow
 def test_the_graph_row_part_on_cpu(tmp_path):
     """The graph row part end to end. The compiled_chain part is left out here: on a cold compiler cache
