@@ -1,6 +1,9 @@
 """The method registry and the backend registry: what the CLI, the explorer and the manifest read."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,19 @@ def test_the_documented_plugin_example_registers_and_runs(tiny_sd_dir, tmp_path)
             make_config("esd-plain", None, concepts=["x"], lam=1.0)
     finally:
         METHODS.pop("esd-plain", None)
+
+
+def test_the_toy_model_loads_whatever_backend_module_was_imported_first():
+    """Stable Diffusion's backend claims any Hub id, "toy" included, so the built-in backends claim in their
+    fixed order: a process that imports the SDXL backend (and with it SD's) first still loads the toy world."""
+    code = ("import age_explorer.core.backends.stable_diffusion_xl\n"
+            "from age_explorer.core.backends import backends\n"
+            "from age_explorer.core.bundle import load_bundle\n"
+            "print(list(backends()), load_bundle('toy', device='cpu').backend.name)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['toy',", "'stable-diffusion',", "'stable-diffusion-xl']", "toy"]
 
 
 def test_backends_say_what_each_model_family_offers(toy_bundle, tiny_sd_dir):

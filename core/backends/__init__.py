@@ -175,9 +175,16 @@ def register_backend(backend: type[Backend]) -> type[Backend]:
 
 
 def backends() -> dict[str, type[Backend]]:
+    """The registered backends in the order they claim models: other backends first (by registration), then
+    the built-in ones in ``_BUILT_IN``'s order, whatever order their modules were imported in (Stable
+    Diffusion's claims any Hub id, so the toy world's must come first even when SDXL's module is imported
+    before it)."""
     for module in _BUILT_IN:
         importlib.import_module(module)
-    return dict(_REGISTRY)
+    built_in = sorted((b for b in _REGISTRY.values() if b.__module__ in _BUILT_IN),
+                      key=lambda b: _BUILT_IN.index(b.__module__))
+    others = [b for b in _REGISTRY.values() if b.__module__ not in _BUILT_IN]
+    return {b.name: b for b in others + built_in}
 
 
 def get_backend(name: str) -> type[Backend]:
