@@ -2,9 +2,10 @@
 architecture (nothing to download), written to one JSON as they come.
 
     python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, within 8 minutes (below)
+    python benchmarks/gpu_check.py --parts sdxl_esd,imagenette --out gpu_check_2.json   # the parts it skips
     python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
 
-Parts, in this order, each timed on its own and recorded even when a later one fails:
+Parts, in this order (the issue's figures first), each timed on its own and recorded even when a later one fails:
 1. ``bench``: the engine's AGE iteration against the reference-style loop (fp32, TF32, bf16), side by side;
 2. ``compiled_chain``: the engine's AGE iteration (bf16 on a GPU) with the eager "sample till t" chain, the
    eager chain on a channels-last UNet, the compiled chain (``compile_chain``: CUDA graphs on a GPU), the
@@ -12,27 +13,28 @@ Parts, in this order, each timed on its own and recorded even when a later one f
    toy rows pass the equivalence tests), with seconds per model step at the expected "till t" draw, the
    estimate for 1000, peak memory, the speed-up over the eager row and each row's wall time (the first
    compiled row's includes the compilation);
-3. ``shortcuts``: the same eager iteration with each shortcut of docs/erasure.md ("Each shortcut on its
-   own": ``ddim_steps`` 25, ``share_draws``, ``batch_pi_chain``, ``xt_source`` pool) beside the unchanged
-   recipe, with seconds per model step at the expected "till t" draw, the estimate for 1000 and the speed-up;
-4. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
+3. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
    25 ``netfive`` concepts x ``--row-images`` images generated in batches of 100 and classified by a
    ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32;
-5. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights;
+4. ``shortcuts``: the same eager iteration with each shortcut of docs/erasure.md ("Each shortcut on its
+   own": ``ddim_steps`` 25, ``share_draws``, ``batch_pi_chain``, ``xt_source`` pool) beside the unchanged
+   recipe, with seconds per model step at the expected "till t" draw, the estimate for 1000 and the speed-up;
+5. ``sdxl_esd``: an ESD erasure (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights, with
+   the eager chain (before) and the compiled one (after), seconds an iteration at the expected draw;
 6. ``imagenette``: the paper's AGE recipe (preset ``imagenette``) as a whole erasure for ``--age-iterations``
    model steps (and as many pi steps), with wall time, seconds per model step, the estimate for the
    recipe's 1000 and the peak GPU memory;
-7. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random SD-1.4-architecture
-   pipeline saved as a folder.
+7. ``evaluate``: ``evaluate`` (NudeNet nudity, CLIP score) on a handful of images of a random
+   SD-1.4-architecture pipeline saved as a folder.
 
 Each part's time at the default sizes, estimated from the H200 figures in docs/erasure.md (``PART_MINUTES``):
-bench 1 min, compiled_chain about 3.2 min (most of it compiling the chain's shapes), shortcuts 1.2 min,
-graph_row 1.5 min, sdxl_esd 1 min, imagenette 1.3 min, evaluate 0.5 min: about 9.7 minutes for all seven.
-The run keeps to a budget (``--budget-min``, 8 on a GPU, none with ``--tiny``): a part whose estimate no
-longer fits in what is left is recorded as skipped, with the reason, and not started. By the estimates the
-first four take 6.9 min; sdxl_esd runs when they and the start-up leave it its minute, and imagenette and
-evaluate only when the parts before them ran faster than estimated. Each part is written as it ends, so a
-run stopped at a time limit keeps every part that finished.
+bench 1 min, compiled_chain about 3.2 min (most of it compiling the chain's shapes), graph_row 1.5 min,
+shortcuts 1.2 min, sdxl_esd about 3 min (most of it compiling SDXL's chain), imagenette 1.3 min, evaluate
+0.5 min: about 11.7 minutes for all seven. The run keeps to a budget (``--budget-min``, 8 on a GPU, none with
+``--tiny``): a part whose estimate no longer fits in what is left is recorded as skipped, with the reason, and
+not started. By the estimates the first four take 6.9 min and, of the rest, only evaluate fits; a second
+call, ``--parts sdxl_esd,imagenette``, takes the other two (about 4.3 min). Each part is written as it ends, so
+a run stopped at a time limit keeps every part that finished.
 
 The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
 (``age_explorer.core.app.random_pipelines``).
@@ -53,7 +55,8 @@ from pathlib import Path
 
 import torch
 
-from age_explorer.core.app.bench import SD14_UNET, engine_seconds, random_sd14_bundle, reference_style_seconds
+from age_explorer.core.app.bench import (SD14_UNET, engine_seconds, esd_seconds, random_sd14_bundle,
+                                         reference_style_seconds)
 from age_explorer.core.app.random_pipelines import SD_VAE, SDXL_UNET, random_sd14_pipeline, random_sdxl_pipeline
 from age_explorer.core.device import resolve_device
 
@@ -186,8 +189,10 @@ def timed_rows(device, tiny, iterations, settings: list[tuple[str, dict]], basel
             "rows": at_expected_draw(measured, baseline)}
 
 
-def at_expected_draw(measured: dict[str, tuple[dict, dict, float]], baseline: str) -> dict[str, dict]:
-    """Rows of (options, engine_seconds info, wall seconds) brought to the expected "till t" draw."""
+def at_expected_draw(measured: dict[str, tuple[dict, dict, float]], baseline: str,
+                     steps_per_model_step: int = 2) -> dict[str, dict]:
+    """Rows of (options, engine_seconds or esd_seconds info, wall seconds) brought to the expected "till t"
+    draw. ``steps_per_model_step``: AGE's model step comes with a pi step (2); an ESD iteration is one step."""
     slopes = {kind: seconds_per_chain_step([info["steps"] for options, info, _ in measured.values()
                                             if chain_kind(options) == kind])
               for kind in {chain_kind(options) for options, _, _ in measured.values()}}
@@ -198,8 +203,8 @@ def at_expected_draw(measured: dict[str, tuple[dict, dict, float]], baseline: st
         drawn = statistics.mean(s["chain_ddim_steps"] for s in steps)
         expected = statistics.mean(sum(expected_longest(k, info["ddim_steps"]) for k in s["chain_batches"])
                                    for s in steps)
-        per_model_step = 2 * (steady + slope * (expected - drawn) if slope is not None else steady)
-        row = {"options": options, "s_per_model_step_measured": 2 * steady,
+        per_model_step = steps_per_model_step * (steady + slope * (expected - drawn) if slope is not None else steady)
+        row = {"options": options, "s_per_model_step_measured": steps_per_model_step * steady,
                "chain_ddim_steps_per_iter": drawn, "expected_chain_ddim_steps_per_iter": expected,
                "s_per_chain_ddim_step": slope, "s_per_model_step": per_model_step,
                "estimate_1000_model_steps_min": per_model_step * 1000 / 60, "peak_gib": info["peak_gib"],
@@ -300,24 +305,30 @@ TINY_SDXL_UNET = dict(SDXL_UNET, sample_size=8, block_out_channels=(32, 64), lay
                       attention_head_dim=(2, 4))
 
 
+# the SDXL ESD iteration before (the eager chain) and after (the compiled chain), the same recipe
+SDXL_ESD_ROWS = [("eager", {}), ("compiled", {"compile_chain": True})]
+
+
 def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
-    from age_explorer.core.erasure import PRESETS, erase, make_config
+    """ESD (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights: seconds an iteration with
+    the eager "till t" chain and with the compiled one, each at the expected draw (the first two iterations
+    are warm-up; the compiled row's wall time includes the compilation)."""
     from age_explorer.core.backends.stable_diffusion_xl import StableDiffusionXLBackend
 
     pipe = random_sdxl_pipeline(work / "sdxl", device, **(dict(unet=TINY_SDXL_UNET, vae=TINY_VAE) if tiny else {}))
     bundle = StableDiffusionXLBackend.bundle_from_pipeline(pipe, "random SDXL architecture", device, torch.float32,
                                                            None)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    config = make_config(PRESETS["sdxl-esd-x"][0], "sdxl-esd-x", concepts=["garbage truck"], iterations=iterations,
-                         precision=precision, requires_gpu=device.type == "cuda")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    result = erase(bundle, config, work / "sdxl-esd-run")
-    seconds = time.perf_counter() - started
-    return {"preset": "sdxl-esd-x", "precision": precision, "iterations": iterations, "steps_done": result.steps_done,
-            "seconds": seconds, "s_per_iter": seconds / iterations,
-            "estimate_1000_iterations_min": seconds / iterations * 1000 / 60, "peak_gib": peak_gib(device),
+    cuda = device.type == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    measured = {}
+    for name, options in SDXL_ESD_ROWS:
+        started = time.perf_counter()
+        _, info = esd_seconds(bundle, iterations, "sdxl-esd-x", work_dir=work, precision=precision,
+                              requires_gpu=cuda, **options)
+        measured[name] = (options, info, time.perf_counter() - started)
+    rows = at_expected_draw(measured, baseline="eager", steps_per_model_step=1)
+    return {"preset": "sdxl-esd-x", "precision": precision, "iterations": iterations,
+            "iterations_timed": len(measured["eager"][1]["steps"]), "rows": rows,
             "unet_parameters_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6}
 
 
@@ -339,9 +350,9 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
             "metrics": result.results["metrics"], "unavailable": result.results["unavailable"]}
 
 
-PARTS = ("bench", "compiled_chain", "shortcuts", "graph_row", "sdxl_esd", "imagenette", "evaluate")
+PARTS = ("bench", "compiled_chain", "graph_row", "shortcuts", "sdxl_esd", "imagenette", "evaluate")
 # each part at the default sizes on an H100/H200-class GPU (estimated from the H200 figures): the budget's plan
-PART_MINUTES = {"bench": 1.0, "compiled_chain": 3.2, "shortcuts": 1.2, "graph_row": 1.5, "sdxl_esd": 1.0,
+PART_MINUTES = {"bench": 1.0, "compiled_chain": 3.2, "graph_row": 1.5, "shortcuts": 1.2, "sdxl_esd": 3.0,
                 "imagenette": 1.3, "evaluate": 0.5}
 
 
@@ -368,7 +379,7 @@ def main() -> int:
     parser.add_argument("--row-images", type=int, default=4, help="images per concept of the graph row")
     parser.add_argument("--row-erase-iterations", type=int, default=10, help="esd-x steps of the graph row")
     parser.add_argument("--age-iterations", type=int, default=16, help="model steps of the imagenette run")
-    parser.add_argument("--sdxl-iterations", type=int, default=4)
+    parser.add_argument("--sdxl-iterations", type=int, default=6, help="ESD iterations per sdxl_esd row")
     parser.add_argument("--eval-images", type=int, default=8)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--budget-min", type=float, default=None,
@@ -414,11 +425,11 @@ def main() -> int:
             record("bench", lambda: part_bench(device, args.tiny, args.bench_iterations))
         if "compiled_chain" in parts:
             record("compiled_chain", lambda: part_compiled_chain(device, args.tiny, args.chain_iterations))
-        if "shortcuts" in parts:
-            record("shortcuts", lambda: part_shortcuts(device, args.tiny, args.shortcut_iterations))
         if "graph_row" in parts:
             record("graph_row", lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
                                                        work))
+        if "shortcuts" in parts:
+            record("shortcuts", lambda: part_shortcuts(device, args.tiny, args.shortcut_iterations))
         if "sdxl_esd" in parts:
             record("sdxl_esd", lambda: part_sdxl_esd(device, args.tiny, args.sdxl_iterations, work))
         if "imagenette" in parts:

@@ -44,14 +44,16 @@ def test_parts_that_no_longer_fit_the_budget_are_recorded_as_skipped(tmp_path):
     assert not (tmp_path / "h.json").exists()
 
 
-def test_the_default_budget_plans_the_first_five_parts_of_a_gpu_run(gpu_check):
-    """By the estimates, 8 minutes hold the first four parts and sdxl_esd with a little start-up; a part is
-    started only while its estimate fits in what is left."""
+def test_the_default_budget_plans_the_first_four_parts_of_a_gpu_run(gpu_check):
+    """By the estimates, 8 minutes hold the first four parts (the engine's rows and the graph row) and then
+    only evaluate; a part is started only while its estimate fits in what is left."""
     assert tuple(gpu_check.PART_MINUTES) == gpu_check.PARTS
-    assert sum(gpu_check.PART_MINUTES[p] for p in gpu_check.PARTS[:5]) <= 8.0
-    assert gpu_check.over_budget("sdxl_esd", 6.9 * 60, 8.0) is None
-    assert "does not fit in the 0.8 min left of the 8 min budget" in gpu_check.over_budget("sdxl_esd", 7.2 * 60, 8.0)
-    assert gpu_check.over_budget("imagenette", 0.0, None) is None
+    assert gpu_check.PARTS[:5] == ("bench", "compiled_chain", "graph_row", "shortcuts", "sdxl_esd")
+    assert sum(gpu_check.PART_MINUTES[p] for p in gpu_check.PARTS[:4]) == pytest.approx(6.9)
+    assert "does not fit in the 1.1 min left of the 8 min budget" in gpu_check.over_budget("sdxl_esd", 6.9 * 60, 8.0)
+    assert "imagenette" in gpu_check.PARTS and gpu_check.over_budget("imagenette", 6.9 * 60, 8.0)
+    assert gpu_check.over_budget("evaluate", 6.9 * 60, 8.0) is None
+    assert gpu_check.over_budget("sdxl_esd", 0.0, None) is None
 
 
 @pytest.mark.slow
@@ -184,6 +186,55 @@ def test_the_compiled_chain_part_has_its_five_rows_against_the_eager_one(gpu_che
     assert batched["s_per_chain_ddim_step"] == pytest.approx(0.03)
     assert batched["expected_chain_ddim_steps_per_iter"] == pytest.approx((25 - 26 * 51 / 150) / 2)
     assert batched["s_per_model_step"] == pytest.approx(2 * (1.0 + 0.03 * (25 - 26 * 51 / 150) / 2))
+
+
+def test_the_sdxl_esd_part_times_the_eager_and_the_compiled_chain_at_the_expected_draw(gpu_check, monkeypatch,
+                                                                                       tmp_path):
+    """The part's rows and arithmetic with esd_seconds stubbed: an ESD iteration is one model step, so a row
+    is its steady seconds brought to 24.5 DDIM steps, not twice that (an AGE iteration's model and pi steps)."""
+    cost = {False: 0.2, True: 0.05}
+
+    def fake_esd_seconds(bundle, iterations, preset, work_dir=None, **options):
+        assert preset == "sdxl-esd-x" and options["precision"] == "fp32" and not options["requires_gpu"]
+        slope = cost[bool(options.get("compile_chain"))]
+        steps = [_step("theta", 2.0 + slope * n, n) for n in (3, 40, 17, 9)]
+        return None, {"steps": steps, "ddim_steps": 50, "peak_gib": None}
+
+    monkeypatch.setattr(gpu_check, "esd_seconds", fake_esd_seconds)
+    monkeypatch.setattr(gpu_check, "random_sdxl_pipeline",
+                        lambda *a, **k: type("Pipe", (), {"unet": gpu_check.torch.nn.Linear(2, 2)})())
+    monkeypatch.setattr("age_explorer.core.backends.stable_diffusion_xl.StableDiffusionXLBackend.bundle_from_pipeline",
+                        lambda *a, **k: None)
+    part = gpu_check.part_sdxl_esd(gpu_check.torch.device("cpu"), True, 6, tmp_path)
+    rows = part["rows"]
+    assert list(rows) == ["eager", "compiled"] and part["iterations_timed"] == 4
+    assert rows["eager"]["s_per_model_step"] == pytest.approx(2.0 + 0.2 * 24.5)
+    assert rows["compiled"]["s_per_model_step"] == pytest.approx(2.0 + 0.05 * 24.5)
+    assert rows["compiled"]["speedup"] == pytest.approx((2.0 + 0.2 * 24.5) / (2.0 + 0.05 * 24.5))
+    assert rows["compiled"]["options"] == {"compile_chain": True}
+
+
+@pytest.mark.slow
+def test_the_sdxl_esd_part_on_a_small_sdxl_unet(gpu_check, monkeypatch, tmp_path, one_thread):
+    """The part end to end on a small SDXL UNet, its second row on a channels-last UNet instead of the
+    compiled chain (compiling takes minutes on a CPU; tests/test_compiled_chain.py checks it on SDXL)."""
+    monkeypatch.setattr(gpu_check, "SDXL_ESD_ROWS", [("eager", {}), ("channels_last", {"channels_last": True})])
+    part = gpu_check.part_sdxl_esd(gpu_check.torch.device("cpu"), True, 5, tmp_path)
+    assert part["preset"] == "sdxl-esd-x" and part["iterations_timed"] == 3
+    for row in part["rows"].values():
+        assert row["expected_chain_ddim_steps_per_iter"] == pytest.approx(24.5) and row["s_per_model_step"] > 0
+        assert 0 <= row["chain_ddim_steps_per_iter"] <= 49
+
+
+def test_esd_seconds_times_each_step_after_the_warm_up(toy_bundle, one_thread):
+    """An ESD iteration is one step of one phase: the first two steps (at this seed the first holds the first
+    chain) are warm-up, every later step is timed with the DDIM steps of its one chain."""
+    from age_explorer.core.app.bench import esd_seconds
+
+    _, info = esd_seconds(toy_bundle, 6, "toy-esd", concept="red circle")
+    assert [s["step"] for s in info["steps"]] == [3, 4, 5, 6]
+    assert all(s["phase"] == "theta" and s["chain_batches"] == [1] and 0 <= s["chain_ddim_steps"] < 10
+               for s in info["steps"]) and info["ddim_steps"] == 10
 
 
 def test_each_phases_first_chain_is_warm_up(toy_bundle, monkeypatch, one_thread):

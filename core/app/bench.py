@@ -158,12 +158,9 @@ def reference_style_seconds(bundle: ModelBundle, iterations: int, candidates: in
 
 def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candidates: int = 100,
                    work_dir: Path | None = None, **overrides) -> tuple[float, dict]:
-    """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise). The info dict also holds
-    each timed step's phase, seconds, "sample till t" DDIM steps (a step's time grows with its draw; chains
-    batched together count their longest), the chains in each batch and,
-    in pool mode, the seconds of the frozen pools it built (one per prompt, the first time it is drawn). The
-    first two steps and the step of each phase's first "till t" chain (where a compiled chain compiles) are
-    warm-up, not timed."""
+    """Seconds per loop iteration of the engine's AGE run (paper recipe otherwise), steps timed as
+    :func:`timed_steps` times them. The info dict holds the peak memory, the "till t" schedule, the
+    candidates and the timed steps."""
     import tempfile
 
     from ..erasure.age import AGERun
@@ -178,6 +175,38 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     config = make_config("age", None, concepts=[concept], candidates=words, iterations=iterations // 2 + 1,
                          precision=precision, k_closest=candidates, num_centers=candidates,
                          loss_space=overrides.pop("loss_space", "x0"), **overrides)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        steps, peak = timed_steps(AGERun(bundle, config, tmp), iterations)
+    info = {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates, "steps": steps}
+    return sum(s["seconds"] for s in steps) / len(steps), info
+
+
+def esd_seconds(bundle: ModelBundle, iterations: int, preset: str, concept: str = "garbage truck",
+                work_dir: Path | None = None, **overrides) -> tuple[float, dict]:
+    """Seconds per iteration of an ESD run with ``preset`` (``overrides`` on top), steps timed as
+    :func:`timed_steps` times them (an ESD iteration is one model step)."""
+    import tempfile
+
+    from ..erasure import PRESETS, make_config
+    from ..erasure.esd import ESDRun
+
+    config = make_config(PRESETS[preset][0], preset, concepts=[concept], iterations=iterations, **overrides)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        steps, peak = timed_steps(ESDRun(bundle, config, tmp), iterations)
+    info = {"peak_gib": peak, "ddim_steps": config.ddim_steps, "steps": steps}
+    return sum(s["seconds"] for s in steps) / len(steps), info
+
+
+def timed_steps(run, iterations: int) -> tuple[list[dict], float]:
+    """Run a fine-tuning run (``erasure.loop.FineTuneRun``) with each step timed; the timed steps and the
+    peak GPU memory in GiB (NaN off a GPU).
+
+    Each step records its phase, seconds, "sample till t" DDIM steps (a step's time grows with its draw;
+    chains batched together count their longest), the chains in each batch and, in pool mode, the
+    seconds of the frozen pools it built (one per prompt, the first time it is drawn). The first two steps
+    and the step of each phase's first "till t" chain (where a compiled chain compiles) are warm-up, not
+    timed."""
+    device = run.bundle.device
     steps: list[dict] = []  # the timed steps
     drawn: list[int] = []  # the current step's "till t" DDIM steps, one entry per batch of chains (its longest)
     batched: list[int] = []  # the current step's chains per batch
@@ -186,7 +215,7 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
     last = [time.perf_counter()]
 
     def clock(report):
-        _sync(bundle.device)
+        _sync(device)
         now = time.perf_counter()
         first_chain = any(drawn) and report.phase not in chained
         if first_chain:
@@ -200,41 +229,39 @@ def engine_seconds(bundle: ModelBundle, iterations: int, precision: str, candida
         built.clear()
         last[0] = now
 
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        run = AGERun(bundle, config, tmp, callbacks=[clock])
-        sample_till_each = run.sample_till_each  # every chain runs through it
+    run.callbacks.append(clock)
+    sample_till_each = run.sample_till_each  # every chain runs through it
 
-        def counted_sample_till_each(chains):
-            drawn.append(max(n for _, n in chains))  # the batch's UNet calls: its longest chain's steps
-            batched.append(len(chains))
-            return sample_till_each(chains)
+    def counted_sample_till_each(chains):
+        drawn.append(max(n for _, n in chains))  # the batch's UNet calls: its longest chain's steps
+        batched.append(len(chains))
+        return sample_till_each(chains)
 
-        pool_latents = run.pool_latents
+    pool_latents = run.pool_latents
 
-        def timed_pool_latents(key, cond, t):
-            new = key not in run.pools
-            _sync(bundle.device)
-            started = time.perf_counter()
-            out = pool_latents(key, cond, t)
-            if new:
-                _sync(bundle.device)
-                built.append(time.perf_counter() - started)
-            return out
+    def timed_pool_latents(key, cond, t):
+        new = key not in run.pools
+        _sync(device)
+        started = time.perf_counter()
+        out = pool_latents(key, cond, t)
+        if new:
+            _sync(device)
+            built.append(time.perf_counter() - started)
+        return out
 
-        run.sample_till_each, run.pool_latents = counted_sample_till_each, timed_pool_latents
-        if bundle.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        _sync(bundle.device)
-        last[0] = time.perf_counter()
-        try:
-            run.run()
-        finally:
-            run.predictor.restore()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if bundle.device.type == "cuda" else float("nan")
+    run.sample_till_each, run.pool_latents = counted_sample_till_each, timed_pool_latents
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    last[0] = time.perf_counter()
+    try:
+        run.run()
+    finally:
+        run.predictor.restore()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if not steps:
         raise ValueError(f"none of the {iterations} iterations was timed (all warm-up); time more iterations")
-    info = {"peak_gib": peak, "ddim_steps": config.ddim_steps, "candidates": candidates, "steps": steps}
-    return sum(s["seconds"] for s in steps) / len(steps), info
+    return steps, peak
 
 
 def preset_seconds(bundle: ModelBundle, preset: str, concept: str, run_dir: Path, **overrides) -> dict:
