@@ -2,10 +2,11 @@
 architecture (nothing to download), written to one JSON as they come.
 
     python benchmarks/gpu_check.py --out gpu_check.json                 # on a CUDA GPU, within 8 minutes (below)
-    python benchmarks/gpu_check.py --parts sdxl_esd,imagenette --out gpu_check_2.json   # the parts it skips
+    python benchmarks/gpu_check.py --parts shortcuts,sdxl_esd,imagenette --out g2.json  # the parts it skips
     python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/g.json  # the same steps on a small UNet (a test)
 
-Parts, in this order (the issue's figures first), each timed on its own and recorded even when a later one fails:
+Parts, in this order (the speed targets' figures first), each timed on its own and recorded even when a
+later one fails:
 1. ``bench``: the engine's AGE iteration against the reference-style loop (fp32, TF32, bf16), side by side;
 2. ``compiled_chain``: the engine's AGE iteration (bf16 on a GPU) with the eager "sample till t" chain, the
    eager chain on a channels-last UNet, the compiled chain (``compile_chain``: CUDA graphs on a GPU), the
@@ -15,7 +16,9 @@ Parts, in this order (the issue's figures first), each timed on its own and reco
    compiled row's includes the compilation);
 3. ``graph_row``: one SD-1.4 graph row: an ``esd-x`` erasure for ``--row-erase-iterations`` steps, then the
    25 ``netfive`` concepts x ``--row-images`` images generated in batches of 100 and classified by a
-   ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32;
+   ResNet-50 (random weights), bf16 autocast on a GPU, with the estimate of a whole row at N = 32; then the
+   esd-x iteration with the eager chain (before) and the compiled one (after) at the expected draw, each
+   with its estimate of a whole row;
 4. ``shortcuts``: the same eager iteration with each shortcut of docs/erasure.md ("Each shortcut on its
    own": ``ddim_steps`` 25, ``share_draws``, ``batch_pi_chain``, ``xt_source`` pool) beside the unchanged
    recipe, with seconds per model step at the expected "till t" draw, the estimate for 1000 and the speed-up;
@@ -28,13 +31,14 @@ Parts, in this order (the issue's figures first), each timed on its own and reco
    SD-1.4-architecture pipeline saved as a folder.
 
 Each part's time at the default sizes, estimated from the H200 figures in docs/erasure.md (``PART_MINUTES``):
-bench 1 min, compiled_chain about 3.2 min (most of it compiling the chain's shapes), graph_row 1.5 min,
-shortcuts 1.2 min, sdxl_esd about 3 min (most of it compiling SDXL's chain), imagenette 1.3 min, evaluate
-0.5 min: about 11.7 minutes for all seven. The run keeps to a budget (``--budget-min``, 8 on a GPU, none with
-``--tiny``): a part whose estimate no longer fits in what is left is recorded as skipped, with the reason, and
-not started. By the estimates the first four take 6.9 min and, of the rest, only evaluate fits; a second
-call, ``--parts sdxl_esd,imagenette``, takes the other two (about 4.3 min). Each part is written as it ends, so
-a run stopped at a time limit keeps every part that finished.
+bench 1 min, compiled_chain about 3.2 min (most of it compiling the chain's shapes), graph_row 2.7 min (1.2
+of it compiling ESD's chain), shortcuts 1.2 min, sdxl_esd about 3 min (most of it compiling SDXL's chain),
+imagenette 1.3 min, evaluate 0.5 min: about 12.9 minutes for all seven. The run keeps to a budget
+(``--budget-min``, 8 on a GPU, none with ``--tiny``): a part whose estimate no longer fits in what is left is
+recorded as skipped, with the reason, and not started. By the estimates the first three take 6.9 min and, of
+the rest, only evaluate fits; a second call, ``--parts shortcuts,sdxl_esd,imagenette``, takes the other three
+(about 5.5 min). Each part is written as it ends, so a run stopped at a time limit keeps every part that
+finished.
 
 The pipelines are diffusers' real classes at the published UNet/VAE sizes with thin text encoders
 (``age_explorer.core.app.random_pipelines``).
@@ -242,8 +246,14 @@ def random_resnet50(tiny: bool):
     return ResNetForImageClassification(ResNetConfig(num_labels=1000, **small))
 
 
-def part_graph_row(device, tiny, images, erase_iterations, work: Path) -> dict:
-    """One SD-1.4 graph row as ``build_graph`` computes it: erase, then G of every concept of the set."""
+# a graph row's esd-x erasure before (the eager chain) and after (the compiled chain), the same recipe
+ROW_ESD_ROWS = [("eager", {}), ("compiled", {"compile_chain": True})]
+
+
+def part_graph_row(device, tiny, images, erase_iterations, esd_iterations, work: Path) -> dict:
+    """One SD-1.4 graph row as ``build_graph`` computes it: erase, then G of every concept of the set. Then
+    the esd-x iteration with the eager and the compiled chain, at the expected draw, each with the estimate
+    of a whole row at N = 32 (its 1000 iterations and the images)."""
     from age_explorer.core.graph.capability import CapabilitySpec, ImageNetEvaluator, _imagenet_preprocess, capability
     from age_explorer.core.graph.concept_sets import load_concept_set
     from age_explorer.core.graph.sweep import RowRecipe, erase_row
@@ -268,17 +278,28 @@ def part_graph_row(device, tiny, images, erase_iterations, work: Path) -> dict:
     with delta_weights(bundle, delta), bf16:
         after = capability(bundle, concept_set, evaluator, spec)
     measure_s = time.perf_counter() - started
-    n_images = len(concept_set.concepts) * images
-    generate_s = measure_s - evaluator.seconds
+    row_peak = peak_gib(device)  # the erasure and the images; the timed rows below reset the counter
+    n_concepts = len(concept_set.concepts)
+    n_images = n_concepts * images
     per_image = measure_s / n_images
     erase_1000_s = erase_s / erase_iterations * 1000
-    return {"erased": concept_set.concepts[0], "concepts": len(concept_set.concepts), "images_per_concept": images,
+    timed = {}
+    for name, options in ROW_ESD_ROWS:
+        started = time.perf_counter()
+        _, info = esd_seconds(bundle, esd_iterations, "esd-x", concept=concept_set.concepts[0], work_dir=work,
+                              precision="bf16" if cuda else "fp32", requires_gpu=cuda, **options)
+        timed[name] = (options, info, time.perf_counter() - started)
+    erase_rows = at_expected_draw(timed, baseline="eager", steps_per_model_step=1)
+    for row in erase_rows.values():
+        row["estimate_row_n32_min"] = (row["s_per_model_step"] * 1000 + per_image * 32 * n_concepts) / 60
+    return {"erased": concept_set.concepts[0], "concepts": n_concepts, "images_per_concept": images,
             "images": n_images, "steps": spec.steps, "precision": "bf16" if cuda else "fp32",
-            "erase_iterations": erase_iterations, "erase_s": erase_s, "generate_s": generate_s,
+            "erase_iterations": erase_iterations, "erase_s": erase_s, "generate_s": measure_s - evaluator.seconds,
             "classify_s": evaluator.seconds, "s_per_image": per_image,
-            "estimate_row_n32_min": (erase_1000_s + per_image * 32 * len(concept_set.concepts)) / 60,
-            "estimate_row_n32_erase_min": erase_1000_s / 60, "peak_gib": peak_gib(device),
-            "mean_G_top1": float(after.G_top1.mean())}
+            "estimate_row_n32_min": (erase_1000_s + per_image * 32 * n_concepts) / 60,
+            "estimate_row_n32_erase_min": erase_1000_s / 60, "peak_gib": row_peak,
+            "mean_G_top1": float(after.G_top1.mean()), "esd_iterations_timed": esd_iterations,
+            "erase_rows": erase_rows}
 
 
 def part_imagenette(device, tiny, iterations, work: Path) -> dict:
@@ -352,7 +373,7 @@ def part_evaluate(device, tiny, images, work: Path) -> dict:
 
 PARTS = ("bench", "compiled_chain", "graph_row", "shortcuts", "sdxl_esd", "imagenette", "evaluate")
 # each part at the default sizes on an H100/H200-class GPU (estimated from the H200 figures): the budget's plan
-PART_MINUTES = {"bench": 1.0, "compiled_chain": 3.2, "graph_row": 1.5, "shortcuts": 1.2, "sdxl_esd": 3.0,
+PART_MINUTES = {"bench": 1.0, "compiled_chain": 3.2, "graph_row": 2.7, "shortcuts": 1.2, "sdxl_esd": 3.0,
                 "imagenette": 1.3, "evaluate": 0.5}
 
 
@@ -378,6 +399,8 @@ def main() -> int:
     parser.add_argument("--shortcut-iterations", type=int, default=6, help="loop iterations per shortcuts row")
     parser.add_argument("--row-images", type=int, default=4, help="images per concept of the graph row")
     parser.add_argument("--row-erase-iterations", type=int, default=10, help="esd-x steps of the graph row")
+    parser.add_argument("--row-esd-iterations", type=int, default=6,
+                        help="esd-x iterations per timed row (eager, compiled) of the graph row")
     parser.add_argument("--age-iterations", type=int, default=16, help="model steps of the imagenette run")
     parser.add_argument("--sdxl-iterations", type=int, default=6, help="ESD iterations per sdxl_esd row")
     parser.add_argument("--eval-images", type=int, default=8)
@@ -427,7 +450,7 @@ def main() -> int:
             record("compiled_chain", lambda: part_compiled_chain(device, args.tiny, args.chain_iterations))
         if "graph_row" in parts:
             record("graph_row", lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
-                                                       work))
+                                                       args.row_esd_iterations, work))
         if "shortcuts" in parts:
             record("shortcuts", lambda: part_shortcuts(device, args.tiny, args.shortcut_iterations))
         if "sdxl_esd" in parts:
