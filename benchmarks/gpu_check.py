@@ -209,7 +209,8 @@ def at_expected_draw(measured: dict[str, tuple[dict, dict, float]], baseline: st
                                    for s in steps)
         per_model_step = steps_per_model_step * (steady + slope * (expected - drawn) if slope is not None else steady)
         row = {"options": options, "s_per_model_step_measured": steps_per_model_step * steady,
-               "chain_ddim_steps_per_iter": drawn, "expected_chain_ddim_steps_per_iter": expected,
+               "steps_timed": len(steps), "chain_ddim_steps_per_iter": drawn,
+               "expected_chain_ddim_steps_per_iter": expected,
                "s_per_chain_ddim_step": slope, "s_per_model_step": per_model_step,
                "estimate_1000_model_steps_min": per_model_step * 1000 / 60, "peak_gib": info["peak_gib"],
                "wall_s": wall}
@@ -246,8 +247,22 @@ def random_resnet50(tiny: bool):
     return ResNetForImageClassification(ResNetConfig(num_labels=1000, **small))
 
 
-# a graph row's esd-x erasure before (the eager chain) and after (the compiled chain), the same recipe
-ROW_ESD_ROWS = [("eager", {}), ("compiled", {"compile_chain": True})]
+# an ESD iteration (a graph row's esd-x, SDXL's sdxl-esd-x) before (the eager chain) and after (the compiled
+# chain), the same recipe
+ESD_ROWS = [("eager", {}), ("compiled", {"compile_chain": True})]
+
+
+def esd_rows(bundle, device, iterations, preset, concept, work: Path) -> dict[str, dict]:
+    """The ``ESD_ROWS`` of one ESD recipe, timed in one run and brought to the expected draw (an ESD
+    iteration is one model step); bf16 on a GPU."""
+    cuda = device.type == "cuda"
+    measured = {}
+    for name, options in ESD_ROWS:
+        started = time.perf_counter()
+        _, info = esd_seconds(bundle, iterations, preset, concept=concept, work_dir=work,
+                              precision="bf16" if cuda else "fp32", requires_gpu=cuda, **options)
+        measured[name] = (options, info, time.perf_counter() - started)
+    return at_expected_draw(measured, baseline="eager", steps_per_model_step=1)
 
 
 def part_graph_row(device, tiny, images, erase_iterations, esd_iterations, work: Path) -> dict:
@@ -283,13 +298,7 @@ def part_graph_row(device, tiny, images, erase_iterations, esd_iterations, work:
     n_images = n_concepts * images
     per_image = measure_s / n_images
     erase_1000_s = erase_s / erase_iterations * 1000
-    timed = {}
-    for name, options in ROW_ESD_ROWS:
-        started = time.perf_counter()
-        _, info = esd_seconds(bundle, esd_iterations, "esd-x", concept=concept_set.concepts[0], work_dir=work,
-                              precision="bf16" if cuda else "fp32", requires_gpu=cuda, **options)
-        timed[name] = (options, info, time.perf_counter() - started)
-    erase_rows = at_expected_draw(timed, baseline="eager", steps_per_model_step=1)
+    erase_rows = esd_rows(bundle, device, esd_iterations, "esd-x", concept_set.concepts[0], work)
     for row in erase_rows.values():
         row["estimate_row_n32_min"] = (row["s_per_model_step"] * 1000 + per_image * 32 * n_concepts) / 60
     return {"erased": concept_set.concepts[0], "concepts": n_concepts, "images_per_concept": images,
@@ -326,10 +335,6 @@ TINY_SDXL_UNET = dict(SDXL_UNET, sample_size=8, block_out_channels=(32, 64), lay
                       attention_head_dim=(2, 4))
 
 
-# the SDXL ESD iteration before (the eager chain) and after (the compiled chain), the same recipe
-SDXL_ESD_ROWS = [("eager", {}), ("compiled", {"compile_chain": True})]
-
-
 def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
     """ESD (preset ``sdxl-esd-x``) on SDXL 1.0's UNet architecture, random weights: seconds an iteration with
     the eager "till t" chain and with the compiled one, each at the expected draw (the first two iterations
@@ -339,17 +344,9 @@ def part_sdxl_esd(device, tiny, iterations, work: Path) -> dict:
     pipe = random_sdxl_pipeline(work / "sdxl", device, **(dict(unet=TINY_SDXL_UNET, vae=TINY_VAE) if tiny else {}))
     bundle = StableDiffusionXLBackend.bundle_from_pipeline(pipe, "random SDXL architecture", device, torch.float32,
                                                            None)
-    cuda = device.type == "cuda"
-    precision = "bf16" if cuda else "fp32"
-    measured = {}
-    for name, options in SDXL_ESD_ROWS:
-        started = time.perf_counter()
-        _, info = esd_seconds(bundle, iterations, "sdxl-esd-x", work_dir=work, precision=precision,
-                              requires_gpu=cuda, **options)
-        measured[name] = (options, info, time.perf_counter() - started)
-    rows = at_expected_draw(measured, baseline="eager", steps_per_model_step=1)
-    return {"preset": "sdxl-esd-x", "precision": precision, "iterations": iterations,
-            "iterations_timed": len(measured["eager"][1]["steps"]), "rows": rows,
+    rows = esd_rows(bundle, device, iterations, "sdxl-esd-x", "garbage truck", work)
+    return {"preset": "sdxl-esd-x", "precision": "bf16" if device.type == "cuda" else "fp32",
+            "iterations": iterations, "iterations_timed": rows["eager"]["steps_timed"], "rows": rows,
             "unet_parameters_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6}
 
 

@@ -60,7 +60,7 @@ def test_the_default_budget_plans_the_first_three_parts_of_a_gpu_run(gpu_check):
 def test_the_graph_row_part_on_cpu(gpu_check, monkeypatch, tmp_path, one_thread):
     """The graph row part end to end on a small UNet, its second erasure row on a channels-last UNet instead
     of the compiled chain (compiling takes minutes on a CPU; tests/test_compiled_chain.py checks it)."""
-    monkeypatch.setattr(gpu_check, "ROW_ESD_ROWS", [("eager", {}), ("channels_last", {"channels_last": True})])
+    monkeypatch.setattr(gpu_check, "ESD_ROWS", [("eager", {}), ("channels_last", {"channels_last": True})])
     row = gpu_check.part_graph_row(gpu_check.torch.device("cpu"), True, 1, 2, 4, tmp_path)
     assert (row["concepts"], row["images"], row["steps"]) == (25, 25, 50)
     assert row["generate_s"] > 0 and row["classify_s"] > 0 and 0 <= row["mean_G_top1"] <= 1
@@ -193,7 +193,7 @@ def test_the_sdxl_esd_part_times_the_eager_and_the_compiled_chain_at_the_expecte
     is its steady seconds brought to 24.5 DDIM steps, not twice that (an AGE iteration's model and pi steps)."""
     cost = {False: 0.2, True: 0.05}
 
-    def fake_esd_seconds(bundle, iterations, preset, work_dir=None, **options):
+    def fake_esd_seconds(bundle, iterations, preset, concept, work_dir=None, **options):
         assert preset == "sdxl-esd-x" and options["precision"] == "fp32" and not options["requires_gpu"]
         slope = cost[bool(options.get("compile_chain"))]
         steps = [_step("theta", 2.0 + slope * n, n) for n in (3, 40, 17, 9)]
@@ -217,7 +217,7 @@ def test_the_sdxl_esd_part_times_the_eager_and_the_compiled_chain_at_the_expecte
 def test_the_sdxl_esd_part_on_a_small_sdxl_unet(gpu_check, monkeypatch, tmp_path, one_thread):
     """The part end to end on a small SDXL UNet, its second row on a channels-last UNet instead of the
     compiled chain (compiling takes minutes on a CPU; tests/test_compiled_chain.py checks it on SDXL)."""
-    monkeypatch.setattr(gpu_check, "SDXL_ESD_ROWS", [("eager", {}), ("channels_last", {"channels_last": True})])
+    monkeypatch.setattr(gpu_check, "ESD_ROWS", [("eager", {}), ("channels_last", {"channels_last": True})])
     part = gpu_check.part_sdxl_esd(gpu_check.torch.device("cpu"), True, 5, tmp_path)
     assert part["preset"] == "sdxl-esd-x" and part["iterations_timed"] == 3
     for row in part["rows"].values():
