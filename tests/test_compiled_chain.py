@@ -6,7 +6,7 @@ and the chain's UNet calls per AGE step, from the counter of benchmarks/unet_cal
 Compiling a tiny UNet takes one to three minutes of CPU, hence ``slow``. Bounds (docs/erasure.md,
 "The compiled chain"), measured on CPU (torch 2.13, one thread): the chain's latents differ from the
 eager ones by at most 1.4e-6 of their largest magnitude (SD 1.4e-6, SDXL 1.2e-6; channels-last 1.1e-6
-and 1.3e-6), the tests allow 1e-5; a 3-step ESD delta by 2.1e-3 of its largest change (channels-last
+and 1.3e-6; two SD chains batched together 1.2e-6 and 7.5e-7), the tests allow 1e-5; a 3-step ESD delta by 2.1e-3 of its largest change (channels-last
 3.8e-3: Adam divides small gradients by their own size), the tests allow 1e-2.
 """
 
@@ -66,6 +66,24 @@ def test_compiled_chain_gives_the_eager_latents(pipeline, request, tmp_path, one
     # the bundle's UNet is back in its own memory format, and gives the eager latents exactly again
     assert all(p.is_contiguous() for p in bundle.unet.parameters())
     assert torch.equal(_chain_latents(bundle, tmp_path / "again"), eager)
+
+
+@pytest.mark.slow
+def test_compiled_chains_batched_together_give_the_eager_latents(sd_bundle, tmp_path, one_thread):
+    """batch_pi_chain's batch through the compiled chain: a two-trajectory chain of 3 DDIM steps and a
+    one-trajectory chain of 1 step, the batch shrinking from three trajectories to two after the first step
+    (a new shape, so a second compilation), each chain within the latent bound of the eager batch."""
+    def latents(**options):
+        run = ESDRun(sd_bundle, _config(**options), tmp_path / str(options))
+        try:
+            chains = [([run.erased_states[0:1], sd_bundle.encode(["a dog"])], 3), ([run.erased_states[0:1]], 1)]
+            return [torch.cat(z) for z, _ in run.sample_till_each(chains)]
+        finally:
+            run.predictor.restore()
+
+    eager, compiled = latents(), latents(compile_chain=True)
+    for e, c in zip(eager, compiled):
+        assert c.shape == e.shape and _relative_difference(c, e) <= LATENT_BOUND
 
 
 @pytest.mark.slow
