@@ -116,9 +116,10 @@ CHAIN_ROWS = [("eager", {}), ("eager_channels_last", {"channels_last": True}), (
 
 def part_compiled_chain(device, tiny, iterations) -> dict:
     """The engine's AGE iteration (paper recipe, 100 candidates, bf16 on a GPU) with the eager chain, the eager
-    chain on a channels-last UNet and the compiled chain, alone and with ``ddim_steps`` 25, each at the
-    expected "till t" draw (below). The first compiled row's wall time includes the compilation; the second
-    reuses it (the same chain shapes)."""
+    chain on a channels-last UNet and the compiled chain, alone, with ``ddim_steps`` 25 and with ``ddim_steps``
+    25 and ``batch_pi_chain``, each at the expected "till t" draw (below). The first compiled row's wall time
+    includes the compilation; the second reuses it (the same chain shapes); the third compiles the batched
+    chains' shapes."""
     return timed_rows(device, tiny, iterations, CHAIN_ROWS, baseline="eager")
 
 
@@ -184,13 +185,20 @@ def timed_rows(device, tiny, iterations, settings: list[tuple[str, dict]], basel
     step's)."""
     bundle = bundle_for(device, tiny)
     precision = "bf16" if device.type == "cuda" else "fp32"
+    measured = measure(settings, lambda **options: engine_seconds(bundle, iterations, precision, **options))
+    return {"precision": precision, "iterations_timed": 2 * (iterations // 2),
+            "rows": at_expected_draw(measured, baseline)}
+
+
+def measure(settings: list[tuple[str, dict]], seconds) -> dict[str, tuple[dict, dict, float]]:
+    """Each setting timed in one run by ``seconds(**options)`` (engine_seconds or esd_seconds): name ->
+    (options, its info, wall seconds), what at_expected_draw takes."""
     measured = {}
     for name, options in settings:
         started = time.perf_counter()
-        _, info = engine_seconds(bundle, iterations, precision, **options)
+        _, info = seconds(**options)
         measured[name] = (options, info, time.perf_counter() - started)
-    return {"precision": precision, "iterations_timed": 2 * (iterations // 2),
-            "rows": at_expected_draw(measured, baseline)}
+    return measured
 
 
 def at_expected_draw(measured: dict[str, tuple[dict, dict, float]], baseline: str,
@@ -256,12 +264,9 @@ def esd_rows(bundle, device, iterations, preset, concept, work: Path) -> dict[st
     """The ``ESD_ROWS`` of one ESD recipe, timed in one run and brought to the expected draw (an ESD
     iteration is one model step); bf16 on a GPU."""
     cuda = device.type == "cuda"
-    measured = {}
-    for name, options in ESD_ROWS:
-        started = time.perf_counter()
-        _, info = esd_seconds(bundle, iterations, preset, concept=concept, work_dir=work,
-                              precision="bf16" if cuda else "fp32", requires_gpu=cuda, **options)
-        measured[name] = (options, info, time.perf_counter() - started)
+    measured = measure(ESD_ROWS, lambda **options: esd_seconds(
+        bundle, iterations, preset, concept=concept, work_dir=work, precision="bf16" if cuda else "fp32",
+        requires_gpu=cuda, **options))
     return at_expected_draw(measured, baseline="eager", steps_per_model_step=1)
 
 
@@ -307,7 +312,7 @@ def part_graph_row(device, tiny, images, erase_iterations, esd_iterations, work:
             "classify_s": evaluator.seconds, "s_per_image": per_image,
             "estimate_row_n32_min": (erase_1000_s + per_image * 32 * n_concepts) / 60,
             "estimate_row_n32_erase_min": erase_1000_s / 60, "peak_gib": row_peak,
-            "mean_G_top1": float(after.G_top1.mean()), "esd_iterations_timed": esd_iterations,
+            "mean_G_top1": float(after.G_top1.mean()), "esd_iterations": esd_iterations,
             "erase_rows": erase_rows}
 
 
@@ -441,21 +446,17 @@ def main() -> int:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; parts: {', '.join(PARTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if "bench" in parts:
-            record("bench", lambda: part_bench(device, args.tiny, args.bench_iterations))
-        if "compiled_chain" in parts:
-            record("compiled_chain", lambda: part_compiled_chain(device, args.tiny, args.chain_iterations))
-        if "graph_row" in parts:
-            record("graph_row", lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
-                                                       args.row_esd_iterations, work))
-        if "shortcuts" in parts:
-            record("shortcuts", lambda: part_shortcuts(device, args.tiny, args.shortcut_iterations))
-        if "sdxl_esd" in parts:
-            record("sdxl_esd", lambda: part_sdxl_esd(device, args.tiny, args.sdxl_iterations, work))
-        if "imagenette" in parts:
-            record("imagenette", lambda: part_imagenette(device, args.tiny, args.age_iterations, work))
-        if "evaluate" in parts:
-            record("evaluate", lambda: part_evaluate(device, args.tiny, args.eval_images, work))
+        run = {"bench": lambda: part_bench(device, args.tiny, args.bench_iterations),
+               "compiled_chain": lambda: part_compiled_chain(device, args.tiny, args.chain_iterations),
+               "graph_row": lambda: part_graph_row(device, args.tiny, args.row_images, args.row_erase_iterations,
+                                                   args.row_esd_iterations, work),
+               "shortcuts": lambda: part_shortcuts(device, args.tiny, args.shortcut_iterations),
+               "sdxl_esd": lambda: part_sdxl_esd(device, args.tiny, args.sdxl_iterations, work),
+               "imagenette": lambda: part_imagenette(device, args.tiny, args.age_iterations, work),
+               "evaluate": lambda: part_evaluate(device, args.tiny, args.eval_images, work)}
+        for name in PARTS:  # in PARTS' order, whatever the order of --parts
+            if name in parts:
+                record(name, run[name])
     return 0
 
 
